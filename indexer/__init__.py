@@ -1,0 +1,1 @@
+"""Vector store (Parquet), FAISS index and search over an index directory."""

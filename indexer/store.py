@@ -1,0 +1,94 @@
+"""Parquet vector store: one row per image, the vector as fixed_size_list<float32>, the encoder
+fingerprint and spec in the schema metadata."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from indexer.atomic import atomic_path
+from retrieval.errors import RetrieveError
+
+VECTOR_COLUMN = "vector"
+FINGERPRINT_KEY = b"retrieve.fingerprint"
+SPEC_KEY = b"retrieve.encoder_spec"
+
+
+@dataclass
+class VectorSet:
+    """Rows (id, path, label, patient_id, frame_index, metadata...) with their vectors."""
+
+    rows: pd.DataFrame
+    vectors: np.ndarray
+    fingerprint: dict[str, Any]
+    encoder_spec: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        if len(self.rows) != len(self.vectors):
+            raise ValueError(f"{len(self.rows)} rows but {len(self.vectors)} vectors")
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+
+def _rows_to_arrow(rows: pd.DataFrame) -> pa.Table:
+    df = rows.reset_index(drop=True).copy()
+    for col in df.columns:
+        if df[col].dtype == object:
+            try:
+                pa.array(df[col], from_pandas=True)
+            except (pa.ArrowInvalid, pa.ArrowTypeError):
+                df[col] = df[col].map(lambda v: None if v is None or (isinstance(v, float) and np.isnan(v)) else str(v))
+    return pa.Table.from_pandas(df, preserve_index=False)
+
+
+def write_vectors(path: str | Path, vs: VectorSet) -> Path:
+    """Write atomically; an existing file at `path` is replaced only when the new one is complete."""
+    path = Path(path)
+    vectors = np.ascontiguousarray(vs.vectors, dtype=np.float32)
+    table = _rows_to_arrow(vs.rows)
+    flat = pa.array(vectors.reshape(-1), type=pa.float32())
+    table = table.append_column(VECTOR_COLUMN, pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1]))
+    meta = dict(table.schema.metadata or {})
+    meta[FINGERPRINT_KEY] = json.dumps(vs.fingerprint).encode()
+    meta[SPEC_KEY] = json.dumps(vs.encoder_spec).encode()
+    table = table.replace_schema_metadata(meta)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp)
+    return path
+
+
+def read_vectors(path: str | Path) -> VectorSet:
+    path = Path(path)
+    if not path.is_file():
+        raise RetrieveError(f"{path}: vectors file not found")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RetrieveError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    meta = table.schema.metadata or {}
+    if VECTOR_COLUMN not in table.column_names or FINGERPRINT_KEY not in meta:
+        raise RetrieveError(f"{path}: not a vectors file written by `retrieve embed` (no vector column or fingerprint)")
+    col = table.column(VECTOR_COLUMN).combine_chunks()
+    dim = col.type.list_size
+    vectors = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    rows = table.drop_columns([VECTOR_COLUMN]).to_pandas()
+    if "frame_index" in rows.columns:
+        rows["frame_index"] = rows["frame_index"].astype("Int64")
+    return VectorSet(
+        rows=rows,
+        vectors=np.ascontiguousarray(vectors),
+        fingerprint=json.loads(meta[FINGERPRINT_KEY]),
+        encoder_spec=json.loads(meta.get(SPEC_KEY, b"{}")),
+    )

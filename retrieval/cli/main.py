@@ -1,0 +1,292 @@
+"""`retrieve`: embed, index, query, evaluate, demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import List, Optional
+
+import click
+import typer
+
+from retrieval.cli import options as opt
+from retrieval.errors import RetrieveError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Content-based retrieval of similar liver and abdominal images.")
+index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect a FAISS index folder.")
+app.add_typer(index_app, name="index")
+
+
+def _echo_err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@app.command()
+def embed(
+    data: Path = typer.Argument(..., help="dataset folder (class sub-folders) or manifest CSV/Parquet"),
+    out: Path = typer.Option(..., "--out", "-o", help="vectors Parquet file to write"),
+    encoder: str = opt.Encoder, weights: Optional[str] = opt.Weights, seed: int = opt.Seed,
+    image_size: Optional[int] = opt.ImageSize, crop_sector: Optional[bool] = opt.CropSector,
+    resize: Optional[str] = opt.Resize, ct_window: Optional[str] = opt.CtWindow,
+    batch_size: int = opt.BatchSize, workers: Optional[int] = opt.Workers, gpu: bool = opt.Gpu, quiet: bool = opt.Quiet,
+):
+    """Embed every image of DATA into a Parquet vectors file."""
+    from indexer.store import write_vectors
+    from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
+
+    loaded = load_encoder(opt.encoder_spec(encoder, weights, seed), opt.preprocess_overrides(image_size, crop_sector, resize, ct_window))
+    t0 = time.perf_counter()
+    vs, skipped = embed_dataset(data, loaded, batch_size, workers, gpu, not quiet)
+    write_vectors(out, vs)
+    report_skipped(skipped)
+    print(f"embedded {len(vs)} images ({vs.dim}-d, {encoder}) in {time.perf_counter() - t0:.1f} s -> {out}"
+          + (f"; skipped {len(skipped)}" if skipped else ""))
+
+
+@index_app.command("build")
+def index_build(
+    data: Optional[Path] = typer.Argument(None, help="dataset folder or manifest (omit with --vectors)"),
+    index: Path = typer.Option(..., "--index", "-i", help="index folder to create"),
+    vectors: Optional[Path] = typer.Option(None, "--vectors", help="use vectors from `retrieve embed` instead of embedding DATA"),
+    kind: str = typer.Option("auto", "--kind", help="auto, flat, hnsw, ivf or ivfpq"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML recipe (encoder, preprocess, index sections)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index folder"),
+    encoder: str = opt.Encoder, weights: Optional[str] = opt.Weights, seed: int = opt.Seed,
+    image_size: Optional[int] = opt.ImageSize, crop_sector: Optional[bool] = opt.CropSector,
+    resize: Optional[str] = opt.Resize, ct_window: Optional[str] = opt.CtWindow,
+    batch_size: int = opt.BatchSize, workers: Optional[int] = opt.Workers, gpu: bool = opt.Gpu, quiet: bool = opt.Quiet,
+):
+    """Embed DATA (or take --vectors) and build a FAISS index folder over cosine similarity."""
+    from dataclasses import replace
+
+    from indexer.index_dir import build_index_dir
+    from indexer.store import read_vectors
+    from retrieval.config import EncoderSpec, IndexConfig, load_recipe
+    from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
+
+    index_cfg = IndexConfig(kind=kind, gpu=gpu)
+    spec = opt.encoder_spec(encoder, weights, seed)
+    pre = opt.preprocess_overrides(image_size, crop_sector, resize, ct_window)
+    if config is not None:
+        recipe = load_recipe(config)
+        index_cfg = replace(recipe.index, kind=kind if kind != "auto" else recipe.index.kind, gpu=gpu and recipe.index.gpu)
+        if encoder == opt.Encoder.default and weights is None:
+            spec = recipe.encoder
+        pre = {**recipe.preprocess.to_dict(), **{k: v for k, v in pre.items() if v is not None}}
+        pre["ct_window"] = tuple(pre["ct_window"])
+        batch_size = recipe.batch_size if batch_size == opt.BatchSize.default else batch_size
+    if index.exists() and any(index.iterdir()) and not overwrite:
+        raise RetrieveError(f"--index {index}: already exists; pass --overwrite to rebuild it or use `retrieve index add`")
+    t0 = time.perf_counter()
+    if vectors is not None:
+        if data is not None:
+            raise RetrieveError("give either DATA or --vectors, not both")
+        vs, skipped = read_vectors(vectors), []
+    else:
+        if data is None:
+            raise RetrieveError("missing DATA (a dataset folder or manifest) or --vectors FILE")
+        vs, skipped = embed_dataset(data, load_encoder(spec, pre), batch_size, workers, gpu, not quiet)
+    t_embed = time.perf_counter() - t0
+    manifest = build_index_dir(index, vs, index_cfg, overwrite=overwrite)
+    report_skipped(skipped)
+    print(f"indexed {manifest.count} images ({manifest.dim}-d, {manifest.kind}, {manifest.params.get('built_on')}) "
+          f"in {time.perf_counter() - t0:.1f} s (embedding {t_embed:.1f} s) -> {index}"
+          + (f"; skipped {len(skipped)}" if skipped else ""))
+
+
+@index_app.command("add")
+def index_add(
+    data: Path = typer.Argument(..., help="dataset folder or manifest with the new images"),
+    index: Path = typer.Option(..., "--index", "-i"),
+    batch_size: int = opt.BatchSize, workers: Optional[int] = opt.Workers, gpu: bool = opt.Gpu, quiet: bool = opt.Quiet,
+):
+    """Append new images to an index with its own encoder, without a rebuild."""
+    from indexer.index_dir import add_to_index_dir, read_manifest
+    from retrieval.pipeline import embed_dataset, encoder_for_index, report_skipped
+
+    m = read_manifest(index)
+    loaded = encoder_for_index(m.fingerprint, m.encoder_spec, f"--index {index}")
+    vs, skipped = embed_dataset(data, loaded, batch_size, workers, gpu, not quiet)
+    manifest, added = add_to_index_dir(index, vs)
+    report_skipped(skipped)
+    print(f"added {added} images ({len(vs) - added} already indexed); index now holds {manifest.count}"
+          + (f"; skipped {len(skipped)}" if skipped else ""))
+
+
+@index_app.command("info")
+def index_info(index: Path = typer.Option(..., "--index", "-i"), as_json: bool = typer.Option(False, "--json")):
+    """Print the index manifest."""
+    from indexer.index_dir import read_manifest
+
+    m = read_manifest(index)
+    if as_json:
+        print(m.to_json())
+        return
+    fp = m.fingerprint
+    print(f"index:     {index}")
+    print(f"images:    {m.count}  ({', '.join(f'{k} {v}' for k, v in m.labels.items())})")
+    print(f"vectors:   {m.dim}-d, {m.metric}")
+    print(f"kind:      {m.kind} {json.dumps(m.params)}")
+    print(f"encoder:   {fp['encoder']} (weights sha256 {fp['weights_sha256'][:12]}), preprocess {json.dumps(fp['preprocess'])}")
+    print(f"created:   {m.created}   updated: {m.updated}")
+
+
+def _print_result_table(res) -> None:
+    print(f"query: {res.query}")
+    print(f"{'rank':>4}  {'similarity':>10}  {'label':<14} {'patient':<14} path")
+    for rank, (hit, row) in enumerate(zip(res.hits, res.rows.to_dict("records")), start=1):
+        label = "-" if row.get("label") is None or row.get("label") != row.get("label") else str(row["label"])
+        pid = "-" if row.get("patient_id") is None or row.get("patient_id") != row.get("patient_id") else str(row["patient_id"])
+        print(f"{rank:>4}  {hit.score:>10.4f}  {label:<14} {pid:<14} {row['path']}")
+    v = res.vote
+    if v.label is None:
+        print("vote: no labelled neighbours")
+    else:
+        shares = ", ".join(f"{k} {w:.2f}" for k, w in v.votes.items())
+        print(f"vote: {v.label} ({v.confidence:.0%} of the votes; {shares})")
+
+
+@app.command()
+def query(
+    images: List[Path] = typer.Argument(..., help="query image file(s): PNG, JPEG, BMP, TIFF or DICOM"),
+    index: Path = typer.Option(..., "--index", "-i"),
+    k: int = typer.Option(10, "--k", "-k", help="number of similar cases"),
+    exclude_patient: List[str] = typer.Option([], "--exclude-patient", help="leave out this patient's images (repeatable)"),
+    where: List[str] = typer.Option([], "--where", help="only candidates with COLUMN=VALUE (repeatable)"),
+    vote: str = typer.Option("majority", "--vote", help="majority or similarity (weighted)"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="refuse unless the index was built with this encoder"),
+    weights: Optional[str] = opt.Weights, seed: int = opt.Seed, gpu: bool = opt.Gpu,
+):
+    """Find the indexed images most similar to IMAGE(s), with a kNN vote on the label."""
+    from indexer.index_dir import open_index_dir, read_manifest
+    from indexer.search import parse_where
+    from retrieval.config import EncoderSpec
+    from retrieval.pipeline import encoder_for_index, query_files
+    from retrieval.vote import VOTE_WEIGHTINGS
+
+    if vote not in VOTE_WEIGHTINGS:
+        raise RetrieveError(f"--vote {vote}: choose one of {', '.join(VOTE_WEIGHTINGS)}")
+    conditions = parse_where(where)
+    m = read_manifest(index)
+    if k > m.count:
+        raise RetrieveError(f"--k {k}: larger than the {m.count} images in the index")
+    requested = EncoderSpec(encoder, weights, seed) if encoder else None
+    loaded = encoder_for_index(m.fingerprint, m.encoder_spec, f"--index {index}", requested)
+    idx = open_index_dir(index, use_gpu=gpu)
+    results, errors = query_files(idx, loaded, [str(p) for p in images], k, exclude_patient, conditions, vote)
+    for e in errors:
+        _echo_err(f"error: {e}")
+    if as_json:
+        payload = [r.to_dict() for r in results]
+        print(json.dumps(payload[0] if len(images) == 1 and len(payload) == 1 else payload, indent=2))
+    else:
+        for j, r in enumerate(results):
+            if j:
+                print()
+            _print_result_table(r)
+    if errors:
+        raise typer.Exit(2)
+
+
+@app.command("eval")
+def evaluate_cmd(
+    index: Path = typer.Option(..., "--index", "-i"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results as JSON"),
+    report: Optional[Path] = typer.Option(None, "--report", help="folder for summary.md, pr_curve.png, embedding_map.png"),
+    k: int = typer.Option(10, "--k", "-k", help="neighbours in the kNN vote"),
+    vote: str = typer.Option("majority", "--vote", help="majority or similarity"),
+    exclude_same_patient: bool = typer.Option(True, "--exclude-same-patient/--include-same-patient"),
+    exclude_near_dup: bool = typer.Option(True, "--exclude-near-dup/--include-near-dup"),
+    quiet: bool = opt.Quiet,
+):
+    """Leave-one-out retrieval quality of an index: MAP, MRR, P@k, MAP@R, kNN vote accuracy."""
+    from indexer.index_dir import read_manifest, VECTORS
+    from indexer.store import read_vectors
+    from retrieval.evaluation.evaluate import EvalSettings, evaluate
+    from retrieval.evaluation.report import markdown_summary, write_report
+    from retrieval.vote import VOTE_WEIGHTINGS
+
+    if vote not in VOTE_WEIGHTINGS:
+        raise RetrieveError(f"--vote {vote}: choose one of {', '.join(VOTE_WEIGHTINGS)}")
+    if k < 1:
+        raise RetrieveError(f"--k {k}: must be at least 1")
+    m = read_manifest(index)
+    vs = read_vectors(Path(index) / VECTORS)
+    t0 = time.perf_counter()
+    result = evaluate(vs.rows, vs.vectors, EvalSettings(k, exclude_same_patient, exclude_near_dup, vote), progress=not quiet)
+    result["index"] = str(index)
+    result["encoder"] = m.fingerprint.get("encoder")
+    result["seconds"] = round(time.perf_counter() - t0, 3)
+    o = result["overall"]
+    print(markdown_summary(result, f"Retrieval evaluation of {index}", m.fingerprint.get("encoder")).split("\n![")[0].rstrip())
+    if json_out is not None:
+        from indexer.atomic import atomic_path
+
+        with atomic_path(json_out) as tmp:
+            tmp.write_text(json.dumps(result, indent=2))
+        print(f"\nresults -> {json_out}")
+    if report is not None:
+        paths = write_report(result, vs.rows, vs.vectors, report, f"{Path(index).name}", m.fingerprint.get("encoder"))
+        print("report -> " + ", ".join(str(p) for p in paths.values()))
+    _ = o
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("retrieve-demo"), "--out", "-o", help="folder for the demo data, index and report"),
+    encoder: str = opt.Encoder, weights: Optional[str] = opt.Weights,
+    image_size: Optional[int] = opt.ImageSize, quiet: bool = opt.Quiet,
+):
+    """Generate synthetic liver ultrasound, index it, query it and evaluate it."""
+    from retrieval.demo.run import run_demo
+
+    run_demo(out, encoder, weights, image_size, progress=not quiet)
+
+
+@app.command("encoders")
+def list_encoders_cmd():
+    """List the named encoders (any timm model name also works)."""
+    from retrieval.encoders.registry import list_encoders
+
+    for name in list_encoders():
+        print(name)
+    print("(any timm model name, e.g. resnet18, resnet50, efficientnet_b0; or a checkpoint .safetensors)")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Entry point: one-line errors and a non-zero exit instead of tracebacks."""
+    try:
+        app(args=argv, standalone_mode=False)
+        return 0
+    except RetrieveError as exc:
+        _echo_err(f"error: {exc}")
+        code = exc.exit_code
+    except click.exceptions.Exit as exc:
+        code = exc.exit_code
+    except click.ClickException as exc:
+        exc.show()
+        code = exc.exit_code
+    except click.exceptions.Abort:
+        _echo_err("aborted")
+        code = 130
+    except KeyboardInterrupt:
+        _echo_err("interrupted")
+        code = 130
+    except Exception as exc:  # a bug: say so in one line; the traceback on request
+        if os.environ.get("RETRIEVE_DEBUG"):
+            traceback.print_exc()
+        _echo_err(f"internal error: {type(exc).__name__}: {exc} (set RETRIEVE_DEBUG=1 for the traceback)")
+        code = 1
+    if argv is None:
+        sys.exit(code)
+    return code
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Data in: image files and DICOM -> grayscale arrays -> tensors; datasets from folders or manifests."""

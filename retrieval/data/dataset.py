@@ -1,0 +1,198 @@
+"""A dataset is a folder of class sub-folders or a manifest (CSV/Parquet: path,label,patient_id,...).
+
+`load_dataset` turns either into one table with a row per image (a multi-frame DICOM clip gives a
+row per frame) and the list of files it had to skip, each with the reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from retrieval.config import PreprocessConfig
+from retrieval.data.imageio import is_dicom, is_image_file, read_frame
+from retrieval.data.preprocess import preprocess_frame, to_tensor
+from retrieval.errors import RetrieveError, UnreadableImageError
+
+CORE_COLUMNS = ["id", "path", "label", "patient_id", "frame_index"]
+MANIFEST_NAMES = ("labels.csv", "manifest.csv", "manifest.parquet")
+
+
+@dataclass
+class Skipped:
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"skipped {self.path}: {self.reason}"
+
+
+@dataclass
+class DatasetTable:
+    """Rows to embed (CORE_COLUMNS + metadata columns) and the files that were skipped."""
+
+    rows: pd.DataFrame
+    root: Path
+    skipped: list[Skipped] = field(default_factory=list)
+
+    @property
+    def metadata_columns(self) -> list[str]:
+        return [c for c in self.rows.columns if c not in CORE_COLUMNS]
+
+
+def _clean_str(value: object) -> str | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NA:
+        return None
+    s = str(value).strip()
+    return s or None
+
+
+def _read_manifest(path: Path) -> pd.DataFrame:
+    try:
+        if path.suffix.lower() == ".parquet":
+            df = pd.read_parquet(path)
+        elif path.suffix.lower() in (".csv", ".txt"):
+            df = pd.read_csv(path, dtype={"label": str, "patient_id": str, "path": str})
+        else:
+            raise RetrieveError(f"{path}: a manifest must be .csv or .parquet")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as exc:
+        raise RetrieveError(f"{path}: cannot read manifest ({str(exc).splitlines()[0]})") from None
+    if "path" not in df.columns:
+        raise RetrieveError(
+            f"{path}: manifest is missing the required column 'path' (columns: {', '.join(map(str, df.columns))})"
+        )
+    if df.empty:
+        raise RetrieveError(f"{path}: manifest has no rows")
+    return df
+
+
+def _rows_from_folder(root: Path) -> pd.DataFrame:
+    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    records = []
+    for f in files:
+        rel = f.relative_to(root)
+        label = rel.parts[0] if len(rel.parts) > 1 else None
+        records.append({"path": rel.as_posix(), "label": label})
+    return pd.DataFrame.from_records(records, columns=["path", "label"])
+
+
+def find_manifest(folder: Path) -> Path | None:
+    for name in MANIFEST_NAMES:
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def load_dataset(source: str | Path) -> DatasetTable:
+    """Read a dataset folder or manifest into a table of images, listing skipped files."""
+    src = Path(source).expanduser()
+    if not src.exists():
+        raise RetrieveError(f"{src}: no such file or folder")
+    if src.is_dir():
+        manifest = find_manifest(src)
+        root = src.resolve()
+        raw = _read_manifest(manifest) if manifest else _rows_from_folder(root)
+        origin = str(manifest) if manifest else str(src)
+    else:
+        root = src.resolve().parent
+        raw = _read_manifest(src)
+        origin = str(src)
+    if raw.empty:
+        raise RetrieveError(f"{src}: empty folder, no image files found")
+    return _resolve_rows(raw, root, origin)
+
+
+def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str) -> DatasetTable:
+    from retrieval.data.dicom import read_dicom_header
+
+    skipped: list[Skipped] = []
+    meta_cols = [c for c in raw.columns if c not in CORE_COLUMNS]
+    out: list[dict] = []
+    seen: set[str] = set()
+    has_frame_col = "frame_index" in raw.columns
+    for rec in raw.to_dict("records"):
+        rel = _clean_str(rec.get("path"))
+        if rel is None:
+            skipped.append(Skipped(f"{origin} (row without a path)", "empty 'path'"))
+            continue
+        p = Path(rel).expanduser()
+        abs_path = p if p.is_absolute() else root / p
+        if not abs_path.is_file():
+            skipped.append(Skipped(str(abs_path), "file not found"))
+            continue
+        if not is_image_file(abs_path):
+            skipped.append(Skipped(str(abs_path), f"not an image file ('{abs_path.suffix or 'no suffix'}')"))
+            continue
+        base = {
+            "label": _clean_str(rec.get("label")),
+            "patient_id": _clean_str(rec.get("patient_id")),
+            **{c: rec.get(c) for c in meta_cols},
+        }
+        try:
+            rel_id = abs_path.resolve().relative_to(root).as_posix()
+        except ValueError:
+            rel_id = abs_path.resolve().as_posix()
+        frames: list[int | None] = [None]
+        given_frame = rec.get("frame_index") if has_frame_col else None
+        given_frame = None if given_frame is None or pd.isna(given_frame) else int(given_frame)
+        if is_dicom(abs_path):
+            try:
+                header = read_dicom_header(abs_path)
+            except UnreadableImageError as exc:
+                skipped.append(Skipped(str(abs_path), str(exc).split(": ", 1)[-1]))
+                continue
+            if base["patient_id"] is None:
+                base["patient_id"] = header.patient_id
+            if given_frame is not None:
+                frames = [given_frame]
+            elif header.n_frames > 1:
+                frames = list(range(header.n_frames))
+        for fr in frames:
+            fid = rel_id if fr is None or (not is_dicom(abs_path)) else f"{rel_id}#{fr}"
+            if fid in seen:
+                skipped.append(Skipped(str(abs_path), "listed twice"))
+                continue
+            seen.add(fid)
+            frame_value = fr if fr is not None else given_frame
+            out.append({"id": fid, "path": str(abs_path.resolve()), "frame_index": frame_value, **base})
+    if not out:
+        detail = f"; first problem: {skipped[0]}" if skipped else ""
+        raise RetrieveError(f"{origin}: no readable image files found{detail}")
+    df = pd.DataFrame.from_records(out)
+    df["frame_index"] = df["frame_index"].astype("Int64")
+    df = df[CORE_COLUMNS + meta_cols]
+    return DatasetTable(rows=df.reset_index(drop=True), root=root, skipped=skipped)
+
+
+class FrameDataset(Dataset):
+    """Yields (tensor or None, row position, error message or None) so bad files never stop a run."""
+
+    def __init__(self, rows: pd.DataFrame, cfg: PreprocessConfig):
+        self.paths = rows["path"].tolist()
+        self.frames = [(-1 if pd.isna(f) else int(f)) for f in rows["frame_index"].tolist()]
+        self.cfg = cfg
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            img = read_frame(self.paths[i], self.frames[i], self.cfg.ct_window)
+            return to_tensor(preprocess_frame(img, self.cfg)), i, None
+        except UnreadableImageError as exc:
+            return None, i, str(exc)
+        except Exception as exc:  # a decoder bug in one file must not abort the whole archive
+            return None, i, f"{self.paths[i]}: cannot be read ({type(exc).__name__}: {exc})"
+
+
+def collate_frames(batch):
+    """Stack the readable items; pass the failures through as (position, message)."""
+    good = [(t, i) for t, i, e in batch if t is not None]
+    bad = [(i, e) for t, i, e in batch if t is None]
+    tensors = torch.stack([t for t, _ in good]) if good else None
+    return tensors, [i for _, i in good], bad

@@ -1,0 +1,1 @@
+"""Built-in demo data: synthetic B-mode liver ultrasound with steatosis grades 0-3."""

@@ -1,0 +1,112 @@
+"""The Encoder module: normalisation + backbone + optional projection head + L2 normalisation."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from retrieval.config import PreprocessConfig
+
+
+def build_head(in_dim: int, head_dims: list[int]) -> nn.Module:
+    """MLP projection: Linear-ReLU between layers, plain Linear at the end (SimCLR style)."""
+    layers: list[nn.Module] = []
+    d = in_dim
+    for j, h in enumerate(head_dims):
+        layers.append(nn.Linear(d, h))
+        if j < len(head_dims) - 1:
+            layers.append(nn.ReLU(inplace=True))
+        d = h
+    return nn.Sequential(*layers)
+
+
+class Encoder(nn.Module):
+    """Image encoder with everything needed to reproduce and identify its vectors.
+
+    `arch` is a JSON-able description from which the registry rebuilds the same network;
+    `source` says where the weights came from (for people, not for comparison).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        feature_dim: int,
+        arch: dict[str, Any],
+        in_chans: int = 3,
+        mean: tuple[float, ...] = (0.5,),
+        std: tuple[float, ...] = (0.5,),
+        head_dims: list[int] | None = None,
+        default_preprocess: PreprocessConfig | None = None,
+        source: str = "random init",
+    ):
+        super().__init__()
+        self.backbone = backbone
+        self.in_chans = in_chans
+        self.feature_dim = feature_dim
+        self.head_dims = list(head_dims or [])
+        self.head = build_head(feature_dim, self.head_dims) if self.head_dims else nn.Identity()
+        self.arch = {**arch, "in_chans": in_chans, "mean": list(mean), "std": list(std), "head_dims": self.head_dims}
+        self.default_preprocess = default_preprocess or PreprocessConfig()
+        self.source = source
+        # per-channel normalisation of the grey image replicated to in_chans channels
+        m = torch.tensor(mean, dtype=torch.float32)
+        s = torch.tensor(std, dtype=torch.float32)
+        if m.numel() == 1:
+            m, s = m.repeat(in_chans), s.repeat(in_chans)
+        self.register_buffer("mean", m.view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", s.view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def dim(self) -> int:
+        return self.head_dims[-1] if self.head_dims else self.feature_dim
+
+    def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[1] == 1 and self.in_chans != 1:
+            x = x.expand(-1, self.in_chans, -1, -1)
+        return (x - self.mean) / self.std
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone output before the head (the representation f(x) of paper 001)."""
+        return self.backbone(self.normalise_input(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.head(self.features(x)), dim=1)
+
+    def weights_sha256(self) -> str:
+        """Hash of every parameter and buffer, so two encoders with equal hashes give equal vectors."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+    def fingerprint(self, preprocess: PreprocessConfig, name: str) -> dict[str, Any]:
+        """What must match for two vector sets to be comparable."""
+        return {
+            "encoder": name,
+            "arch": self.arch,
+            "weights_sha256": self.weights_sha256(),
+            "dim": self.dim,
+            "preprocess": preprocess.to_dict(),
+        }
+
+
+FINGERPRINT_KEYS = ("arch", "weights_sha256", "dim", "preprocess")
+
+
+def fingerprint_difference(a: dict[str, Any], b: dict[str, Any]) -> str | None:
+    """None when two fingerprints are compatible, else a short description of the first difference."""
+    for key in FINGERPRINT_KEYS:
+        if a.get(key) != b.get(key):
+            if key == "preprocess":
+                pa, pb = a.get(key) or {}, b.get(key) or {}
+                diffs = [f"{k} {pa.get(k)} vs {pb.get(k)}" for k in sorted(set(pa) | set(pb)) if pa.get(k) != pb.get(k)]
+                return "preprocessing differs (" + "; ".join(diffs) + ")"
+            if key == "weights_sha256":
+                return "weights differ"
+            return f"{key} differs ({a.get(key)} vs {b.get(key)})"
+    return None

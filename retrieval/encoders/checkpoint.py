@@ -1,0 +1,99 @@
+"""Checkpoints this project writes: weights in safetensors, architecture and preprocessing in JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from retrieval.config import PreprocessConfig
+from retrieval.encoders.base import Encoder
+from retrieval.errors import RetrieveError
+
+CHECKPOINT_FORMAT = "retrieve-encoder/1"
+
+
+def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
+    """(weights .safetensors, description .json) for a checkpoint given by either file or its folder."""
+    p = Path(path).expanduser()
+    if p.is_dir():
+        p = p / "encoder.safetensors"
+    if p.suffix == ".json":
+        p = p.with_suffix(".safetensors")
+    return p.with_suffix(".safetensors"), p.with_suffix(".json")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(
+    encoder: Encoder,
+    path: str | Path,
+    preprocess: PreprocessConfig | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write `<path>.safetensors` and `<path>.json`; both atomically. Returns the weights path."""
+    from safetensors.torch import save
+
+    weights_path, meta_path = checkpoint_paths(path)
+    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    meta = {
+        "format": CHECKPOINT_FORMAT,
+        "arch": encoder.arch,
+        "feature_dim": encoder.feature_dim,
+        "dim": encoder.dim,
+        "preprocess": (preprocess or encoder.default_preprocess).to_dict(),
+        "source": encoder.source,
+        **(extra or {}),
+    }
+    _atomic_write_bytes(weights_path, save(tensors))
+    _atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+    return weights_path
+
+
+def load_checkpoint(path: str | Path) -> Encoder:
+    """Rebuild an Encoder from a checkpoint written by `save_checkpoint`."""
+    from safetensors.torch import load_file
+
+    from retrieval.encoders.registry import build_backbone
+
+    weights_path, meta_path = checkpoint_paths(path)
+    for p in (weights_path, meta_path):
+        if not p.is_file():
+            raise RetrieveError(f"checkpoint {p}: file not found")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise RetrieveError(f"checkpoint {meta_path}: not valid JSON ({exc.msg})") from None
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise RetrieveError(f"checkpoint {meta_path}: unknown format {meta.get('format')!r}")
+    arch = meta["arch"]
+    backbone, feature_dim = build_backbone(arch)
+    enc = Encoder(
+        backbone,
+        feature_dim,
+        {k: v for k, v in arch.items() if k not in ("in_chans", "mean", "std", "head_dims")},
+        in_chans=arch.get("in_chans", 3),
+        mean=tuple(arch.get("mean", (0.5,))),
+        std=tuple(arch.get("std", (0.5,))),
+        head_dims=arch.get("head_dims") or [],
+        default_preprocess=PreprocessConfig.from_dict(meta.get("preprocess", {})),
+        source=f"checkpoint {weights_path}",
+    )
+    try:
+        state = load_file(str(weights_path))
+        enc.load_state_dict(state)
+    except Exception as exc:
+        raise RetrieveError(f"checkpoint {weights_path}: weights do not fit its architecture ({type(exc).__name__})") from None
+    return enc.eval()

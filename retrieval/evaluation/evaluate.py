@@ -1,0 +1,153 @@
+"""Leave-one-out retrieval evaluation: every labelled image queries all the others.
+
+Excluded from a query's gallery: itself, unlabelled images, and by default every image with the same
+`patient_id` and every image in the same `near_dup_group`. Relevant = same label. Exact search
+(blocked matrix products), whatever index kind serves queries, so the figures measure the encoder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from sklearn.metrics import balanced_accuracy_score, f1_score, precision_recall_fscore_support
+from tqdm import tqdm
+
+from retrieval.errors import RetrieveError
+from retrieval.evaluation.metrics import (
+    PR_RECALL_LEVELS,
+    average_precision,
+    interpolated_pr,
+    map_at_r,
+    pessimistic_order,
+    precision_at_k,
+    reciprocal_rank,
+)
+from retrieval.vote import knn_vote
+
+PRECISION_KS = (1, 5, 10)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    k: int = 10  # neighbours in the kNN vote
+    exclude_same_patient: bool = True
+    exclude_near_dup: bool = True
+    vote: str = "majority"
+
+
+def _group_codes(rows: pd.DataFrame, column: str) -> np.ndarray:
+    """Integer code per row, -1 where the column is missing or empty (no grouping)."""
+    if column not in rows.columns:
+        return np.full(len(rows), -1)
+    text = rows[column].astype("string").fillna("").str.strip()
+    codes, _ = pd.factorize(text.where(text != "", None), use_na_sentinel=True)
+    return codes
+
+
+def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = EvalSettings(), block: int = 512, progress: bool = True) -> dict[str, Any]:
+    labels_text = rows["label"].astype("string")
+    labelled = labels_text.notna().to_numpy() & (labels_text.fillna("") != "").to_numpy()
+    if labelled.sum() < 2:
+        raise RetrieveError("evaluation needs labels: fewer than two labelled images in the index")
+    label_codes, classes = pd.factorize(labels_text.where(labelled, None), use_na_sentinel=True)
+    classes = [str(c) for c in classes]
+    patient = _group_codes(rows, "patient_id") if settings.exclude_same_patient else np.full(len(rows), -1)
+    near_dup = _group_codes(rows, "near_dup_group") if settings.exclude_near_dup else np.full(len(rows), -1)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    queries = np.flatnonzero(labelled)
+
+    per_query: list[dict[str, Any]] = []
+    pr_curves = []
+    no_relevant = 0
+    empty_gallery = 0
+    y_true, y_pred = [], []
+    bar = tqdm(total=len(queries), desc="evaluating", unit="query", disable=not progress, leave=False)
+    for start in range(0, len(queries), block):
+        qs = queries[start : start + block]
+        sims = x[qs] @ x.T
+        for row, q in enumerate(qs):
+            gallery = labelled.copy()
+            gallery[q] = False
+            if patient[q] >= 0:
+                gallery &= patient != patient[q]
+            if near_dup[q] >= 0:
+                gallery &= near_dup != near_dup[q]
+            g = np.flatnonzero(gallery)
+            if g.size == 0:
+                empty_gallery += 1
+                continue
+            scores = sims[row, g]
+            relevant = label_codes[g] == label_codes[q]
+            # vote: nearest k by score only (stable on gallery order), labels never peeked at
+            top = g[np.argsort(-scores, kind="stable")[: settings.k]]
+            vote = knn_vote([classes[c] for c in label_codes[top]], sims[row, top], settings.vote)
+            y_true.append(classes[label_codes[q]])
+            y_pred.append(vote.label)
+            if not relevant.any():
+                no_relevant += 1
+                continue
+            ranked = pessimistic_order(scores, relevant)
+            per_query.append(
+                {
+                    "label": classes[label_codes[q]],
+                    "ap": average_precision(scores, relevant),
+                    "rr": reciprocal_rank(ranked),
+                    **{f"p@{k}": precision_at_k(ranked, k) for k in PRECISION_KS},
+                    "map@r": map_at_r(ranked),
+                }
+            )
+            pr_curves.append(interpolated_pr(scores, relevant))
+        bar.update(len(qs))
+    bar.close()
+    if not per_query:
+        raise RetrieveError("evaluation impossible: no query has a relevant image left in its gallery")
+
+    pq = pd.DataFrame(per_query)
+
+    def summary(frame: pd.DataFrame) -> dict[str, float]:
+        return {
+            "n_queries": int(len(frame)),
+            "map": float(frame["ap"].mean()),
+            "mrr": float(frame["rr"].mean()),
+            **{f"p@{k}": float(frame[f"p@{k}"].mean()) for k in PRECISION_KS},
+            "map@r": float(frame["map@r"].mean()),
+        }
+
+    overall = summary(pq)
+    overall.update(
+        {
+            "knn_accuracy": float(np.mean([t == p for t, p in zip(y_true, y_pred)])),
+            "knn_balanced_accuracy": float(balanced_accuracy_score(y_true, [p or "" for p in y_pred])),
+            "knn_macro_f1": float(f1_score(y_true, [p or "" for p in y_pred], labels=classes, average="macro", zero_division=0)),
+            "n_vote_queries": len(y_true),
+        }
+    )
+    prec, rec, f1, support = precision_recall_fscore_support(
+        y_true, [p or "" for p in y_pred], labels=classes, zero_division=0
+    )
+    per_class = {}
+    for j, c in enumerate(classes):
+        sub = pq[pq["label"] == c]
+        entry = summary(sub) if len(sub) else {"n_queries": 0}
+        entry.update({"knn_precision": float(prec[j]), "knn_recall": float(rec[j]), "knn_f1": float(f1[j]), "n_images": int(support[j])})
+        per_class[c] = entry
+    curves = np.vstack(pr_curves)
+    by_class_curve = {c: curves[(pq["label"] == c).to_numpy()].mean(axis=0).round(5).tolist() for c in classes if (pq["label"] == c).any()}
+    return {
+        "settings": asdict(settings),
+        "n_images": int(len(rows)),
+        "n_labelled": int(labelled.sum()),
+        "classes": classes,
+        "overall": overall,
+        "per_class": per_class,
+        "queries_without_relevant": no_relevant,
+        "queries_with_empty_gallery": empty_gallery,
+        "pr_curve": {
+            "recall": PR_RECALL_LEVELS.round(3).tolist(),
+            "precision": curves.mean(axis=0).round(5).tolist(),
+            "per_class": by_class_curve,
+        },
+    }

@@ -1,0 +1,144 @@
+"""The one path for data, shared by the CLI and the UI:
+images -> tensors -> vectors (VectorSet) -> Parquet -> index -> results."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from indexer.index_dir import IndexDir, check_compatible
+from indexer.search import Hit, candidate_mask, search
+from indexer.store import VectorSet
+from retrieval.config import EncoderSpec, PreprocessConfig
+from retrieval.data.dataset import Skipped, load_dataset
+from retrieval.data.imageio import read_frames
+from retrieval.data.preprocess import preprocess_frame, to_tensor
+from retrieval.embed import embed_rows, pick_device
+from retrieval.encoders.base import Encoder
+from retrieval.encoders.registry import create_encoder
+from retrieval.errors import RetrieveError, UnreadableImageError
+from retrieval.vote import Vote, knn_vote
+
+
+@dataclass
+class LoadedEncoder:
+    spec: EncoderSpec
+    encoder: Encoder
+    preprocess: PreprocessConfig
+    fingerprint: dict[str, Any]
+
+
+def load_encoder(spec: EncoderSpec, preprocess_overrides: dict[str, Any] | None = None) -> LoadedEncoder:
+    """Build the encoder; its own default preprocessing, with any given options on top."""
+    enc = create_encoder(spec.name, spec.weights, spec.seed)
+    overrides = {k: v for k, v in (preprocess_overrides or {}).items() if v is not None}
+    pre = replace(enc.default_preprocess, **overrides)
+    if enc.source.startswith("random init"):
+        print(
+            f"note: encoder {spec.name} has random weights ({enc.source}); for pretrained weights pass "
+            "--weights FILE (a timm/torchvision state_dict), or use the default imagenet-effnet-lite0",
+            file=sys.stderr,
+        )
+    return LoadedEncoder(spec, enc, pre, enc.fingerprint(pre, spec.name))
+
+
+def encoder_for_index(idx_manifest_fingerprint: dict[str, Any], spec_dict: dict[str, Any], where: str, requested: EncoderSpec | None = None) -> LoadedEncoder:
+    """Rebuild the encoder an index was made with, and prove it is the same (weights hash included)."""
+    spec = requested or EncoderSpec(**spec_dict)
+    pre = PreprocessConfig.from_dict(idx_manifest_fingerprint["preprocess"])
+    enc = create_encoder(spec.name, spec.weights, spec.seed)
+    loaded = LoadedEncoder(spec, enc, pre, enc.fingerprint(pre, spec.name))
+    check_compatible(idx_manifest_fingerprint, loaded.fingerprint, where)
+    return loaded
+
+
+def report_skipped(skipped: list[Skipped], limit: int = 20) -> None:
+    for s in skipped[:limit]:
+        print(f"warning: {s}", file=sys.stderr)
+    if len(skipped) > limit:
+        print(f"warning: ... and {len(skipped) - limit} more skipped files", file=sys.stderr)
+
+
+def embed_dataset(source: str | Path, loaded: LoadedEncoder, batch_size: int = 32, workers: int | None = None, use_gpu: bool = True, progress: bool = True) -> tuple[VectorSet, list[Skipped]]:
+    """Dataset folder or manifest -> VectorSet, with the files that were skipped (and why)."""
+    table = load_dataset(source)
+    emb = embed_rows(table.rows, loaded.encoder, loaded.preprocess, batch_size, workers, pick_device(use_gpu), progress)
+    skipped = table.skipped + emb.skipped
+    if len(emb.rows) == 0:
+        first = f"; first: {skipped[0]}" if skipped else ""
+        raise RetrieveError(f"{source}: none of the {len(table.rows)} images could be read{first}")
+    vs = VectorSet(emb.rows, emb.vectors, loaded.fingerprint, loaded.spec.to_dict())
+    return vs, skipped
+
+
+@torch.inference_mode()
+def embed_query_image(path: str | Path, loaded: LoadedEncoder) -> tuple[list[str], np.ndarray]:
+    """All frames of a query file -> (names, vectors); raises UnreadableImageError for a bad file."""
+    frames = read_frames(path, loaded.preprocess.ct_window)
+    batch = torch.stack([to_tensor(preprocess_frame(f, loaded.preprocess)) for f in frames])
+    device = next(loaded.encoder.parameters()).device
+    vectors = loaded.encoder(batch.to(device)).float().cpu().numpy()
+    names = [str(path)] if len(frames) == 1 else [f"{path}#{i}" for i in range(len(frames))]
+    return names, vectors
+
+
+@dataclass
+class QueryResult:
+    query: str
+    hits: list[Hit]
+    rows: pd.DataFrame  # the index rows of the hits, in rank order
+    vote: Vote
+
+    def to_dict(self) -> dict[str, Any]:
+        results = []
+        for rank, (hit, row) in enumerate(zip(self.hits, self.rows.to_dict("records")), start=1):
+            extra = {k: _jsonable(v) for k, v in row.items() if k not in ("id", "path", "label", "patient_id")}
+            results.append(
+                {"rank": rank, "id": row["id"], "path": row["path"], "label": _jsonable(row.get("label")),
+                 "patient_id": _jsonable(row.get("patient_id")), "score": round(hit.score, 6), **extra}
+            )
+        return {"query": self.query, "results": results, "vote": self.vote.to_dict()}
+
+
+def _jsonable(v: Any) -> Any:
+    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+        return None
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def query_vectors(idx: IndexDir, names: list[str], vectors: np.ndarray, k: int, exclude_patients: list[str] = (), where: list[tuple[str, str]] = (), vote: str = "majority") -> list[QueryResult]:
+    allowed = candidate_mask(idx.rows, list(exclude_patients), list(where))
+    if allowed is not None and not allowed.any():
+        raise RetrieveError("no indexed image is left after --exclude-patient/--where")
+    out = []
+    for name, hits in zip(names, search(idx, vectors, k, allowed)):
+        rows = idx.rows.iloc[[h.position for h in hits]].reset_index(drop=True)
+        labels = [None if pd.isna(x) else str(x) for x in rows["label"]]
+        out.append(QueryResult(name, hits, rows, knn_vote(labels, [h.score for h in hits], vote)))
+    return out
+
+
+def query_files(idx: IndexDir, loaded: LoadedEncoder, paths: list[str], k: int, exclude_patients: list[str] = (), where: list[tuple[str, str]] = (), vote: str = "majority") -> tuple[list[QueryResult], list[str]]:
+    """Query with image files; unreadable ones are reported, the others answered."""
+    names: list[str] = []
+    vecs: list[np.ndarray] = []
+    errors: list[str] = []
+    for p in paths:
+        try:
+            n, v = embed_query_image(p, loaded)
+        except UnreadableImageError as exc:
+            errors.append(str(exc))
+            continue
+        names += n
+        vecs.append(v)
+    if not vecs:
+        return [], errors
+    return query_vectors(idx, names, np.vstack(vecs), k, exclude_patients, where, vote), errors

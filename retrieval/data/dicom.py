@@ -39,8 +39,9 @@ def _window(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
 def read_dicom_frames(path: Path, ct_window: tuple[float, float], only: int | None = None) -> list[np.ndarray]:
     """Decode pixels to uint8 grayscale frames.
 
-    CT (Modality CT, or a rescale to Hounsfield units) is windowed to `ct_window` after applying
-    RescaleSlope/RescaleIntercept; other modalities are scaled by their own min/max per frame.
+    CT (Modality CT, or RescaleType HU) is windowed to `ct_window` after RescaleSlope/Intercept.
+    Other modalities use the file's own WindowCenter/Width, else 8-bit values as they are, else the
+    min/max of the whole clip (not per frame, so the frames of a clip stay comparable).
     """
     import pydicom
     from pydicom.errors import InvalidDicomError
@@ -57,17 +58,31 @@ def read_dicom_frames(path: Path, ct_window: tuple[float, float], only: int | No
     is_colour = photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or (pixels.ndim >= 3 and pixels.shape[-1] == 3 and getattr(ds, "SamplesPerPixel", 1) == 3)
     if n == 1:
         pixels = pixels[None]
-    if only is not None:
-        if not 0 <= only < n:
-            raise UnreadableImageError(f"{path}: frame {only} requested but the file has {n} frame(s)")
-        pixels = pixels[only : only + 1]
+    if only is not None and not 0 <= only < n:
+        raise UnreadableImageError(f"{path}: frame {only} requested but the file has {n} frame(s)")
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
     modality = str(getattr(ds, "Modality", ""))
     rescale_type = str(getattr(ds, "RescaleType", ""))
     is_ct = modality == "CT" or rescale_type.upper() == "HU"
+    values = pixels.astype(np.float32) * slope + intercept if not is_colour else pixels
+    if is_colour:
+        lo = hi = None
+    elif is_ct:
+        lo, hi = ct_window
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        centre, width = (_first(ds.WindowCenter), _first(ds.WindowWidth))
+        lo, hi = centre - width / 2, centre + width / 2
+    elif pixels.dtype == np.uint8:
+        lo, hi = 0.0, 255.0
+    else:  # one range for the whole clip, so its frames stay comparable
+        lo, hi = float(values.min()), float(values.max())
+        if hi <= lo:
+            hi = lo + 1.0
+    if only is not None:
+        values = values[only : only + 1]
     frames = []
-    for frame in pixels:
+    for frame in values:
         if is_colour:
             if photometric.startswith("YBR"):
                 from pydicom.pixels import convert_color_space
@@ -75,12 +90,16 @@ def read_dicom_frames(path: Path, ct_window: tuple[float, float], only: int | No
                 frame = convert_color_space(frame, photometric, "RGB")
             frames.append(to_gray_uint8(frame))
             continue
-        values = frame.astype(np.float32) * slope + intercept
-        if is_ct:
-            out = _window(values, *ct_window)
-        else:
-            out = to_gray_uint8(values)
+        out = _window(frame, lo, hi)
         if photometric == "MONOCHROME1":
             out = 255 - out
         frames.append(out)
     return frames
+
+
+def _first(value) -> float:
+    """WindowCenter/Width may be multi-valued; the first pair is the default view."""
+    try:
+        return float(value[0])
+    except TypeError:
+        return float(value)

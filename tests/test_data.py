@@ -1,0 +1,161 @@
+"""Reading images (all formats, DICOM), preprocessing, and dataset discovery."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import write_dicom, write_png
+from retrieval.config import PreprocessConfig
+from retrieval.data.dataset import FrameDataset, load_dataset
+from retrieval.data.imageio import read_frame, read_frames
+from retrieval.data.preprocess import crop_sector, preprocess_frame, resize_square, to_tensor
+from retrieval.demo.synthetic import demo_patients, render_frame
+from retrieval.errors import RetrieveError, UnreadableImageError
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg", ".bmp", ".tif"])
+def test_raster_formats_to_gray(tmp_path, suffix):
+    rgb = np.zeros((20, 30, 3), np.uint8)
+    rgb[..., 0] = 200
+    p = tmp_path / f"x{suffix}"
+    Image.fromarray(rgb).save(p)
+    (img,) = read_frames(p)
+    assert img.shape == (20, 30) and img.dtype == np.uint8
+    assert abs(int(img.mean()) - round(0.299 * 200)) <= 2
+
+
+def test_16bit_png_is_stretched(tmp_path):
+    a = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    p = tmp_path / "deep.png"
+    Image.fromarray(a).save(p)
+    img = read_frame(p)
+    assert img.min() == 0 and img.max() == 255
+
+
+def test_corrupt_truncated_and_non_image(tmp_path):
+    good = write_png(tmp_path / "good.png", np.full((64, 64), 100, np.uint8))
+    (tmp_path / "trunc.png").write_bytes(good.read_bytes()[:60])
+    (tmp_path / "junk.png").write_bytes(b"not an image at all")
+    (tmp_path / "notes.txt").write_text("hello")
+    for name in ("trunc.png", "junk.png"):
+        with pytest.raises(UnreadableImageError, match=name):
+            read_frames(tmp_path / name)
+    with pytest.raises(UnreadableImageError, match="unsupported file type"):
+        read_frames(tmp_path / "notes.txt")
+    with pytest.raises(UnreadableImageError, match="not found"):
+        read_frames(tmp_path / "missing.png")
+
+
+def test_dicom_ct_rescale_and_window(tmp_path):
+    # stored values 0..: HU = stored - 1024. Window [-100, 400]: HU -100 -> 0, 150 -> 127/128, 400 -> 255
+    hu = np.array([[-1000, -100, 150, 400, 1000]], np.int32)
+    stored = (hu + 1024).astype(np.uint16)
+    p = write_dicom(tmp_path / "ct.dcm", stored, modality="CT", intercept=-1024.0)
+    img = read_frame(p)
+    assert img[0].tolist()[0] == 0 and img[0, 1] == 0 and img[0, 3] == 255 and img[0, 4] == 255
+    assert abs(int(img[0, 2]) - 128) <= 1
+    wide = read_frame(p, ct_window=(-1000, 1000))
+    assert wide[0, 0] == 0 and abs(int(wide[0, 2]) - 146) <= 1
+
+
+def test_dicom_multiframe_and_monochrome1(tmp_path):
+    clip = np.stack([np.full((16, 16), v, np.uint16) for v in (0, 100, 200)])
+    clip[:, 0, 0] = 300  # give every frame a range
+    p = write_dicom(tmp_path / "clip.dcm", clip)
+    frames = read_frames(p)
+    assert len(frames) == 3
+    # one range (0..300) for the whole clip: 0 -> 0, 100 -> 85, 200 -> 170
+    assert [int(f[5, 5]) for f in frames] == [0, 85, 170]
+    assert read_frame(p, 2)[5, 5] == frames[2][5, 5]
+    inv = write_dicom(tmp_path / "inv.dcm", clip[1], photometric="MONOCHROME1")
+    plain = write_dicom(tmp_path / "plain.dcm", clip[1])
+    assert (read_frame(inv) == 255 - read_frame(plain)).all()
+    bad = tmp_path / "bad.dcm"
+    bad.write_bytes(b"\0" * 200)
+    with pytest.raises(UnreadableImageError, match="bad.dcm"):
+        read_frames(bad)
+
+
+def test_crop_sector_drops_margins_and_annotations():
+    p = demo_patients(1, seed=3)[0]
+    img = render_frame(p, 0, size=256)
+    cropped = crop_sector(img)
+    assert cropped.shape[0] < 256 and cropped.shape[1] < 256
+    # burned-in text is in the top corners; after cropping, the top rows hold no bright glyph pixels
+    assert (img[4:24, :52] > 200).any()
+    assert not (cropped[:3] > 215).all()
+    assert cropped.mean() > img.mean()  # black margins removed
+    blank = np.zeros((50, 50), np.uint8)
+    assert crop_sector(blank) is blank
+
+
+def test_resize_modes():
+    img = np.full((50, 100), 200, np.uint8)
+    padded = resize_square(img, 64, "pad")
+    assert padded.shape == (64, 64) and padded[0, 32] == 0 and padded[32, 32] == 200
+    squashed = resize_square(img, 64, "squash")
+    assert squashed.shape == (64, 64) and squashed.min() == 200
+    t = to_tensor(preprocess_frame(img, PreprocessConfig(image_size=32)))
+    assert t.shape == (1, 32, 32) and float(t.max()) == pytest.approx(200 / 255)
+
+
+def test_preprocess_config_validation():
+    with pytest.raises(RetrieveError, match="image-size"):
+        PreprocessConfig(image_size=2)
+    with pytest.raises(RetrieveError, match="resize"):
+        PreprocessConfig(resize="crop")
+
+
+def test_folder_dataset_labels_from_subfolders(tmp_path):
+    for label in ("a", "b"):
+        for j in range(2):
+            write_png(tmp_path / label / f"{j}.png", np.full((10, 10), 50 * j, np.uint8))
+    (tmp_path / "a" / "readme.txt").write_text("x")
+    t = load_dataset(tmp_path)
+    assert sorted(t.rows["label"]) == ["a", "a", "b", "b"]
+    assert t.rows["id"].tolist()[0] == "a/0.png"
+    assert [s.reason for s in t.skipped] == ["not an image file ('.txt')"]
+
+
+def test_manifest_dataset(tmp_path):
+    write_png(tmp_path / "img" / "1.png", np.zeros((8, 8), np.uint8))
+    write_png(tmp_path / "img" / "2.png", np.zeros((8, 8), np.uint8))
+    pd.DataFrame({"path": ["img/1.png", "img/2.png", "img/gone.png"], "label": ["x", "y", "x"],
+                  "patient_id": ["p1", None, "p2"], "site": ["A", "B", "C"]}).to_csv(tmp_path / "m.csv", index=False)
+    t = load_dataset(tmp_path / "m.csv")
+    assert len(t.rows) == 2 and t.metadata_columns == ["site"]
+    assert t.rows["patient_id"].iloc[0] == "p1" and pd.isna(t.rows["patient_id"].iloc[1])
+    assert "gone.png" in t.skipped[0].path and t.skipped[0].reason == "file not found"
+    # a folder holding labels.csv uses it
+    (tmp_path / "m.csv").rename(tmp_path / "labels.csv")
+    assert len(load_dataset(tmp_path).rows) == 2
+
+
+def test_dataset_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(RetrieveError, match="empty folder"):
+        load_dataset(tmp_path / "empty")
+    pd.DataFrame({"file": ["a.png"]}).to_csv(tmp_path / "nocol.csv", index=False)
+    with pytest.raises(RetrieveError, match="missing the required column 'path'"):
+        load_dataset(tmp_path / "nocol.csv")
+    pd.DataFrame({"path": ["a.png"], "label": ["x"]}).to_csv(tmp_path / "allmissing.csv", index=False)
+    with pytest.raises(RetrieveError, match="no readable image files"):
+        load_dataset(tmp_path / "allmissing.csv")
+    with pytest.raises(RetrieveError, match="no such file"):
+        load_dataset(tmp_path / "nowhere")
+
+
+def test_dicom_clip_expands_to_frames_with_patient_id(tmp_path):
+    write_dicom(tmp_path / "us" / "clip.dcm", np.random.default_rng(0).integers(0, 999, (4, 12, 12)).astype(np.uint16), patient_id="P77")
+    write_dicom(tmp_path / "us" / "still.dcm", np.ones((12, 12), np.uint16), patient_id=None)
+    t = load_dataset(tmp_path)
+    clip = t.rows[t.rows["id"].str.startswith("us/clip.dcm")]
+    assert clip["id"].tolist() == [f"us/clip.dcm#{i}" for i in range(4)]
+    assert clip["frame_index"].tolist() == [0, 1, 2, 3]
+    assert set(clip["patient_id"]) == {"P77"}
+    assert pd.isna(t.rows.loc[t.rows["id"] == "us/still.dcm", "patient_id"]).all()
+    ds = FrameDataset(t.rows, PreprocessConfig(image_size=16))
+    tensors = [ds[i][0] for i in range(len(ds))]
+    assert all(x is not None and x.shape == (1, 16, 16) for x in tensors)
+    assert not np.allclose(tensors[0].numpy(), tensors[1].numpy())

@@ -1,0 +1,102 @@
+"""Leave-one-out evaluation against an independent per-query computation with scikit-learn."""
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import average_precision_score
+
+from retrieval.errors import RetrieveError
+from retrieval.evaluation.evaluate import EvalSettings, evaluate
+
+
+def _unit(x):
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _reference_map(rows, vectors, same_patient=True, near_dup=True):
+    """Straightforward loops: gallery = labelled others minus same patient / near-dup group."""
+    aps, rrs = [], []
+    for q in range(len(rows)):
+        keep = []
+        for g in range(len(rows)):
+            if g == q:
+                continue
+            if same_patient and rows.patient_id[q] and rows.patient_id[g] == rows.patient_id[q]:
+                continue
+            if near_dup and rows.near_dup_group[q] and rows.near_dup_group[g] == rows.near_dup_group[q]:
+                continue
+            keep.append(g)
+        y = np.array([rows.label[g] == rows.label[q] for g in keep])
+        if not y.any():
+            continue
+        s = np.array([vectors[q] @ vectors[g] for g in keep])
+        aps.append(average_precision_score(y, s))
+        order = np.argsort(-s)
+        rrs.append(1.0 / (np.flatnonzero(y[order])[0] + 1))
+    return float(np.mean(aps)), float(np.mean(rrs)), len(aps)
+
+
+@pytest.fixture
+def toy():
+    rng = np.random.default_rng(0)
+    n = 40
+    labels = rng.choice(["a", "b", "c"], n)
+    centres = {"a": rng.normal(size=8), "b": rng.normal(size=8), "c": rng.normal(size=8)}
+    vectors = _unit(np.stack([centres[l] + rng.normal(scale=1.2, size=8) for l in labels]).astype(np.float32))
+    rows = pd.DataFrame({
+        "id": [f"i{j}" for j in range(n)],
+        "label": labels,
+        "patient_id": [f"p{j // 4}" for j in range(n)],
+        "near_dup_group": [("g1" if j in (1, 17) else "") for j in range(n)],
+    })
+    return rows, vectors
+
+
+@pytest.mark.parametrize("same_patient,near_dup", [(True, True), (False, False), (True, False)])
+def test_map_mrr_match_reference(toy, same_patient, near_dup):
+    rows, vectors = toy
+    res = evaluate(rows, vectors, EvalSettings(exclude_same_patient=same_patient, exclude_near_dup=near_dup), progress=False)
+    ref_map, ref_mrr, n = _reference_map(rows, vectors, same_patient, near_dup)
+    assert res["overall"]["n_queries"] == n
+    assert res["overall"]["map"] == pytest.approx(ref_map, abs=1e-6)
+    assert res["overall"]["mrr"] == pytest.approx(ref_mrr, abs=1e-6)
+
+
+def test_patient_exclusion_matters_and_self_never_counts():
+    # each patient has two identical images: without exclusion every query finds its twin first
+    v = _unit(np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32))
+    vectors = np.repeat(v, 2, axis=0)
+    rows = pd.DataFrame({"id": list(range(12)), "label": ["x", "y"] * 6, "patient_id": [f"p{j // 2}" for j in range(12)]})
+    rows["label"] = [("x" if j // 2 < 3 else "y") for j in range(12)]
+    with_twins = evaluate(rows, vectors, EvalSettings(exclude_same_patient=False), progress=False)
+    assert with_twins["overall"]["p@1"] == 1.0  # twin (same patient, same label) found first
+    without = evaluate(rows, vectors, EvalSettings(exclude_same_patient=True), progress=False)
+    assert without["overall"]["p@1"] < 1.0
+    # self is excluded: with a single image per label there is nothing relevant to find
+    rows2 = pd.DataFrame({"id": [0, 1], "label": ["x", "y"], "patient_id": ["a", "b"]})
+    with pytest.raises(RetrieveError):
+        evaluate(rows2, vectors[:2], progress=False)
+
+
+def test_vote_metrics_and_counts(toy):
+    rows, vectors = toy
+    res = evaluate(rows, vectors, EvalSettings(k=5), progress=False)
+    o = res["overall"]
+    assert 0 <= o["knn_accuracy"] <= 1 and 0 <= o["knn_macro_f1"] <= 1
+    assert set(res["per_class"]) == {"a", "b", "c"}
+    assert sum(c["n_queries"] for c in res["per_class"].values()) == o["n_queries"]
+    assert len(res["pr_curve"]["precision"]) == 101
+
+
+def test_query_without_relevant_is_left_out_and_counted():
+    vectors = _unit(np.eye(4, dtype=np.float32) + 0.1)
+    rows = pd.DataFrame({"id": range(4), "label": ["a", "a", "b", "c"], "patient_id": ["1", "2", "3", "4"]})
+    res = evaluate(rows, vectors, progress=False)
+    assert res["overall"]["n_queries"] == 2
+    assert res["queries_without_relevant"] == 2
+
+
+def test_needs_labels():
+    rows = pd.DataFrame({"id": [0, 1, 2], "label": [None, None, None], "patient_id": [None] * 3})
+    with pytest.raises(RetrieveError, match="labels"):
+        evaluate(rows, np.eye(3, dtype=np.float32), progress=False)

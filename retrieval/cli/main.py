@@ -10,7 +10,6 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-import click
 import typer
 
 from retrieval.cli import options as opt
@@ -69,6 +68,10 @@ def index_build(
     from retrieval.config import EncoderSpec, IndexConfig, load_recipe
     from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
 
+    from indexer.faiss_index import INDEX_KINDS
+
+    if kind != "auto" and kind not in INDEX_KINDS:
+        raise RetrieveError(f"--kind {kind}: unknown; choose auto, {', '.join(INDEX_KINDS)}")
     index_cfg = IndexConfig(kind=kind, gpu=gpu)
     spec = opt.encoder_spec(encoder, weights, seed)
     pre = opt.preprocess_overrides(image_size, crop_sector, resize, ct_window)
@@ -262,27 +265,28 @@ def list_encoders_cmd():
 def main(argv: Optional[list[str]] = None) -> int:
     """Entry point: one-line errors and a non-zero exit instead of tracebacks."""
     try:
-        app(args=argv, standalone_mode=False)
-        return 0
+        rv = app(args=argv, standalone_mode=False)  # click returns an Exit's code in this mode
+        code = rv if isinstance(rv, int) else 0
     except RetrieveError as exc:
         _echo_err(f"error: {exc}")
         code = exc.exit_code
-    except click.exceptions.Exit as exc:
-        code = exc.exit_code
-    except click.ClickException as exc:
-        exc.show()
-        code = exc.exit_code
-    except click.exceptions.Abort:
-        _echo_err("aborted")
-        code = 130
     except KeyboardInterrupt:
         _echo_err("interrupted")
         code = 130
-    except Exception as exc:  # a bug: say so in one line; the traceback on request
-        if os.environ.get("RETRIEVE_DEBUG"):
-            traceback.print_exc()
-        _echo_err(f"internal error: {type(exc).__name__}: {exc} (set RETRIEVE_DEBUG=1 for the traceback)")
-        code = 1
+    except Exception as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help text was already printed
+            code = 0
+        elif hasattr(exc, "show") and hasattr(exc, "exit_code"):  # usage errors (typer's click)
+            exc.show()
+            code = exc.exit_code
+        elif type(exc).__name__ == "Abort":
+            _echo_err("aborted")
+            code = 130
+        else:  # a bug: say so in one line; the traceback on request
+            if os.environ.get("RETRIEVE_DEBUG"):
+                traceback.print_exc()
+            _echo_err(f"internal error: {type(exc).__name__}: {exc} (set RETRIEVE_DEBUG=1 for the traceback)")
+            code = 1
     if argv is None:
         sys.exit(code)
     return code

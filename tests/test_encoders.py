@@ -1,0 +1,102 @@
+"""Encoder registry, weight loading from local files, checkpoints and fingerprints."""
+
+import numpy as np
+import pytest
+import timm
+import torch
+
+from retrieval.config import PreprocessConfig
+from retrieval.encoders import create_encoder, list_encoders, load_checkpoint, save_checkpoint
+from retrieval.encoders.base import fingerprint_difference
+from retrieval.errors import RetrieveError
+
+X = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("name,dim", [("imagenet-effnet-lite0", 1280), ("cnn5", 512), ("resnet18", 512), ("efficientnet_b0", 1280)])
+def test_registry_vectors_are_unit_length(name, dim):
+    enc = create_encoder(name)
+    with torch.no_grad():
+        v = enc(X)
+    assert v.shape == (3, dim)
+    assert torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_list_and_unknown():
+    assert {"imagenet-effnet-lite0", "cnn5"} <= set(list_encoders())
+    with pytest.raises(RetrieveError, match="unknown"):
+        create_encoder("no-such-net")
+    with pytest.raises(RetrieveError, match="hubs are unreachable"):
+        create_encoder("resnet18", weights="imagenet")
+
+
+def test_effnet_lite0_is_the_imagenet_checkpoint():
+    """The packaged weights are loaded, not a random init: BN statistics are trained values."""
+    enc = create_encoder("imagenet-effnet-lite0")
+    bn = enc.backbone.bn1
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    assert enc.source.startswith("ImageNet-1k")
+    assert enc.weights_sha256() == create_encoder("imagenet-effnet-lite0").weights_sha256()
+
+
+def test_random_init_is_seeded():
+    a, b, c = create_encoder("resnet18", seed=1), create_encoder("resnet18", seed=1), create_encoder("resnet18", seed=2)
+    assert a.weights_sha256() == b.weights_sha256() != c.weights_sha256()
+
+
+def test_timm_or_torchvision_weights_file(tmp_path):
+    """A state_dict with a classifier (as torchvision/timm ship it) loads into the backbone."""
+    src = timm.create_model("resnet18", pretrained=False, num_classes=1000)
+    torch.save(src.state_dict(), tmp_path / "resnet18.pth")
+    enc = create_encoder("resnet18", weights=str(tmp_path / "resnet18.pth"))
+    src.reset_classifier(0)
+    src.eval()
+    with torch.no_grad():
+        expected = torch.nn.functional.normalize(src(enc.normalise_input(X)), dim=1)
+        assert torch.allclose(enc(X), expected, atol=1e-5)
+    # a hub snapshot folder holding model.safetensors works too
+    from safetensors.torch import save_file
+
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    save_file({k: v.contiguous() for k, v in src.state_dict().items()}, snap / "model.safetensors")
+    assert create_encoder("resnet18", weights=str(snap)).weights_sha256() == enc.weights_sha256()
+
+
+def test_bad_weights_files(tmp_path):
+    (tmp_path / "junk.pth").write_bytes(b"nonsense")
+    with pytest.raises(RetrieveError, match="junk.pth"):
+        create_encoder("resnet18", weights=str(tmp_path / "junk.pth"))
+    torch.save(timm.create_model("resnet34", num_classes=0).state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(RetrieveError, match="do not fit"):
+        create_encoder("resnet18", weights=str(tmp_path / "r34.pth"))
+    with pytest.raises(RetrieveError, match="not found"):
+        create_encoder("resnet18", weights=str(tmp_path / "absent.pth"))
+
+
+def test_checkpoint_roundtrip_gives_identical_vectors(tmp_path):
+    from retrieval.encoders.base import Encoder
+    from retrieval.encoders.registry import build_backbone
+
+    backbone, dim = build_backbone({"type": "cnn5", "in_chans": 1})
+    enc = Encoder(backbone, dim, {"type": "cnn5"}, in_chans=1, mean=(0.5,), std=(0.25,), head_dims=[64, 32]).eval()
+    path = save_checkpoint(enc, tmp_path / "ck", PreprocessConfig(image_size=64, crop_sector=True))
+    assert path.name == "ck.safetensors" and (tmp_path / "ck.json").is_file()
+    back = create_encoder(str(path))
+    assert back.dim == 32 and back.default_preprocess.crop_sector
+    with torch.no_grad():
+        assert torch.equal(enc(X), back(X))
+    assert back.weights_sha256() == enc.weights_sha256()
+    assert load_checkpoint(tmp_path / "ck.json").dim == 32
+    with pytest.raises(RetrieveError, match="not found"):
+        create_encoder(str(tmp_path / "missing.safetensors"))
+
+
+def test_fingerprint_difference():
+    enc = create_encoder("cnn5")
+    a = enc.fingerprint(PreprocessConfig(image_size=64), "cnn5")
+    assert fingerprint_difference(a, enc.fingerprint(PreprocessConfig(image_size=64), "cnn5")) is None
+    assert "image_size 64 vs 96" in fingerprint_difference(a, enc.fingerprint(PreprocessConfig(image_size=96), "cnn5"))
+    other = create_encoder("cnn5", seed=5).fingerprint(PreprocessConfig(image_size=64), "cnn5")
+    assert fingerprint_difference(a, other) == "weights differ"
+    assert np.isfinite(a["dim"])

@@ -41,7 +41,7 @@ def load_encoder(spec: EncoderSpec, preprocess_overrides: dict[str, Any] | None 
     pre = replace(enc.default_preprocess, **overrides)
     if enc.source.startswith("random init"):
         print(
-            f"note: encoder {spec.name} has random weights ({enc.source}); for pretrained weights pass "
+            f"note: encoder {spec.name} is randomly initialised (seed {spec.seed}); for pretrained weights pass "
             "--weights FILE (a timm/torchvision state_dict), or use the default imagenet-effnet-lite0",
             file=sys.stderr,
         )

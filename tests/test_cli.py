@@ -183,7 +183,7 @@ def test_random_resnet18_and_config_recipe(tmp_path, capsys, demo_data):
     idx = tmp_path / "idx"
     code, out, err = run_cli(capsys, "index", "build", demo_data, "--index", idx, "--config", recipe, "--quiet")
     assert code == 0, err
-    assert "random weights" in err
+    assert "randomly initialised (seed 3)" in err
     info = json.loads(run_cli(capsys, "index", "info", "--index", idx, "--json")[1])
     assert info["kind"] == "ivf" and info["fingerprint"]["preprocess"]["image_size"] == 48
     assert info["encoder_spec"] == {"name": "resnet18", "weights": None, "seed": 3}

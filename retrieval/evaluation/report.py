@@ -27,7 +27,7 @@ def plot_pr_curve(result: dict[str, Any], path: Path, title: str = "") -> Path:
     pr = result["pr_curve"]
     fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
     for label, prec in sorted(pr["per_class"].items()):
-        ax.plot(pr["recall"], prec, lw=1.2, alpha=0.8, label=f"{label} (AP {result['per_class'][label]['map']:.3f})")
+        ax.plot(pr["recall"], prec, lw=1.2, alpha=0.8, label=f"{label} (MAP {result['per_class'][label]['map']:.3f})")
     ax.plot(pr["recall"], pr["precision"], color="black", lw=2.4, label=f"all queries (MAP {result['overall']['map']:.3f})")
     ax.set(xlabel="recall", ylabel="interpolated precision", xlim=(0, 1), ylim=(0, 1.02), title=title or "Precision-recall, mean over queries")
     ax.grid(alpha=0.3)

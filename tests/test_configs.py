@@ -1,0 +1,30 @@
+"""Every shipped recipe loads; bad recipes give one-line errors."""
+
+from pathlib import Path
+
+import pytest
+
+from retrieval.config import load_recipe
+from retrieval.errors import RetrieveError
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
+def test_shipped_recipes_load(path):
+    recipe = load_recipe(path)
+    assert recipe.encoder.name and recipe.preprocess.image_size >= 8
+
+
+def test_bad_recipes(tmp_path):
+    (tmp_path / "a.yaml").write_text("encoder: [1, 2\n")
+    with pytest.raises(RetrieveError, match="not valid YAML"):
+        load_recipe(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("encoder:\n  name: cnn5\nsurprise: 1\n")
+    with pytest.raises(RetrieveError, match="unknown section"):
+        load_recipe(tmp_path / "b.yaml")
+    (tmp_path / "c.yaml").write_text("preprocess:\n  image_sise: 64\n")
+    with pytest.raises(RetrieveError, match="image_sise"):
+        load_recipe(tmp_path / "c.yaml")
+    with pytest.raises(RetrieveError, match="not found"):
+        load_recipe(tmp_path / "none.yaml")

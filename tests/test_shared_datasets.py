@@ -13,12 +13,36 @@ pytestmark = pytest.mark.skipif(not DATASETS, reason=f"real datasets not found a
 
 @pytest.fixture(scope="module", params=DATASETS or ["none"])
 def built(request, tmp_path_factory):
-    data = SHARED_DATA / request.param
-    index = tmp_path_factory.mktemp(request.param) / "index"
+    """`retrieve embed` then `retrieve index build --vectors` on the whole dataset."""
     from retrieval.cli.main import main
 
-    assert main(["index", "build", str(data), "--index", str(index), *FAST]) == 0
+    data = SHARED_DATA / request.param
+    work = tmp_path_factory.mktemp(request.param)
+    vectors, index = work / "vectors.parquet", work / "index"
+    assert main(["embed", str(data), "--out", str(vectors), *FAST]) == 0
+    assert main(["index", "build", "--vectors", str(vectors), "--index", str(index)]) == 0
     return data, index
+
+
+def test_index_add_reaches_the_same_index(built, capsys, tmp_path):
+    """Half the dataset indexed, then the whole dataset added: same rows, same vectors."""
+    from indexer.index_dir import open_index_dir
+
+    data, full = built
+    labels = pd.read_csv(data / "labels.csv", dtype=str)
+    half = labels.iloc[::2].copy()
+    half["path"] = [str((data / p).resolve()) for p in half["path"]]
+    half.to_csv(tmp_path / "half.csv", index=False)
+    index = tmp_path / "index"
+    assert run_cli(capsys, "index", "build", tmp_path / "half.csv", "--index", index, *FAST)[0] == 0
+    code, out, err = run_cli(capsys, "index", "add", data, "--index", index, "--quiet")
+    assert code == 0, err
+    assert f"added {len(labels) - len(half)} images ({len(half)} already indexed)" in out
+    a, b = open_index_dir(index, use_gpu=False), open_index_dir(full, use_gpu=False)
+    order = a.rows["path"].argsort().to_numpy()
+    ref = b.rows["path"].argsort().to_numpy()
+    assert a.rows["path"].to_numpy()[order].tolist() == b.rows["path"].to_numpy()[ref].tolist()
+    assert abs(a.vectors.vectors[order] - b.vectors.vectors[ref]).max() < 1e-4
 
 
 def test_index_holds_every_image(built, capsys):

@@ -48,13 +48,13 @@ def load_encoder(spec: EncoderSpec, preprocess_overrides: dict[str, Any] | None 
     return LoadedEncoder(spec, enc, pre, enc.fingerprint(pre, spec.name))
 
 
-def encoder_for_index(idx_manifest_fingerprint: dict[str, Any], spec_dict: dict[str, Any], where: str, requested: EncoderSpec | None = None) -> LoadedEncoder:
+def encoder_for_index(fingerprint: dict[str, Any], spec_dict: dict[str, Any], where: str, requested: EncoderSpec | None = None) -> LoadedEncoder:
     """Rebuild the encoder an index was made with, and prove it is the same (weights hash included)."""
     spec = requested or EncoderSpec(**spec_dict)
-    pre = PreprocessConfig.from_dict(idx_manifest_fingerprint["preprocess"])
+    pre = PreprocessConfig.from_dict(fingerprint["preprocess"])
     enc = create_encoder(spec.name, spec.weights, spec.seed)
     loaded = LoadedEncoder(spec, enc, pre, enc.fingerprint(pre, spec.name))
-    check_compatible(idx_manifest_fingerprint, loaded.fingerprint, where)
+    check_compatible(fingerprint, loaded.fingerprint, where)
     return loaded
 
 

@@ -65,7 +65,7 @@ def index_build(
 
     from indexer.index_dir import build_index_dir
     from indexer.store import read_vectors
-    from retrieval.config import EncoderSpec, IndexConfig, load_recipe
+    from retrieval.config import IndexConfig, load_recipe
     from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
 
     from indexer.faiss_index import INDEX_KINDS
@@ -226,7 +226,6 @@ def evaluate_cmd(
     result["index"] = str(index)
     result["encoder"] = m.fingerprint.get("encoder")
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    o = result["overall"]
     print(markdown_summary(result, f"Retrieval evaluation of {index}", m.fingerprint.get("encoder")).split("\n![")[0].rstrip())
     if json_out is not None:
         from indexer.atomic import atomic_path
@@ -237,7 +236,6 @@ def evaluate_cmd(
     if report is not None:
         paths = write_report(result, vs.rows, vs.vectors, report, f"{Path(index).name}", m.fingerprint.get("encoder"))
         print("report -> " + ", ".join(str(p) for p in paths.values()))
-    _ = o
 
 
 @app.command()

@@ -153,7 +153,7 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str) -> DatasetTable:
             elif header.n_frames > 1:
                 frames = list(range(header.n_frames))
         for fr in frames:
-            fid = rel_id if fr is None or (not is_dicom(abs_path)) else f"{rel_id}#{fr}"
+            fid = rel_id if fr is None else f"{rel_id}#{fr}"
             if fid in seen:
                 skipped.append(Skipped(str(abs_path), "listed twice"))
                 continue

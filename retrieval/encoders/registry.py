@@ -12,7 +12,6 @@ from typing import Callable
 
 import torch
 
-from retrieval.config import PreprocessConfig
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.cnn5 import CNN5
 from retrieval.encoders.weights import (
@@ -64,7 +63,6 @@ def _seeded(seed: int, fn: Callable[[], Encoder]) -> Encoder:
 
 
 def _timm_encoder(model_name: str, weights: str | None, seed: int) -> Encoder:
-    import timm
 
     if weights == "imagenet":
         raise RetrieveError(
@@ -145,7 +143,3 @@ def create_encoder(name: str = DEFAULT_ENCODER, weights: str | None = None, seed
             )
         enc = _timm_encoder(name, weights, seed)
     return enc.eval()
-
-
-def encoder_default_preprocess(enc: Encoder) -> PreprocessConfig:
-    return enc.default_preprocess

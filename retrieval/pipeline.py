@@ -114,8 +114,12 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def query_vectors(idx: IndexDir, names: list[str], vectors: np.ndarray, k: int, exclude_patients: list[str] = (), where: list[tuple[str, str]] = (), vote: str = "majority") -> list[QueryResult]:
+def query_vectors(idx: IndexDir, names: list[str], vectors: np.ndarray, k: int, exclude_patients: list[str] = (), where: list[tuple[str, str]] = (), vote: str = "majority", exclude_positions: list[int] = ()) -> list[QueryResult]:
+    """Search, then vote; `exclude_positions` leaves out given rows (an indexed case querying itself)."""
     allowed = candidate_mask(idx.rows, list(exclude_patients), list(where))
+    if len(exclude_positions):
+        allowed = np.ones(len(idx.rows), dtype=bool) if allowed is None else allowed
+        allowed[list(exclude_positions)] = False
     if allowed is not None and not allowed.any():
         raise RetrieveError("no indexed image is left after --exclude-patient/--where")
     out = []

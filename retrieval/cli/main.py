@@ -250,6 +250,20 @@ def demo(
     run_demo(out, encoder, weights, image_size, progress=not quiet)
 
 
+@app.command("ui")
+def ui_cmd(
+    index: Optional[Path] = typer.Option(None, "--index", "-i", help="index folder (default: the demo index, built if missing)"),
+    port: int = typer.Option(8501, "--port", help="local port for the browser app"),
+    demo_out: Path = typer.Option(Path("retrieve-demo"), "--demo-out", help="where the demo index lives"),
+):
+    """Open the similar-case browser (Streamlit) on an index."""
+    from ui.launch import launch
+
+    code = launch(index, port, demo_out)
+    if code:
+        raise typer.Exit(code)
+
+
 @app.command("encoders")
 def list_encoders_cmd():
     """List the named encoders (any timm model name also works)."""

@@ -1,0 +1,271 @@
+"""Similar-case browser. Run: `retrieve ui --index DIR`, or `streamlit run ui/app.py -- --index DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import altair as alt
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from indexer.map2d import load_or_compute_map
+from retrieval.errors import RetrieveError
+from ui.backend import (
+    MAX_UPLOAD_MB,
+    Answer,
+    Session,
+    find_cases,
+    load_image,
+    open_session,
+    query_indexed,
+    query_upload,
+    summary,
+    upload_frames,
+)
+
+DEFAULT_INDEX = Path("retrieve-demo") / "index"
+GRID_COLUMNS = 5
+THUMB_SIDE = 256
+QUERY_SIDE = 420
+DISCLAIMER = "This is a suggestion from similar past cases, not a diagnosis."
+
+
+def index_argument() -> Path:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--index", default=None)
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    return Path(args.index or os.environ.get("RETRIEVE_INDEX") or DEFAULT_INDEX)
+
+
+@st.cache_resource(show_spinner="Loading the index and its encoder ...")
+def get_session(index_dir: str, manifest_mtime: float) -> Session:
+    return open_session(index_dir)
+
+
+@st.cache_data(show_spinner=False, max_entries=4096)
+def thumbnail(path: str, frame: object, side: int | None) -> np.ndarray:
+    return load_image(path, frame, side)
+
+
+@st.cache_data(show_spinner="Computing the embedding map (once per index) ...")
+def get_map(index_dir: str, manifest_mtime: float) -> pd.DataFrame:
+    return load_or_compute_map(get_session(index_dir, manifest_mtime).idx)
+
+
+def text(v: object) -> str:
+    return "-" if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else str(v)
+
+
+def show_image(row: dict, side: int | None, caption: str | None = None, width: int | str = "stretch") -> None:
+    try:
+        st.image(thumbnail(row["path"], row.get("frame_index"), side), caption=caption, width=width)
+    except RetrieveError as exc:
+        st.warning(f"image unavailable: {exc}")
+
+
+def sidebar(session: Session, index_dir: Path) -> dict:
+    s = summary(session)
+    st.sidebar.header("Index")
+    st.sidebar.markdown(
+        f"**{s['cases']} cases**, {s['patients']} patients  \nencoder `{s['encoder']}`  \n"
+        f"{s['kind']} index, {s['dim']}-d  \nbuilt {s['created'][:19].replace('T', ' ')}  \n`{index_dir}`"
+    )
+    st.sidebar.dataframe(pd.DataFrame({"label": list(s["labels"]), "cases": list(s["labels"].values())}),
+                         hide_index=True, width="stretch")
+    st.sidebar.header("Search settings")
+    n = len(session.rows)
+    k = st.sidebar.slider("number of similar cases (k)", 1, max(1, min(50, n - 1)), min(10, max(1, n - 1)), key="k")
+    vote = st.sidebar.radio("vote", ["majority", "similarity"], horizontal=True, key="vote",
+                            help="similarity: each neighbour's vote weighs (1 + cosine) / 2")
+    exclude_own = st.sidebar.checkbox("exclude the query's own patient", value=True, key="exclude_own",
+                                      help="for indexed cases: other images of the same patient are left out")
+    filter_cols = ["(none)", "label"] + session.metadata_columns()
+    col = st.sidebar.selectbox("filter candidates by", filter_cols, key="filter_col")
+    where: list[tuple[str, str]] = []
+    if col != "(none)":
+        values = sorted(session.rows[col].astype("string").dropna().unique().tolist())
+        chosen = st.sidebar.selectbox(f"{col} =", values, key="filter_value") if values else None
+        if chosen is not None:
+            where = [(col, chosen)]
+    return {"k": k, "vote": vote, "exclude_own": exclude_own, "where": where}
+
+
+def vote_panel(answer: Answer) -> None:
+    v = answer.result.vote
+    if v.label is None:
+        st.info("No labelled neighbours to vote.")
+    else:
+        st.markdown(f"### Suggested label: **{v.label}**")
+        st.markdown(f"{v.confidence:.0%} of the votes of {len(answer.result.hits)} similar cases")
+        votes = pd.DataFrame({"label": list(v.votes), "votes": list(v.votes.values())})
+        st.altair_chart(
+            alt.Chart(votes).mark_bar().encode(
+                x=alt.X("votes:Q", title="votes"), y=alt.Y("label:N", sort="-x", title=None),
+                color=alt.Color("label:N", legend=None), tooltip=["label", "votes"],
+            ).properties(height=34 * len(votes) + 50),
+            width="stretch",
+        )
+    st.caption(DISCLAIMER)
+    st.caption(f"answered in {answer.seconds * 1000:.0f} ms")
+
+
+def result_grid(answer: Answer, meta_cols: list[str], key: str) -> None:
+    hits, rows = answer.result.hits, answer.result.rows.to_dict("records")
+    for start in range(0, len(hits), GRID_COLUMNS):
+        cols = st.columns(GRID_COLUMNS)
+        for j, (hit, row) in enumerate(zip(hits[start : start + GRID_COLUMNS], rows[start : start + GRID_COLUMNS])):
+            rank = start + j + 1
+            with cols[j].container(border=True):
+                show_image(row, THUMB_SIDE)
+                st.markdown(f"**#{rank}** · similarity **{hit.score:.4f}**  \nlabel **{text(row.get('label'))}** · patient {text(row.get('patient_id'))}")
+                extra = ", ".join(f"{c}: {text(row.get(c))}" for c in meta_cols[:4])
+                if extra:
+                    st.caption(extra)
+                if st.button("Open", key=f"{key}-open-{hit.position}", width="stretch"):
+                    st.session_state["open_case"] = int(hit.position)
+                    st.rerun()
+
+
+def embedding_map(index_dir: Path, mtime: float, session: Session, answer: Answer, query_position: int | None) -> None:
+    points = get_map(str(index_dir), mtime).copy()
+    rows = session.rows
+    points["label"] = rows["label"].astype("string").fillna("(unlabelled)").to_numpy()[points["position"]]
+    points["patient"] = rows["patient_id"].astype("string").fillna("-").to_numpy()[points["position"]]
+    neighbour_pos = {h.position: rank for rank, h in enumerate(answer.result.hits, start=1)}
+    points["role"] = ["neighbour" if p in neighbour_pos else "collection" for p in points["position"]]
+    base = alt.Chart(points).mark_circle(size=28, opacity=0.55).encode(
+        x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color=alt.Color("label:N"),
+        tooltip=["id", "label", "patient"])
+    layers = [base]
+    near = points[points["role"] == "neighbour"]
+    if len(near):
+        layers.append(alt.Chart(near).mark_circle(size=140, stroke="black", strokeWidth=1.5).encode(
+            x="x:Q", y="y:Q", color=alt.Color("label:N"), tooltip=["id", "label", "patient"]))
+    if query_position is not None and (points["position"] == query_position).any():
+        q = points[points["position"] == query_position].assign(what="query")
+    elif len(near):  # an upload has no map position: show it at its neighbours' similarity-weighted centre
+        w = np.array([max(h.score, 0) for h in answer.result.hits if h.position in set(near["position"])])
+        order = near.set_index("position").loc[[h.position for h in answer.result.hits if h.position in set(near["position"])]]
+        q = pd.DataFrame({"x": [np.average(order["x"], weights=w + 1e-9)], "y": [np.average(order["y"], weights=w + 1e-9)],
+                          "id": ["query (approximate position)"], "label": ["query"], "patient": ["-"], "what": ["query"]})
+    else:
+        q = None
+    if q is not None:
+        layers.append(alt.Chart(q).mark_point(shape="diamond", size=320, filled=True, color="black").encode(
+            x="x:Q", y="y:Q", tooltip=["id", "label", "patient"]))
+    st.altair_chart(alt.layer(*layers).properties(height=480), width="stretch")
+    st.caption("2-D map of every indexed case (PCA to 50, then t-SNE), coloured by label; the query's "
+               "neighbours are outlined, the query is the black diamond. Hover a point to see the case.")
+
+
+def case_view(session: Session, position: int, settings: dict, query_row: dict | None, query_image: np.ndarray | None) -> None:
+    """Side-by-side view of the query and one case, with that case's own neighbours."""
+    row = session.rows.iloc[position].to_dict()
+    top = st.columns([1, 1, 4])
+    if top[0].button("Back to results", key="back"):
+        st.session_state.pop("open_case", None)
+        st.rerun()
+    if top[1].button("Use as query", key="use-as-query"):
+        st.session_state["mode"] = "Pick an indexed case"
+        st.session_state["picked_id"] = str(row["id"])
+        st.session_state.pop("open_case", None)
+        st.rerun()
+    left, right = st.columns(2)
+    with left:
+        st.subheader("Query")
+        if query_image is not None:
+            st.image(query_image, width="stretch")
+        elif query_row is not None:
+            show_image(query_row, None)
+    with right:
+        st.subheader(f"Case {row['id']}")
+        show_image(row, None)
+        st.dataframe(pd.DataFrame({"field": list(row), "value": [text(v) for v in row.values()]}), hide_index=True, width="stretch")
+    st.subheader("Its own similar cases")
+    answer = query_indexed(session, position, settings["k"], settings["exclude_own"], settings["where"], settings["vote"])
+    result_grid(answer, session.metadata_columns(), key=f"case{position}")
+
+
+def main() -> None:
+    st.set_page_config(page_title="retrieve: similar cases", layout="wide")
+    st.title("Similar past cases")
+    index_dir = index_argument()
+    manifest = index_dir / "manifest.json"
+    if not manifest.is_file():
+        st.error(f"No index at {index_dir}. Build one with `retrieve index build DATA --index {index_dir}`, "
+                 "or run `retrieve ui` with no --index to open the demo index.")
+        st.stop()
+    mtime = manifest.stat().st_mtime
+    try:
+        session = get_session(str(index_dir), mtime)
+    except RetrieveError as exc:
+        st.error(f"Cannot open this index: {exc}")
+        st.stop()
+    settings = sidebar(session, index_dir)
+    mode = st.radio("Query by", ["Upload an image", "Pick an indexed case"], horizontal=True, key="mode")
+
+    answer: Answer | None = None
+    query_row: dict | None = None
+    query_image: np.ndarray | None = None
+    query_position: int | None = None
+    try:
+        if mode == "Upload an image":
+            upload = st.file_uploader(f"PNG, JPEG, BMP, TIFF or DICOM, up to {MAX_UPLOAD_MB} MB", key="upload")
+            if upload is None:
+                st.info("Upload an image to see the most similar indexed cases.")
+                st.stop()
+            data = upload.getvalue()
+            frames = upload_frames(upload.name, data)
+            frame = st.slider("frame", 0, frames - 1, 0, key="frame") if frames > 1 else 0
+            answer = query_upload(session, upload.name, data, settings["k"], [], settings["where"], settings["vote"], frame)
+            query_image = _upload_preview(upload.name, data, frame)
+        else:
+            search = st.text_input("Find a case by id, path or patient", key="case_search")
+            found = find_cases(session.rows, search)
+            if found.empty:
+                st.warning(f"No indexed case matches '{search}'.")
+                st.stop()
+            ids = found["id"].astype(str).tolist()
+            picked = st.session_state.get("picked_id")
+            choice = st.selectbox("case", ids, index=ids.index(picked) if picked in ids else 0, key="case_choice")
+            st.session_state["picked_id"] = choice
+            query_position = int(found.index[ids.index(choice)])
+            query_row = session.rows.iloc[query_position].to_dict()
+            answer = query_indexed(session, query_position, settings["k"], settings["exclude_own"], settings["where"], settings["vote"])
+    except RetrieveError as exc:
+        st.error(str(exc))
+        st.stop()
+
+    if "open_case" in st.session_state:
+        case_view(session, st.session_state["open_case"], settings, query_row, query_image)
+        return
+    q_col, v_col = st.columns([1, 1])
+    with q_col:
+        st.subheader("Query")
+        if query_image is not None:
+            st.image(query_image, caption=answer.result.query, width=QUERY_SIDE)
+        else:
+            show_image(query_row, QUERY_SIDE, width=QUERY_SIDE,
+                       caption=f"{query_row['id']} · label {text(query_row.get('label'))} · patient {text(query_row.get('patient_id'))}")
+    with v_col:
+        vote_panel(answer)
+    st.subheader(f"{len(answer.result.hits)} most similar cases")
+    result_grid(answer, session.metadata_columns(), key="results")
+    with st.expander("Embedding map of the collection", expanded=False):
+        embedding_map(index_dir, mtime, session, answer, query_position)
+
+
+def _upload_preview(name: str, data: bytes, frame: int) -> np.ndarray:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"upload{Path(name).suffix.lower()}"
+        path.write_bytes(data)
+        return load_image(str(path), frame if frame else None)
+
+
+main()

@@ -113,6 +113,22 @@ def vote_panel(answer: Answer) -> None:
     st.caption(f"answered in {answer.seconds * 1000:.0f} ms")
 
 
+def _open_case(position: int) -> None:
+    st.session_state["open_case"] = position
+
+
+def _close_case() -> None:
+    st.session_state.pop("open_case", None)
+
+
+def _use_as_query(case_id: str) -> None:
+    """Callbacks run before the widgets are drawn, so they may set the widgets' values."""
+    st.session_state["mode"] = "Pick an indexed case"
+    st.session_state["case_search"] = case_id
+    st.session_state["case_choice"] = case_id
+    _close_case()
+
+
 def result_grid(answer: Answer, meta_cols: list[str], key: str) -> None:
     hits, rows = answer.result.hits, answer.result.rows.to_dict("records")
     for start in range(0, len(hits), GRID_COLUMNS):
@@ -125,9 +141,7 @@ def result_grid(answer: Answer, meta_cols: list[str], key: str) -> None:
                 extra = ", ".join(f"{c}: {text(row.get(c))}" for c in meta_cols[:4])
                 if extra:
                     st.caption(extra)
-                if st.button("Open", key=f"{key}-open-{hit.position}", width="stretch"):
-                    st.session_state["open_case"] = int(hit.position)
-                    st.rerun()
+                st.button("Open", key=f"{key}-open-{hit.position}", width="stretch", on_click=_open_case, args=(int(hit.position),))
 
 
 def embedding_map(index_dir: Path, mtime: float, session: Session, answer: Answer, query_position: int | None) -> None:
@@ -166,14 +180,8 @@ def case_view(session: Session, position: int, settings: dict, query_row: dict |
     """Side-by-side view of the query and one case, with that case's own neighbours."""
     row = session.rows.iloc[position].to_dict()
     top = st.columns([1, 1, 4])
-    if top[0].button("Back to results", key="back"):
-        st.session_state.pop("open_case", None)
-        st.rerun()
-    if top[1].button("Use as query", key="use-as-query"):
-        st.session_state["mode"] = "Pick an indexed case"
-        st.session_state["picked_id"] = str(row["id"])
-        st.session_state.pop("open_case", None)
-        st.rerun()
+    top[0].button("Back to results", key="back", on_click=_close_case)
+    top[1].button("Use as query", key="use-as-query", on_click=_use_as_query, args=(str(row["id"]),))
     left, right = st.columns(2)
     with left:
         st.subheader("Query")
@@ -230,9 +238,7 @@ def main() -> None:
                 st.warning(f"No indexed case matches '{search}'.")
                 st.stop()
             ids = found["id"].astype(str).tolist()
-            picked = st.session_state.get("picked_id")
-            choice = st.selectbox("case", ids, index=ids.index(picked) if picked in ids else 0, key="case_choice")
-            st.session_state["picked_id"] = choice
+            choice = st.selectbox("case", ids, key="case_choice")
             query_position = int(found.index[ids.index(choice)])
             query_row = session.rows.iloc[query_position].to_dict()
             answer = query_indexed(session, query_position, settings["k"], settings["exclude_own"], settings["where"], settings["vote"])

@@ -1,0 +1,77 @@
+"""The browser's logic without Streamlit: sessions, queries by upload and by indexed case, map cache."""
+
+import json
+
+import numpy as np
+import pytest
+
+from indexer.map2d import MAP_FILE, load_or_compute_map
+from retrieval.errors import RetrieveError
+from ui.backend import find_cases, open_session, query_indexed, query_upload, summary
+
+
+@pytest.fixture(scope="module")
+def session(demo_index):
+    return open_session(demo_index)
+
+
+def test_upload_query(session, demo_data):
+    data = (demo_data / "moderate" / "SYN200_f1.png").read_bytes()
+    ans = query_upload(session, "scan.png", data, k=4)
+    assert len(ans.result.hits) == 4 and ans.result.hits[0].score == pytest.approx(1, abs=1e-4)
+    assert ans.result.vote.label is not None and ans.seconds > 0
+    filtered = query_upload(session, "scan.png", data, k=3, exclude_patients=["SYN200"], where=[("label", "severe")])
+    assert all(r["label"] == "severe" and r["patient_id"] != "SYN200" for r in filtered.result.to_dict()["results"])
+
+
+def test_bad_uploads_are_one_line_errors(session):
+    with pytest.raises(RetrieveError, match=r"notes.txt: unsupported file type '.txt'"):
+        query_upload(session, "notes.txt", b"hello", k=3)
+    with pytest.raises(RetrieveError, match="fake.png: not a readable image"):
+        query_upload(session, "fake.png", b"hello", k=3)
+    with pytest.raises(RetrieveError, match="over the 50 MB limit"):
+        query_upload(session, "big.png", b"0" * (51 * 2**20), k=3)
+
+
+def test_indexed_case_never_returns_itself_or_its_patient(session):
+    rows = session.rows
+    for position in (0, 7, 23):
+        ans = query_indexed(session, position, k=8, exclude_own_patient=True)
+        pid = rows.patient_id[position]
+        assert len(ans.result.hits) == 8
+        assert all(h.position != position and rows.patient_id[h.position] != pid for h in ans.result.hits)
+    own = query_indexed(session, 0, k=3, exclude_own_patient=False)
+    assert all(h.position != 0 for h in own.result.hits)
+    assert rows.patient_id[own.result.hits[0].position] == rows.patient_id[0]  # same patient's frames look alike
+
+
+def test_find_cases_and_summary(session):
+    assert set(find_cases(session.rows, "syn30")["patient_id"]) == {"SYN300", "SYN301"}
+    assert len(find_cases(session.rows, "nothing-like-this")) == 0
+    s = summary(session)
+    assert s["cases"] == 24 and s["patients"] == 8 and s["labels"]["severe"] == 6
+
+
+def test_map_is_cached_in_the_index_folder(demo_data, tmp_path):
+    from retrieval.cli.main import main
+
+    idx_dir = tmp_path / "idx"
+    assert main(["index", "build", str(demo_data), "--index", str(idx_dir), "--encoder", "cnn5", "--image-size", "32", "--quiet"]) == 0
+    s = open_session(idx_dir)
+    first = load_or_compute_map(s.idx)
+    assert (idx_dir / MAP_FILE).is_file() and len(first) == 24 and np.isfinite(first[["x", "y"]].to_numpy()).all()
+    stamp = (idx_dir / MAP_FILE).stat().st_mtime_ns
+    again = load_or_compute_map(s.idx)
+    assert (idx_dir / MAP_FILE).stat().st_mtime_ns == stamp and again.equals(first)
+
+
+def test_index_from_another_encoder_is_refused(demo_index, tmp_path):
+    import shutil
+
+    copy = tmp_path / "idx"
+    shutil.copytree(demo_index, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["fingerprint"]["weights_sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(RetrieveError, match="weights differ"):
+        open_session(copy)

@@ -75,3 +75,23 @@ def test_index_from_another_encoder_is_refused(demo_index, tmp_path):
     (copy / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(RetrieveError, match="weights differ"):
         open_session(copy)
+
+
+def test_dicom_clip_upload_picks_a_frame(session, tmp_path):
+    from conftest import write_dicom
+    from ui.backend import upload_frames
+
+    clip = np.random.default_rng(0).integers(0, 4000, (3, 64, 64)).astype(np.uint16)
+    data = write_dicom(tmp_path / "clip.dcm", clip).read_bytes()
+    assert upload_frames("clip.dcm", data) == 3
+    a = query_upload(session, "clip.dcm", data, k=3, frame=0)
+    b = query_upload(session, "clip.dcm", data, k=3, frame=2)
+    assert a.result.query == "clip.dcm#0" and b.result.query == "clip.dcm#2"
+
+
+def test_retrieve_ui_refuses_a_missing_index(capsys, tmp_path):
+    from conftest import assert_one_line_error, run_cli
+
+    code, _, err = run_cli(capsys, "ui", "--index", tmp_path / "nowhere")
+    assert code == 2
+    assert_one_line_error(err, "nowhere")

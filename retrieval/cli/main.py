@@ -250,6 +250,96 @@ def demo(
     run_demo(out, encoder, weights, image_size, progress=not quiet)
 
 
+@app.command()
+def train(
+    data: Path = typer.Argument(..., help="dataset folder or manifest"),
+    method: Optional[str] = typer.Option(None, "--method", "-m", help="siamese, siamese-l1, simclr, supcon, weak-simclr, supervised"),
+    out: Path = typer.Option(..., "--out", "-o", help="checkpoint to write (.safetensors + .json, plus .log.json and .loss.png)"),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML with training options (configs/train/*.yaml)"),
+    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="backbone: cnn5, resnet18, imagenet-effnet-lite0, any timm name"),
+    weights: Optional[str] = opt.Weights,
+    epochs: Optional[int] = typer.Option(None, "--epochs"), batch_size: Optional[int] = typer.Option(None, "--batch-size"),
+    lr: Optional[float] = typer.Option(None, "--lr"), image_size: Optional[int] = typer.Option(None, "--image-size"),
+    temperature: Optional[float] = typer.Option(None, "--temperature"), beta: Optional[float] = typer.Option(None, "--beta"),
+    margin: Optional[float] = typer.Option(None, "--margin"), seed: Optional[int] = typer.Option(None, "--seed"),
+    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone", help="train only the head on cached features"),
+    balanced: Optional[bool] = typer.Option(None, "--balanced/--unbalanced", help="class-balanced sampling"),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
+    pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV path_a,path_b,same (1 = similar) for siamese methods"),
+    quiet: bool = opt.Quiet,
+):
+    """Train an encoder; the checkpoint loads straight into `embed` / `index build --encoder`."""
+    import pandas as pd
+
+    from retrieval.data.dataset import load_dataset
+    from retrieval.encoders.checkpoint import save_checkpoint
+    from retrieval.pipeline import report_skipped
+    from retrieval.training.config import load_train_config
+    from retrieval.training.trainer import train as run_training, write_training_log
+
+    overrides = dict(method=method, encoder=encoder, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
+                     image_size=image_size, temperature=temperature, beta=beta, margin=margin, seed=seed,
+                     freeze_backbone=freeze_backbone, balanced=balanced, max_steps=max_steps)
+    cfg = load_train_config(config, overrides)
+    table = load_dataset(data)
+    pairs_table = None
+    if pairs is not None:
+        if cfg.method not in ("siamese", "siamese-l1"):
+            raise RetrieveError(f"--pairs is for the siamese methods, not {cfg.method}")
+        if not pairs.is_file():
+            raise RetrieveError(f"--pairs {pairs}: file not found")
+        pairs_table = pd.read_csv(pairs)
+        base = pairs.resolve().parent
+        for col in ("path_a", "path_b"):
+            if col in pairs_table:
+                pairs_table[col] = [str((base / p).resolve()) if not Path(p).is_absolute() else p for p in pairs_table[col].astype(str)]
+    result = run_training(table.rows, cfg, pairs_table, progress=not quiet)
+    extra_tensors = {}
+    if result.model.similarity is not None:
+        extra_tensors = {f"similarity.{k}": v for k, v in result.model.similarity.state_dict().items()}
+    path = save_checkpoint(result.encoder, out, result.encoder.default_preprocess,
+                           extra={"training": cfg.to_dict(), "classes": result.classes}, extra_tensors=extra_tensors)
+    log_path, png_path = write_training_log(result.log, path)
+    report_skipped(table.skipped + result.skipped)
+    losses = [s["loss"] for s in result.log["steps"]]
+    print(f"trained {cfg.method} on {result.log['n_images']} images: {len(losses)} steps in {result.log['seconds']:.1f} s, "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps were run")
+    print(f"checkpoint -> {path} (use it as --encoder {path}); log -> {log_path}, {png_path}")
+
+
+@app.command()
+def classify(
+    images: List[Path] = typer.Argument(..., help="image(s) to classify"),
+    anchors: Path = typer.Option(..., "--anchors", help="folder or manifest of labelled anchor images (a few per class)"),
+    checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint from `retrieve train` (siamese-l1 gives the paper's scorer)"),
+    shots: Optional[int] = typer.Option(None, "--shots", help="use at most N anchors per class"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """n-shot classification of IMAGE(s) against labelled anchors (paper 000)."""
+    from retrieval.pipeline import LoadedEncoder, embed_query_image
+    from retrieval.training.classify import AnchorClassifier
+
+    clf = AnchorClassifier(str(checkpoint), str(anchors), shots)
+    loaded = LoadedEncoder(None, clf.encoder, clf.encoder.default_preprocess, {})
+    out, failed = [], False
+    for p in images:
+        try:
+            names, vecs = embed_query_image(p, loaded)
+        except RetrieveError as exc:
+            _echo_err(f"error: {exc}")
+            failed = True
+            continue
+        for name, c in zip(names, clf.classify_vectors(vecs)):
+            out.append({"image": name, "label": c.label, "scores": c.scores, "scorer": c.scorer})
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        for r in out:
+            print(f"{r['image']}: {r['label']}  ({', '.join(f'{k} {v:.3f}' for k, v in r['scores'].items())}; {r['scorer']})")
+    if failed:
+        raise typer.Exit(2)
+
+
 @app.command("ui")
 def ui_cmd(
     index: Optional[Path] = typer.Option(None, "--index", "-i", help="index folder (default: the demo index, built if missing)"),

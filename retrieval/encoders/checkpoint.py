@@ -13,6 +13,7 @@ from retrieval.encoders.base import Encoder
 from retrieval.errors import RetrieveError
 
 CHECKPOINT_FORMAT = "retrieve-encoder/1"
+EXTRA_PREFIX = "extra."
 
 
 def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
@@ -41,13 +42,18 @@ def save_checkpoint(
     path: str | Path,
     preprocess: PreprocessConfig | None = None,
     extra: dict[str, Any] | None = None,
+    extra_tensors: dict[str, Any] | None = None,
 ) -> Path:
-    """Write `<path>.safetensors` and `<path>.json`; both atomically. Returns the weights path."""
+    """Write `<path>.safetensors` and `<path>.json`; both atomically. Returns the weights path.
+
+    `extra_tensors` (e.g. a trained pair-similarity head) are stored under the prefix `extra.`.
+    """
     from safetensors.torch import save
 
     weights_path, meta_path = checkpoint_paths(path)
     weights_path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    tensors.update({f"{EXTRA_PREFIX}{k}": v.detach().cpu().contiguous() for k, v in (extra_tensors or {}).items()})
     meta = {
         "format": CHECKPOINT_FORMAT,
         "arch": encoder.arch,
@@ -92,8 +98,20 @@ def load_checkpoint(path: str | Path) -> Encoder:
         source=f"checkpoint {weights_path}",
     )
     try:
-        state = load_file(str(weights_path))
+        state = {k: v for k, v in load_file(str(weights_path)).items() if not k.startswith(EXTRA_PREFIX)}
         enc.load_state_dict(state)
     except Exception as exc:
         raise RetrieveError(f"checkpoint {weights_path}: weights do not fit its architecture ({type(exc).__name__})") from None
     return enc.eval()
+
+
+def load_checkpoint_extras(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(metadata JSON, extra tensors without their prefix) of a checkpoint."""
+    from safetensors.torch import load_file
+
+    weights_path, meta_path = checkpoint_paths(path)
+    if not weights_path.is_file() or not meta_path.is_file():
+        raise RetrieveError(f"checkpoint {weights_path}: file not found")
+    meta = json.loads(meta_path.read_text())
+    extras = {k[len(EXTRA_PREFIX):]: v for k, v in load_file(str(weights_path)).items() if k.startswith(EXTRA_PREFIX)}
+    return meta, extras

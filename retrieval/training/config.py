@@ -1,0 +1,75 @@
+"""Training configuration as data: one dataclass, filled from YAML (configs/train/*.yaml) and CLI overrides."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from retrieval.errors import RetrieveError
+
+METHODS = ("siamese", "siamese-l1", "simclr", "supcon", "weak-simclr", "supervised")
+LABEL_FREE = ("simclr",)
+
+
+@dataclass
+class TrainConfig:
+    method: str = "supcon"
+    encoder: str = "cnn5"  # any encoder registry name (cnn5, resnet18, imagenet-effnet-lite0, ...)
+    weights: str | None = None
+    seed: int = 0
+    image_size: int = 64
+    crop_sector: bool = False
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    temperature: float = 0.1  # NT-Xent / SupCon (paper 001: 0.1)
+    margin: float = 1.0  # contrastive / siamese-l1
+    beta: float = 0.5  # weak-SimCLR weight of the weak-label cross-entropy (paper 001: 0.5)
+    head_dims: list[int] = field(default_factory=lambda: [256, 128])  # projection 512 -> 256 -> 128 (paper 001)
+    freeze_backbone: bool = False  # train only the head on cached backbone features (CPU friendly)
+    frozen_views: int = 4  # augmented views cached per image when the backbone is frozen
+    balanced: bool = False  # class-balanced sampling
+    vectors_from: str = "head"  # "head": the projection is the vector; "backbone": f(x)
+    max_steps: int | None = None  # stop early (tests, smoke runs)
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise RetrieveError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
+        if self.vectors_from not in ("head", "backbone"):
+            raise RetrieveError(f"vectors_from {self.vectors_from!r}: choose head or backbone")
+        if not 0.0 <= self.beta <= 1.0:
+            raise RetrieveError(f"--beta {self.beta}: must lie in [0, 1]")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise RetrieveError("epochs must be >= 1 and batch_size >= 2")
+        self.head_dims = [int(d) for d in self.head_dims]
+
+    @property
+    def needs_labels(self) -> bool:
+        return self.method not in LABEL_FREE
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML keys are TrainConfig fields; overrides (from the command line) win."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise RetrieveError(f"--config {p}: file not found")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise RetrieveError(f"--config {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise RetrieveError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+    return TrainConfig(**raw)

@@ -1,0 +1,284 @@
+"""One training loop for every method. The backbone either trains on augmented images, or stays
+frozen while only the head trains on cached features of clean and augmented views (fast on a CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from retrieval.config import PreprocessConfig
+from retrieval.data.dataset import FrameDataset, Skipped
+from retrieval.encoders.base import Encoder
+from retrieval.encoders.registry import create_encoder
+from retrieval.errors import RetrieveError
+from retrieval.training.augment import augment
+from retrieval.training.config import TrainConfig
+from retrieval.training.losses import ContrastiveLoss, NTXentLoss, SiameseL1Loss, SupConLoss, WeakSimCLRLoss
+
+FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # batch of row indices -> backbone features of one random view
+
+
+class TrainModel(nn.Module):
+    """The encoder being trained plus the heads only training needs (classifier, pair similarity)."""
+
+    def __init__(self, encoder: Encoder, n_classes: int, method: str):
+        super().__init__()
+        self.encoder = encoder
+        cls_in = encoder.feature_dim if method == "weak-simclr" or not encoder.head_dims else encoder.dim
+        self.classifier = nn.Linear(cls_in, n_classes) if method in ("supervised", "weak-simclr") and n_classes > 1 else None
+        self.similarity = nn.Linear(encoder.dim, 1) if method == "siamese-l1" else None
+
+    def project(self, f: torch.Tensor) -> torch.Tensor:
+        return self.encoder.head(f)
+
+
+def attach_head(enc: Encoder, head_dims: list[int]) -> Encoder:
+    """A copy of `enc` sharing its backbone, with a fresh projection head."""
+    base = {k: v for k, v in enc.arch.items() if k not in ("in_chans", "mean", "std", "head_dims")}
+    return Encoder(enc.backbone, enc.feature_dim, base, in_chans=enc.in_chans, mean=tuple(enc.arch["mean"]),
+                   std=tuple(enc.arch["std"]), head_dims=head_dims, default_preprocess=enc.default_preprocess, source=enc.source)
+
+
+@dataclass
+class TrainResult:
+    encoder: Encoder
+    model: TrainModel
+    classes: list[str]
+    log: dict = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def load_image_tensors(rows: pd.DataFrame, pre: PreprocessConfig) -> tuple[torch.Tensor, np.ndarray, list[Skipped]]:
+    """All images as one (N, 1, S, S) uint8 tensor (small archives fit in memory); unreadable ones skipped."""
+    ds = FrameDataset(rows, pre)
+    keep, tensors, skipped = [], [], []
+    for i in range(len(ds)):
+        t, _, err = ds[i]
+        if t is None:
+            path, _, reason = err.partition(": ")
+            skipped.append(Skipped(path, reason))
+            continue
+        keep.append(i)
+        tensors.append((t * 255).round().to(torch.uint8))
+    if not tensors:
+        raise RetrieveError("no readable training images")
+    return torch.stack(tensors), np.array(keep), skipped
+
+
+class PairSampler:
+    """Same/different pairs: from labels (half positives) or from a pairs table of row indices."""
+
+    def __init__(self, labels: np.ndarray, pairs: np.ndarray | None, gen: torch.Generator):
+        self.labels, self.pairs, self.gen = labels, pairs, gen
+        self.by_label = {c: np.flatnonzero(labels == c) for c in np.unique(labels)} if labels is not None else {}
+
+    def sample(self, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        if self.pairs is not None:
+            pick = torch.randint(len(self.pairs), (len(anchors),), generator=self.gen).numpy()
+            p = self.pairs[pick]
+            return p[:, 0], p[:, 1], p[:, 2]
+        want_pos = torch.rand(len(anchors), generator=self.gen).numpy() < 0.5
+        partners, same = np.empty_like(anchors), np.zeros(len(anchors), dtype=np.int64)
+        r = torch.rand(len(anchors), generator=self.gen).numpy()
+        for j, a in enumerate(anchors):
+            lab = self.labels[a]
+            pos = self.by_label[lab]
+            pos = pos[pos != a]
+            if want_pos[j] and len(pos):
+                partners[j], same[j] = pos[int(r[j] * len(pos))], 1
+            else:
+                neg = np.flatnonzero(self.labels != lab)
+                if not len(neg):
+                    partners[j], same[j] = pos[int(r[j] * len(pos))] if len(pos) else a, 1
+                else:
+                    partners[j] = neg[int(r[j] * len(neg))]
+        return anchors, partners, same
+
+
+def method_loss(cfg: TrainConfig, model: TrainModel, feats: FeatureFn, idx: np.ndarray, y: torch.Tensor,
+                pairs: PairSampler | None) -> torch.Tensor:
+    """The loss of one batch for cfg.method (paper settings in METHODS.md)."""
+    t = torch.as_tensor(idx)
+    m = cfg.method
+    if m == "simclr":
+        return NTXentLoss(cfg.temperature)(model.project(feats(t)), model.project(feats(t)))
+    if m == "supcon":
+        views = torch.stack([model.project(feats(t)), model.project(feats(t))], dim=1)
+        return SupConLoss(cfg.temperature)(views, y)
+    if m == "weak-simclr":
+        logits = model.classifier(feats(t)) if model.classifier is not None else torch.zeros(len(idx), 2, device=y.device)
+        return WeakSimCLRLoss(cfg.beta, cfg.temperature)(model.project(feats(t)), model.project(feats(t)), logits, y)
+    if m == "supervised":
+        if model.classifier is None:
+            raise RetrieveError("supervised training needs at least two classes")
+        return F.cross_entropy(model.classifier(model.project(feats(t))), y)
+    a, b, same = pairs.sample(idx)
+    ea = F.normalize(model.project(feats(torch.as_tensor(a))), dim=1)
+    eb = F.normalize(model.project(feats(torch.as_tensor(b))), dim=1)
+    same_t = torch.as_tensor(same, device=ea.device)
+    if m == "siamese":
+        return ContrastiveLoss(cfg.margin)(ea, eb, same_t)
+    logit = model.similarity(torch.abs(ea - eb)).squeeze(1)
+    return SiameseL1Loss(cfg.margin)(ea, eb, same_t, logit)
+
+
+@torch.no_grad()
+def cached_features(encoder: Encoder, images: torch.Tensor, views: int, gen: torch.Generator, device, batch: int = 64,
+                    progress: bool = True) -> torch.Tensor:
+    """Backbone features (V + 1, N, D): the clean image, then `views` augmented copies."""
+    encoder.eval()
+    out = torch.zeros(views + 1, len(images), encoder.feature_dim)
+    bar = tqdm(total=(views + 1) * len(images), desc="caching features", unit="img", disable=not progress, leave=False)
+    for v in range(views + 1):
+        for s in range(0, len(images), batch):
+            x = images[s : s + batch].float().div_(255)
+            if v:
+                x = augment(x, generator=gen)
+            out[v, s : s + batch] = encoder.features(x.to(device)).float().cpu()
+            bar.update(len(x))
+    bar.close()
+    return out
+
+
+def train(rows: pd.DataFrame, cfg: TrainConfig, pairs_table: pd.DataFrame | None = None, progress: bool = True,
+          features: torch.Tensor | None = None) -> TrainResult:
+    """Train cfg.method on the images of `rows`; `features` may hand in cached frozen features."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    base = create_encoder(cfg.encoder, cfg.weights, cfg.seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1)
+        encoder = attach_head(base, cfg.head_dims)
+    pre = PreprocessConfig(image_size=cfg.image_size, crop_sector=cfg.crop_sector)
+    encoder.default_preprocess = pre
+    labels_text = rows["label"].astype("string") if "label" in rows else pd.Series([pd.NA] * len(rows), dtype="string")
+    if cfg.needs_labels and pairs_table is None and labels_text.isna().any():
+        n_missing = int(labels_text.isna().sum())
+        raise RetrieveError(f"--method {cfg.method} needs a label for every image ({n_missing} have none); use simclr or a pairs file")
+    skipped: list[Skipped] = []
+    if features is None:
+        images, keep, skipped = load_image_tensors(rows, pre)
+    else:
+        images, keep = None, np.arange(len(rows))
+    classes = sorted(labels_text.iloc[keep].dropna().unique().tolist())
+    codes = np.array([classes.index(v) if isinstance(v, str) else -1 for v in labels_text.iloc[keep].tolist()])
+    pairs = None
+    if cfg.method in ("siamese", "siamese-l1"):
+        pairs = PairSampler(codes, _pair_indices(rows.iloc[keep].reset_index(drop=True), pairs_table), gen)
+    model = TrainModel(encoder, len(classes), cfg.method).to(device)
+
+    if cfg.freeze_backbone:
+        for p in encoder.backbone.parameters():
+            p.requires_grad_(False)
+        cache = features if features is not None else cached_features(encoder, images, cfg.frozen_views, gen, device, progress=progress)
+        cache = cache.to(device)
+
+        def feats(t: torch.Tensor) -> torch.Tensor:
+            v = torch.randint(cache.shape[0], (len(t),), generator=gen)
+            return cache[v.to(device), t.to(device)]
+    else:
+        def feats(t: torch.Tensor) -> torch.Tensor:
+            x = images[t].float().div_(255)
+            return encoder.features(augment(x, generator=gen).to(device))
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    n = len(keep)
+    steps_per_epoch = max(1, math.ceil(n / cfg.batch_size))
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, total))
+    weights = None
+    if cfg.balanced and (codes >= 0).all() and len(classes) > 1:
+        counts = np.bincount(codes, minlength=len(classes))
+        weights = torch.as_tensor(1.0 / counts[codes], dtype=torch.float64)
+    log = {"config": cfg.to_dict(), "classes": classes, "n_images": n, "steps": []}
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=f"training {cfg.method}", unit="step", disable=not progress, leave=False)
+    step = 0
+    model.train()
+    if cfg.freeze_backbone:
+        encoder.backbone.eval()
+    while step < total:
+        order = (torch.multinomial(weights, n, replacement=True, generator=gen) if weights is not None
+                 else torch.randperm(n, generator=gen)).numpy()
+        for s in range(0, n, cfg.batch_size):
+            idx = order[s : s + cfg.batch_size]
+            if len(idx) < 2 or step >= total:
+                continue
+            y = torch.as_tensor(codes[idx], device=device)
+            loss = method_loss(cfg, model, feats, idx, y, pairs)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            log["steps"].append({"step": step, "epoch": (step - 1) // steps_per_epoch + 1, "loss": float(loss.detach())})
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+            bar.update(1)
+    bar.close()
+    log["seconds"] = round(time.perf_counter() - t0, 2)
+    model.eval()
+    final = encoder if cfg.vectors_from == "head" else attach_head(encoder, [])
+    for p in final.parameters():
+        p.requires_grad_(True)
+    return TrainResult(final.cpu().eval(), model.cpu().eval(), classes, log, skipped)
+
+
+def _pair_indices(rows: pd.DataFrame, pairs_table: pd.DataFrame | None) -> np.ndarray | None:
+    """Map a pairs table (path_a, path_b, same) onto row indices; unknown paths are an error."""
+    if pairs_table is None:
+        return None
+    missing_cols = {"path_a", "path_b", "same"} - set(pairs_table.columns)
+    if missing_cols:
+        raise RetrieveError(f"pairs file is missing column(s): {', '.join(sorted(missing_cols))}")
+    by_path = {}
+    for i, p in enumerate(rows["path"]):
+        by_path[str(Path(p).resolve())] = i
+        by_path[Path(p).name] = i
+    out = []
+    for rec in pairs_table.to_dict("records"):
+        ia = by_path.get(str(rec["path_a"])) if str(rec["path_a"]) in by_path else by_path.get(Path(str(rec["path_a"])).name)
+        ib = by_path.get(str(rec["path_b"])) if str(rec["path_b"]) in by_path else by_path.get(Path(str(rec["path_b"])).name)
+        if ia is None or ib is None:
+            raise RetrieveError(f"pairs file: {rec['path_a'] if ia is None else rec['path_b']} is not an image of the dataset")
+        out.append((ia, ib, int(rec["same"])))
+    if not out:
+        raise RetrieveError("pairs file has no rows")
+    return np.array(out, dtype=np.int64)
+
+
+def write_training_log(log: dict, out_base: Path) -> tuple[Path, Path]:
+    """`<out>.log.json` and `<out>.loss.png` (per-step loss and epoch means)."""
+    from indexer.atomic import atomic_path
+    from retrieval.evaluation.report import _plt
+
+    json_path, png_path = out_base.with_suffix(".log.json"), out_base.with_suffix(".loss.png")
+    with atomic_path(json_path) as tmp:
+        tmp.write_text(json.dumps(log, indent=2))
+    plt = _plt()
+    steps = pd.DataFrame(log["steps"])
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    if len(steps):
+        ax.plot(steps["step"], steps["loss"], lw=0.8, alpha=0.5, label="step")
+        per_epoch = steps.groupby("epoch").agg(step=("step", "max"), loss=("loss", "mean"))
+        ax.plot(per_epoch["step"], per_epoch["loss"], lw=2, marker="o", ms=3, label="epoch mean")
+    ax.set(xlabel="step", ylabel="loss", title=f"{log['config']['method']} on {log['n_images']} images")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    with atomic_path(png_path) as tmp:
+        fig.savefig(tmp, format="png")
+    plt.close(fig)
+    return json_path, png_path

@@ -7,7 +7,7 @@ import pytest
 from retrieval.config import load_recipe
 from retrieval.errors import RetrieveError
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").rglob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "index").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -28,3 +28,14 @@ def test_bad_recipes(tmp_path):
         load_recipe(tmp_path / "c.yaml")
     with pytest.raises(RetrieveError, match="not found"):
         load_recipe(tmp_path / "none.yaml")
+
+
+TRAIN_CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "train").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", TRAIN_CONFIGS, ids=[p.name for p in TRAIN_CONFIGS])
+def test_training_recipes_load(path):
+    from retrieval.training.config import load_train_config
+
+    cfg = load_train_config(path)
+    assert path.stem.removesuffix("-cpu") == cfg.method

@@ -340,6 +340,30 @@ def classify(
         raise typer.Exit(2)
 
 
+@app.command()
+def benchmark(
+    data: List[Path] = typer.Argument(..., help="dataset folder(s) or manifest(s) with labels"),
+    methods: str = typer.Option("supcon,supervised,weak-simclr,siamese,siamese-l1,simclr", "--methods", help="comma-separated training methods"),
+    folds: int = typer.Option(5, "--folds", min=2),
+    seed: int = typer.Option(0, "--seed"),
+    out: Path = typer.Option(Path("benchmark-results"), "--out", "-o", help="folder for benchmark.json and benchmark.md"),
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="override every preset's epochs (quick runs)"),
+    quiet: bool = opt.Quiet,
+):
+    """Grouped k-fold comparison of training methods against raw-pixel, random-init and ImageNet baselines."""
+    from retrieval.training.benchmark import markdown_table, run_benchmark, write_outputs
+
+    names = [m.strip() for m in methods.split(",") if m.strip()]
+    overrides = {"epochs": epochs} if epochs else None
+    results = []
+    for d in data:
+        r = run_benchmark(d, names, folds, seed, overrides=overrides, progress=not quiet, log=lambda m: _echo_err(m))
+        results.append(r)
+        print(markdown_table(r))
+    js, md = write_outputs(results, out)
+    print(f"results -> {js}, {md}")
+
+
 @app.command("ui")
 def ui_cmd(
     index: Optional[Path] = typer.Option(None, "--index", "-i", help="index folder (default: the demo index, built if missing)"),

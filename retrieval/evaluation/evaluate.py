@@ -47,7 +47,10 @@ def _group_codes(rows: pd.DataFrame, column: str) -> np.ndarray:
     return codes
 
 
-def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = EvalSettings(), block: int = 512, progress: bool = True) -> dict[str, Any]:
+def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = EvalSettings(), block: int = 512, progress: bool = True,
+             query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None) -> dict[str, Any]:
+    """Leave-one-out by default; with masks, only `query_mask` rows query and only `gallery_mask` rows
+    are candidates (a held-out fold against the training folds)."""
     labels_text = rows["label"].astype("string")
     labelled = labels_text.notna().to_numpy() & (labels_text.fillna("") != "").to_numpy()
     if labelled.sum() < 2:
@@ -57,7 +60,8 @@ def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = E
     patient = _group_codes(rows, "patient_id") if settings.exclude_same_patient else np.full(len(rows), -1)
     near_dup = _group_codes(rows, "near_dup_group") if settings.exclude_near_dup else np.full(len(rows), -1)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
-    queries = np.flatnonzero(labelled)
+    queries = np.flatnonzero(labelled & (query_mask if query_mask is not None else True))
+    candidates = labelled & (gallery_mask if gallery_mask is not None else True)
 
     per_query: list[dict[str, Any]] = []
     pr_curves = []
@@ -69,7 +73,7 @@ def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = E
         qs = queries[start : start + block]
         sims = x[qs] @ x.T
         for row, q in enumerate(qs):
-            gallery = labelled.copy()
+            gallery = candidates.copy()
             gallery[q] = False
             if patient[q] >= 0:
                 gallery &= patient != patient[q]

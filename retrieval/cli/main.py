@@ -348,13 +348,21 @@ def benchmark(
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("benchmark-results"), "--out", "-o", help="folder for benchmark.json and benchmark.md"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="override every preset's epochs (quick runs)"),
+    set_: List[str] = typer.Option([], "--set", help="override a preset: KEY=VALUE for all methods, METHOD.KEY=VALUE for one (YAML values)"),
     quiet: bool = opt.Quiet,
 ):
     """Grouped k-fold comparison of training methods against raw-pixel, random-init and ImageNet baselines."""
+    import yaml
+
     from retrieval.training.benchmark import markdown_table, run_benchmark, write_outputs
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
-    overrides = {"epochs": epochs} if epochs else None
+    overrides = {"epochs": epochs} if epochs else {}
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise RetrieveError(f"--set {item!r}: expected KEY=VALUE or METHOD.KEY=VALUE")
+        overrides[key.strip()] = yaml.safe_load(value)
     results = []
     for d in data:
         r = run_benchmark(d, names, folds, seed, overrides=overrides, progress=not quiet, log=lambda m: _echo_err(m))

@@ -121,7 +121,14 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
     t_start = time.perf_counter()
     table = load_dataset(data)
     rows = table.rows[table.rows["label"].notna()].reset_index(drop=True)
-    configs = {m: replace(resolve_method_config(m, preset_dir), **(overrides or {})) for m in methods}
+    configs = {}
+    for m in methods:
+        mine = {k.split(".", 1)[1]: v for k, v in (overrides or {}).items() if k.startswith(f"{m}.")}
+        common = {k: v for k, v in (overrides or {}).items() if "." not in k}
+        try:
+            configs[m] = replace(resolve_method_config(m, preset_dir), **{**common, **mine})
+        except TypeError as exc:
+            raise RetrieveError(f"--set: {str(exc).split('got ')[-1]} (not a training option)") from None
     splits = make_folds(rows, folds, seed)
     device = pick_device()
     results: dict[str, list[dict[str, float]]] = {}
@@ -134,11 +141,14 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
     caches: dict[tuple, torch.Tensor] = {}
 
     def frozen_cache(cfg: TrainConfig) -> torch.Tensor:
-        key = (cfg.encoder, cfg.weights, cfg.image_size, cfg.frozen_views)
+        key = (cfg.encoder, cfg.weights, cfg.image_size, cfg.frozen_views, cfg.augment_gain)
         if key not in caches:
+            from retrieval.training.augment import AugmentConfig
+
             t = time.perf_counter()
             enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed).to(device)
-            caches[key] = cached_features(enc, images[cfg.image_size], cfg.frozen_views, gen, device, progress=progress)
+            aug = AugmentConfig() if cfg.augment_gain else AugmentConfig(gain=(1.0, 1.0))
+            caches[key] = cached_features(enc, images[cfg.image_size], cfg.frozen_views, gen, device, progress=progress, aug=aug)
             timings[f"features {cfg.encoder} x{cfg.frozen_views + 1} views"] = round(time.perf_counter() - t, 1)
         return caches[key]
 
@@ -147,8 +157,9 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
     base_vectors = {"raw-pixels": raw_pixel_vectors(images[224])}
     rnd = create_encoder("resnet18", None, seed).to(device)
     base_vectors["random-resnet18"] = embed_rows(rows, rnd, PreprocessConfig(image_size=224), progress=progress).vectors
-    effnet_cfg = TrainConfig(encoder="imagenet-effnet-lite0", image_size=224, frozen_views=4)
-    base_vectors["imagenet-effnet-lite0"] = _unit(frozen_cache(effnet_cfg)[0].numpy())
+    effnet_cfg = next((c for c in configs.values() if c.freeze_backbone and c.encoder == "imagenet-effnet-lite0" and c.image_size == 224),
+                      TrainConfig(encoder="imagenet-effnet-lite0", image_size=224, frozen_views=0))
+    base_vectors["imagenet-effnet-lite0"] = _unit(frozen_cache(effnet_cfg)[0].numpy())  # view 0: the clean image
     timings["baselines"] = round(time.perf_counter() - t, 1)
     for name, vec in base_vectors.items():
         results[name] = [score_fold(rows, vec, tr, te, k) for tr, te in splits]

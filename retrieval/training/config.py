@@ -33,6 +33,7 @@ class TrainConfig:
     freeze_backbone: bool = False  # train only the head on cached backbone features (CPU friendly)
     frozen_views: int = 4  # augmented views cached per image when the backbone is frozen
     balanced: bool = False  # class-balanced sampling
+    augment_gain: bool = True  # random gain (brightness) in the views; off where brightness is the finding (steatosis)
     vectors_from: str = "head"  # "head": the projection is the vector; "backbone": f(x)
     max_steps: int | None = None  # stop early (tests, smoke runs)
     device: str = "auto"

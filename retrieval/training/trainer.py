@@ -22,7 +22,7 @@ from retrieval.data.dataset import FrameDataset, Skipped
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError
-from retrieval.training.augment import augment
+from retrieval.training.augment import AugmentConfig, augment
 from retrieval.training.config import TrainConfig
 from retrieval.training.losses import ContrastiveLoss, NTXentLoss, SiameseL1Loss, SupConLoss, WeakSimCLRLoss
 
@@ -32,10 +32,13 @@ FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # batch of row indices -> ba
 class TrainModel(nn.Module):
     """The encoder being trained plus the heads only training needs (classifier, pair similarity)."""
 
-    def __init__(self, encoder: Encoder, n_classes: int, method: str):
+    def __init__(self, encoder: Encoder, n_classes: int, method: str, frozen: bool = False):
         super().__init__()
         self.encoder = encoder
-        cls_in = encoder.feature_dim if method == "weak-simclr" or not encoder.head_dims else encoder.dim
+        # weak-SimCLR's weak-label head sits on f(x) (paper 001); with a frozen backbone f(x) cannot
+        # learn, so it sits on the projection instead, the only part the weak labels can then shape
+        self.classify_on_head = bool(encoder.head_dims) and (method != "weak-simclr" or frozen)
+        cls_in = encoder.dim if self.classify_on_head else encoder.feature_dim
         self.classifier = nn.Linear(cls_in, n_classes) if method in ("supervised", "weak-simclr") and n_classes > 1 else None
         self.similarity = nn.Linear(encoder.dim, 1) if method == "siamese-l1" else None
 
@@ -117,7 +120,9 @@ def method_loss(cfg: TrainConfig, model: TrainModel, feats: FeatureFn, idx: np.n
         views = torch.stack([model.project(feats(t)), model.project(feats(t))], dim=1)
         return SupConLoss(cfg.temperature)(views, y)
     if m == "weak-simclr":
-        logits = model.classifier(feats(t)) if model.classifier is not None else torch.zeros(len(idx), 2, device=y.device)
+        f3 = feats(t)
+        f3 = model.project(f3) if model.classify_on_head else f3
+        logits = model.classifier(f3) if model.classifier is not None else torch.zeros(len(idx), 2, device=y.device)
         return WeakSimCLRLoss(cfg.beta, cfg.temperature)(model.project(feats(t)), model.project(feats(t)), logits, y)
     if m == "supervised":
         if model.classifier is None:
@@ -135,7 +140,7 @@ def method_loss(cfg: TrainConfig, model: TrainModel, feats: FeatureFn, idx: np.n
 
 @torch.no_grad()
 def cached_features(encoder: Encoder, images: torch.Tensor, views: int, gen: torch.Generator, device, batch: int = 64,
-                    progress: bool = True) -> torch.Tensor:
+                    progress: bool = True, aug: AugmentConfig = AugmentConfig()) -> torch.Tensor:
     """Backbone features (V + 1, N, D): the clean image, then `views` augmented copies."""
     encoder.eval()
     out = torch.zeros(views + 1, len(images), encoder.feature_dim)
@@ -144,7 +149,7 @@ def cached_features(encoder: Encoder, images: torch.Tensor, views: int, gen: tor
         for s in range(0, len(images), batch):
             x = images[s : s + batch].float().div_(255)
             if v:
-                x = augment(x, generator=gen)
+                x = augment(x, aug, generator=gen)
             out[v, s : s + batch] = encoder.features(x.to(device)).float().cpu()
             bar.update(len(x))
     bar.close()
@@ -177,12 +182,13 @@ def train(rows: pd.DataFrame, cfg: TrainConfig, pairs_table: pd.DataFrame | None
     pairs = None
     if cfg.method in ("siamese", "siamese-l1"):
         pairs = PairSampler(codes, _pair_indices(rows.iloc[keep].reset_index(drop=True), pairs_table), gen)
-    model = TrainModel(encoder, len(classes), cfg.method).to(device)
+    model = TrainModel(encoder, len(classes), cfg.method, cfg.freeze_backbone).to(device)
+    aug_cfg = AugmentConfig() if cfg.augment_gain else AugmentConfig(gain=(1.0, 1.0))
 
     if cfg.freeze_backbone:
         for p in encoder.backbone.parameters():
             p.requires_grad_(False)
-        cache = features if features is not None else cached_features(encoder, images, cfg.frozen_views, gen, device, progress=progress)
+        cache = features if features is not None else cached_features(encoder, images, cfg.frozen_views, gen, device, progress=progress, aug=aug_cfg)
         cache = cache.to(device)
 
         def feats(t: torch.Tensor) -> torch.Tensor:
@@ -191,7 +197,7 @@ def train(rows: pd.DataFrame, cfg: TrainConfig, pairs_table: pd.DataFrame | None
     else:
         def feats(t: torch.Tensor) -> torch.Tensor:
             x = images[t].float().div_(255)
-            return encoder.features(augment(x, generator=gen).to(device))
+            return encoder.features(augment(x, aug_cfg, generator=gen).to(device))
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

@@ -38,3 +38,36 @@ def test_quick_benchmark_run(demo_data, tmp_path):
     assert set(res["summary"]) == {"raw-pixels", "random-resnet18", "imagenet-effnet-lite0", "supcon"}
     for name, runs in res["per_fold"].items():
         assert len(runs) == 2 and all(0 <= r["map"] <= 1 for r in runs)
+
+
+def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
+    """Every candidate is fitted on inner-train rows and scored on inner-validation rows, both inside
+    the training folds; the held-out fold is touched only by the final fit's scoring."""
+    import retrieval.training.benchmark as bm
+
+    calls = []
+    real_evaluate = bm.evaluate
+
+    def spy(rows, vectors, settings, progress=False, query_mask=None, gallery_mask=None):
+        calls.append((query_mask.copy(), gallery_mask.copy()))
+        return real_evaluate(rows, vectors, settings, progress=progress, query_mask=query_mask, gallery_mask=gallery_mask)
+
+    from retrieval.demo.synthetic import generate_demo_dataset
+
+    demo_data = tmp_path / "d"
+    generate_demo_dataset(demo_data, n_per_grade=4, frames=2, size=64, seed=2)
+    monkeypatch.setattr(bm, "evaluate", spy)
+    res = bm.run_benchmark(demo_data, ["supervised"], folds=2, overrides={"epochs": 1, "frozen_views": 1, "image_size": 32},
+                           progress=False, log=lambda m: None, select={"lr": [0.001, 0.01]})
+    picks = res["selection"]["chosen_per_fold"]["supervised"]
+    assert len(picks) == 2 and all(p["lr"] in (0.001, 0.01) and p["inner_val_map"] is not None for p in picks)
+    from retrieval.data.dataset import load_dataset
+
+    rows = load_dataset(demo_data).rows
+    splits = bm.make_folds(rows, 2, 0)
+    method_calls = calls[-(2 * 3):]  # per fold: 2 candidates + 1 final (after the 3 baselines' calls)
+    for f, (tr, te) in enumerate(splits):
+        for q, g in method_calls[3 * f : 3 * f + 2]:
+            assert not q[te].any() and not g[te].any()  # selection never sees the held-out fold
+        q, g = method_calls[3 * f + 2]
+        assert q[te].all() and not g[te].any()

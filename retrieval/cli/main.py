@@ -349,6 +349,7 @@ def benchmark(
     out: Path = typer.Option(Path("benchmark-results"), "--out", "-o", help="folder for benchmark.json and benchmark.md"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="override every preset's epochs (quick runs)"),
     set_: List[str] = typer.Option([], "--set", help="override a preset: KEY=VALUE for all methods, METHOD.KEY=VALUE for one (YAML values)"),
+    select: List[str] = typer.Option([], "--select", help="KEY=V1,V2: candidates chosen per fold on an inner validation split of the training folds"),
     quiet: bool = opt.Quiet,
 ):
     """Grouped k-fold comparison of training methods against raw-pixel, random-init and ImageNet baselines."""
@@ -363,9 +364,15 @@ def benchmark(
         if not sep:
             raise RetrieveError(f"--set {item!r}: expected KEY=VALUE or METHOD.KEY=VALUE")
         overrides[key.strip()] = yaml.safe_load(value)
+    candidates = {}
+    for item in select:
+        key, sep, values = item.partition("=")
+        if not sep or not values:
+            raise RetrieveError(f"--select {item!r}: expected KEY=VALUE1,VALUE2")
+        candidates[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
     results = []
     for d in data:
-        r = run_benchmark(d, names, folds, seed, overrides=overrides, progress=not quiet, log=lambda m: _echo_err(m))
+        r = run_benchmark(d, names, folds, seed, overrides=overrides, progress=not quiet, log=lambda m: _echo_err(m), select=candidates)
         results.append(r)
         print(markdown_table(r))
     js, md = write_outputs(results, out)

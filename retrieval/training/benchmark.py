@@ -108,6 +108,23 @@ def score_fold(rows: pd.DataFrame, vectors: np.ndarray, tr: np.ndarray, te: np.n
     return out
 
 
+def candidate_grid(select: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the candidate values, e.g. {"augment_gain": [true, false]} -> 2 settings."""
+    import itertools
+
+    keys = sorted(select)
+    return [dict(zip(keys, values)) for values in itertools.product(*(select[k] for k in keys))] or [{}]
+
+
+def inner_split(rows: pd.DataFrame, tr: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """One grouped, stratified split of the training folds: about 3/4 inner-train, 1/4 validation."""
+    sub = rows.iloc[tr].reset_index(drop=True)
+    n_groups = len(np.unique(group_ids(sub)))
+    k = 4 if n_groups >= 8 else 2
+    itr, iva = make_folds(sub, k, seed + 1000)[0]
+    return tr[itr], tr[iva]
+
+
 def resolve_method_config(method: str, preset_dir: Path = PRESETS) -> TrainConfig:
     if method not in METHODS:
         raise RetrieveError(f"--methods: unknown method {method!r} (choose from {', '.join(METHODS)})")
@@ -117,7 +134,9 @@ def resolve_method_config(method: str, preset_dir: Path = PRESETS) -> TrainConfi
 
 def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: int = 0, k: int = 10,
                   preset_dir: Path = PRESETS, overrides: dict[str, Any] | None = None, progress: bool = True,
-                  log=print) -> dict[str, Any]:
+                  log=print, select: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+    """`select` lists candidate values of training options; each fold picks one by MAP on an inner
+    validation split of its training folds (never the held-out fold) and the choices are reported."""
     t_start = time.perf_counter()
     table = load_dataset(data)
     rows = table.rows[table.rows["label"].notna()].reset_index(drop=True)
@@ -135,7 +154,7 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
     timings: dict[str, float] = {}
 
     # one image load for raw pixels and every frozen-feature cache (image size of the presets)
-    sizes = {c.image_size for c in configs.values()} | {224}
+    sizes = {c.image_size for c in configs.values()} | {224} | set((select or {}).get("image_size", []))
     images = {s: load_image_tensors(rows, PreprocessConfig(image_size=s))[0] for s in sizes}
     gen = torch.Generator().manual_seed(seed)
     caches: dict[tuple, torch.Tensor] = {}
@@ -165,23 +184,49 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
         results[name] = [score_fold(rows, vec, tr, te, k) for tr, te in splits]
         log(f"{name}: MAP {np.mean([r['map'] for r in results[name]]):.4f}")
 
+    def fit_vectors(cfg_f: TrainConfig, tr: np.ndarray) -> np.ndarray:
+        """Train on rows `tr`, return unit vectors for every row."""
+        if cfg_f.freeze_backbone:
+            cache = frozen_cache(cfg_f)
+            res = train(rows.iloc[tr].reset_index(drop=True), cfg_f, progress=False, features=cache[:, tr])
+            with torch.no_grad():
+                vec = res.encoder.head(cache[0]).numpy() if cfg_f.vectors_from == "head" else cache[0].numpy()
+            return _unit(vec)
+        res = train(rows.iloc[tr].reset_index(drop=True), cfg_f, progress=progress)
+        return embed_rows(rows, res.encoder, res.encoder.default_preprocess, progress=False).vectors
+
+    grid = candidate_grid(select or {})
+    selections: dict[str, list[dict[str, Any]]] = {}
     for method, cfg in configs.items():
         t = time.perf_counter()
-        per_fold = []
+        per_fold, chosen = [], []
         for f, (tr, te) in enumerate(splits):
             cfg_f = replace(cfg, seed=seed + f)
-            if cfg.freeze_backbone:
-                cache = frozen_cache(cfg)
-                res = train(rows.iloc[tr].reset_index(drop=True), cfg_f, progress=False, features=cache[:, tr])
-                with torch.no_grad():
-                    vec = res.encoder.head(cache[0]).numpy() if cfg.vectors_from == "head" else cache[0].numpy()
-                vec = _unit(vec)
-            else:
-                res = train(rows.iloc[tr].reset_index(drop=True), cfg_f, progress=progress)
-                vec = embed_rows(rows, res.encoder, res.encoder.default_preprocess, progress=False).vectors
-            per_fold.append(score_fold(rows, vec, tr, te, k))
-            log(f"{method} fold {f + 1}/{folds}: MAP {per_fold[-1]['map']:.4f}")
+            if len(grid) > 1:  # nested selection: inner split of the training folds only
+                itr, iva = inner_split(rows, tr, seed + f)
+                val = np.zeros(len(rows), bool)
+                val[iva] = True
+                inner_gallery = np.zeros(len(rows), bool)
+                inner_gallery[itr] = True
+                scores = []
+                for cand in grid:
+                    vec = fit_vectors(replace(cfg_f, **cand), itr)
+                    try:
+                        r = evaluate(rows, vec, EvalSettings(k=k), progress=False, query_mask=val, gallery_mask=inner_gallery)
+                        scores.append(r["overall"]["map"])
+                    except RetrieveError:  # no validation query has a relevant inner-train image
+                        scores.append(float("nan"))
+                if np.all(np.isnan(scores)):
+                    best, note = grid[0], None
+                else:
+                    best, note = grid[int(np.nanargmax(scores))], round(float(np.nanmax(scores)), 4)
+                chosen.append({**best, "inner_val_map": note})
+                cfg_f = replace(cfg_f, **best)
+            per_fold.append(score_fold(rows, fit_vectors(cfg_f, tr), tr, te, k))
+            log(f"{method} fold {f + 1}/{folds}: MAP {per_fold[-1]['map']:.4f}" + (f" (chose {chosen[-1]})" if chosen else ""))
         results[method] = per_fold
+        if chosen:
+            selections[method] = chosen
         timings[method] = round(time.perf_counter() - t, 1)
 
     summary = {name: {key: {"mean": float(np.nanmean([r[key] for r in runs])), "std": float(np.nanstd([r[key] for r in runs]))}
@@ -190,6 +235,7 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
         "dataset": str(data), "images": len(rows), "classes": sorted(rows["label"].astype(str).unique()), "folds": folds,
         "seed": seed, "k": k, "groups": int(len(np.unique(group_ids(rows)))),
         "methods": {m: c.to_dict() for m, c in configs.items()}, "per_fold": results, "summary": summary,
+        "selection": {"candidates": select or {}, "chosen_per_fold": selections},
         "timings_s": timings, "wall_s": round(time.perf_counter() - t_start, 1),
         "device": str(device), "torch": torch.__version__,
     }
@@ -201,10 +247,15 @@ def markdown_table(result: dict[str, Any]) -> str:
              f"wall {result['wall_s'] / 60:.1f} min)", "",
              "| method | MAP | MRR | P@1 | MAP@R | kNN acc | kNN bal. acc | probe AUC | probe bal. acc |",
              "|---|---|---|---|---|---|---|---|---|"]
+    chosen = result.get("selection", {}).get("chosen_per_fold", {})
     for method, s in result["summary"].items():
         cells = [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in RETRIEVAL_KEYS + PROBE_KEYS]
         kind = " (baseline)" if method in BASELINES else ""
         lines.append(f"| {method}{kind} | " + " | ".join(cells) + " |")
+    if chosen:
+        lines += ["", f"Selected per fold on an inner validation split of the training folds (candidates {result['selection']['candidates']}):"]
+        for method, picks in chosen.items():
+            lines.append(f"- {method}: " + "; ".join(", ".join(f"{k}={v}" for k, v in p.items() if k != "inner_val_map") + f" (inner MAP {p['inner_val_map']})" for p in picks))
     return "\n".join(lines) + "\n"
 
 

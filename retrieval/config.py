@@ -84,8 +84,8 @@ class RecipeConfig:
     batch_size: int = 32
 
 
-def load_recipe(path: str | Path) -> RecipeConfig:
-    """Read a recipe YAML with optional sections `encoder`, `preprocess`, `index`, `batch_size`."""
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping; one-line errors naming the file otherwise."""
     p = Path(path)
     if not p.is_file():
         raise RetrieveError(f"--config {p}: file not found")
@@ -95,6 +95,13 @@ def load_recipe(path: str | Path) -> RecipeConfig:
         raise RetrieveError(f"--config {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise RetrieveError(f"--config {p}: expected a mapping at the top level")
+    return raw
+
+
+def load_recipe(path: str | Path) -> RecipeConfig:
+    """Read a recipe YAML with optional sections `encoder`, `preprocess`, `index`, `batch_size`."""
+    p = Path(path)
+    raw = read_yaml_mapping(p)
     unknown = set(raw) - {"encoder", "preprocess", "index", "batch_size"}
     if unknown:
         raise RetrieveError(f"--config {p}: unknown section(s) {', '.join(sorted(unknown))}")

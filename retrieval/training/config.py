@@ -6,8 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from retrieval.config import read_yaml_mapping
 from retrieval.errors import RetrieveError
 
 METHODS = ("siamese", "siamese-l1", "simclr", "supcon", "weak-simclr", "supervised")
@@ -59,15 +58,7 @@ class TrainConfig:
 
 def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """YAML keys are TrainConfig fields; overrides (from the command line) win."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise RetrieveError(f"--config {p}: file not found")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise RetrieveError(f"--config {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    raw: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(raw) - known

@@ -78,14 +78,18 @@ def embed_dataset(source: str | Path, loaded: LoadedEncoder, batch_size: int = 3
 
 
 @torch.inference_mode()
+def embed_frames(frames: list[np.ndarray], loaded: LoadedEncoder) -> np.ndarray:
+    """Decoded uint8 grayscale frames -> L2-normalised vectors (the encoder's preprocessing applied)."""
+    batch = torch.stack([to_tensor(preprocess_frame(f, loaded.preprocess)) for f in frames])
+    device = next(loaded.encoder.parameters()).device
+    return loaded.encoder(batch.to(device)).float().cpu().numpy()
+
+
 def embed_query_image(path: str | Path, loaded: LoadedEncoder) -> tuple[list[str], np.ndarray]:
     """All frames of a query file -> (names, vectors); raises UnreadableImageError for a bad file."""
     frames = read_frames(path, loaded.preprocess.ct_window)
-    batch = torch.stack([to_tensor(preprocess_frame(f, loaded.preprocess)) for f in frames])
-    device = next(loaded.encoder.parameters()).device
-    vectors = loaded.encoder(batch.to(device)).float().cpu().numpy()
     names = [str(path)] if len(frames) == 1 else [f"{path}#{i}" for i in range(len(frames))]
-    return names, vectors
+    return names, embed_frames(frames, loaded)
 
 
 @dataclass

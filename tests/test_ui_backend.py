@@ -79,11 +79,11 @@ def test_index_from_another_encoder_is_refused(demo_index, tmp_path):
 
 def test_dicom_clip_upload_picks_a_frame(session, tmp_path):
     from conftest import write_dicom
-    from ui.backend import upload_frames
+    from ui.backend import decode_upload
 
     clip = np.random.default_rng(0).integers(0, 4000, (3, 64, 64)).astype(np.uint16)
     data = write_dicom(tmp_path / "clip.dcm", clip).read_bytes()
-    assert upload_frames("clip.dcm", data) == 3
+    assert len(decode_upload("clip.dcm", data)) == 3
     a = query_upload(session, "clip.dcm", data, k=3, frame=0)
     b = query_upload(session, "clip.dcm", data, k=3, frame=2)
     assert a.result.query == "clip.dcm#0" and b.result.query == "clip.dcm#2"

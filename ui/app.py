@@ -18,13 +18,13 @@ from ui.backend import (
     MAX_UPLOAD_MB,
     Answer,
     Session,
+    decode_upload,
     find_cases,
     load_image,
     open_session,
+    query_frame,
     query_indexed,
-    query_upload,
     summary,
-    upload_frames,
 )
 
 DEFAULT_INDEX = Path("retrieve-demo") / "index"
@@ -49,6 +49,12 @@ def get_session(index_dir: str, manifest_mtime: float) -> Session:
 @st.cache_data(show_spinner=False, max_entries=4096)
 def thumbnail(path: str, frame: object, side: int | None) -> np.ndarray:
     return load_image(path, frame, side)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def decoded_upload(name: str, data: bytes) -> list[np.ndarray]:
+    """Each uploaded file is decoded once, however often the page reruns."""
+    return decode_upload(name, data)
 
 
 @st.cache_data(show_spinner="Computing the embedding map (once per index) ...")
@@ -226,11 +232,11 @@ def main() -> None:
             if upload is None:
                 st.info("Upload an image to see the most similar indexed cases.")
                 st.stop()
-            data = upload.getvalue()
-            frames = upload_frames(upload.name, data)
-            frame = st.slider("frame", 0, frames - 1, 0, key="frame") if frames > 1 else 0
-            answer = query_upload(session, upload.name, data, settings["k"], [], settings["where"], settings["vote"], frame)
-            query_image = _upload_preview(upload.name, data, frame)
+            frames = decoded_upload(upload.name, upload.getvalue())
+            frame = st.slider("frame", 0, len(frames) - 1, 0, key="frame") if len(frames) > 1 else 0
+            name = upload.name if len(frames) == 1 else f"{upload.name}#{frame}"
+            query_image = frames[frame]
+            answer = query_frame(session, name, query_image, settings["k"], [], settings["where"], settings["vote"])
         else:
             search = st.text_input("Find a case by id, path or patient", key="case_search")
             found = find_cases(session.rows, search)
@@ -263,15 +269,6 @@ def main() -> None:
     result_grid(answer, session.metadata_columns(), key="results")
     with st.expander("Embedding map of the collection", expanded=False):
         embedding_map(index_dir, mtime, session, answer, query_position)
-
-
-def _upload_preview(name: str, data: bytes, frame: int) -> np.ndarray:
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"upload{Path(name).suffix.lower()}"
-        path.write_bytes(data)
-        return load_image(str(path), frame if frame else None)
 
 
 main()

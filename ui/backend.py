@@ -15,7 +15,7 @@ from PIL import Image
 from indexer.index_dir import IndexDir, open_index_dir, read_manifest
 from retrieval.data.imageio import IMAGE_SUFFIXES, read_frame, read_frames
 from retrieval.errors import RetrieveError, UnreadableImageError
-from retrieval.pipeline import LoadedEncoder, QueryResult, embed_query_image, encoder_for_index, query_vectors
+from retrieval.pipeline import LoadedEncoder, QueryResult, embed_frames, encoder_for_index, query_vectors
 
 MAX_UPLOAD_MB = 50
 CORE_DISPLAY = ("id", "path", "label", "patient_id", "frame_index")
@@ -48,27 +48,40 @@ class Answer:
     seconds: float  # embedding (uploads) + search + vote
 
 
-def query_upload(session: Session, name: str, data: bytes, k: int, exclude_patients: list[str] = (),
-                 where: list[tuple[str, str]] = (), vote: str = "majority", frame: int = 0) -> Answer:
-    """An uploaded file (PNG, JPEG, BMP, TIFF, DICOM) as the query; every failure is a RetrieveError."""
+def decode_upload(name: str, data: bytes) -> list[np.ndarray]:
+    """Check type and size, then decode an uploaded file once into its grayscale frames."""
     suffix = Path(name).suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
         raise RetrieveError(f"{name}: unsupported file type '{suffix or 'none'}' (upload PNG, JPEG, BMP, TIFF or DICOM)")
     if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
         raise RetrieveError(f"{name}: {len(data) / 2**20:.0f} MB is over the {MAX_UPLOAD_MB} MB limit")
-    t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
         try:
-            names, vectors = embed_query_image(path, session.encoder)
+            return read_frames(path)
         except UnreadableImageError as exc:
             raise RetrieveError(f"{name}: {str(exc).split(': ', 1)[-1]}") from None
-    frame = min(max(frame, 0), len(vectors) - 1)
+
+
+def query_frame(session: Session, name: str, frame: np.ndarray, k: int, exclude_patients: list[str] = (),
+                where: list[tuple[str, str]] = (), vote: str = "majority") -> Answer:
+    """One decoded frame as the query: embed, search, vote."""
+    t0 = time.perf_counter()
+    vector = embed_frames([frame], session.encoder)
     k = max(1, min(k, len(session.rows)))
-    res = query_vectors(session.idx, [name if len(vectors) == 1 else f"{name}#{frame}"], vectors[[frame]], k,
-                        list(exclude_patients), list(where), vote)[0]
+    res = query_vectors(session.idx, [name], vector, k, list(exclude_patients), list(where), vote)[0]
     return Answer(res, time.perf_counter() - t0)
+
+
+def query_upload(session: Session, name: str, data: bytes, k: int, exclude_patients: list[str] = (),
+                 where: list[tuple[str, str]] = (), vote: str = "majority", frame: int = 0) -> Answer:
+    """An uploaded file (PNG, JPEG, BMP, TIFF, DICOM) as the query; every failure is a RetrieveError."""
+    t0 = time.perf_counter()
+    frames = decode_upload(name, data)
+    frame = min(max(frame, 0), len(frames) - 1)
+    answer = query_frame(session, name if len(frames) == 1 else f"{name}#{frame}", frames[frame], k, exclude_patients, where, vote)
+    return Answer(answer.result, time.perf_counter() - t0)
 
 
 def query_indexed(session: Session, position: int, k: int, exclude_own_patient: bool = True,
@@ -93,17 +106,6 @@ def load_image(path: str, frame_index: object = None, max_side: int | None = Non
         pil.thumbnail((max_side, max_side))
         img = np.asarray(pil)
     return img
-
-
-def upload_frames(name: str, data: bytes) -> int:
-    """Number of frames in an uploaded file (DICOM clips have several)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / f"upload{Path(name).suffix.lower()}"
-        path.write_bytes(data)
-        try:
-            return len(read_frames(path))
-        except UnreadableImageError:
-            return 1
 
 
 def find_cases(rows: pd.DataFrame, text: str, limit: int = 200) -> pd.DataFrame:

@@ -116,5 +116,7 @@ def test_train_cli_pairs_file_and_classify(tmp_path, capsys, demo_data):
     # the checkpoint indexes like any encoder
     code, _, err = run_cli(capsys, "index", "build", demo_data, "--index", tmp_path / "idx", "--encoder", tmp_path / "sl1.safetensors", "--quiet")
     assert code == 0, err
+    code, stdout, _ = run_cli(capsys, "eval", "--index", tmp_path / "idx", "--quiet")
+    assert code == 0 and f"this encoder was trained on {demo_data.resolve()} (24 images)" in stdout
     code, _, err = run_cli(capsys, "train", demo_data, "--method", "supcon", "--out", tmp_path / "x", "--pairs", tmp_path / "p.csv")
     assert code == 2 and "--pairs is for the siamese methods" in err

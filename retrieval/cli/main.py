@@ -227,6 +227,11 @@ def evaluate_cmd(
     result["encoder"] = m.fingerprint.get("encoder")
     result["seconds"] = round(time.perf_counter() - t0, 3)
     print(markdown_summary(result, f"Retrieval evaluation of {index}", m.fingerprint.get("encoder")).split("\n![")[0].rstrip())
+    trained = _trained_on(m.encoder_spec.get("name", ""))
+    if trained:
+        result["encoder_trained_on"] = trained
+        print(f"\nnote: this encoder was trained on {trained['data']} ({trained['images']} images). If the index holds "
+              "those images, these figures are in-sample and optimistic; `retrieve benchmark` measures held-out folds.")
     if json_out is not None:
         from indexer.atomic import atomic_path
 
@@ -236,6 +241,19 @@ def evaluate_cmd(
     if report is not None:
         paths = write_report(result, vs.rows, vs.vectors, report, f"{Path(index).name}", m.fingerprint.get("encoder"))
         print("report -> " + ", ".join(str(p) for p in paths.values()))
+
+
+def _trained_on(encoder_name: str) -> Optional[dict]:
+    """What a checkpoint encoder was trained on (from its JSON), or None for other encoders."""
+    from retrieval.encoders.checkpoint import checkpoint_paths
+
+    if not encoder_name.endswith((".safetensors", ".json")):
+        return None
+    meta_path = checkpoint_paths(encoder_name)[1]
+    try:
+        return json.loads(meta_path.read_text()).get("trained_on")
+    except (OSError, json.JSONDecodeError):
+        return None
 
 
 @app.command()
@@ -298,7 +316,9 @@ def train(
     if result.model.similarity is not None:
         extra_tensors = {f"similarity.{k}": v for k, v in result.model.similarity.state_dict().items()}
     path = save_checkpoint(result.encoder, out, result.encoder.default_preprocess,
-                           extra={"training": cfg.to_dict(), "classes": result.classes}, extra_tensors=extra_tensors)
+                           extra={"training": cfg.to_dict(), "classes": result.classes,
+                                  "trained_on": {"data": str(Path(data).resolve()), "images": result.log["n_images"]}},
+                           extra_tensors=extra_tensors)
     log_path, png_path = write_training_log(result.log, path)
     report_skipped(table.skipped + result.skipped)
     losses = [s["loss"] for s in result.log["steps"]]

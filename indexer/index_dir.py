@@ -73,15 +73,20 @@ def _write_all(folder: Path, vs: VectorSet, index: faiss.Index, manifest: IndexM
         tmp.write_text(manifest.to_json())
 
 
+def check_can_build(index_dir: Path, overwrite: bool) -> None:
+    """An existing, non-empty index folder is only replaced on request."""
+    if index_dir.exists() and any(index_dir.iterdir()) and not overwrite:
+        raise RetrieveError(
+            f"--index {index_dir}: already exists; pass --overwrite to rebuild it or use `retrieve index add`"
+        )
+
+
 def build_index_dir(index_dir: str | Path, vs: VectorSet, cfg: IndexConfig, overwrite: bool = False) -> IndexManifest:
     """Build the index in a staging folder and move it into place."""
     index_dir = Path(index_dir)
     if len(vs) == 0:
         raise RetrieveError("no vectors to index")
-    if index_dir.exists() and any(index_dir.iterdir()) and not overwrite:
-        raise RetrieveError(
-            f"--index {index_dir}: already exists; pass --overwrite to rebuild it or use `retrieve index add`"
-        )
+    check_can_build(index_dir, overwrite)
     index, kind, params = build_index(vs.vectors, cfg.kind, cfg, use_gpu=cfg.gpu)
     now = _now()
     manifest = IndexManifest(

@@ -120,3 +120,14 @@ def test_train_cli_pairs_file_and_classify(tmp_path, capsys, demo_data):
     assert code == 0 and f"this encoder was trained on {demo_data.resolve()} (24 images)" in stdout
     code, _, err = run_cli(capsys, "train", demo_data, "--method", "supcon", "--out", tmp_path / "x", "--pairs", tmp_path / "p.csv")
     assert code == 2 and "--pairs is for the siamese methods" in err
+
+
+def test_pairs_match_full_paths_not_file_names(tmp_path):
+    """Two images with the same file name in different folders must not be confused."""
+    from retrieval.training.trainer import _pair_indices
+
+    rows = pd.DataFrame({"path": [str(tmp_path / "a" / "x.png"), str(tmp_path / "b" / "x.png")]})
+    table = pd.DataFrame({"path_a": [str(tmp_path / "b" / "x.png")], "path_b": [str(tmp_path / "a" / "x.png")], "same": [0]})
+    assert _pair_indices(rows, table).tolist() == [[1, 0, 0]]
+    with pytest.raises(RetrieveError, match="not an image of the dataset"):
+        _pair_indices(rows, pd.DataFrame({"path_a": ["x.png"], "path_b": [str(tmp_path / "a" / "x.png")], "same": [1]}))

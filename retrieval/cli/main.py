@@ -63,7 +63,7 @@ def index_build(
     """Embed DATA (or take --vectors) and build a FAISS index folder over cosine similarity."""
     from dataclasses import replace
 
-    from indexer.index_dir import build_index_dir
+    from indexer.index_dir import build_index_dir, check_can_build
     from indexer.store import read_vectors
     from retrieval.config import IndexConfig, load_recipe
     from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
@@ -83,8 +83,7 @@ def index_build(
         pre = {**recipe.preprocess.to_dict(), **{k: v for k, v in pre.items() if v is not None}}
         pre["ct_window"] = tuple(pre["ct_window"])
         batch_size = recipe.batch_size if batch_size == opt.BatchSize.default else batch_size
-    if index.exists() and any(index.iterdir()) and not overwrite:
-        raise RetrieveError(f"--index {index}: already exists; pass --overwrite to rebuild it or use `retrieve index add`")
+    check_can_build(index, overwrite)  # before the expensive embedding
     t0 = time.perf_counter()
     if vectors is not None:
         if data is not None:

@@ -249,17 +249,14 @@ def _pair_indices(rows: pd.DataFrame, pairs_table: pd.DataFrame | None) -> np.nd
     missing_cols = {"path_a", "path_b", "same"} - set(pairs_table.columns)
     if missing_cols:
         raise RetrieveError(f"pairs file is missing column(s): {', '.join(sorted(missing_cols))}")
-    by_path = {}
-    for i, p in enumerate(rows["path"]):
-        by_path[str(Path(p).resolve())] = i
-        by_path[Path(p).name] = i
+    by_path = {str(Path(p).resolve()): i for i, p in enumerate(rows["path"])}
     out = []
     for rec in pairs_table.to_dict("records"):
-        ia = by_path.get(str(rec["path_a"])) if str(rec["path_a"]) in by_path else by_path.get(Path(str(rec["path_a"])).name)
-        ib = by_path.get(str(rec["path_b"])) if str(rec["path_b"]) in by_path else by_path.get(Path(str(rec["path_b"])).name)
-        if ia is None or ib is None:
-            raise RetrieveError(f"pairs file: {rec['path_a'] if ia is None else rec['path_b']} is not an image of the dataset")
-        out.append((ia, ib, int(rec["same"])))
+        ends = [by_path.get(str(Path(str(rec[c])).resolve())) for c in ("path_a", "path_b")]
+        for c, found in zip(("path_a", "path_b"), ends):
+            if found is None:
+                raise RetrieveError(f"pairs file: {rec[c]} is not an image of the dataset")
+        out.append((ends[0], ends[1], int(rec["same"])))
     if not out:
         raise RetrieveError("pairs file has no rows")
     return np.array(out, dtype=np.int64)

@@ -168,8 +168,9 @@ def embedding_map(index_dir: Path, mtime: float, session: Session, answer: Answe
     if query_position is not None and (points["position"] == query_position).any():
         q = points[points["position"] == query_position].assign(what="query")
     elif len(near):  # an upload has no map position: show it at its neighbours' similarity-weighted centre
-        w = np.array([max(h.score, 0) for h in answer.result.hits if h.position in set(near["position"])])
-        order = near.set_index("position").loc[[h.position for h in answer.result.hits if h.position in set(near["position"])]]
+        on_map = [h for h in answer.result.hits if h.position in set(near["position"])]
+        w = np.array([max(h.score, 0) for h in on_map])
+        order = near.set_index("position").loc[[h.position for h in on_map]]
         q = pd.DataFrame({"x": [np.average(order["x"], weights=w + 1e-9)], "y": [np.average(order["y"], weights=w + 1e-9)],
                           "id": ["query (approximate position)"], "label": ["query"], "patient": ["-"], "what": ["query"]})
     else:

@@ -13,12 +13,12 @@ import pandas as pd
 from PIL import Image
 
 from indexer.index_dir import IndexDir, open_index_dir, read_manifest
+from retrieval.data.dataset import CORE_COLUMNS
 from retrieval.data.imageio import IMAGE_SUFFIXES, read_frame, read_frames
 from retrieval.errors import RetrieveError, UnreadableImageError
 from retrieval.pipeline import LoadedEncoder, QueryResult, embed_frames, encoder_for_index, query_vectors
 
 MAX_UPLOAD_MB = 50
-CORE_DISPLAY = ("id", "path", "label", "patient_id", "frame_index")
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Session:
         return self.idx.rows
 
     def metadata_columns(self) -> list[str]:
-        return [c for c in self.rows.columns if c not in CORE_DISPLAY]
+        return [c for c in self.rows.columns if c not in CORE_COLUMNS]
 
 
 def open_session(index_dir: str | Path) -> Session:

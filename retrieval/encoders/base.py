@@ -24,6 +24,9 @@ def build_head(in_dim: int, head_dims: list[int]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+ARCH_EXTRAS = ("in_chans", "mean", "std", "head_dims")  # fields Encoder adds to a backbone's arch
+
+
 class Encoder(nn.Module):
     """Image encoder with everything needed to reproduce and identify its vectors.
 
@@ -59,6 +62,11 @@ class Encoder(nn.Module):
             m, s = m.repeat(in_chans), s.repeat(in_chans)
         self.register_buffer("mean", m.view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", s.view(1, -1, 1, 1), persistent=False)
+
+    @property
+    def base_arch(self) -> dict[str, Any]:
+        """The backbone description alone (what `build_backbone` needs), without normalisation and head."""
+        return {k: v for k, v in self.arch.items() if k not in ARCH_EXTRAS}
 
     @property
     def dim(self) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.config import PreprocessConfig
-from retrieval.encoders.base import Encoder
+from retrieval.encoders.base import ARCH_EXTRAS, Encoder
 from retrieval.errors import RetrieveError
 
 CHECKPOINT_FORMAT = "retrieve-encoder/1"
@@ -89,7 +89,7 @@ def load_checkpoint(path: str | Path) -> Encoder:
     enc = Encoder(
         backbone,
         feature_dim,
-        {k: v for k, v in arch.items() if k not in ("in_chans", "mean", "std", "head_dims")},
+        {k: v for k, v in arch.items() if k not in ARCH_EXTRAS},
         in_chans=arch.get("in_chans", 3),
         mean=tuple(arch.get("mean", (0.5,))),
         std=tuple(arch.get("std", (0.5,))),

@@ -175,7 +175,7 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
     t = time.perf_counter()
     base_vectors = {"raw-pixels": raw_pixel_vectors(images[224])}
     rnd = create_encoder("resnet18", None, seed).to(device)
-    base_vectors["random-resnet18"] = embed_rows(rows, rnd, PreprocessConfig(image_size=224), progress=progress).vectors
+    base_vectors["random-resnet18"] = _unit(cached_features(rnd, images[224], 0, gen, device, progress=progress)[0].numpy())
     effnet_cfg = next((c for c in configs.values() if c.freeze_backbone and c.encoder == "imagenet-effnet-lite0" and c.image_size == 224),
                       TrainConfig(encoder="imagenet-effnet-lite0", image_size=224, frozen_views=0))
     base_vectors["imagenet-effnet-lite0"] = _unit(frozen_cache(effnet_cfg)[0].numpy())  # view 0: the clean image

@@ -48,8 +48,7 @@ class TrainModel(nn.Module):
 
 def attach_head(enc: Encoder, head_dims: list[int]) -> Encoder:
     """A copy of `enc` sharing its backbone, with a fresh projection head."""
-    base = {k: v for k, v in enc.arch.items() if k not in ("in_chans", "mean", "std", "head_dims")}
-    return Encoder(enc.backbone, enc.feature_dim, base, in_chans=enc.in_chans, mean=tuple(enc.arch["mean"]),
+    return Encoder(enc.backbone, enc.feature_dim, enc.base_arch, in_chans=enc.in_chans, mean=tuple(enc.arch["mean"]),
                    std=tuple(enc.arch["std"]), head_dims=head_dims, default_preprocess=enc.default_preprocess, source=enc.source)
 
 

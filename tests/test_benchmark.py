@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from retrieval.training.benchmark import group_ids, linear_probe, make_folds, run_benchmark
+from retrieval.training.benchmark import group_ids, linear_probe, make_folds, patient_average, run_benchmark
 
 
 def test_groups_join_patients_and_near_duplicates():
@@ -30,6 +30,55 @@ def test_linear_probe_separable():
     idx = rng.permutation(40)
     res = linear_probe(x, y, idx[:30], idx[30:])
     assert res["probe_auc"] == pytest.approx(1.0) and res["probe_balanced_accuracy"] == pytest.approx(1.0)
+
+
+def test_patient_average_by_hand():
+    prob = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.4, 0.6], [0.5, 0.5]])
+    mean, labels = patient_average(prob, np.array(["x", "x", "y", "y", "x"]), np.array(["a", "a", "b", "b", "c"], dtype=object))
+    assert np.allclose(mean, [[0.8, 0.2], [0.3, 0.7], [0.5, 0.5]]) and labels.tolist() == ["x", "y", "x"]
+    # a patient with two labels, or an image without a patient, has no per-patient figure
+    assert patient_average(prob, np.array(["x", "y", "y", "y", "x"]), np.array(["a", "a", "b", "b", "c"], dtype=object)) is None
+    assert patient_average(prob, np.array(["x"] * 5), np.array(["a", None, "b", "b", "c"], dtype=object)) is None
+
+
+def test_linear_probe_per_patient_matches_sklearn():
+    """Per-patient AUC/balanced accuracy equal sklearn's on probabilities averaged per patient by a plain loop."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(3)
+    patients = np.repeat([f"p{i}" for i in range(12)], 4).astype(object)
+    y = np.repeat(np.array(["a", "b"] * 6), 4)
+    x = rng.normal(0, 1, (48, 4)) + (y == "b")[:, None] * 0.8 + rng.normal(0, 1, (12, 4)).repeat(4, axis=0)
+    tr, te = np.arange(24), np.arange(24, 48)
+    res = linear_probe(x, y, tr, te, patients)
+    sc = StandardScaler().fit(x[tr])
+    clf = LogisticRegression(max_iter=3000, C=1.0).fit(sc.transform(x[tr]), y[tr])
+    prob = clf.predict_proba(sc.transform(x[te]))[:, 1]
+    pp, py = [], []
+    for pid in dict.fromkeys(patients[te]):
+        sel = patients[te] == pid
+        pp.append(prob[sel].mean())
+        py.append(y[te][sel][0])
+    pp, py = np.array(pp), np.array(py)
+    assert res["probe_patient_auc"] == pytest.approx(roc_auc_score(py == "b", pp))
+    assert res["probe_patient_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(py, np.where(pp > 0.5, "b", "a")))
+    assert np.isnan(linear_probe(x, y, tr, te)["probe_patient_auc"])
+
+
+def test_repeated_folds(demo_data):
+    res = run_benchmark(demo_data, [], folds=2, repeats=2, progress=False, log=lambda m: None)
+    from retrieval.data.dataset import load_dataset
+
+    rows = load_dataset(demo_data).rows
+    first, second = make_folds(rows, 2, 0), make_folds(rows, 2, 1)
+    assert any(set(a[1]) != set(b[1]) for a, b in zip(first, second))  # the repeat is another split
+    for name, runs in res["per_fold"].items():
+        assert len(runs) == 4
+        s = res["summary"][name]["map"]
+        maps = np.array([r["map"] for r in runs])
+        assert s["mean"] == pytest.approx(maps.mean()) and s["repeat_std"] == pytest.approx(maps.reshape(2, 2).mean(1).std())
 
 
 def test_quick_benchmark_run(demo_data, tmp_path):

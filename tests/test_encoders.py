@@ -100,3 +100,45 @@ def test_fingerprint_difference():
     other = create_encoder("cnn5", seed=5).fingerprint(PreprocessConfig(image_size=64), "cnn5")
     assert fingerprint_difference(a, other) == "weights differ"
     assert np.isfinite(a["dim"])
+
+
+def test_multilayer_effnet_extends_the_final_features(tmp_path):
+    """imagenet-effnet-lite0-ml = pooled blocks 2-6, then exactly the plain encoder's features; the
+    concatenation is what a direct pass with hooks gives, and a trained head reloads bit-identically."""
+    from retrieval.training.config import TrainConfig
+    from retrieval.training.trainer import train
+    from retrieval.demo.synthetic import generate_demo_dataset
+    from retrieval.data.dataset import load_dataset
+
+    ml, plain = create_encoder("imagenet-effnet-lite0-ml").eval(), create_encoder("imagenet-effnet-lite0").eval()
+    assert ml.feature_dim == 40 + 80 + 112 + 192 + 320 + 1280 and ml.arch["pool_layers"][0] == "blocks.2"
+    with torch.no_grad():
+        f_ml, f_plain = ml.features(X), plain.features(X)
+        # independent: run the timm network stage by stage and pool the block outputs
+        net = plain.backbone
+        h = net.bn1(net.conv_stem(plain.normalise_input(X)))
+        pooled = []
+        for i, block in enumerate(net.blocks):
+            h = block(h)
+            if i >= 2:
+                pooled.append(h.mean((2, 3)))
+    assert torch.allclose(f_ml[:, -1280:], f_plain, atol=1e-6)
+    assert torch.allclose(f_ml[:, :-1280], torch.cat(pooled, 1), atol=1e-5)
+    assert ml.fingerprint(PreprocessConfig(), "a") != plain.fingerprint(PreprocessConfig(), "a")
+
+    data = tmp_path / "d"
+    generate_demo_dataset(data, n_per_grade=2, frames=2, size=64, seed=1)
+    res = train(load_dataset(data).rows, TrainConfig(method="supcon", encoder="imagenet-effnet-lite0-ml", image_size=32,
+                                                     freeze_backbone=True, frozen_views=1, max_steps=2, batch_size=8), progress=False)
+    back = create_encoder(str(save_checkpoint(res.encoder, tmp_path / "ml", res.encoder.default_preprocess)))
+    with torch.no_grad():
+        assert torch.equal(res.encoder.eval()(X), back.eval()(X))
+
+
+def test_multilayer_pool_names_a_missing_layer():
+    from retrieval.encoders.registry import build_backbone
+
+    with pytest.raises(RetrieveError, match="no layer named blocks.99"):
+        build_backbone({"type": "timm", "model": "resnet18", "pool_layers": ["blocks.99"]})
+    net, dim = build_backbone({"type": "timm", "model": "resnet18", "pool_layers": ["layer2", "layer3"]})
+    assert dim == 128 + 256 + 512

@@ -364,6 +364,7 @@ def benchmark(
     data: List[Path] = typer.Argument(..., help="dataset folder(s) or manifest(s) with labels"),
     methods: str = typer.Option("supcon,supervised,weak-simclr,siamese,siamese-l1,simclr", "--methods", help="comma-separated training methods"),
     folds: int = typer.Option(5, "--folds", min=2),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="repeat the k-fold split with seeds SEED, SEED+1, ... (steadier means on small archives)"),
     seed: int = typer.Option(0, "--seed"),
     out: Path = typer.Option(Path("benchmark-results"), "--out", "-o", help="folder for benchmark.json and benchmark.md"),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="override every preset's epochs (quick runs)"),
@@ -391,7 +392,7 @@ def benchmark(
         candidates[key.strip()] = [yaml.safe_load(v) for v in values.split(",")]
     results = []
     for d in data:
-        r = run_benchmark(d, names, folds, seed, overrides=overrides, progress=not quiet, log=lambda m: _echo_err(m), select=candidates)
+        r = run_benchmark(d, names, folds, seed, overrides=overrides, progress=not quiet, log=lambda m: _echo_err(m), select=candidates, repeats=repeats)
         results.append(r)
         print(markdown_table(r))
     js, md = write_outputs(results, out)

@@ -14,6 +14,7 @@ import torch
 
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.cnn5 import CNN5
+from retrieval.encoders.multilayer import MultiLayerPool, output_dim
 from retrieval.encoders.weights import (
     EFFNET_LITE0_SHA256,
     effnet_lite0_file,
@@ -52,8 +53,18 @@ def build_backbone(arch: dict) -> tuple[torch.nn.Module, int]:
         import timm
 
         net = timm.create_model(arch["model"], pretrained=False, num_classes=0, in_chans=arch.get("in_chans", 3))
+        if arch.get("pool_layers"):
+            return _pooled(net, arch["pool_layers"], arch.get("in_chans", 3))
         return net, int(net.num_features)
     raise RetrieveError(f"unknown architecture type {kind!r} in checkpoint")
+
+
+def _pooled(net: torch.nn.Module, layers: list[str], in_chans: int) -> tuple[torch.nn.Module, int]:
+    try:
+        wrapped = MultiLayerPool(net, layers)
+    except ValueError as exc:
+        raise RetrieveError(f"pool_layers: {exc}") from None
+    return wrapped, output_dim(wrapped, in_chans)
 
 
 def _seeded(seed: int, fn: Callable[[], Encoder]) -> Encoder:
@@ -84,9 +95,10 @@ def _timm_encoder(model_name: str, weights: str | None, seed: int) -> Encoder:
     return Encoder(net, dim, arch, in_chans=3, mean=mean, std=std, source=source)
 
 
-@register_encoder("imagenet-effnet-lite0")
-def _effnet_lite0(weights: str | None, seed: int) -> Encoder:
-    """timm tf_efficientnet_lite0 with Google's ImageNet-1k weights (mean = std = 0.5)."""
+EFFNET_LITE0_MID_LAYERS = ["blocks.2", "blocks.3", "blocks.4", "blocks.5", "blocks.6"]
+
+
+def _effnet_lite0_encoder(weights: str | None, pool_layers: list[str] | None) -> Encoder:
     arch = {"type": "timm", "model": "tf_efficientnet_lite0"}
     net, dim = build_backbone({**arch, "in_chans": 3})
     if weights is None:
@@ -102,7 +114,22 @@ def _effnet_lite0(weights: str | None, seed: int) -> Encoder:
         load_into(net, sd, str(path))
     else:  # EfficientNet-PyTorch key names map one to one, in order, onto timm's
         load_by_order(net, sd, str(path))
+    if pool_layers:
+        arch["pool_layers"] = list(pool_layers)
+        net, dim = _pooled(net, pool_layers, 3)
     return Encoder(net, dim, arch, in_chans=3, mean=(0.5,), std=(0.5,), source=f"ImageNet-1k, {path.name}")
+
+
+@register_encoder("imagenet-effnet-lite0")
+def _effnet_lite0(weights: str | None, seed: int) -> Encoder:
+    """timm tf_efficientnet_lite0 with Google's ImageNet-1k weights (mean = std = 0.5)."""
+    return _effnet_lite0_encoder(weights, None)
+
+
+@register_encoder("imagenet-effnet-lite0-ml")
+def _effnet_lite0_multilayer(weights: str | None, seed: int) -> Encoder:
+    """The same network, with blocks 2-6 average-pooled and concatenated to its final features (2024-d)."""
+    return _effnet_lite0_encoder(weights, EFFNET_LITE0_MID_LAYERS)
 
 
 @register_encoder("cnn5")

@@ -36,7 +36,7 @@ from retrieval.training.trainer import cached_features, load_image_tensors, trai
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "train"
 BASELINES = ("raw-pixels", "random-resnet18", "imagenet-effnet-lite0")
 RETRIEVAL_KEYS = ("map", "mrr", "p@1", "map@r", "knn_accuracy", "knn_balanced_accuracy")
-PROBE_KEYS = ("probe_auc", "probe_balanced_accuracy")
+PROBE_KEYS = ("probe_auc", "probe_balanced_accuracy", "probe_patient_auc", "probe_patient_balanced_accuracy")
 
 
 def group_ids(rows: pd.DataFrame) -> np.ndarray:
@@ -71,22 +71,49 @@ def make_folds(rows: pd.DataFrame, k: int, seed: int) -> list[tuple[np.ndarray, 
     return [(tr, te) for tr, te in splitter.split(np.zeros(len(rows)), labels, groups)]
 
 
-def linear_probe(vectors: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray) -> dict[str, float]:
-    """Logistic regression on standardised frozen vectors: AUC (macro one-vs-rest), balanced accuracy."""
+def _auc_and_bacc(y: np.ndarray, prob: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
+    """AUC (binary, or macro one-vs-rest when every class is present) and balanced accuracy of argmax."""
+    if len(classes) == 2:
+        auc = roc_auc_score(y == classes[1], prob[:, 1]) if len(set(y)) == 2 else float("nan")
+    else:
+        auc = roc_auc_score(y, prob, multi_class="ovr", labels=list(classes)) if set(classes) <= set(y) else float("nan")
+    return float(auc), float(balanced_accuracy_score(y, classes[prob.argmax(1)]))
+
+
+def patient_average(prob: np.ndarray, labels: np.ndarray, patients: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """Mean predicted probabilities per patient (paper 001), with each patient's label; None when a
+    patient id is missing or a patient holds images of more than one label."""
+    if any(p is None or (isinstance(p, float) and np.isnan(p)) or str(p).strip() == "" for p in patients):
+        return None
+    frame = pd.DataFrame({"patient": [str(p) for p in patients], "label": labels})
+    if (frame.groupby("patient")["label"].nunique() > 1).any():
+        return None
+    order = frame["patient"].drop_duplicates().to_numpy()
+    codes = pd.Categorical(frame["patient"], categories=order).codes
+    sums = np.zeros((len(order), prob.shape[1]))
+    np.add.at(sums, codes, prob)
+    counts = np.bincount(codes, minlength=len(order))[:, None]
+    return sums / counts, frame.groupby("patient", sort=False)["label"].first().loc[order].to_numpy()
+
+
+def linear_probe(vectors: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
+                 patients: np.ndarray | None = None) -> dict[str, float]:
+    """Logistic regression on standardised frozen vectors: AUC (macro one-vs-rest) and balanced accuracy
+    per image and, where `patients` gives one label per patient, on predictions averaged per patient."""
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
     pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=1.0))
     pipe.fit(vectors[train_idx], labels[train_idx])
-    clf = pipe[-1]
+    classes = pipe[-1].classes_
     prob = pipe.predict_proba(vectors[test_idx])
-    y = labels[test_idx]
-    if len(clf.classes_) == 2:
-        auc = roc_auc_score(y == clf.classes_[1], prob[:, 1]) if len(set(y)) == 2 else float("nan")
-    else:
-        present = [c for c in clf.classes_ if c in set(y)]
-        auc = roc_auc_score(y, prob, multi_class="ovr", labels=list(clf.classes_)) if len(present) == len(clf.classes_) else float("nan")
-    return {"probe_auc": float(auc), "probe_balanced_accuracy": float(balanced_accuracy_score(y, clf.classes_[prob.argmax(1)]))}
+    auc, bacc = _auc_and_bacc(labels[test_idx], prob, classes)
+    out = {"probe_auc": auc, "probe_balanced_accuracy": bacc,
+           "probe_patient_auc": float("nan"), "probe_patient_balanced_accuracy": float("nan")}
+    per_patient = None if patients is None else patient_average(prob, labels[test_idx], np.asarray(patients, dtype=object)[test_idx])
+    if per_patient is not None:
+        out["probe_patient_auc"], out["probe_patient_balanced_accuracy"] = _auc_and_bacc(per_patient[1], per_patient[0], classes)
+    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -104,7 +131,8 @@ def score_fold(rows: pd.DataFrame, vectors: np.ndarray, tr: np.ndarray, te: np.n
     test[te] = True
     res = evaluate(rows, vectors, EvalSettings(k=k), progress=False, query_mask=test, gallery_mask=~test)
     out = {key: res["overall"][key] for key in RETRIEVAL_KEYS}
-    out.update(linear_probe(vectors, rows["label"].astype(str).to_numpy(), tr, te))
+    patients = rows["patient_id"].to_numpy(dtype=object) if "patient_id" in rows else None
+    out.update(linear_probe(vectors, rows["label"].astype(str).to_numpy(), tr, te, patients))
     return out
 
 
@@ -134,9 +162,11 @@ def resolve_method_config(method: str, preset_dir: Path = PRESETS) -> TrainConfi
 
 def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: int = 0, k: int = 10,
                   preset_dir: Path = PRESETS, overrides: dict[str, Any] | None = None, progress: bool = True,
-                  log=print, select: dict[str, list[Any]] | None = None) -> dict[str, Any]:
+                  log=print, select: dict[str, list[Any]] | None = None, repeats: int = 1) -> dict[str, Any]:
     """`select` lists candidate values of training options; each fold picks one by MAP on an inner
-    validation split of its training folds (never the held-out fold) and the choices are reported."""
+    validation split of its training folds (never the held-out fold) and the choices are reported.
+    `repeats` > 1 repeats the k-fold split with seeds seed, seed + 1, ...: on small archives the split
+    alone moves MAP by about a fold's spread, and the mean over repeats is the steadier figure."""
     t_start = time.perf_counter()
     table = load_dataset(data)
     rows = table.rows[table.rows["label"].notna()].reset_index(drop=True)
@@ -148,7 +178,9 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
             configs[m] = replace(resolve_method_config(m, preset_dir), **{**common, **mine})
         except TypeError as exc:
             raise RetrieveError(f"--set: {str(exc).split('got ')[-1]} (not a training option)") from None
-    splits = make_folds(rows, folds, seed)
+    if repeats < 1:
+        raise RetrieveError(f"--repeats {repeats}: must be at least 1")
+    splits = [split for r in range(repeats) for split in make_folds(rows, folds, seed + r)]
     device = pick_device()
     results: dict[str, list[dict[str, float]]] = {}
     timings: dict[str, float] = {}
@@ -223,17 +255,16 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
                 chosen.append({**best, "inner_val_map": note})
                 cfg_f = replace(cfg_f, **best)
             per_fold.append(score_fold(rows, fit_vectors(cfg_f, tr), tr, te, k))
-            log(f"{method} fold {f + 1}/{folds}: MAP {per_fold[-1]['map']:.4f}" + (f" (chose {chosen[-1]})" if chosen else ""))
+            log(f"{method} fold {f + 1}/{len(splits)}: MAP {per_fold[-1]['map']:.4f}" + (f" (chose {chosen[-1]})" if chosen else ""))
         results[method] = per_fold
         if chosen:
             selections[method] = chosen
         timings[method] = round(time.perf_counter() - t, 1)
 
-    summary = {name: {key: {"mean": float(np.nanmean([r[key] for r in runs])), "std": float(np.nanstd([r[key] for r in runs]))}
-                      for key in RETRIEVAL_KEYS + PROBE_KEYS} for name, runs in results.items()}
+    summary = {name: summarise_folds(runs, folds) for name, runs in results.items()}
     return {
         "dataset": str(data), "images": len(rows), "classes": sorted(rows["label"].astype(str).unique()), "folds": folds,
-        "seed": seed, "k": k, "groups": int(len(np.unique(group_ids(rows)))),
+        "repeats": repeats, "seed": seed, "k": k, "groups": int(len(np.unique(group_ids(rows)))),
         "methods": {m: c.to_dict() for m, c in configs.items()}, "per_fold": results, "summary": summary,
         "selection": {"candidates": select or {}, "chosen_per_fold": selections},
         "timings_s": timings, "wall_s": round(time.perf_counter() - t_start, 1),
@@ -241,17 +272,52 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
     }
 
 
+def summarise_folds(runs: list[dict[str, float]], folds: int) -> dict[str, dict[str, float | None]]:
+    """Mean and standard deviation over every fold of every repeat (None where a metric never applies);
+    with repeats, also the standard deviation of the repeats' means (how much the split alone moves it)."""
+    out: dict[str, dict[str, float | None]] = {}
+    for key in RETRIEVAL_KEYS + PROBE_KEYS:
+        vals = np.array([r[key] for r in runs], dtype=float)
+        ok = vals[~np.isnan(vals)]
+        entry: dict[str, float | None] = {"mean": float(ok.mean()) if len(ok) else None, "std": float(ok.std()) if len(ok) else None}
+        if len(vals) > folds and len(ok) == len(vals):
+            entry["repeat_std"] = float(vals.reshape(-1, folds).mean(1).std())
+        out[key] = entry
+    return out
+
+
+def _cell(stat: dict[str, float | None]) -> str:
+    return "-" if stat["mean"] is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
+
+
+def _json_safe(obj: Any) -> Any:
+    """NaN (a metric that does not apply to a fold) becomes null, so the file is strict JSON."""
+    if isinstance(obj, float) and np.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     name = Path(result["dataset"]).name
-    lines = [f"### {name} ({result['images']} images, {result['groups']} groups, {result['folds']} folds, "
+    repeats = result.get("repeats", 1)
+    split = f"{result['folds']} folds" + (f" x {repeats} repeats" if repeats > 1 else "")
+    lines = [f"### {name} ({result['images']} images, {result['groups']} groups, {split}, "
              f"wall {result['wall_s'] / 60:.1f} min)", "",
-             "| method | MAP | MRR | P@1 | MAP@R | kNN acc | kNN bal. acc | probe AUC | probe bal. acc |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | MAP | MRR | P@1 | MAP@R | kNN acc | kNN bal. acc | probe AUC | probe bal. acc "
+             "| probe AUC per patient | probe bal. acc per patient |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     chosen = result.get("selection", {}).get("chosen_per_fold", {})
     for method, s in result["summary"].items():
-        cells = [f"{s[k]['mean']:.3f} ± {s[k]['std']:.3f}" for k in RETRIEVAL_KEYS + PROBE_KEYS]
+        cells = [_cell(s[k]) for k in RETRIEVAL_KEYS + PROBE_KEYS]
         kind = " (baseline)" if method in BASELINES else ""
         lines.append(f"| {method}{kind} | " + " | ".join(cells) + " |")
+    if repeats > 1:
+        spread = ", ".join(f"{m} {s['map']['repeat_std']:.3f}" for m, s in result["summary"].items() if s["map"].get("repeat_std") is not None)
+        lines += ["", f"Mean ± std over all {result['folds'] * repeats} folds. Std of the {repeats} repeats' MAP means: {spread}."]
     if chosen:
         lines += ["", f"Selected per fold on an inner validation split of the training folds (candidates {result['selection']['candidates']}):"]
         for method, picks in chosen.items():
@@ -265,7 +331,7 @@ def write_outputs(results: list[dict[str, Any]], out_dir: Path) -> tuple[Path, P
     out_dir.mkdir(parents=True, exist_ok=True)
     js, md = out_dir / "benchmark.json", out_dir / "benchmark.md"
     with atomic_path(js) as tmp:
-        tmp.write_text(json.dumps(results, indent=2))
+        tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
     with atomic_path(md) as tmp:
         tmp.write_text("\n".join(markdown_table(r) for r in results))
     return js, md

@@ -15,7 +15,10 @@ LABEL_FREE = ("simclr",)
 
 
 def fmt(s: dict) -> str:
-    return f"{s['mean']:.3f} ± {s['std']:.3f}"
+    if s.get("mean") is None:
+        return "-"
+    spread = f" (split {s['repeat_std']:.3f})" if s.get("repeat_std") is not None else ""
+    return f"{s['mean']:.3f} ± {s['std']:.3f}{spread}"
 
 
 def main(paths: list[str]) -> None:

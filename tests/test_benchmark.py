@@ -120,3 +120,12 @@ def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
             assert not q[te].any() and not g[te].any()  # selection never sees the held-out fold
         q, g = method_calls[3 * f + 2]
         assert q[te].all() and not g[te].any()
+
+
+def test_end_to_end_methods_get_their_backbone_at_init_as_baseline(demo_data):
+    res = run_benchmark(demo_data, ["simclr"], folds=2, overrides={"max_steps": 1, "image_size": 32, "batch_size": 8},
+                        progress=False, log=lambda m: None)
+    assert set(res["summary"]) == {"raw-pixels", "random-resnet18", "imagenet-effnet-lite0", "random-cnn5-32px", "simclr"}
+    from retrieval.training.benchmark import markdown_table
+
+    assert "| random-cnn5-32px (baseline) |" in markdown_table(res)

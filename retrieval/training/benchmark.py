@@ -39,6 +39,11 @@ RETRIEVAL_KEYS = ("map", "mrr", "p@1", "map@r", "knn_accuracy", "knn_balanced_ac
 PROBE_KEYS = ("probe_auc", "probe_balanced_accuracy", "probe_patient_auc", "probe_patient_balanced_accuracy")
 
 
+def is_baseline(name: str) -> bool:
+    """The fixed baselines, and `random-<encoder>-<size>px`: a trained method's backbone at its random init."""
+    return name in BASELINES or name.startswith("random-")
+
+
 def group_ids(rows: pd.DataFrame) -> np.ndarray:
     """Union of patient_id and near_dup_group links (union-find); ungrouped images stand alone."""
     parent = list(range(len(rows)))
@@ -211,6 +216,13 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
     effnet_cfg = next((c for c in configs.values() if c.freeze_backbone and c.encoder == "imagenet-effnet-lite0" and c.image_size == 224),
                       TrainConfig(encoder="imagenet-effnet-lite0", image_size=224, frozen_views=0))
     base_vectors["imagenet-effnet-lite0"] = _unit(frozen_cache(effnet_cfg)[0].numpy())  # view 0: the clean image
+    for cfg in configs.values():  # each end-to-end trained backbone at its random init: what training bought
+        name = f"random-{cfg.encoder}-{cfg.image_size}px"
+        if cfg.freeze_backbone or cfg.weights is not None or cfg.encoder.startswith("imagenet") or name in base_vectors \
+                or (cfg.encoder, cfg.image_size) == ("resnet18", 224) or Path(cfg.encoder).suffix:
+            continue
+        init = create_encoder(cfg.encoder, None, seed).to(device)
+        base_vectors[name] = _unit(cached_features(init, images[cfg.image_size], 0, gen, device, progress=progress)[0].numpy())
     timings["baselines"] = round(time.perf_counter() - t, 1)
     for name, vec in base_vectors.items():
         results[name] = [score_fold(rows, vec, tr, te, k) for tr, te in splits]
@@ -313,7 +325,7 @@ def markdown_table(result: dict[str, Any]) -> str:
     chosen = result.get("selection", {}).get("chosen_per_fold", {})
     for method, s in result["summary"].items():
         cells = [_cell(s[k]) for k in RETRIEVAL_KEYS + PROBE_KEYS]
-        kind = " (baseline)" if method in BASELINES else ""
+        kind = " (baseline)" if is_baseline(method) else ""
         lines.append(f"| {method}{kind} | " + " | ".join(cells) + " |")
     if repeats > 1:
         spread = ", ".join(f"{m} {s['map']['repeat_std']:.3f}" for m, s in result["summary"].items() if s["map"].get("repeat_std") is not None)

@@ -29,6 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from retrieval.config import PreprocessConfig  # noqa: E402
 from retrieval.data.dataset import load_dataset  # noqa: E402
+from retrieval.embed import pick_device  # noqa: E402
 from retrieval.encoders.registry import create_encoder  # noqa: E402
 from retrieval.evaluation.metrics import average_precision  # noqa: E402
 from retrieval.training.augment import AugmentConfig  # noqa: E402
@@ -41,9 +42,10 @@ def per_query_ap(rows: pd.DataFrame, method: str, overrides: dict, folds: int, r
     if not cfg.freeze_backbone:
         raise SystemExit("per_patient_ap.py: only frozen-backbone presets (freeze_backbone: true) are supported")
     images = load_image_tensors(rows, PreprocessConfig(image_size=cfg.image_size))[0]
-    enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed)
+    device = pick_device()
+    enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed).to(device)
     aug = AugmentConfig() if cfg.augment_gain else AugmentConfig(gain=(1.0, 1.0))
-    cache = cached_features(enc, images, cfg.frozen_views, torch.Generator().manual_seed(0), "cpu", progress=True, aug=aug)
+    cache = cached_features(enc, images, cfg.frozen_views, torch.Generator().manual_seed(0), device, progress=True, aug=aug)
     labels, patients = rows["label"].astype(str).to_numpy(), rows["patient_id"].astype(str).to_numpy()
     records = []
     for r in range(repeats):

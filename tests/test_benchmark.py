@@ -129,3 +129,23 @@ def test_end_to_end_methods_get_their_backbone_at_init_as_baseline(demo_data):
     from retrieval.training.benchmark import markdown_table
 
     assert "| random-cnn5-32px (baseline) |" in markdown_table(res)
+
+
+def test_benchmark_cli_writes_strict_json_with_repeats(demo_data, tmp_path, capsys):
+    import json
+
+    from conftest import run_cli
+
+    out = tmp_path / "bench"
+    code, stdout, err = run_cli(capsys, "benchmark", demo_data, "--methods", "supervised", "--folds", "2", "--repeats", "2",
+                                "--epochs", "1", "--set", "image_size=32", "--set", "frozen_views=1", "--out", out, "--quiet")
+    assert code == 0, err
+
+    def no_nan(value):
+        raise AssertionError(f"non-standard JSON constant {value}")
+
+    result = json.loads((out / "benchmark.json").read_text(), parse_constant=no_nan)[0]
+    assert result["repeats"] == 2 and len(result["per_fold"]["supervised"]) == 4
+    assert result["summary"]["supervised"]["probe_patient_auc"]["mean"] is not None  # demo patients have one grade each
+    md = (out / "benchmark.md").read_text()
+    assert "2 folds x 2 repeats" in md and "probe AUC per patient" in md and "Std of the 2 repeats' MAP means" in md

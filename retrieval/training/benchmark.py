@@ -3,9 +3,11 @@
 Protocol: stratified k-fold grouped by patient and near-duplicate group (an image's patient and
 near-dup group are never on both sides). Per fold: train on the training folds, index them, query
 with the held-out fold (MAP, MRR, P@1, MAP@R, kNN accuracy, balanced accuracy); linear probe
-(logistic regression on frozen vectors, paper 001) with AUC and balanced accuracy. Baselines in the
-same run: raw pixels, random-init ResNet-18, ImageNet EfficientNet-Lite0 features. Nothing is tuned
-on the held-out fold: every method runs with its preset as written.
+(logistic regression on frozen vectors, paper 001) with AUC and balanced accuracy, per image and on
+predictions averaged per patient. Baselines in the same run: raw pixels, random-init ResNet-18,
+ImageNet EfficientNet-Lite0 features, and each end-to-end trained backbone at its random init. The
+split can be repeated with other seeds (`repeats`). Nothing is tuned on the held-out fold: every
+method runs with its preset as written, or chooses options on an inner split (`select`).
 """
 
 from __future__ import annotations

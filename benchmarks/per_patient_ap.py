@@ -1,9 +1,9 @@
 """Where a trained encoder's retrieval errors are: held-out AP per patient, grouped by a clinical column.
 
-Same protocol as `retrieve benchmark` (grouped stratified k-fold, head trained on frozen features of
-the training folds, held-out images query the training folds). Each query's AP is averaged per
-patient, then per bin of `--by` (for the Byra ROIs: biopsy fat percentage, where the label's 5 % cut
-lies inside a continuum).
+Same protocol and code as `retrieve benchmark`: grouped stratified k-fold, the method trained on the
+training folds, held-out images querying the training folds. Each query's AP is averaged per patient,
+then per bin of `--by` (for the Byra ROIs: biopsy fat percentage, where the label's 5 % cut lies
+inside a continuum).
 
     python benchmarks/per_patient_ap.py ../shared/data/byra_steatosis_liver_rois --method supcon \
         --by fat_percent --bins 0,5,10,20,40,101 --repeats 2 [--set augment_gain=false] \
@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,33 +29,25 @@ sys.path.insert(0, str(ROOT))
 from retrieval.config import PreprocessConfig  # noqa: E402
 from retrieval.data.dataset import load_dataset  # noqa: E402
 from retrieval.embed import pick_device  # noqa: E402
-from retrieval.encoders.registry import create_encoder  # noqa: E402
-from retrieval.evaluation.metrics import average_precision  # noqa: E402
-from retrieval.training.augment import AugmentConfig  # noqa: E402
-from retrieval.training.benchmark import make_folds, resolve_method_config  # noqa: E402
-from retrieval.training.trainer import cached_features, load_image_tensors, train  # noqa: E402
+from retrieval.evaluation.evaluate import EvalSettings, evaluate  # noqa: E402
+from retrieval.training.benchmark import FoldFitter, make_folds, resolve_method_config  # noqa: E402
+from retrieval.training.trainer import load_image_tensors  # noqa: E402
 
 
-def per_query_ap(rows: pd.DataFrame, method: str, overrides: dict, folds: int, repeats: int) -> pd.DataFrame:
+def per_query_ap(rows: pd.DataFrame, method: str, overrides: dict, folds: int, repeats: int, k: int = 10) -> pd.DataFrame:
+    """Every held-out query's AP, fold by fold, with the benchmark's own training and evaluation."""
     cfg = replace(resolve_method_config(method), **overrides)
-    if not cfg.freeze_backbone:
-        raise SystemExit("per_patient_ap.py: only frozen-backbone presets (freeze_backbone: true) are supported")
-    images = load_image_tensors(rows, PreprocessConfig(image_size=cfg.image_size))[0]
-    device = pick_device()
-    enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed).to(device)
-    aug = AugmentConfig() if cfg.augment_gain else AugmentConfig(gain=(1.0, 1.0))
-    cache = cached_features(enc, images, cfg.frozen_views, torch.Generator().manual_seed(0), device, progress=True, aug=aug)
-    labels, patients = rows["label"].astype(str).to_numpy(), rows["patient_id"].astype(str).to_numpy()
+    images = {cfg.image_size: load_image_tensors(rows, PreprocessConfig(image_size=cfg.image_size))[0]}
+    fitter = FoldFitter(rows, images, pick_device())
     records = []
     for r in range(repeats):
         for f, (tr, te) in enumerate(make_folds(rows, folds, r)):
-            res = train(rows.iloc[tr].reset_index(drop=True), replace(cfg, seed=r * folds + f), progress=False, features=cache[:, tr])
-            with torch.no_grad():
-                vec = torch.nn.functional.normalize(res.encoder.head(cache[0]), dim=1).numpy()
-            for q in te:
-                gallery = tr[patients[tr] != patients[q]]
-                ap = average_precision(vec[gallery] @ vec[q], labels[gallery] == labels[q])
-                records.append({"repeat": r, "fold": f, "row": int(q), "patient_id": patients[q], "label": labels[q], "ap": ap})
+            test = np.zeros(len(rows), bool)
+            test[te] = True
+            res = evaluate(rows, fitter.fit(replace(cfg, seed=r * folds + f), tr), EvalSettings(k=k), progress=False,
+                           query_mask=test, gallery_mask=~test, keep_per_query=True)
+            records += [{"repeat": r, "fold": f, "row": q["row"], "patient_id": rows["patient_id"].iloc[q["row"]],
+                         "label": q["label"], "ap": q["ap"]} for q in res["per_query"]]
     return pd.DataFrame(records)
 
 

@@ -17,16 +17,15 @@ class MultiLayerPool(nn.Module):
         super().__init__()
         self.net = net
         self.layers = list(layers)
-        modules = dict(net.named_modules())
-        missing = [name for name in self.layers if name not in modules]
+        names = {name for name, _ in net.named_modules()}
+        missing = [name for name in self.layers if name not in names]
         if missing:
             raise ValueError(f"no layer named {', '.join(missing)} in {type(net).__name__}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        modules = dict(self.net.named_modules())
         pooled: dict[str, torch.Tensor] = {}
         # hooks live only for this call, so the module stays plain (copyable, picklable)
-        handles = [modules[name].register_forward_hook(lambda _m, _i, out, name=name: pooled.__setitem__(name, out.mean((2, 3))))
+        handles = [self.net.get_submodule(name).register_forward_hook(lambda _m, _i, out, name=name: pooled.__setitem__(name, out.mean((2, 3))))
                    for name in self.layers]
         try:
             final = self.net(x)

@@ -48,9 +48,11 @@ def _group_codes(rows: pd.DataFrame, column: str) -> np.ndarray:
 
 
 def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = EvalSettings(), block: int = 512, progress: bool = True,
-             query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None) -> dict[str, Any]:
+             query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None,
+             keep_per_query: bool = False) -> dict[str, Any]:
     """Leave-one-out by default; with masks, only `query_mask` rows query and only `gallery_mask` rows
-    are candidates (a held-out fold against the training folds)."""
+    are candidates (a held-out fold against the training folds). `keep_per_query` adds each scored
+    query's metrics, with its row number, as `per_query`."""
     labels_text = rows["label"].astype("string")
     labelled = labels_text.notna().to_numpy() & (labels_text.fillna("") != "").to_numpy()
     if labelled.sum() < 2:
@@ -96,6 +98,7 @@ def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = E
             ranked = pessimistic_order(scores, relevant)
             per_query.append(
                 {
+                    "row": int(q),
                     "label": classes[label_codes[q]],
                     "ap": average_precision(scores, relevant),
                     "rr": reciprocal_rank(ranked),
@@ -140,7 +143,7 @@ def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = E
         per_class[c] = entry
     curves = np.vstack(pr_curves)
     by_class_curve = {c: curves[(pq["label"] == c).to_numpy()].mean(axis=0).round(5).tolist() for c in classes if (pq["label"] == c).any()}
-    return {
+    result = {
         "settings": asdict(settings),
         "n_images": int(len(rows)),
         "n_labelled": int(labelled.sum()),
@@ -155,3 +158,6 @@ def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = E
             "per_class": by_class_curve,
         },
     }
+    if keep_per_query:
+        result["per_query"] = pq.to_dict("records")
+    return result

@@ -90,17 +90,13 @@ def _auc_and_bacc(y: np.ndarray, prob: np.ndarray, classes: np.ndarray) -> tuple
 def patient_average(prob: np.ndarray, labels: np.ndarray, patients: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     """Mean predicted probabilities per patient (paper 001), with each patient's label; None when a
     patient id is missing or a patient holds images of more than one label."""
-    if any(p is None or (isinstance(p, float) and np.isnan(p)) or str(p).strip() == "" for p in patients):
+    ids = pd.Series(patients, dtype=object)
+    if ids.isna().any() or (ids.astype(str).str.strip() == "").any():
         return None
-    frame = pd.DataFrame({"patient": [str(p) for p in patients], "label": labels})
-    if (frame.groupby("patient")["label"].nunique() > 1).any():
+    by_patient = pd.Series(labels).groupby(ids.to_numpy(), sort=False)
+    if (by_patient.nunique() > 1).any():
         return None
-    order = frame["patient"].drop_duplicates().to_numpy()
-    codes = pd.Categorical(frame["patient"], categories=order).codes
-    sums = np.zeros((len(order), prob.shape[1]))
-    np.add.at(sums, codes, prob)
-    counts = np.bincount(codes, minlength=len(order))[:, None]
-    return sums / counts, frame.groupby("patient", sort=False)["label"].first().loc[order].to_numpy()
+    return pd.DataFrame(prob).groupby(ids.to_numpy(), sort=False).mean().to_numpy(), by_patient.first().to_numpy()
 
 
 def linear_probe(vectors: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
@@ -167,6 +163,44 @@ def resolve_method_config(method: str, preset_dir: Path = PRESETS) -> TrainConfi
     return load_train_config(cpu if cpu.is_file() else None, {"method": method})
 
 
+class FoldFitter:
+    """Trains a method on some rows and returns unit vectors for every row. Frozen-backbone features
+    (clean + augmented views) are computed once per (encoder, weights, size, views, gain) and shared by
+    every fold and method; `images` holds the preprocessed images per image size."""
+
+    def __init__(self, rows: pd.DataFrame, images: dict[int, torch.Tensor], device: torch.device, seed: int = 0,
+                 progress: bool = True, timings: dict[str, float] | None = None):
+        self.rows, self.images, self.device, self.progress = rows, images, device, progress
+        self.gen = torch.Generator().manual_seed(seed)
+        self.timings = timings if timings is not None else {}
+        self.caches: dict[tuple, torch.Tensor] = {}
+
+    def frozen_cache(self, cfg: TrainConfig) -> torch.Tensor:
+        key = (cfg.encoder, cfg.weights, cfg.image_size, cfg.frozen_views, cfg.augment_gain)
+        if key not in self.caches:
+            from retrieval.training.augment import AugmentConfig
+
+            t = time.perf_counter()
+            enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed).to(self.device)
+            aug = AugmentConfig() if cfg.augment_gain else AugmentConfig(gain=(1.0, 1.0))
+            self.caches[key] = cached_features(enc, self.images[cfg.image_size], cfg.frozen_views, self.gen, self.device,
+                                               progress=self.progress, aug=aug)
+            self.timings[f"features {cfg.encoder} x{cfg.frozen_views + 1} views"] = round(time.perf_counter() - t, 1)
+        return self.caches[key]
+
+    def fit(self, cfg: TrainConfig, tr: np.ndarray) -> np.ndarray:
+        """Train on rows `tr`, return unit vectors for every row."""
+        train_rows = self.rows.iloc[tr].reset_index(drop=True)
+        if cfg.freeze_backbone:
+            cache = self.frozen_cache(cfg)
+            res = train(train_rows, cfg, progress=False, features=cache[:, tr])
+            with torch.no_grad():
+                vec = res.encoder.head(cache[0]).numpy() if cfg.vectors_from == "head" else cache[0].numpy()
+            return _unit(vec)
+        res = train(train_rows, cfg, progress=self.progress)
+        return embed_rows(self.rows, res.encoder, res.encoder.default_preprocess, progress=False).vectors
+
+
 def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: int = 0, k: int = 10,
                   preset_dir: Path = PRESETS, overrides: dict[str, Any] | None = None, progress: bool = True,
                   log=print, select: dict[str, list[Any]] | None = None, repeats: int = 1) -> dict[str, Any]:
@@ -195,51 +229,29 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
     # one image load for raw pixels and every frozen-feature cache (image size of the presets)
     sizes = {c.image_size for c in configs.values()} | {224} | set((select or {}).get("image_size", []))
     images = {s: load_image_tensors(rows, PreprocessConfig(image_size=s))[0] for s in sizes}
-    gen = torch.Generator().manual_seed(seed)
-    caches: dict[tuple, torch.Tensor] = {}
+    fitter = FoldFitter(rows, images, device, seed, progress, timings)
 
-    def frozen_cache(cfg: TrainConfig) -> torch.Tensor:
-        key = (cfg.encoder, cfg.weights, cfg.image_size, cfg.frozen_views, cfg.augment_gain)
-        if key not in caches:
-            from retrieval.training.augment import AugmentConfig
-
-            t = time.perf_counter()
-            enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed).to(device)
-            aug = AugmentConfig() if cfg.augment_gain else AugmentConfig(gain=(1.0, 1.0))
-            caches[key] = cached_features(enc, images[cfg.image_size], cfg.frozen_views, gen, device, progress=progress, aug=aug)
-            timings[f"features {cfg.encoder} x{cfg.frozen_views + 1} views"] = round(time.perf_counter() - t, 1)
-        return caches[key]
+    def clean_vectors(enc, size: int) -> np.ndarray:
+        return _unit(cached_features(enc.to(device), images[size], 0, fitter.gen, device, progress=progress)[0].numpy())
 
     # baselines: fixed vectors, scored on the same folds
     t = time.perf_counter()
-    base_vectors = {"raw-pixels": raw_pixel_vectors(images[224])}
-    rnd = create_encoder("resnet18", None, seed).to(device)
-    base_vectors["random-resnet18"] = _unit(cached_features(rnd, images[224], 0, gen, device, progress=progress)[0].numpy())
+    base_vectors = {"raw-pixels": raw_pixel_vectors(images[224]),
+                    "random-resnet18": clean_vectors(create_encoder("resnet18", None, seed), 224)}
     effnet_cfg = next((c for c in configs.values() if c.freeze_backbone and c.encoder == "imagenet-effnet-lite0" and c.image_size == 224),
                       TrainConfig(encoder="imagenet-effnet-lite0", image_size=224, frozen_views=0))
-    base_vectors["imagenet-effnet-lite0"] = _unit(frozen_cache(effnet_cfg)[0].numpy())  # view 0: the clean image
+    base_vectors["imagenet-effnet-lite0"] = _unit(fitter.frozen_cache(effnet_cfg)[0].numpy())  # view 0: the clean image
     for cfg in configs.values():  # each end-to-end trained backbone at its random init: what training bought
-        name = f"random-{cfg.encoder}-{cfg.image_size}px"
-        if cfg.freeze_backbone or cfg.weights is not None or cfg.encoder.startswith("imagenet") or name in base_vectors \
-                or (cfg.encoder, cfg.image_size) == ("resnet18", 224) or Path(cfg.encoder).suffix:
+        name = "random-resnet18" if (cfg.encoder, cfg.image_size) == ("resnet18", 224) else f"random-{cfg.encoder}-{cfg.image_size}px"
+        if cfg.freeze_backbone or cfg.weights is not None or name in base_vectors:
             continue
-        init = create_encoder(cfg.encoder, None, seed).to(device)
-        base_vectors[name] = _unit(cached_features(init, images[cfg.image_size], 0, gen, device, progress=progress)[0].numpy())
+        init = create_encoder(cfg.encoder, None, seed)
+        if init.source.startswith("random init"):  # not pretrained weights, not a checkpoint
+            base_vectors[name] = clean_vectors(init, cfg.image_size)
     timings["baselines"] = round(time.perf_counter() - t, 1)
     for name, vec in base_vectors.items():
         results[name] = [score_fold(rows, vec, tr, te, k) for tr, te in splits]
         log(f"{name}: MAP {np.mean([r['map'] for r in results[name]]):.4f}")
-
-    def fit_vectors(cfg_f: TrainConfig, tr: np.ndarray) -> np.ndarray:
-        """Train on rows `tr`, return unit vectors for every row."""
-        if cfg_f.freeze_backbone:
-            cache = frozen_cache(cfg_f)
-            res = train(rows.iloc[tr].reset_index(drop=True), cfg_f, progress=False, features=cache[:, tr])
-            with torch.no_grad():
-                vec = res.encoder.head(cache[0]).numpy() if cfg_f.vectors_from == "head" else cache[0].numpy()
-            return _unit(vec)
-        res = train(rows.iloc[tr].reset_index(drop=True), cfg_f, progress=progress)
-        return embed_rows(rows, res.encoder, res.encoder.default_preprocess, progress=False).vectors
 
     grid = candidate_grid(select or {})
     selections: dict[str, list[dict[str, Any]]] = {}
@@ -256,7 +268,7 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
                 inner_gallery[itr] = True
                 scores = []
                 for cand in grid:
-                    vec = fit_vectors(replace(cfg_f, **cand), itr)
+                    vec = fitter.fit(replace(cfg_f, **cand), itr)
                     try:
                         r = evaluate(rows, vec, EvalSettings(k=k), progress=False, query_mask=val, gallery_mask=inner_gallery)
                         scores.append(r["overall"]["map"])
@@ -268,7 +280,7 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
                     best, note = grid[int(np.nanargmax(scores))], round(float(np.nanmax(scores)), 4)
                 chosen.append({**best, "inner_val_map": note})
                 cfg_f = replace(cfg_f, **best)
-            per_fold.append(score_fold(rows, fit_vectors(cfg_f, tr), tr, te, k))
+            per_fold.append(score_fold(rows, fitter.fit(cfg_f, tr), tr, te, k))
             log(f"{method} fold {f + 1}/{len(splits)}: MAP {per_fold[-1]['map']:.4f}" + (f" (chose {chosen[-1]})" if chosen else ""))
         results[method] = per_fold
         if chosen:

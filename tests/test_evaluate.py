@@ -116,3 +116,18 @@ def test_query_and_gallery_masks(toy):
             aps.append(average_precision_score(y, vectors[g] @ vectors[q]))
     assert res["overall"]["n_queries"] == len(aps)
     assert res["overall"]["map"] == pytest.approx(np.mean(aps), abs=1e-6)
+
+
+def test_per_query_rows_match_sklearn(toy):
+    """keep_per_query gives each scored query's row and AP; each AP equals sklearn's on that split."""
+    rows, vectors = toy
+    test = np.arange(len(rows)) % 4 == 0
+    res = evaluate(rows, vectors, EvalSettings(exclude_same_patient=False, exclude_near_dup=False), progress=False,
+                   query_mask=test, gallery_mask=~test, keep_per_query=True)
+    g = np.flatnonzero(~test)
+    assert [q["row"] for q in res["per_query"]] == [q for q in np.flatnonzero(test) if (rows.label[g] == rows.label[q]).any()]
+    for q in res["per_query"]:
+        assert q["label"] == rows.label[q["row"]]
+        y = rows.label.to_numpy()[g] == rows.label[q["row"]]
+        assert q["ap"] == pytest.approx(average_precision_score(y, vectors[g] @ vectors[q["row"]]), abs=1e-6)
+    assert "per_query" not in evaluate(rows, vectors, progress=False)

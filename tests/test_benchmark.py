@@ -149,3 +149,24 @@ def test_benchmark_cli_writes_strict_json_with_repeats(demo_data, tmp_path, caps
     assert result["summary"]["supervised"]["probe_patient_auc"]["mean"] is not None  # demo patients have one grade each
     md = (out / "benchmark.md").read_text()
     assert "2 folds x 2 repeats" in md and "probe AUC per patient" in md and "Std of the 2 repeats' MAP means" in md
+
+
+def test_benchmark_cli_reads_yaml_values_and_candidate_lists(demo_data, tmp_path, capsys, monkeypatch):
+    """--set takes YAML mappings (augment), --select a YAML list whose items hold commas; bad YAML is one line."""
+    import retrieval.training.benchmark as bm
+    from conftest import run_cli
+
+    seen = {}
+
+    def fake_run(data, methods, folds, seed, overrides=None, select=None, **kw):
+        seen.update(overrides=overrides, select=select)
+        raise bm.RetrieveError("stop here")
+
+    monkeypatch.setattr(bm, "run_benchmark", fake_run)
+    code, _, err = run_cli(capsys, "benchmark", demo_data, "--methods", "simclr", "--set", "augment={zoom: [0.9, 1.1]}",
+                           "--select", "augment=[{}, {crop_scale: [0.3, 1.0], shift: 0.1}]", "--select", "lr=0.001,0.01")
+    assert code != 0 and "stop here" in err
+    assert seen["overrides"] == {"augment": {"zoom": [0.9, 1.1]}}
+    assert seen["select"] == {"augment": [{}, {"crop_scale": [0.3, 1.0], "shift": 0.1}], "lr": [0.001, 0.01]}
+    code, _, err = run_cli(capsys, "benchmark", demo_data, "--set", "augment={zoom: [0.9")
+    assert code != 0 and "--set augment={zoom: [0.9: not a valid YAML value" in err and "Traceback" not in err

@@ -87,6 +87,27 @@ def test_config_files_and_overrides(tmp_path):
         TrainConfig(method="byol")
 
 
+def test_augmentation_options_from_yaml(rows, tmp_path, monkeypatch):
+    """`augment` changes the training views' AugmentConfig; bad options fail before any training."""
+    import retrieval.training.trainer as trainer
+    from retrieval.training.augment import AugmentConfig
+
+    (tmp_path / "c.yaml").write_text("method: simclr\naugment_gain: false\naugment: {rotation_deg: 5, crop_scale: [0.9, 1.0]}\n")
+    cfg = load_train_config(tmp_path / "c.yaml")
+    assert cfg.augment_config() == AugmentConfig(rotation_deg=5.0, crop_scale=(0.9, 1.0), gain=(1.0, 1.0))
+    assert TrainConfig().augment_config() == AugmentConfig()
+    for bad, msg in [({"rotation": 5}, "unknown option"), ({"zoom": 1.1}, "two numbers"), ({"blur_p": "x"}, "a number"),
+                     ([1, 2], "mapping")]:
+        with pytest.raises(RetrieveError, match=msg):
+            TrainConfig(augment=bad)
+    seen = []
+    real = trainer.augment
+    monkeypatch.setattr(trainer, "augment", lambda x, aug, generator=None: seen.append(aug) or real(x, aug, generator=generator))
+    train(rows, TrainConfig(method="simclr", encoder="cnn5", image_size=32, batch_size=8, max_steps=1, augment={"shift": 0.0}),
+          progress=False)
+    assert seen and all(a.shift == 0.0 and a.rotation_deg == 15.0 for a in seen)
+
+
 def test_train_cli_pairs_file_and_classify(tmp_path, capsys, demo_data):
     labels = pd.read_csv(demo_data / "labels.csv")
     pairs = pd.DataFrame({

@@ -165,7 +165,7 @@ def resolve_method_config(method: str, preset_dir: Path = PRESETS) -> TrainConfi
 
 class FoldFitter:
     """Trains a method on some rows and returns unit vectors for every row. Frozen-backbone features
-    (clean + augmented views) are computed once per (encoder, weights, size, views, gain) and shared by
+    (clean + augmented views) are computed once per (encoder, weights, size, views, augmentations) and shared by
     every fold and method; `images` holds the preprocessed images per image size."""
 
     def __init__(self, rows: pd.DataFrame, images: dict[int, torch.Tensor], device: torch.device, seed: int = 0,
@@ -176,13 +176,11 @@ class FoldFitter:
         self.caches: dict[tuple, torch.Tensor] = {}
 
     def frozen_cache(self, cfg: TrainConfig) -> torch.Tensor:
-        key = (cfg.encoder, cfg.weights, cfg.image_size, cfg.frozen_views, cfg.augment_gain)
+        aug = cfg.augment_config()
+        key = (cfg.encoder, cfg.weights, cfg.image_size, cfg.frozen_views, aug)
         if key not in self.caches:
-            from retrieval.training.augment import AugmentConfig
-
             t = time.perf_counter()
             enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed).to(self.device)
-            aug = AugmentConfig() if cfg.augment_gain else AugmentConfig(gain=(1.0, 1.0))
             self.caches[key] = cached_features(enc, self.images[cfg.image_size], cfg.frozen_views, self.gen, self.device,
                                                progress=self.progress, aug=aug)
             self.timings[f"features {cfg.encoder} x{cfg.frozen_views + 1} views"] = round(time.perf_counter() - t, 1)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from retrieval.config import read_yaml_mapping
+from retrieval.training.augment import AugmentConfig
 from retrieval.errors import RetrieveError
 
 METHODS = ("siamese", "siamese-l1", "simclr", "supcon", "weak-simclr", "supervised")
@@ -33,6 +34,7 @@ class TrainConfig:
     frozen_views: int = 4  # augmented views cached per image when the backbone is frozen
     balanced: bool = False  # class-balanced sampling
     augment_gain: bool = True  # random gain (brightness) in the views; off where brightness is the finding (steatosis)
+    augment: dict[str, Any] = field(default_factory=dict)  # AugmentConfig fields to change, e.g. {rotation_deg: 5}
     vectors_from: str = "head"  # "head": the projection is the vector; "backbone": f(x)
     max_steps: int | None = None  # stop early (tests, smoke runs)
     device: str = "auto"
@@ -47,6 +49,27 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 2:
             raise RetrieveError("epochs must be >= 1 and batch_size >= 2")
         self.head_dims = [int(d) for d in self.head_dims]
+        self.augment_config()  # unknown or malformed augmentation options fail here, not mid-training
+
+    def augment_config(self) -> AugmentConfig:
+        """The augmentations of the training views: AugmentConfig defaults, `augment` on top, gain off
+        when augment_gain is false."""
+        if not isinstance(self.augment, dict):
+            raise RetrieveError(f"augment: expected a mapping of augmentation options, got {self.augment!r}")
+        known = {f.name: f.default for f in fields(AugmentConfig)}
+        unknown = set(self.augment) - set(known)
+        if unknown:
+            raise RetrieveError(f"augment: unknown option(s) {', '.join(sorted(unknown))} (known: {', '.join(known)})")
+        values = {}
+        for key, value in self.augment.items():
+            want_pair = isinstance(known[key], tuple)
+            if want_pair and not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+                raise RetrieveError(f"augment.{key}: expected two numbers [low, high], got {value!r}")
+            if not want_pair and not isinstance(value, (int, float)):
+                raise RetrieveError(f"augment.{key}: expected a number, got {value!r}")
+            values[key] = tuple(float(v) for v in value) if want_pair else float(value)
+        aug = AugmentConfig(**values)
+        return aug if self.augment_gain else replace(aug, gain=(1.0, 1.0))
 
     @property
     def needs_labels(self) -> bool:

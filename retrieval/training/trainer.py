@@ -182,7 +182,7 @@ def train(rows: pd.DataFrame, cfg: TrainConfig, pairs_table: pd.DataFrame | None
     if cfg.method in ("siamese", "siamese-l1"):
         pairs = PairSampler(codes, _pair_indices(rows.iloc[keep].reset_index(drop=True), pairs_table), gen)
     model = TrainModel(encoder, len(classes), cfg.method, cfg.freeze_backbone).to(device)
-    aug_cfg = AugmentConfig() if cfg.augment_gain else AugmentConfig(gain=(1.0, 1.0))
+    aug_cfg = cfg.augment_config()
 
     if cfg.freeze_backbone:
         for p in encoder.backbone.parameters():

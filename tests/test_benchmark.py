@@ -122,13 +122,18 @@ def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
         assert q[te].all() and not g[te].any()
 
 
-def test_end_to_end_methods_get_their_backbone_at_init_as_baseline(demo_data):
+def test_methods_on_random_init_backbones_get_that_backbone_at_init_as_baseline(demo_data):
     res = run_benchmark(demo_data, ["simclr"], folds=2, overrides={"max_steps": 1, "image_size": 32, "batch_size": 8},
                         progress=False, log=lambda m: None)
     assert set(res["summary"]) == {"raw-pixels", "random-resnet18", "imagenet-effnet-lite0", "random-cnn5-32px", "simclr"}
     from retrieval.training.benchmark import markdown_table
 
     assert "| random-cnn5-32px (baseline) |" in markdown_table(res)
+    # a head on frozen random-init features is compared with those features; ImageNet features get no such row
+    res = run_benchmark(demo_data, ["simclr", "supcon"], folds=2, progress=False, log=lambda m: None,
+                        overrides={"max_steps": 1, "image_size": 32, "batch_size": 8, "freeze_backbone": True, "frozen_views": 1,
+                                   "simclr.encoder": "cnn5", "supcon.encoder": "imagenet-effnet-lite0"})
+    assert set(res["summary"]) == {"raw-pixels", "random-resnet18", "imagenet-effnet-lite0", "random-cnn5-32px", "simclr", "supcon"}
 
 
 def test_benchmark_cli_writes_strict_json_with_repeats(demo_data, tmp_path, capsys):

@@ -5,7 +5,8 @@ near-dup group are never on both sides). Per fold: train on the training folds, 
 with the held-out fold (MAP, MRR, P@1, MAP@R, kNN accuracy, balanced accuracy); linear probe
 (logistic regression on frozen vectors, paper 001) with AUC and balanced accuracy, per image and on
 predictions averaged per patient. Baselines in the same run: raw pixels, random-init ResNet-18,
-ImageNet EfficientNet-Lite0 features, and each end-to-end trained backbone at its random init. The
+ImageNet EfficientNet-Lite0 features, and each random-init backbone a method trains (end to end) or
+trains a head on (frozen) at its untouched init. The
 split can be repeated with other seeds (`repeats`). Nothing is tuned on the held-out fold: every
 method runs with its preset as written, or chooses options on an inner split (`select`).
 """
@@ -239,9 +240,9 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
     effnet_cfg = next((c for c in configs.values() if c.freeze_backbone and c.encoder == "imagenet-effnet-lite0" and c.image_size == 224),
                       TrainConfig(encoder="imagenet-effnet-lite0", image_size=224, frozen_views=0))
     base_vectors["imagenet-effnet-lite0"] = _unit(fitter.frozen_cache(effnet_cfg)[0].numpy())  # view 0: the clean image
-    for cfg in configs.values():  # each end-to-end trained backbone at its random init: what training bought
+    for cfg in configs.values():  # each random-init backbone, trained or under a trained head, untouched: what training bought
         name = "random-resnet18" if (cfg.encoder, cfg.image_size) == ("resnet18", 224) else f"random-{cfg.encoder}-{cfg.image_size}px"
-        if cfg.freeze_backbone or cfg.weights is not None or name in base_vectors:
+        if cfg.weights is not None or name in base_vectors:
             continue
         init = create_encoder(cfg.encoder, None, seed)
         if init.source.startswith("random init"):  # not pretrained weights, not a checkpoint

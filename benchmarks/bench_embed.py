@@ -1,7 +1,7 @@
 """Embedding throughput (images/s) per device and encoder, on generated data, CPU as the baseline.
 
-    python benchmarks/bench_embed.py [--images 512] [--encoders imagenet-effnet-lite0,resnet50]
-                                     [--image-size 224] [--batch-size 64] [--out benchmarks/results/embed.json]
+python benchmarks/bench_embed.py [--images 512] [--encoders imagenet-effnet-lite0,resnet50]
+                                 [--image-size 224] [--batch-size 64] [--out benchmarks/results/embed.json]
 """
 
 from __future__ import annotations
@@ -43,23 +43,38 @@ def main() -> None:
         for enc in args.encoders.split(","):
             loaded = load_encoder(EncoderSpec(enc), {"image_size": args.image_size})
             for dev in devices:
-                embed_rows(rows.iloc[: args.batch_size], loaded.encoder, loaded.preprocess, args.batch_size, 0, dev, False)  # warm-up
+                embed_rows(
+                    rows.iloc[: args.batch_size], loaded.encoder, loaded.preprocess, args.batch_size, 0, dev, False
+                )  # warm-up
                 t = time.perf_counter()
                 out = embed_rows(rows, loaded.encoder, loaded.preprocess, args.batch_size, args.workers, dev, False)
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 sec = time.perf_counter() - t
-                results.append({"encoder": enc, "device": dev.type, "images": len(out.rows), "seconds": round(sec, 3),
-                                "images_per_s": round(len(out.rows) / sec, 1)})
+                results.append(
+                    {
+                        "encoder": enc,
+                        "device": dev.type,
+                        "images": len(out.rows),
+                        "seconds": round(sec, 3),
+                        "images_per_s": round(len(out.rows) / sec, 1),
+                    }
+                )
     base = {r["encoder"]: r["images_per_s"] for r in results if r["device"] == "cpu"}
     print("| encoder | device | images | seconds | images/s | vs CPU |")
     print("|---|---|---|---|---|---|")
     for r in results:
         r["speedup_vs_cpu"] = round(r["images_per_s"] / base[r["encoder"]], 2)
-        print(f"| {r['encoder']} | {r['device']} | {r['images']} | {r['seconds']:.2f} | {r['images_per_s']:.1f} | {r['speedup_vs_cpu']:.2f}x |")
-    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, "image_size": args.image_size,
-            "batch_size": args.batch_size}
+        print(
+            f"| {r['encoder']} | {r['device']} | {r['images']} | {r['seconds']:.2f} | {r['images_per_s']:.1f} | {r['speedup_vs_cpu']:.2f}x |"
+        )
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "image_size": args.image_size,
+        "batch_size": args.batch_size,
+    }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     print(f"-> {args.out}")

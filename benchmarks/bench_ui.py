@@ -64,14 +64,27 @@ def main() -> None:
         ("backend, indexed case (search + vote)", statistics.median(indexed)),
         ("browser, upload -> 10 result cards on the page", statistics.median(browser_times)),
     ]
-    print(f"index {args.index}: {len(paths)} cases; backend first load {first_load:.1f} s, page first load {page_first_load:.1f} s")
+    print(
+        f"index {args.index}: {len(paths)} cases; backend first load {first_load:.1f} s, page first load {page_first_load:.1f} s"
+    )
     print("| what | median s |\n|---|---|")
     for name, sec in rows:
         print(f"| {name} | {sec:.3f} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"index": str(args.index), "cases": len(paths), "first_load_s": first_load,
-                                    "page_first_load_s": page_first_load, "upload_s": upload, "indexed_s": indexed,
-                                    "browser_upload_s": browser_times}, indent=2))
+    args.out.write_text(
+        json.dumps(
+            {
+                "index": str(args.index),
+                "cases": len(paths),
+                "first_load_s": first_load,
+                "page_first_load_s": page_first_load,
+                "upload_s": upload,
+                "indexed_s": indexed,
+                "browser_upload_s": browser_times,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

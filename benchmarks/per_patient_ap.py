@@ -34,7 +34,9 @@ from retrieval.training.benchmark import FoldFitter, make_folds, resolve_method_
 from retrieval.training.trainer import load_image_tensors  # noqa: E402
 
 
-def per_query_ap(rows: pd.DataFrame, method: str, overrides: dict, folds: int, repeats: int, k: int = 10) -> pd.DataFrame:
+def per_query_ap(
+    rows: pd.DataFrame, method: str, overrides: dict, folds: int, repeats: int, k: int = 10
+) -> pd.DataFrame:
     """Every held-out query's AP, fold by fold, with the benchmark's own training and evaluation."""
     cfg = replace(resolve_method_config(method), **overrides)
     images = {cfg.image_size: load_image_tensors(rows, PreprocessConfig(image_size=cfg.image_size))[0]}
@@ -44,10 +46,26 @@ def per_query_ap(rows: pd.DataFrame, method: str, overrides: dict, folds: int, r
         for f, (tr, te) in enumerate(make_folds(rows, folds, r)):
             test = np.zeros(len(rows), bool)
             test[te] = True
-            res = evaluate(rows, fitter.fit(replace(cfg, seed=r * folds + f), tr), EvalSettings(k=k), progress=False,
-                           query_mask=test, gallery_mask=~test, keep_per_query=True)
-            records += [{"repeat": r, "fold": f, "row": q["row"], "patient_id": rows["patient_id"].iloc[q["row"]],
-                         "label": q["label"], "ap": q["ap"]} for q in res["per_query"]]
+            res = evaluate(
+                rows,
+                fitter.fit(replace(cfg, seed=r * folds + f), tr),
+                EvalSettings(k=k),
+                progress=False,
+                query_mask=test,
+                gallery_mask=~test,
+                keep_per_query=True,
+            )
+            records += [
+                {
+                    "repeat": r,
+                    "fold": f,
+                    "row": q["row"],
+                    "patient_id": rows["patient_id"].iloc[q["row"]],
+                    "label": q["label"],
+                    "ap": q["ap"],
+                }
+                for q in res["per_query"]
+            ]
     return pd.DataFrame(records)
 
 
@@ -73,21 +91,43 @@ def main() -> None:
     patients = q.groupby("patient_id").agg(label=("label", "first"), value=(args.by, "first"), ap=("ap", "mean"))
     edges = [float(e) for e in args.bins.split(",")]
     patients["bin"] = pd.cut(patients["value"], edges, right=False)  # categorical: groups come out in bin order
-    table = patients.groupby(["bin", "label"], observed=True).agg(patients=("ap", "size"), mean_ap=("ap", "mean")).reset_index()
+    table = (
+        patients.groupby(["bin", "label"], observed=True)
+        .agg(patients=("ap", "size"), mean_ap=("ap", "mean"))
+        .reset_index()
+    )
     table["bin"], patients["bin"] = table["bin"].astype(str), patients["bin"].astype(str)
-    print(f"\n{args.method} on {Path(args.data).name}: held-out AP per patient, by {args.by} "
-          f"({args.folds} folds x {args.repeats} repeats; overall MAP {q['ap'].mean():.3f})\n")
+    print(
+        f"\n{args.method} on {Path(args.data).name}: held-out AP per patient, by {args.by} "
+        f"({args.folds} folds x {args.repeats} repeats; overall MAP {q['ap'].mean():.3f})\n"
+    )
     print(f"| {args.by} | label | patients | mean AP |\n|---|---|---|---|")
     for rec in table.to_dict("records"):
         print(f"| {rec['bin']} | {rec['label']} | {rec['patients']} | {rec['mean_ap']:.3f} |")
     worst = patients.sort_values("ap").head(8)
-    print("\nlowest patients: " + ", ".join(f"{p} ({r.label}, {args.by} {r.value:g}, AP {r.ap:.2f})" for p, r in worst.iterrows()))
+    print(
+        "\nlowest patients: "
+        + ", ".join(f"{p} ({r.label}, {args.by} {r.value:g}, AP {r.ap:.2f})" for p, r in worst.iterrows())
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({
-        "data": args.data, "method": args.method, "overrides": overrides, "folds": args.folds, "repeats": args.repeats,
-        "map": float(q["ap"].mean()), "by": args.by, "bins": table.to_dict("records"),
-        "patients": patients.reset_index().to_dict("records"), "wall_s": round(time.perf_counter() - t0, 1),
-    }, indent=2, default=float))
+    args.out.write_text(
+        json.dumps(
+            {
+                "data": args.data,
+                "method": args.method,
+                "overrides": overrides,
+                "folds": args.folds,
+                "repeats": args.repeats,
+                "map": float(q["ap"].mean()),
+                "by": args.by,
+                "bins": table.to_dict("records"),
+                "patients": patients.reset_index().to_dict("records"),
+                "wall_s": round(time.perf_counter() - t0, 1),
+            },
+            indent=2,
+            default=float,
+        )
+    )
     print(f"\n-> {args.out} ({time.perf_counter() - t0:.0f} s)")
 
 

@@ -1,6 +1,6 @@
 """Summary tables for docs/benchmarks/methods.md, read from `retrieve benchmark` JSON files.
 
-    python benchmarks/summarize_methods.py docs/benchmarks/runs/methods-run1.json [more.json ...]
+python benchmarks/summarize_methods.py docs/benchmarks/runs/methods-run1.json [more.json ...]
 """
 
 from __future__ import annotations
@@ -25,12 +25,16 @@ def main(paths: list[str]) -> None:
     for path in paths:
         runs = json.loads(Path(path).read_text())
         print(f"\n#### {Path(path).name}\n")
-        print("| dataset | target (anchor; frozen alone) | best label-using method | its MAP | ImageNet features | random-init | raw pixels | simclr | simclr's backbone at init | target met |")
+        print(
+            "| dataset | target (anchor; frozen alone) | best label-using method | its MAP | ImageNet features | random-init | raw pixels | simclr | simclr's backbone at init | target met |"
+        )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in runs:
             name = Path(r["dataset"]).name
             s = r["summary"]
-            label_methods = {m: v for m, v in s.items() if m not in BASELINES and m not in LABEL_FREE and not m.startswith("random-")}
+            label_methods = {
+                m: v for m, v in s.items() if m not in BASELINES and m not in LABEL_FREE and not m.startswith("random-")
+            }
             best = max(label_methods, key=lambda m: label_methods[m]["map"]["mean"]) if label_methods else None
             target = TARGETS.get(name)
             t_text = f"{target[0]:.2f} ({target[1]:.3f})" if target else "-"
@@ -40,7 +44,9 @@ def main(paths: list[str]) -> None:
             cfg = r.get("methods", {}).get("simclr", {})
             init_name = f"random-{cfg.get('encoder')}-{cfg.get('image_size')}px"
             init = fmt(s[init_name]["map"]) if init_name in s else "-"
-            print(f"| {name} | {t_text} | {best or '-'} | {fmt(label_methods[best]['map']) if best else '-'} | {cells[2]} | {cells[1]} | {cells[0]} | {simclr} | {init} | {met} |")
+            print(
+                f"| {name} | {t_text} | {best or '-'} | {fmt(label_methods[best]['map']) if best else '-'} | {cells[2]} | {cells[1]} | {cells[0]} | {simclr} | {init} | {met} |"
+            )
 
 
 if __name__ == "__main__":

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import faiss
 import numpy as np
@@ -97,10 +98,14 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
 
 
 def to_cpu(index: faiss.Index) -> faiss.Index:
-    return faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__ else index
+    return (
+        faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__ else index
+    )
 
 
-def build_index(vectors: np.ndarray, kind: str, cfg: IndexConfig, use_gpu: bool) -> tuple[faiss.Index, str, dict[str, Any]]:
+def build_index(
+    vectors: np.ndarray, kind: str, cfg: IndexConfig, use_gpu: bool
+) -> tuple[faiss.Index, str, dict[str, Any]]:
     """Train (when the kind needs it) and fill an index; returns (index, resolved kind, parameters)."""
     n, dim = vectors.shape
     resolved = choose_kind(n) if kind == "auto" else kind

@@ -90,8 +90,15 @@ def build_index_dir(index_dir: str | Path, vs: VectorSet, cfg: IndexConfig, over
     index, kind, params = build_index(vs.vectors, cfg.kind, cfg, use_gpu=cfg.gpu)
     now = _now()
     manifest = IndexManifest(
-        count=len(vs), dim=vs.dim, metric=METRIC, kind=kind, params=params,
-        fingerprint=vs.fingerprint, encoder_spec=vs.encoder_spec, created=now, updated=now,
+        count=len(vs),
+        dim=vs.dim,
+        metric=METRIC,
+        kind=kind,
+        params=params,
+        fingerprint=vs.fingerprint,
+        encoder_spec=vs.encoder_spec,
+        created=now,
+        updated=now,
         labels=_label_counts(vs.rows),
     )
     with staged_directory(index_dir) as stage:
@@ -154,7 +161,9 @@ def add_to_index_dir(index_dir: str | Path, new: VectorSet) -> tuple[IndexManife
     taken = set(old_rows["id"])
     clash = rows["id"].isin(taken)
     if clash.any():  # same relative id from another folder: qualify it with the absolute path
-        rows.loc[clash, "id"] = rows.loc[clash, "path"].astype(str) + rows.loc[clash, "id"].str.extract(r"(#\d+)$", expand=False).fillna("")
+        rows.loc[clash, "id"] = rows.loc[clash, "path"].astype(str) + rows.loc[clash, "id"].str.extract(
+            r"(#\d+)$", expand=False
+        ).fillna("")
     idx.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
     merged = VectorSet(
         rows=pd.concat([old_rows, rows], ignore_index=True),

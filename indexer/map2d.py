@@ -20,7 +20,11 @@ MAX_POINTS = 5000
 
 def _stamp(idx: IndexDir) -> dict:
     """What the cached map must agree with: row count, last update and the encoder's weights."""
-    return {"count": idx.manifest.count, "updated": idx.manifest.updated, "weights": idx.manifest.fingerprint.get("weights_sha256")}
+    return {
+        "count": idx.manifest.count,
+        "updated": idx.manifest.updated,
+        "weights": idx.manifest.fingerprint.get("weights_sha256"),
+    }
 
 
 def load_or_compute_map(idx: IndexDir, seed: int = 0) -> pd.DataFrame:
@@ -37,9 +41,13 @@ def load_or_compute_map(idx: IndexDir, seed: int = 0) -> pd.DataFrame:
         except (pa.ArrowInvalid, OSError, json.JSONDecodeError):
             pass  # damaged or stale cache: recompute
     n = len(idx.rows)
-    positions = np.arange(n) if n <= MAX_POINTS else np.sort(np.random.default_rng(seed).choice(n, MAX_POINTS, replace=False))
+    positions = (
+        np.arange(n) if n <= MAX_POINTS else np.sort(np.random.default_rng(seed).choice(n, MAX_POINTS, replace=False))
+    )
     xy = embedding_2d(idx.vectors.vectors[positions], seed) if len(positions) >= 3 else np.zeros((len(positions), 2))
-    frame = pd.DataFrame({"position": positions, "id": idx.rows["id"].to_numpy()[positions], "x": xy[:, 0], "y": xy[:, 1]})
+    frame = pd.DataFrame(
+        {"position": positions, "id": idx.rows["id"].to_numpy()[positions], "x": xy[:, 0], "y": xy[:, 1]}
+    )
     table = pa.Table.from_pandas(frame, preserve_index=False)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), MAP_KEY: json.dumps(stamp).encode()})
     try:

@@ -35,7 +35,9 @@ def _as_text(series: pd.Series) -> pd.Series:
     return series.astype("string").fillna("")
 
 
-def candidate_mask(rows: pd.DataFrame, exclude_patients: list[str] = (), where: list[tuple[str, str]] = ()) -> np.ndarray | None:
+def candidate_mask(
+    rows: pd.DataFrame, exclude_patients: list[str] = (), where: list[tuple[str, str]] = ()
+) -> np.ndarray | None:
     """Boolean mask of rows a query may return, or None when every row may."""
     mask = np.ones(len(rows), dtype=bool)
     if exclude_patients:

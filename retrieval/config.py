@@ -38,7 +38,7 @@ class PreprocessConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "PreprocessConfig":
+    def from_dict(cls, d: dict[str, Any]) -> PreprocessConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:

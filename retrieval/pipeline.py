@@ -48,7 +48,9 @@ def load_encoder(spec: EncoderSpec, preprocess_overrides: dict[str, Any] | None 
     return LoadedEncoder(spec, enc, pre, enc.fingerprint(pre, spec.name))
 
 
-def encoder_for_index(fingerprint: dict[str, Any], spec_dict: dict[str, Any], where: str, requested: EncoderSpec | None = None) -> LoadedEncoder:
+def encoder_for_index(
+    fingerprint: dict[str, Any], spec_dict: dict[str, Any], where: str, requested: EncoderSpec | None = None
+) -> LoadedEncoder:
     """Rebuild the encoder an index was made with, and prove it is the same (weights hash included)."""
     spec = requested or EncoderSpec(**spec_dict)
     pre = PreprocessConfig.from_dict(fingerprint["preprocess"])
@@ -65,7 +67,14 @@ def report_skipped(skipped: list[Skipped], limit: int = 20) -> None:
         print(f"warning: ... and {len(skipped) - limit} more skipped files", file=sys.stderr)
 
 
-def embed_dataset(source: str | Path, loaded: LoadedEncoder, batch_size: int = 32, workers: int | None = None, use_gpu: bool = True, progress: bool = True) -> tuple[VectorSet, list[Skipped]]:
+def embed_dataset(
+    source: str | Path,
+    loaded: LoadedEncoder,
+    batch_size: int = 32,
+    workers: int | None = None,
+    use_gpu: bool = True,
+    progress: bool = True,
+) -> tuple[VectorSet, list[Skipped]]:
     """Dataset folder or manifest -> VectorSet, with the files that were skipped (and why)."""
     table = load_dataset(source)
     emb = embed_rows(table.rows, loaded.encoder, loaded.preprocess, batch_size, workers, pick_device(use_gpu), progress)
@@ -104,8 +113,15 @@ class QueryResult:
         for rank, (hit, row) in enumerate(zip(self.hits, self.rows.to_dict("records")), start=1):
             extra = {k: _jsonable(v) for k, v in row.items() if k not in ("id", "path", "label", "patient_id")}
             results.append(
-                {"rank": rank, "id": row["id"], "path": row["path"], "label": _jsonable(row.get("label")),
-                 "patient_id": _jsonable(row.get("patient_id")), "score": round(hit.score, 6), **extra}
+                {
+                    "rank": rank,
+                    "id": row["id"],
+                    "path": row["path"],
+                    "label": _jsonable(row.get("label")),
+                    "patient_id": _jsonable(row.get("patient_id")),
+                    "score": round(hit.score, 6),
+                    **extra,
+                }
             )
         return {"query": self.query, "results": results, "vote": self.vote.to_dict()}
 
@@ -118,7 +134,16 @@ def _jsonable(v: Any) -> Any:
     return v
 
 
-def query_vectors(idx: IndexDir, names: list[str], vectors: np.ndarray, k: int, exclude_patients: list[str] = (), where: list[tuple[str, str]] = (), vote: str = "majority", exclude_positions: list[int] = ()) -> list[QueryResult]:
+def query_vectors(
+    idx: IndexDir,
+    names: list[str],
+    vectors: np.ndarray,
+    k: int,
+    exclude_patients: list[str] = (),
+    where: list[tuple[str, str]] = (),
+    vote: str = "majority",
+    exclude_positions: list[int] = (),
+) -> list[QueryResult]:
     """Search, then vote; `exclude_positions` leaves out given rows (an indexed case querying itself)."""
     allowed = candidate_mask(idx.rows, list(exclude_patients), list(where))
     if len(exclude_positions):
@@ -134,7 +159,15 @@ def query_vectors(idx: IndexDir, names: list[str], vectors: np.ndarray, k: int, 
     return out
 
 
-def query_files(idx: IndexDir, loaded: LoadedEncoder, paths: list[str], k: int, exclude_patients: list[str] = (), where: list[tuple[str, str]] = (), vote: str = "majority") -> tuple[list[QueryResult], list[str]]:
+def query_files(
+    idx: IndexDir,
+    loaded: LoadedEncoder,
+    paths: list[str],
+    k: int,
+    exclude_patients: list[str] = (),
+    where: list[tuple[str, str]] = (),
+    vote: str = "majority",
+) -> tuple[list[QueryResult], list[str]]:
     """Query with image files; unreadable ones are reported, the others answered."""
     names: list[str] = []
     vecs: list[np.ndarray] = []

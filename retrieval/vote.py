@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 VOTE_WEIGHTINGS = ("majority", "similarity")
 
@@ -15,7 +15,11 @@ class Vote:
     votes: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"label": self.label, "confidence": round(self.confidence, 4), "votes": {k: round(v, 4) for k, v in self.votes.items()}}
+        return {
+            "label": self.label,
+            "confidence": round(self.confidence, 4),
+            "votes": {k: round(v, 4) for k, v in self.votes.items()},
+        }
 
 
 def knn_vote(labels: Sequence[str | None], scores: Sequence[float], weighting: str = "majority") -> Vote:

@@ -53,8 +53,15 @@ def write_png(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def write_dicom(path: Path, frames: np.ndarray, modality: str = "US", patient_id: str | None = "PAT1",
-                slope: float = 1.0, intercept: float = 0.0, photometric: str = "MONOCHROME2") -> Path:
+def write_dicom(
+    path: Path,
+    frames: np.ndarray,
+    modality: str = "US",
+    patient_id: str | None = "PAT1",
+    slope: float = 1.0,
+    intercept: float = 0.0,
+    photometric: str = "MONOCHROME2",
+) -> Path:
     """A minimal valid DICOM file with (n, H, W) or (H, W) 16-bit pixels, written by pydicom."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid

@@ -8,7 +8,9 @@ from retrieval.training.benchmark import group_ids, linear_probe, make_folds, pa
 
 
 def test_groups_join_patients_and_near_duplicates():
-    rows = pd.DataFrame({"patient_id": ["a", "a", "b", None, None, "c"], "near_dup_group": [None, None, "g", "g", None, None]})
+    rows = pd.DataFrame(
+        {"patient_id": ["a", "a", "b", None, None, "c"], "near_dup_group": [None, None, "g", "g", None, None]}
+    )
     g = group_ids(rows)
     assert g[0] == g[1] and g[2] == g[3] and len({g[0], g[2], g[4], g[5]}) == 4
 
@@ -34,10 +36,15 @@ def test_linear_probe_separable():
 
 def test_patient_average_by_hand():
     prob = np.array([[0.9, 0.1], [0.7, 0.3], [0.2, 0.8], [0.4, 0.6], [0.5, 0.5]])
-    mean, labels = patient_average(prob, np.array(["x", "x", "y", "y", "x"]), np.array(["a", "a", "b", "b", "c"], dtype=object))
+    mean, labels = patient_average(
+        prob, np.array(["x", "x", "y", "y", "x"]), np.array(["a", "a", "b", "b", "c"], dtype=object)
+    )
     assert np.allclose(mean, [[0.8, 0.2], [0.3, 0.7], [0.5, 0.5]]) and labels.tolist() == ["x", "y", "x"]
     # a patient with two labels, or an image without a patient, has no per-patient figure
-    assert patient_average(prob, np.array(["x", "y", "y", "y", "x"]), np.array(["a", "a", "b", "b", "c"], dtype=object)) is None
+    assert (
+        patient_average(prob, np.array(["x", "y", "y", "y", "x"]), np.array(["a", "a", "b", "b", "c"], dtype=object))
+        is None
+    )
     assert patient_average(prob, np.array(["x"] * 5), np.array(["a", None, "b", "b", "c"], dtype=object)) is None
 
 
@@ -63,7 +70,9 @@ def test_linear_probe_per_patient_matches_sklearn():
         py.append(y[te][sel][0])
     pp, py = np.array(pp), np.array(py)
     assert res["probe_patient_auc"] == pytest.approx(roc_auc_score(py == "b", pp))
-    assert res["probe_patient_balanced_accuracy"] == pytest.approx(balanced_accuracy_score(py, np.where(pp > 0.5, "b", "a")))
+    assert res["probe_patient_balanced_accuracy"] == pytest.approx(
+        balanced_accuracy_score(py, np.where(pp > 0.5, "b", "a"))
+    )
     assert np.isnan(linear_probe(x, y, tr, te)["probe_patient_auc"])
 
 
@@ -78,12 +87,20 @@ def test_repeated_folds(demo_data):
         assert len(runs) == 4
         s = res["summary"][name]["map"]
         maps = np.array([r["map"] for r in runs])
-        assert s["mean"] == pytest.approx(maps.mean()) and s["repeat_std"] == pytest.approx(maps.reshape(2, 2).mean(1).std())
+        assert s["mean"] == pytest.approx(maps.mean()) and s["repeat_std"] == pytest.approx(
+            maps.reshape(2, 2).mean(1).std()
+        )
 
 
 def test_quick_benchmark_run(demo_data, tmp_path):
-    res = run_benchmark(demo_data, ["supcon"], folds=2, overrides={"epochs": 2, "frozen_views": 1, "image_size": 32},
-                        progress=False, log=lambda m: None)
+    res = run_benchmark(
+        demo_data,
+        ["supcon"],
+        folds=2,
+        overrides={"epochs": 2, "frozen_views": 1, "image_size": 32},
+        progress=False,
+        log=lambda m: None,
+    )
     assert set(res["summary"]) == {"raw-pixels", "random-resnet18", "imagenet-effnet-lite0", "supcon"}
     for name, runs in res["per_fold"].items():
         assert len(runs) == 2 and all(0 <= r["map"] <= 1 for r in runs)
@@ -99,22 +116,31 @@ def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
 
     def spy(rows, vectors, settings, progress=False, query_mask=None, gallery_mask=None):
         calls.append((query_mask.copy(), gallery_mask.copy()))
-        return real_evaluate(rows, vectors, settings, progress=progress, query_mask=query_mask, gallery_mask=gallery_mask)
+        return real_evaluate(
+            rows, vectors, settings, progress=progress, query_mask=query_mask, gallery_mask=gallery_mask
+        )
 
     from retrieval.demo.synthetic import generate_demo_dataset
 
     demo_data = tmp_path / "d"
     generate_demo_dataset(demo_data, n_per_grade=4, frames=2, size=64, seed=2)
     monkeypatch.setattr(bm, "evaluate", spy)
-    res = bm.run_benchmark(demo_data, ["supervised"], folds=2, overrides={"epochs": 1, "frozen_views": 1, "image_size": 32},
-                           progress=False, log=lambda m: None, select={"lr": [0.001, 0.01]})
+    res = bm.run_benchmark(
+        demo_data,
+        ["supervised"],
+        folds=2,
+        overrides={"epochs": 1, "frozen_views": 1, "image_size": 32},
+        progress=False,
+        log=lambda m: None,
+        select={"lr": [0.001, 0.01]},
+    )
     picks = res["selection"]["chosen_per_fold"]["supervised"]
     assert len(picks) == 2 and all(p["lr"] in (0.001, 0.01) and p["inner_val_map"] is not None for p in picks)
     from retrieval.data.dataset import load_dataset
 
     rows = load_dataset(demo_data).rows
     splits = bm.make_folds(rows, 2, 0)
-    method_calls = calls[-(2 * 3):]  # per fold: 2 candidates + 1 final (after the 3 baselines' calls)
+    method_calls = calls[-(2 * 3) :]  # per fold: 2 candidates + 1 final (after the 3 baselines' calls)
     for f, (tr, te) in enumerate(splits):
         for q, g in method_calls[3 * f : 3 * f + 2]:
             assert not q[te].any() and not g[te].any()  # selection never sees the held-out fold
@@ -123,17 +149,49 @@ def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
 
 
 def test_methods_on_random_init_backbones_get_that_backbone_at_init_as_baseline(demo_data):
-    res = run_benchmark(demo_data, ["simclr"], folds=2, overrides={"max_steps": 1, "image_size": 32, "batch_size": 8},
-                        progress=False, log=lambda m: None)
-    assert set(res["summary"]) == {"raw-pixels", "random-resnet18", "imagenet-effnet-lite0", "random-cnn5-32px", "simclr"}
+    res = run_benchmark(
+        demo_data,
+        ["simclr"],
+        folds=2,
+        overrides={"max_steps": 1, "image_size": 32, "batch_size": 8},
+        progress=False,
+        log=lambda m: None,
+    )
+    assert set(res["summary"]) == {
+        "raw-pixels",
+        "random-resnet18",
+        "imagenet-effnet-lite0",
+        "random-cnn5-32px",
+        "simclr",
+    }
     from retrieval.training.benchmark import markdown_table
 
     assert "| random-cnn5-32px (baseline) |" in markdown_table(res)
     # a head on frozen random-init features is compared with those features; ImageNet features get no such row
-    res = run_benchmark(demo_data, ["simclr", "supcon"], folds=2, progress=False, log=lambda m: None,
-                        overrides={"max_steps": 1, "image_size": 32, "batch_size": 8, "freeze_backbone": True, "frozen_views": 1,
-                                   "simclr.encoder": "cnn5", "supcon.encoder": "imagenet-effnet-lite0"})
-    assert set(res["summary"]) == {"raw-pixels", "random-resnet18", "imagenet-effnet-lite0", "random-cnn5-32px", "simclr", "supcon"}
+    res = run_benchmark(
+        demo_data,
+        ["simclr", "supcon"],
+        folds=2,
+        progress=False,
+        log=lambda m: None,
+        overrides={
+            "max_steps": 1,
+            "image_size": 32,
+            "batch_size": 8,
+            "freeze_backbone": True,
+            "frozen_views": 1,
+            "simclr.encoder": "cnn5",
+            "supcon.encoder": "imagenet-effnet-lite0",
+        },
+    )
+    assert set(res["summary"]) == {
+        "raw-pixels",
+        "random-resnet18",
+        "imagenet-effnet-lite0",
+        "random-cnn5-32px",
+        "simclr",
+        "supcon",
+    }
 
 
 def test_benchmark_cli_writes_strict_json_with_repeats(demo_data, tmp_path, capsys):
@@ -142,8 +200,26 @@ def test_benchmark_cli_writes_strict_json_with_repeats(demo_data, tmp_path, caps
     from conftest import run_cli
 
     out = tmp_path / "bench"
-    code, stdout, err = run_cli(capsys, "benchmark", demo_data, "--methods", "supervised", "--folds", "2", "--repeats", "2",
-                                "--epochs", "1", "--set", "image_size=32", "--set", "frozen_views=1", "--out", out, "--quiet")
+    code, stdout, err = run_cli(
+        capsys,
+        "benchmark",
+        demo_data,
+        "--methods",
+        "supervised",
+        "--folds",
+        "2",
+        "--repeats",
+        "2",
+        "--epochs",
+        "1",
+        "--set",
+        "image_size=32",
+        "--set",
+        "frozen_views=1",
+        "--out",
+        out,
+        "--quiet",
+    )
     assert code == 0, err
 
     def no_nan(value):
@@ -158,8 +234,9 @@ def test_benchmark_cli_writes_strict_json_with_repeats(demo_data, tmp_path, caps
 
 def test_benchmark_cli_reads_yaml_values_and_candidate_lists(demo_data, tmp_path, capsys, monkeypatch):
     """--set takes YAML mappings (augment), --select a YAML list whose items hold commas; bad YAML is one line."""
-    import retrieval.training.benchmark as bm
     from conftest import run_cli
+
+    import retrieval.training.benchmark as bm
 
     seen = {}
 
@@ -168,8 +245,19 @@ def test_benchmark_cli_reads_yaml_values_and_candidate_lists(demo_data, tmp_path
         raise bm.RetrieveError("stop here")
 
     monkeypatch.setattr(bm, "run_benchmark", fake_run)
-    code, _, err = run_cli(capsys, "benchmark", demo_data, "--methods", "simclr", "--set", "augment={zoom: [0.9, 1.1]}",
-                           "--select", "augment=[{}, {crop_scale: [0.3, 1.0], shift: 0.1}]", "--select", "lr=0.001,0.01")
+    code, _, err = run_cli(
+        capsys,
+        "benchmark",
+        demo_data,
+        "--methods",
+        "simclr",
+        "--set",
+        "augment={zoom: [0.9, 1.1]}",
+        "--select",
+        "augment=[{}, {crop_scale: [0.3, 1.0], shift: 0.1}]",
+        "--select",
+        "lr=0.001,0.01",
+    )
     assert code != 0 and "stop here" in err
     assert seen["overrides"] == {"augment": {"zoom": [0.9, 1.1]}}
     assert seen["select"] == {"augment": [{}, {"crop_scale": [0.3, 1.0], "shift": 0.1}], "lr": [0.001, 0.01]}

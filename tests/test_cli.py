@@ -8,9 +8,9 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import FAST, assert_one_line_error, run_cli, write_dicom
 from PIL import Image
 
-from conftest import FAST, assert_one_line_error, run_cli, write_dicom
 from indexer.store import read_vectors
 
 
@@ -64,8 +64,23 @@ def test_query_table_and_json(capsys, demo_index, demo_data):
 
 def test_query_exclude_patient_where_and_several_images(capsys, demo_index, demo_data):
     a, b = demo_data / "normal" / "SYN000_f0.png", demo_data / "severe" / "SYN300_f1.png"
-    code, out, err = run_cli(capsys, "query", a, b, "--index", demo_index, "--k", "6", "--json",
-                             "--exclude-patient", "SYN000", "--exclude-patient", "SYN300", "--where", "label=mild")
+    code, out, err = run_cli(
+        capsys,
+        "query",
+        a,
+        b,
+        "--index",
+        demo_index,
+        "--k",
+        "6",
+        "--json",
+        "--exclude-patient",
+        "SYN000",
+        "--exclude-patient",
+        "SYN300",
+        "--where",
+        "label=mild",
+    )
     assert code == 0, err
     res = json.loads(out)
     assert len(res) == 2
@@ -118,7 +133,9 @@ def test_build_skips_bad_files_and_never_damages_an_index(tmp_path, capsys, demo
     (data / "normal" / "broken.png").write_bytes((data / "normal" / "SYN000_f0.png").read_bytes()[:100])
     (data / "normal" / "notes.txt").write_text("not an image")
     frame = pd.read_csv(data / "labels.csv")
-    extra = pd.DataFrame({"path": ["normal/broken.png", "normal/notes.txt", "normal/missing.png"], "label": ["normal"] * 3})
+    extra = pd.DataFrame(
+        {"path": ["normal/broken.png", "normal/notes.txt", "normal/missing.png"], "label": ["normal"] * 3}
+    )
     pd.concat([frame, extra]).to_csv(data / "labels.csv", index=False)
     idx = tmp_path / "idx"
     code, out, err = run_cli(capsys, "index", "build", data, "--index", idx, *FAST)
@@ -151,7 +168,9 @@ def test_index_add(tmp_path, capsys, demo_data):
     assert "added 18 images (6 already indexed); index now holds 24" in out
     code, out, _ = run_cli(capsys, "index", "info", "--index", idx, "--json")
     assert json.loads(out)["count"] == 24
-    code, out, _ = run_cli(capsys, "query", demo_data / "severe" / "SYN300_f0.png", "--index", idx, "--k", "1", "--json")
+    code, out, _ = run_cli(
+        capsys, "query", demo_data / "severe" / "SYN300_f0.png", "--index", idx, "--k", "1", "--json"
+    )
     assert json.loads(out)["results"][0]["score"] == pytest.approx(1, abs=1e-4)
 
 
@@ -172,13 +191,17 @@ def test_eval_with_report(tmp_path, capsys, demo_index):
             assert im.format == "PNG" and im.size[0] > 300
     assert "MAP" in (report / "summary.md").read_text()
     # including the same patient can only make it easier here (frames of one patient look alike)
-    code, out, _ = run_cli(capsys, "eval", "--index", demo_index, "--json", out_json, "--include-same-patient", "--quiet")
+    code, out, _ = run_cli(
+        capsys, "eval", "--index", demo_index, "--json", out_json, "--include-same-patient", "--quiet"
+    )
     assert json.loads(out_json.read_text())["overall"]["map"] >= o["map"]
 
 
 def test_random_resnet18_and_config_recipe(tmp_path, capsys, demo_data):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text("encoder:\n  name: resnet18\n  seed: 3\npreprocess:\n  image_size: 48\n  crop_sector: true\nindex:\n  kind: ivf\n")
+    recipe.write_text(
+        "encoder:\n  name: resnet18\n  seed: 3\npreprocess:\n  image_size: 48\n  crop_sector: true\nindex:\n  kind: ivf\n"
+    )
     idx = tmp_path / "idx"
     code, out, err = run_cli(capsys, "index", "build", demo_data, "--index", idx, "--config", recipe, "--quiet")
     assert code == 0, err
@@ -201,9 +224,20 @@ def test_usage_errors_are_one_line(capsys, tmp_path):
 def test_demo_and_console_script(tmp_path):
     """The installed `retrieve` command runs the whole demo (smaller images to keep CI short)."""
     exe = shutil.which("retrieve") or f"{sys.executable} -m retrieval.cli.main"
-    proc = subprocess.run(f"{exe} demo --out {tmp_path / 'demo'} --image-size 96 --quiet", shell=True,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        f"{exe} demo --out {tmp_path / 'demo'} --image-size 96 --quiet",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "MAP" in proc.stdout and "vote:" in proc.stdout
-    for rel in ("data/labels.csv", "index/manifest.json", "report/pr_curve.png", "report/embedding_map.png", "report/eval.json"):
+    for rel in (
+        "data/labels.csv",
+        "index/manifest.json",
+        "report/pr_curve.png",
+        "report/embedding_map.png",
+        "report/eval.json",
+    ):
         assert (tmp_path / "demo" / rel).is_file()

@@ -3,9 +3,9 @@
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import write_dicom, write_png
 from PIL import Image
 
-from conftest import write_dicom, write_png
 from retrieval.config import PreprocessConfig
 from retrieval.data.dataset import FrameDataset, load_dataset
 from retrieval.data.imageio import read_frame, read_frames
@@ -26,7 +26,7 @@ def test_raster_formats_to_gray(tmp_path, suffix):
 
 
 def test_16bit_png_is_stretched(tmp_path):
-    a = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)
+    a = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
     p = tmp_path / "deep.png"
     Image.fromarray(a).save(p)
     img = read_frame(p)
@@ -121,8 +121,14 @@ def test_folder_dataset_labels_from_subfolders(tmp_path):
 def test_manifest_dataset(tmp_path):
     write_png(tmp_path / "img" / "1.png", np.zeros((8, 8), np.uint8))
     write_png(tmp_path / "img" / "2.png", np.zeros((8, 8), np.uint8))
-    pd.DataFrame({"path": ["img/1.png", "img/2.png", "img/gone.png"], "label": ["x", "y", "x"],
-                  "patient_id": ["p1", None, "p2"], "site": ["A", "B", "C"]}).to_csv(tmp_path / "m.csv", index=False)
+    pd.DataFrame(
+        {
+            "path": ["img/1.png", "img/2.png", "img/gone.png"],
+            "label": ["x", "y", "x"],
+            "patient_id": ["p1", None, "p2"],
+            "site": ["A", "B", "C"],
+        }
+    ).to_csv(tmp_path / "m.csv", index=False)
     t = load_dataset(tmp_path / "m.csv")
     assert len(t.rows) == 2 and t.metadata_columns == ["site"]
     assert t.rows["patient_id"].iloc[0] == "p1" and pd.isna(t.rows["patient_id"].iloc[1])
@@ -147,7 +153,11 @@ def test_dataset_errors(tmp_path):
 
 
 def test_dicom_clip_expands_to_frames_with_patient_id(tmp_path):
-    write_dicom(tmp_path / "us" / "clip.dcm", np.random.default_rng(0).integers(0, 999, (4, 12, 12)).astype(np.uint16), patient_id="P77")
+    write_dicom(
+        tmp_path / "us" / "clip.dcm",
+        np.random.default_rng(0).integers(0, 999, (4, 12, 12)).astype(np.uint16),
+        patient_id="P77",
+    )
     write_dicom(tmp_path / "us" / "still.dcm", np.ones((12, 12), np.uint16), patient_id=None)
     t = load_dataset(tmp_path)
     clip = t.rows[t.rows["id"].str.startswith("us/clip.dcm")]

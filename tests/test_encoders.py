@@ -13,7 +13,9 @@ from retrieval.errors import RetrieveError
 X = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
-@pytest.mark.parametrize("name,dim", [("imagenet-effnet-lite0", 1280), ("cnn5", 512), ("resnet18", 512), ("efficientnet_b0", 1280)])
+@pytest.mark.parametrize(
+    "name,dim", [("imagenet-effnet-lite0", 1280), ("cnn5", 512), ("resnet18", 512), ("efficientnet_b0", 1280)]
+)
 def test_registry_vectors_are_unit_length(name, dim):
     enc = create_encoder(name)
     with torch.no_grad():
@@ -105,10 +107,10 @@ def test_fingerprint_difference():
 def test_multilayer_effnet_extends_the_final_features(tmp_path):
     """imagenet-effnet-lite0-ml = pooled blocks 2-6, then exactly the plain encoder's features; the
     concatenation is what a direct pass with hooks gives, and a trained head reloads bit-identically."""
+    from retrieval.data.dataset import load_dataset
+    from retrieval.demo.synthetic import generate_demo_dataset
     from retrieval.training.config import TrainConfig
     from retrieval.training.trainer import train
-    from retrieval.demo.synthetic import generate_demo_dataset
-    from retrieval.data.dataset import load_dataset
 
     ml, plain = create_encoder("imagenet-effnet-lite0-ml").eval(), create_encoder("imagenet-effnet-lite0").eval()
     assert ml.feature_dim == 40 + 80 + 112 + 192 + 320 + 1280 and ml.arch["pool_layers"][0] == "blocks.2"
@@ -128,8 +130,19 @@ def test_multilayer_effnet_extends_the_final_features(tmp_path):
 
     data = tmp_path / "d"
     generate_demo_dataset(data, n_per_grade=2, frames=2, size=64, seed=1)
-    res = train(load_dataset(data).rows, TrainConfig(method="supcon", encoder="imagenet-effnet-lite0-ml", image_size=32,
-                                                     freeze_backbone=True, frozen_views=1, max_steps=2, batch_size=8), progress=False)
+    res = train(
+        load_dataset(data).rows,
+        TrainConfig(
+            method="supcon",
+            encoder="imagenet-effnet-lite0-ml",
+            image_size=32,
+            freeze_backbone=True,
+            frozen_views=1,
+            max_steps=2,
+            batch_size=8,
+        ),
+        progress=False,
+    )
     back = create_encoder(str(save_checkpoint(res.encoder, tmp_path / "ml", res.encoder.default_preprocess)))
     with torch.no_grad():
         assert torch.equal(res.encoder.eval()(X), back.eval()(X))
@@ -154,7 +167,12 @@ def test_intensity_stats_match_numpy_and_train_a_head(tmp_path):
     for i in range(2):
         p = x[i].flatten().numpy().astype(np.float64)
         hist = np.histogram(p, bins=16, range=(0.0, 1.0))[0] / p.size
-        want = np.concatenate([[p.mean() - 0.5, p.std(ddof=1)], np.quantile(p, [0.1, 0.25, 0.5, 0.75, 0.9]) - 0.5, hist - 1 / 16]) * 10
+        want = (
+            np.concatenate(
+                [[p.mean() - 0.5, p.std(ddof=1)], np.quantile(p, [0.1, 0.25, 0.5, 0.75, 0.9]) - 0.5, hist - 1 / 16]
+            )
+            * 10
+        )
         assert np.allclose(f[i], want, atol=1e-4)
     assert f[1, 0] < f[0, 0] and f[1, 7:].argmax() < 5  # darker: lower mean, mass in the low bins
     with pytest.raises(RetrieveError, match="no weights"):
@@ -167,8 +185,20 @@ def test_intensity_stats_match_numpy_and_train_a_head(tmp_path):
 
     data = tmp_path / "d"
     generate_demo_dataset(data, n_per_grade=2, frames=2, size=64, seed=1)
-    res = train(load_dataset(data).rows, TrainConfig(method="supcon", encoder="intensity-stats", image_size=32, freeze_backbone=True,
-                                                     frozen_views=1, max_steps=3, batch_size=8, head_dims=[16, 8]), progress=False)
+    res = train(
+        load_dataset(data).rows,
+        TrainConfig(
+            method="supcon",
+            encoder="intensity-stats",
+            image_size=32,
+            freeze_backbone=True,
+            frozen_views=1,
+            max_steps=3,
+            batch_size=8,
+            head_dims=[16, 8],
+        ),
+        progress=False,
+    )
     back = create_encoder(str(save_checkpoint(res.encoder, tmp_path / "st", res.encoder.default_preprocess)))
     assert back.dim == 8
     with torch.no_grad():

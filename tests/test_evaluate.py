@@ -43,19 +43,23 @@ def toy():
     labels = rng.choice(["a", "b", "c"], n)
     centres = {"a": rng.normal(size=8), "b": rng.normal(size=8), "c": rng.normal(size=8)}
     vectors = _unit(np.stack([centres[l] + rng.normal(scale=1.2, size=8) for l in labels]).astype(np.float32))
-    rows = pd.DataFrame({
-        "id": [f"i{j}" for j in range(n)],
-        "label": labels,
-        "patient_id": [f"p{j // 4}" for j in range(n)],
-        "near_dup_group": [("g1" if j in (1, 17) else "") for j in range(n)],
-    })
+    rows = pd.DataFrame(
+        {
+            "id": [f"i{j}" for j in range(n)],
+            "label": labels,
+            "patient_id": [f"p{j // 4}" for j in range(n)],
+            "near_dup_group": [("g1" if j in (1, 17) else "") for j in range(n)],
+        }
+    )
     return rows, vectors
 
 
 @pytest.mark.parametrize("same_patient,near_dup", [(True, True), (False, False), (True, False)])
 def test_map_mrr_match_reference(toy, same_patient, near_dup):
     rows, vectors = toy
-    res = evaluate(rows, vectors, EvalSettings(exclude_same_patient=same_patient, exclude_near_dup=near_dup), progress=False)
+    res = evaluate(
+        rows, vectors, EvalSettings(exclude_same_patient=same_patient, exclude_near_dup=near_dup), progress=False
+    )
     ref_map, ref_mrr, n = _reference_map(rows, vectors, same_patient, near_dup)
     assert res["overall"]["n_queries"] == n
     assert res["overall"]["map"] == pytest.approx(ref_map, abs=1e-6)
@@ -66,7 +70,9 @@ def test_patient_exclusion_matters_and_self_never_counts():
     # each patient has two identical images: without exclusion every query finds its twin first
     v = _unit(np.random.default_rng(1).normal(size=(6, 4)).astype(np.float32))
     vectors = np.repeat(v, 2, axis=0)
-    rows = pd.DataFrame({"id": list(range(12)), "label": ["x", "y"] * 6, "patient_id": [f"p{j // 2}" for j in range(12)]})
+    rows = pd.DataFrame(
+        {"id": list(range(12)), "label": ["x", "y"] * 6, "patient_id": [f"p{j // 2}" for j in range(12)]}
+    )
     rows["label"] = [("x" if j // 2 < 3 else "y") for j in range(12)]
     with_twins = evaluate(rows, vectors, EvalSettings(exclude_same_patient=False), progress=False)
     assert with_twins["overall"]["p@1"] == 1.0  # twin (same patient, same label) found first
@@ -106,8 +112,14 @@ def test_query_and_gallery_masks(toy):
     """Held-out queries against a training gallery equal the loop computed on that split alone."""
     rows, vectors = toy
     test = np.arange(len(rows)) % 4 == 0
-    res = evaluate(rows, vectors, EvalSettings(exclude_same_patient=False, exclude_near_dup=False), progress=False,
-                   query_mask=test, gallery_mask=~test)
+    res = evaluate(
+        rows,
+        vectors,
+        EvalSettings(exclude_same_patient=False, exclude_near_dup=False),
+        progress=False,
+        query_mask=test,
+        gallery_mask=~test,
+    )
     aps = []
     for q in np.flatnonzero(test):
         g = np.flatnonzero(~test)
@@ -122,10 +134,19 @@ def test_per_query_rows_match_sklearn(toy):
     """keep_per_query gives each scored query's row and AP; each AP equals sklearn's on that split."""
     rows, vectors = toy
     test = np.arange(len(rows)) % 4 == 0
-    res = evaluate(rows, vectors, EvalSettings(exclude_same_patient=False, exclude_near_dup=False), progress=False,
-                   query_mask=test, gallery_mask=~test, keep_per_query=True)
+    res = evaluate(
+        rows,
+        vectors,
+        EvalSettings(exclude_same_patient=False, exclude_near_dup=False),
+        progress=False,
+        query_mask=test,
+        gallery_mask=~test,
+        keep_per_query=True,
+    )
     g = np.flatnonzero(~test)
-    assert [q["row"] for q in res["per_query"]] == [q for q in np.flatnonzero(test) if (rows.label[g] == rows.label[q]).any()]
+    assert [q["row"] for q in res["per_query"]] == [
+        q for q in np.flatnonzero(test) if (rows.label[g] == rows.label[q]).any()
+    ]
     for q in res["per_query"]:
         assert q["label"] == rows.label[q["row"]]
         y = rows.label.to_numpy()[g] == rows.label[q["row"]]

@@ -22,14 +22,16 @@ def _vs(n=300, seed=0, start=0, fp=FP):
     rng = np.random.default_rng(seed)
     v = rng.normal(size=(n, 16)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
-    rows = pd.DataFrame({
-        "id": [f"img{start + j}.png" for j in range(n)],
-        "path": [f"/data/img{start + j}.png" for j in range(n)],
-        "label": [["a", "b", "c"][j % 3] for j in range(n)],
-        "patient_id": [f"p{(start + j) // 5}" for j in range(n)],
-        "frame_index": pd.array([None] * n, dtype="Int64"),
-        "site": [("x" if j % 2 else 7) for j in range(n)],  # mixed types survive as text
-    })
+    rows = pd.DataFrame(
+        {
+            "id": [f"img{start + j}.png" for j in range(n)],
+            "path": [f"/data/img{start + j}.png" for j in range(n)],
+            "label": [["a", "b", "c"][j % 3] for j in range(n)],
+            "patient_id": [f"p{(start + j) // 5}" for j in range(n)],
+            "frame_index": pd.array([None] * n, dtype="Int64"),
+            "site": [("x" if j % 2 else 7) for j in range(n)],  # mixed types survive as text
+        }
+    )
     return VectorSet(rows, v, fp, {"name": "toy", "weights": None, "seed": 0})
 
 

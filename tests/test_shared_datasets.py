@@ -4,11 +4,12 @@ import json
 
 import pandas as pd
 import pytest
-
 from conftest import FAST, SHARED_DATA, run_cli
 
 DATASETS = sorted(p.name for p in SHARED_DATA.glob("*") if (p / "labels.csv").is_file()) if SHARED_DATA.is_dir() else []
-pytestmark = pytest.mark.skipif(not DATASETS, reason=f"real datasets not found at {SHARED_DATA} (CI provides ../shared/data)")
+pytestmark = pytest.mark.skipif(
+    not DATASETS, reason=f"real datasets not found at {SHARED_DATA} (CI provides ../shared/data)"
+)
 
 
 @pytest.fixture(scope="module", params=DATASETS or ["none"])
@@ -81,5 +82,7 @@ def test_eval_respects_grouping(built, capsys, tmp_path):
     assert 0 < o["map"] <= 1 and 0 < o["mrr"] <= 1 and 0 <= o["knn_accuracy"] <= 1
     assert o["n_queries"] + res["queries_without_relevant"] + res["queries_with_empty_gallery"] == res["n_labelled"]
     # grouping by patient / near-duplicate group removes the easy matches, so P@1 cannot rise
-    code, _, _ = run_cli(capsys, "eval", "--index", index, "--json", out, "--include-same-patient", "--include-near-dup", "--quiet")
+    code, _, _ = run_cli(
+        capsys, "eval", "--index", index, "--json", out, "--include-same-patient", "--include-near-dup", "--quiet"
+    )
     assert json.loads(out.read_text())["overall"]["p@1"] >= o["p@1"]

@@ -56,7 +56,23 @@ def test_map_is_cached_in_the_index_folder(demo_data, tmp_path):
     from retrieval.cli.main import main
 
     idx_dir = tmp_path / "idx"
-    assert main(["index", "build", str(demo_data), "--index", str(idx_dir), "--encoder", "cnn5", "--image-size", "32", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "index",
+                "build",
+                str(demo_data),
+                "--index",
+                str(idx_dir),
+                "--encoder",
+                "cnn5",
+                "--image-size",
+                "32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     s = open_session(idx_dir)
     first = load_or_compute_map(s.idx)
     assert (idx_dir / MAP_FILE).is_file() and len(first) == 24 and np.isfinite(first[["x", "y"]].to_numpy()).all()
@@ -79,6 +95,7 @@ def test_index_from_another_encoder_is_refused(demo_index, tmp_path):
 
 def test_dicom_clip_upload_picks_a_frame(session, tmp_path):
     from conftest import write_dicom
+
     from ui.backend import decode_upload
 
     clip = np.random.default_rng(0).integers(0, 4000, (3, 64, 64)).astype(np.uint16)

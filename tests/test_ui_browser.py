@@ -72,7 +72,9 @@ def test_pick_indexed_case_excludes_its_patient(page):
     box = page.get_by_label("Find a case by id, path or patient")
     box.fill("SYN200_f2")
     box.press("Enter")
-    page.get_by_text("moderate/SYN200_f2.png · label moderate · patient SYN200").wait_for(timeout=60_000)  # the query's caption
+    page.get_by_text("moderate/SYN200_f2.png · label moderate · patient SYN200").wait_for(
+        timeout=60_000
+    )  # the query's caption
     page.wait_for_function("document.body.innerText.includes('#10 · similarity')", timeout=60_000)
     cards = _cards(page)
     assert len(cards) == 10

@@ -80,15 +80,27 @@ def sidebar(session: Session, index_dir: Path) -> dict:
         f"**{s['cases']} cases**, {s['patients']} patients  \nencoder `{s['encoder']}`  \n"
         f"{s['kind']} index, {s['dim']}-d  \nbuilt {s['created'][:19].replace('T', ' ')}  \n`{index_dir}`"
     )
-    st.sidebar.dataframe(pd.DataFrame({"label": list(s["labels"]), "cases": list(s["labels"].values())}),
-                         hide_index=True, width="stretch")
+    st.sidebar.dataframe(
+        pd.DataFrame({"label": list(s["labels"]), "cases": list(s["labels"].values())}),
+        hide_index=True,
+        width="stretch",
+    )
     st.sidebar.header("Search settings")
     n = len(session.rows)
     k = st.sidebar.slider("number of similar cases (k)", 1, max(1, min(50, n - 1)), min(10, max(1, n - 1)), key="k")
-    vote = st.sidebar.radio("vote", ["majority", "similarity"], horizontal=True, key="vote",
-                            help="similarity: each neighbour's vote weighs (1 + cosine) / 2")
-    exclude_own = st.sidebar.checkbox("exclude the query's own patient", value=True, key="exclude_own",
-                                      help="for indexed cases: other images of the same patient are left out")
+    vote = st.sidebar.radio(
+        "vote",
+        ["majority", "similarity"],
+        horizontal=True,
+        key="vote",
+        help="similarity: each neighbour's vote weighs (1 + cosine) / 2",
+    )
+    exclude_own = st.sidebar.checkbox(
+        "exclude the query's own patient",
+        value=True,
+        key="exclude_own",
+        help="for indexed cases: other images of the same patient are left out",
+    )
     filter_cols = ["(none)", "label"] + session.metadata_columns()
     col = st.sidebar.selectbox("filter candidates by", filter_cols, key="filter_col")
     where: list[tuple[str, str]] = []
@@ -109,10 +121,15 @@ def vote_panel(answer: Answer) -> None:
         st.markdown(f"{v.confidence:.0%} of the votes of {len(answer.result.hits)} similar cases")
         votes = pd.DataFrame({"label": list(v.votes), "votes": list(v.votes.values())})
         st.altair_chart(
-            alt.Chart(votes).mark_bar().encode(
-                x=alt.X("votes:Q", title="votes"), y=alt.Y("label:N", sort="-x", title=None),
-                color=alt.Color("label:N", legend=None), tooltip=["label", "votes"],
-            ).properties(height=34 * len(votes) + 50),
+            alt.Chart(votes)
+            .mark_bar()
+            .encode(
+                x=alt.X("votes:Q", title="votes"),
+                y=alt.Y("label:N", sort="-x", title=None),
+                color=alt.Color("label:N", legend=None),
+                tooltip=["label", "votes"],
+            )
+            .properties(height=34 * len(votes) + 50),
             width="stretch",
         )
     st.caption(DISCLAIMER)
@@ -143,11 +160,19 @@ def result_grid(answer: Answer, meta_cols: list[str], key: str) -> None:
             rank = start + j + 1
             with cols[j].container(border=True):
                 show_image(row, THUMB_SIDE)
-                st.markdown(f"**#{rank}** · similarity **{hit.score:.4f}**  \nlabel **{text(row.get('label'))}** · patient {text(row.get('patient_id'))}")
+                st.markdown(
+                    f"**#{rank}** · similarity **{hit.score:.4f}**  \nlabel **{text(row.get('label'))}** · patient {text(row.get('patient_id'))}"
+                )
                 extra = ", ".join(f"{c}: {text(row.get(c))}" for c in meta_cols[:4])
                 if extra:
                     st.caption(extra)
-                st.button("Open", key=f"{key}-open-{hit.position}", width="stretch", on_click=_open_case, args=(int(hit.position),))
+                st.button(
+                    "Open",
+                    key=f"{key}-open-{hit.position}",
+                    width="stretch",
+                    on_click=_open_case,
+                    args=(int(hit.position),),
+                )
 
 
 def embedding_map(index_dir: Path, mtime: float, session: Session, answer: Answer, query_position: int | None) -> None:
@@ -157,33 +182,58 @@ def embedding_map(index_dir: Path, mtime: float, session: Session, answer: Answe
     points["patient"] = rows["patient_id"].astype("string").fillna("-").to_numpy()[points["position"]]
     neighbour_pos = {h.position: rank for rank, h in enumerate(answer.result.hits, start=1)}
     points["role"] = ["neighbour" if p in neighbour_pos else "collection" for p in points["position"]]
-    base = alt.Chart(points).mark_circle(size=28, opacity=0.55).encode(
-        x=alt.X("x:Q", axis=None), y=alt.Y("y:Q", axis=None), color=alt.Color("label:N"),
-        tooltip=["id", "label", "patient"])
+    base = (
+        alt.Chart(points)
+        .mark_circle(size=28, opacity=0.55)
+        .encode(
+            x=alt.X("x:Q", axis=None),
+            y=alt.Y("y:Q", axis=None),
+            color=alt.Color("label:N"),
+            tooltip=["id", "label", "patient"],
+        )
+    )
     layers = [base]
     near = points[points["role"] == "neighbour"]
     if len(near):
-        layers.append(alt.Chart(near).mark_circle(size=140, stroke="black", strokeWidth=1.5).encode(
-            x="x:Q", y="y:Q", color=alt.Color("label:N"), tooltip=["id", "label", "patient"]))
+        layers.append(
+            alt.Chart(near)
+            .mark_circle(size=140, stroke="black", strokeWidth=1.5)
+            .encode(x="x:Q", y="y:Q", color=alt.Color("label:N"), tooltip=["id", "label", "patient"])
+        )
     if query_position is not None and (points["position"] == query_position).any():
         q = points[points["position"] == query_position].assign(what="query")
     elif len(near):  # an upload has no map position: show it at its neighbours' similarity-weighted centre
         on_map = [h for h in answer.result.hits if h.position in set(near["position"])]
         w = np.array([max(h.score, 0) for h in on_map])
         order = near.set_index("position").loc[[h.position for h in on_map]]
-        q = pd.DataFrame({"x": [np.average(order["x"], weights=w + 1e-9)], "y": [np.average(order["y"], weights=w + 1e-9)],
-                          "id": ["query (approximate position)"], "label": ["query"], "patient": ["-"], "what": ["query"]})
+        q = pd.DataFrame(
+            {
+                "x": [np.average(order["x"], weights=w + 1e-9)],
+                "y": [np.average(order["y"], weights=w + 1e-9)],
+                "id": ["query (approximate position)"],
+                "label": ["query"],
+                "patient": ["-"],
+                "what": ["query"],
+            }
+        )
     else:
         q = None
     if q is not None:
-        layers.append(alt.Chart(q).mark_point(shape="diamond", size=320, filled=True, color="black").encode(
-            x="x:Q", y="y:Q", tooltip=["id", "label", "patient"]))
+        layers.append(
+            alt.Chart(q)
+            .mark_point(shape="diamond", size=320, filled=True, color="black")
+            .encode(x="x:Q", y="y:Q", tooltip=["id", "label", "patient"])
+        )
     st.altair_chart(alt.layer(*layers).properties(height=480), width="stretch")
-    st.caption("2-D map of every indexed case (PCA to 50, then t-SNE), coloured by label; the query's "
-               "neighbours are outlined, the query is the black diamond. Hover a point to see the case.")
+    st.caption(
+        "2-D map of every indexed case (PCA to 50, then t-SNE), coloured by label; the query's "
+        "neighbours are outlined, the query is the black diamond. Hover a point to see the case."
+    )
 
 
-def case_view(session: Session, position: int, settings: dict, query_row: dict | None, query_image: np.ndarray | None) -> None:
+def case_view(
+    session: Session, position: int, settings: dict, query_row: dict | None, query_image: np.ndarray | None
+) -> None:
     """Side-by-side view of the query and one case, with that case's own neighbours."""
     row = session.rows.iloc[position].to_dict()
     top = st.columns([1, 1, 4])
@@ -199,9 +249,15 @@ def case_view(session: Session, position: int, settings: dict, query_row: dict |
     with right:
         st.subheader(f"Case {row['id']}")
         show_image(row, None)
-        st.dataframe(pd.DataFrame({"field": list(row), "value": [text(v) for v in row.values()]}), hide_index=True, width="stretch")
+        st.dataframe(
+            pd.DataFrame({"field": list(row), "value": [text(v) for v in row.values()]}),
+            hide_index=True,
+            width="stretch",
+        )
     st.subheader("Its own similar cases")
-    answer = query_indexed(session, position, settings["k"], settings["exclude_own"], settings["where"], settings["vote"])
+    answer = query_indexed(
+        session, position, settings["k"], settings["exclude_own"], settings["where"], settings["vote"]
+    )
     result_grid(answer, session.metadata_columns(), key=f"case{position}")
 
 
@@ -211,8 +267,10 @@ def main() -> None:
     index_dir = index_argument()
     manifest = index_dir / "manifest.json"
     if not manifest.is_file():
-        st.error(f"No index at {index_dir}. Build one with `retrieve index build DATA --index {index_dir}`, "
-                 "or run `retrieve ui` with no --index to open the demo index.")
+        st.error(
+            f"No index at {index_dir}. Build one with `retrieve index build DATA --index {index_dir}`, "
+            "or run `retrieve ui` with no --index to open the demo index."
+        )
         st.stop()
     mtime = manifest.stat().st_mtime
     try:
@@ -248,7 +306,9 @@ def main() -> None:
             choice = st.selectbox("case", ids, key="case_choice")
             query_position = int(found.index[ids.index(choice)])
             query_row = session.rows.iloc[query_position].to_dict()
-            answer = query_indexed(session, query_position, settings["k"], settings["exclude_own"], settings["where"], settings["vote"])
+            answer = query_indexed(
+                session, query_position, settings["k"], settings["exclude_own"], settings["where"], settings["vote"]
+            )
     except RetrieveError as exc:
         st.error(str(exc))
         st.stop()
@@ -262,8 +322,12 @@ def main() -> None:
         if query_image is not None:
             st.image(query_image, caption=answer.result.query, width=QUERY_SIDE)
         else:
-            show_image(query_row, QUERY_SIDE, width=QUERY_SIDE,
-                       caption=f"{query_row['id']} · label {text(query_row.get('label'))} · patient {text(query_row.get('patient_id'))}")
+            show_image(
+                query_row,
+                QUERY_SIDE,
+                width=QUERY_SIDE,
+                caption=f"{query_row['id']} · label {text(query_row.get('label'))} · patient {text(query_row.get('patient_id'))}",
+            )
     with v_col:
         vote_panel(answer)
     st.subheader(f"{len(answer.result.hits)} most similar cases")

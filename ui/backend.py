@@ -52,7 +52,9 @@ def decode_upload(name: str, data: bytes) -> list[np.ndarray]:
     """Check type and size, then decode an uploaded file once into its grayscale frames."""
     suffix = Path(name).suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
-        raise RetrieveError(f"{name}: unsupported file type '{suffix or 'none'}' (upload PNG, JPEG, BMP, TIFF or DICOM)")
+        raise RetrieveError(
+            f"{name}: unsupported file type '{suffix or 'none'}' (upload PNG, JPEG, BMP, TIFF or DICOM)"
+        )
     if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
         raise RetrieveError(f"{name}: {len(data) / 2**20:.0f} MB is over the {MAX_UPLOAD_MB} MB limit")
     with tempfile.TemporaryDirectory() as tmp:
@@ -64,8 +66,15 @@ def decode_upload(name: str, data: bytes) -> list[np.ndarray]:
             raise RetrieveError(f"{name}: {str(exc).split(': ', 1)[-1]}") from None
 
 
-def query_frame(session: Session, name: str, frame: np.ndarray, k: int, exclude_patients: list[str] = (),
-                where: list[tuple[str, str]] = (), vote: str = "majority") -> Answer:
+def query_frame(
+    session: Session,
+    name: str,
+    frame: np.ndarray,
+    k: int,
+    exclude_patients: list[str] = (),
+    where: list[tuple[str, str]] = (),
+    vote: str = "majority",
+) -> Answer:
     """One decoded frame as the query: embed, search, vote."""
     t0 = time.perf_counter()
     vector = embed_frames([frame], session.encoder)
@@ -74,26 +83,50 @@ def query_frame(session: Session, name: str, frame: np.ndarray, k: int, exclude_
     return Answer(res, time.perf_counter() - t0)
 
 
-def query_upload(session: Session, name: str, data: bytes, k: int, exclude_patients: list[str] = (),
-                 where: list[tuple[str, str]] = (), vote: str = "majority", frame: int = 0) -> Answer:
+def query_upload(
+    session: Session,
+    name: str,
+    data: bytes,
+    k: int,
+    exclude_patients: list[str] = (),
+    where: list[tuple[str, str]] = (),
+    vote: str = "majority",
+    frame: int = 0,
+) -> Answer:
     """An uploaded file (PNG, JPEG, BMP, TIFF, DICOM) as the query; every failure is a RetrieveError."""
     t0 = time.perf_counter()
     frames = decode_upload(name, data)
     frame = min(max(frame, 0), len(frames) - 1)
-    answer = query_frame(session, name if len(frames) == 1 else f"{name}#{frame}", frames[frame], k, exclude_patients, where, vote)
+    answer = query_frame(
+        session, name if len(frames) == 1 else f"{name}#{frame}", frames[frame], k, exclude_patients, where, vote
+    )
     return Answer(answer.result, time.perf_counter() - t0)
 
 
-def query_indexed(session: Session, position: int, k: int, exclude_own_patient: bool = True,
-                  where: list[tuple[str, str]] = (), vote: str = "majority") -> Answer:
+def query_indexed(
+    session: Session,
+    position: int,
+    k: int,
+    exclude_own_patient: bool = True,
+    where: list[tuple[str, str]] = (),
+    vote: str = "majority",
+) -> Answer:
     """An indexed case as the query, from its stored vector; itself (and its patient) left out."""
     t0 = time.perf_counter()
     row = session.rows.iloc[position]
     patient = row.get("patient_id")
     exclude = [str(patient)] if exclude_own_patient and isinstance(patient, str) and patient else []
     k = max(1, min(k, len(session.rows) - 1))
-    res = query_vectors(session.idx, [str(row["id"])], session.idx.vectors.vectors[[position]], k, exclude,
-                        list(where), vote, exclude_positions=[position])[0]
+    res = query_vectors(
+        session.idx,
+        [str(row["id"])],
+        session.idx.vectors.vectors[[position]],
+        k,
+        exclude,
+        list(where),
+        vote,
+        exclude_positions=[position],
+    )[0]
     return Answer(res, time.perf_counter() - t0)
 
 
@@ -123,7 +156,12 @@ def find_cases(rows: pd.DataFrame, text: str, limit: int = 200) -> pd.DataFrame:
 def summary(session: Session) -> dict:
     m = session.idx.manifest
     return {
-        "cases": m.count, "labels": m.labels, "encoder": m.fingerprint.get("encoder"), "kind": m.kind,
-        "dim": m.dim, "created": m.created, "updated": m.updated,
+        "cases": m.count,
+        "labels": m.labels,
+        "encoder": m.fingerprint.get("encoder"),
+        "kind": m.kind,
+        "dim": m.dim,
+        "created": m.created,
+        "updated": m.updated,
         "patients": int(session.rows["patient_id"].nunique()) if "patient_id" in session.rows else 0,
     }

@@ -8,9 +8,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 APP_FILE = Path(__file__).with_name("app.py")
 
@@ -23,10 +23,26 @@ def free_port() -> int:
 
 def streamlit_command(index: Path, port: int, address: str = "localhost") -> list[str]:
     return [
-        sys.executable, "-m", "streamlit", "run", str(APP_FILE),
-        "--server.port", str(port), "--server.address", address, "--server.headless", "true",
-        "--browser.gatherUsageStats", "false", "--server.fileWatcherType", "none", "--client.toolbarMode", "viewer",
-        "--", "--index", str(Path(index).resolve()),
+        sys.executable,
+        "-m",
+        "streamlit",
+        "run",
+        str(APP_FILE),
+        "--server.port",
+        str(port),
+        "--server.address",
+        address,
+        "--server.headless",
+        "true",
+        "--browser.gatherUsageStats",
+        "false",
+        "--server.fileWatcherType",
+        "none",
+        "--client.toolbarMode",
+        "viewer",
+        "--",
+        "--index",
+        str(Path(index).resolve()),
     ]
 
 
@@ -60,7 +76,9 @@ def running_app(index: Path, port: int | None = None, timeout: float = 90.0) -> 
     """Serve the app in a child process for tests and screenshots; yields its URL."""
     port = port or free_port()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen(streamlit_command(index, port, "127.0.0.1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    proc = subprocess.Popen(
+        streamlit_command(index, port, "127.0.0.1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout

@@ -1,6 +1,6 @@
 """Screenshot of the browser on an index, for the README: upload one image, capture the page.
 
-    python -m ui.screenshot --index retrieve-demo/index --image retrieve-demo/data/severe/SYN300_f0.png --out docs/images/ui.png
+python -m ui.screenshot --index retrieve-demo/index --image retrieve-demo/data/severe/SYN300_f0.png --out docs/images/ui.png
 """
 
 from __future__ import annotations
@@ -11,8 +11,16 @@ from pathlib import Path
 from ui.launch import running_app
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-dev-shm-usage",
+]
 
 
 def launch_chromium(playwright):

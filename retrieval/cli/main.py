@@ -8,15 +8,18 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
 from retrieval.cli import options as opt
 from retrieval.errors import RetrieveError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Content-based retrieval of similar liver and abdominal images.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Content-based retrieval of similar liver and abdominal images.",
+)
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect a FAISS index folder.")
 app.add_typer(index_app, name="index")
 
@@ -29,46 +32,65 @@ def _echo_err(msg: str) -> None:
 def embed(
     data: Path = typer.Argument(..., help="dataset folder (class sub-folders) or manifest CSV/Parquet"),
     out: Path = typer.Option(..., "--out", "-o", help="vectors Parquet file to write"),
-    encoder: str = opt.Encoder, weights: Optional[str] = opt.Weights, seed: int = opt.Seed,
-    image_size: Optional[int] = opt.ImageSize, crop_sector: Optional[bool] = opt.CropSector,
-    resize: Optional[str] = opt.Resize, ct_window: Optional[str] = opt.CtWindow,
-    batch_size: int = opt.BatchSize, workers: Optional[int] = opt.Workers, gpu: bool = opt.Gpu, quiet: bool = opt.Quiet,
+    encoder: str = opt.Encoder,
+    weights: str | None = opt.Weights,
+    seed: int = opt.Seed,
+    image_size: int | None = opt.ImageSize,
+    crop_sector: bool | None = opt.CropSector,
+    resize: str | None = opt.Resize,
+    ct_window: str | None = opt.CtWindow,
+    batch_size: int = opt.BatchSize,
+    workers: int | None = opt.Workers,
+    gpu: bool = opt.Gpu,
+    quiet: bool = opt.Quiet,
 ):
     """Embed every image of DATA into a Parquet vectors file."""
     from indexer.store import write_vectors
     from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
 
-    loaded = load_encoder(opt.encoder_spec(encoder, weights, seed), opt.preprocess_overrides(image_size, crop_sector, resize, ct_window))
+    loaded = load_encoder(
+        opt.encoder_spec(encoder, weights, seed), opt.preprocess_overrides(image_size, crop_sector, resize, ct_window)
+    )
     t0 = time.perf_counter()
     vs, skipped = embed_dataset(data, loaded, batch_size, workers, gpu, not quiet)
     write_vectors(out, vs)
     report_skipped(skipped)
-    print(f"embedded {len(vs)} images ({vs.dim}-d, {encoder}) in {time.perf_counter() - t0:.1f} s -> {out}"
-          + (f"; skipped {len(skipped)}" if skipped else ""))
+    print(
+        f"embedded {len(vs)} images ({vs.dim}-d, {encoder}) in {time.perf_counter() - t0:.1f} s -> {out}"
+        + (f"; skipped {len(skipped)}" if skipped else "")
+    )
 
 
 @index_app.command("build")
 def index_build(
-    data: Optional[Path] = typer.Argument(None, help="dataset folder or manifest (omit with --vectors)"),
+    data: Path | None = typer.Argument(None, help="dataset folder or manifest (omit with --vectors)"),
     index: Path = typer.Option(..., "--index", "-i", help="index folder to create"),
-    vectors: Optional[Path] = typer.Option(None, "--vectors", help="use vectors from `retrieve embed` instead of embedding DATA"),
+    vectors: Path | None = typer.Option(
+        None, "--vectors", help="use vectors from `retrieve embed` instead of embedding DATA"
+    ),
     kind: str = typer.Option("auto", "--kind", help="auto, flat, hnsw, ivf or ivfpq"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML recipe (encoder, preprocess, index sections)"),
+    config: Path | None = typer.Option(None, "--config", help="YAML recipe (encoder, preprocess, index sections)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index folder"),
-    encoder: str = opt.Encoder, weights: Optional[str] = opt.Weights, seed: int = opt.Seed,
-    image_size: Optional[int] = opt.ImageSize, crop_sector: Optional[bool] = opt.CropSector,
-    resize: Optional[str] = opt.Resize, ct_window: Optional[str] = opt.CtWindow,
-    batch_size: int = opt.BatchSize, workers: Optional[int] = opt.Workers, gpu: bool = opt.Gpu, quiet: bool = opt.Quiet,
+    encoder: str = opt.Encoder,
+    weights: str | None = opt.Weights,
+    seed: int = opt.Seed,
+    image_size: int | None = opt.ImageSize,
+    crop_sector: bool | None = opt.CropSector,
+    resize: str | None = opt.Resize,
+    ct_window: str | None = opt.CtWindow,
+    batch_size: int = opt.BatchSize,
+    workers: int | None = opt.Workers,
+    gpu: bool = opt.Gpu,
+    quiet: bool = opt.Quiet,
 ):
     """Embed DATA (or take --vectors) and build a FAISS index folder over cosine similarity."""
     from dataclasses import replace
 
+    from indexer.faiss_index import INDEX_KINDS
     from indexer.index_dir import build_index_dir, check_can_build
     from indexer.store import read_vectors
     from retrieval.config import IndexConfig, load_recipe
     from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
-
-    from indexer.faiss_index import INDEX_KINDS
 
     if kind != "auto" and kind not in INDEX_KINDS:
         raise RetrieveError(f"--kind {kind}: unknown; choose auto, {', '.join(INDEX_KINDS)}")
@@ -77,7 +99,9 @@ def index_build(
     pre = opt.preprocess_overrides(image_size, crop_sector, resize, ct_window)
     if config is not None:
         recipe = load_recipe(config)
-        index_cfg = replace(recipe.index, kind=kind if kind != "auto" else recipe.index.kind, gpu=gpu and recipe.index.gpu)
+        index_cfg = replace(
+            recipe.index, kind=kind if kind != "auto" else recipe.index.kind, gpu=gpu and recipe.index.gpu
+        )
         if encoder == opt.Encoder.default and weights is None:
             spec = recipe.encoder
         pre = {**recipe.preprocess.to_dict(), **{k: v for k, v in pre.items() if v is not None}}
@@ -96,16 +120,21 @@ def index_build(
     t_embed = time.perf_counter() - t0
     manifest = build_index_dir(index, vs, index_cfg, overwrite=overwrite)
     report_skipped(skipped)
-    print(f"indexed {manifest.count} images ({manifest.dim}-d, {manifest.kind}, {manifest.params.get('built_on')}) "
-          f"in {time.perf_counter() - t0:.1f} s (embedding {t_embed:.1f} s) -> {index}"
-          + (f"; skipped {len(skipped)}" if skipped else ""))
+    print(
+        f"indexed {manifest.count} images ({manifest.dim}-d, {manifest.kind}, {manifest.params.get('built_on')}) "
+        f"in {time.perf_counter() - t0:.1f} s (embedding {t_embed:.1f} s) -> {index}"
+        + (f"; skipped {len(skipped)}" if skipped else "")
+    )
 
 
 @index_app.command("add")
 def index_add(
     data: Path = typer.Argument(..., help="dataset folder or manifest with the new images"),
     index: Path = typer.Option(..., "--index", "-i"),
-    batch_size: int = opt.BatchSize, workers: Optional[int] = opt.Workers, gpu: bool = opt.Gpu, quiet: bool = opt.Quiet,
+    batch_size: int = opt.BatchSize,
+    workers: int | None = opt.Workers,
+    gpu: bool = opt.Gpu,
+    quiet: bool = opt.Quiet,
 ):
     """Append new images to an index with its own encoder, without a rebuild."""
     from indexer.index_dir import add_to_index_dir, read_manifest
@@ -116,8 +145,10 @@ def index_add(
     vs, skipped = embed_dataset(data, loaded, batch_size, workers, gpu, not quiet)
     manifest, added = add_to_index_dir(index, vs)
     report_skipped(skipped)
-    print(f"added {added} images ({len(vs) - added} already indexed); index now holds {manifest.count}"
-          + (f"; skipped {len(skipped)}" if skipped else ""))
+    print(
+        f"added {added} images ({len(vs) - added} already indexed); index now holds {manifest.count}"
+        + (f"; skipped {len(skipped)}" if skipped else "")
+    )
 
 
 @index_app.command("info")
@@ -134,7 +165,9 @@ def index_info(index: Path = typer.Option(..., "--index", "-i"), as_json: bool =
     print(f"images:    {m.count}  ({', '.join(f'{k} {v}' for k, v in m.labels.items())})")
     print(f"vectors:   {m.dim}-d, {m.metric}")
     print(f"kind:      {m.kind} {json.dumps(m.params)}")
-    print(f"encoder:   {fp['encoder']} (weights sha256 {fp['weights_sha256'][:12]}), preprocess {json.dumps(fp['preprocess'])}")
+    print(
+        f"encoder:   {fp['encoder']} (weights sha256 {fp['weights_sha256'][:12]}), preprocess {json.dumps(fp['preprocess'])}"
+    )
     print(f"created:   {m.created}   updated: {m.updated}")
 
 
@@ -143,7 +176,11 @@ def _print_result_table(res) -> None:
     print(f"{'rank':>4}  {'similarity':>10}  {'label':<14} {'patient':<14} path")
     for rank, (hit, row) in enumerate(zip(res.hits, res.rows.to_dict("records")), start=1):
         label = "-" if row.get("label") is None or row.get("label") != row.get("label") else str(row["label"])
-        pid = "-" if row.get("patient_id") is None or row.get("patient_id") != row.get("patient_id") else str(row["patient_id"])
+        pid = (
+            "-"
+            if row.get("patient_id") is None or row.get("patient_id") != row.get("patient_id")
+            else str(row["patient_id"])
+        )
         print(f"{rank:>4}  {hit.score:>10.4f}  {label:<14} {pid:<14} {row['path']}")
     v = res.vote
     if v.label is None:
@@ -155,15 +192,21 @@ def _print_result_table(res) -> None:
 
 @app.command()
 def query(
-    images: List[Path] = typer.Argument(..., help="query image file(s): PNG, JPEG, BMP, TIFF or DICOM"),
+    images: list[Path] = typer.Argument(..., help="query image file(s): PNG, JPEG, BMP, TIFF or DICOM"),
     index: Path = typer.Option(..., "--index", "-i"),
     k: int = typer.Option(10, "--k", "-k", help="number of similar cases"),
-    exclude_patient: List[str] = typer.Option([], "--exclude-patient", help="leave out this patient's images (repeatable)"),
-    where: List[str] = typer.Option([], "--where", help="only candidates with COLUMN=VALUE (repeatable)"),
+    exclude_patient: list[str] = typer.Option(
+        [], "--exclude-patient", help="leave out this patient's images (repeatable)"
+    ),
+    where: list[str] = typer.Option([], "--where", help="only candidates with COLUMN=VALUE (repeatable)"),
     vote: str = typer.Option("majority", "--vote", help="majority or similarity (weighted)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
-    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="refuse unless the index was built with this encoder"),
-    weights: Optional[str] = opt.Weights, seed: int = opt.Seed, gpu: bool = opt.Gpu,
+    encoder: str | None = typer.Option(
+        None, "--encoder", "-e", help="refuse unless the index was built with this encoder"
+    ),
+    weights: str | None = opt.Weights,
+    seed: int = opt.Seed,
+    gpu: bool = opt.Gpu,
 ):
     """Find the indexed images most similar to IMAGE(s), with a kNN vote on the label."""
     from indexer.index_dir import open_index_dir, read_manifest
@@ -199,8 +242,8 @@ def query(
 @app.command("eval")
 def evaluate_cmd(
     index: Path = typer.Option(..., "--index", "-i"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the full results as JSON"),
-    report: Optional[Path] = typer.Option(None, "--report", help="folder for summary.md, pr_curve.png, embedding_map.png"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the full results as JSON"),
+    report: Path | None = typer.Option(None, "--report", help="folder for summary.md, pr_curve.png, embedding_map.png"),
     k: int = typer.Option(10, "--k", "-k", help="neighbours in the kNN vote"),
     vote: str = typer.Option("majority", "--vote", help="majority or similarity"),
     exclude_same_patient: bool = typer.Option(True, "--exclude-same-patient/--include-same-patient"),
@@ -208,7 +251,7 @@ def evaluate_cmd(
     quiet: bool = opt.Quiet,
 ):
     """Leave-one-out retrieval quality of an index: MAP, MRR, P@k, MAP@R, kNN vote accuracy."""
-    from indexer.index_dir import read_manifest, VECTORS
+    from indexer.index_dir import VECTORS, read_manifest
     from indexer.store import read_vectors
     from retrieval.evaluation.evaluate import EvalSettings, evaluate
     from retrieval.evaluation.report import markdown_summary, write_report
@@ -221,16 +264,24 @@ def evaluate_cmd(
     m = read_manifest(index)
     vs = read_vectors(Path(index) / VECTORS)
     t0 = time.perf_counter()
-    result = evaluate(vs.rows, vs.vectors, EvalSettings(k, exclude_same_patient, exclude_near_dup, vote), progress=not quiet)
+    result = evaluate(
+        vs.rows, vs.vectors, EvalSettings(k, exclude_same_patient, exclude_near_dup, vote), progress=not quiet
+    )
     result["index"] = str(index)
     result["encoder"] = m.fingerprint.get("encoder")
     result["seconds"] = round(time.perf_counter() - t0, 3)
-    print(markdown_summary(result, f"Retrieval evaluation of {index}", m.fingerprint.get("encoder")).split("\n![")[0].rstrip())
+    print(
+        markdown_summary(result, f"Retrieval evaluation of {index}", m.fingerprint.get("encoder"))
+        .split("\n![")[0]
+        .rstrip()
+    )
     trained = _trained_on(m.encoder_spec.get("name", ""))
     if trained:
         result["encoder_trained_on"] = trained
-        print(f"\nnote: this encoder was trained on {trained['data']} ({trained['images']} images). If the index holds "
-              "those images, these figures are in-sample and optimistic; `retrieve benchmark` measures held-out folds.")
+        print(
+            f"\nnote: this encoder was trained on {trained['data']} ({trained['images']} images). If the index holds "
+            "those images, these figures are in-sample and optimistic; `retrieve benchmark` measures held-out folds."
+        )
     if json_out is not None:
         from indexer.atomic import atomic_path
 
@@ -242,7 +293,7 @@ def evaluate_cmd(
         print("report -> " + ", ".join(str(p) for p in paths.values()))
 
 
-def _trained_on(encoder_name: str) -> Optional[dict]:
+def _trained_on(encoder_name: str) -> dict | None:
     """What a checkpoint encoder was trained on (from its JSON), or None for other encoders."""
     from retrieval.encoders.checkpoint import checkpoint_paths
 
@@ -258,8 +309,10 @@ def _trained_on(encoder_name: str) -> Optional[dict]:
 @app.command()
 def demo(
     out: Path = typer.Option(Path("retrieve-demo"), "--out", "-o", help="folder for the demo data, index and report"),
-    encoder: str = opt.Encoder, weights: Optional[str] = opt.Weights,
-    image_size: Optional[int] = opt.ImageSize, quiet: bool = opt.Quiet,
+    encoder: str = opt.Encoder,
+    weights: str | None = opt.Weights,
+    image_size: int | None = opt.ImageSize,
+    quiet: bool = opt.Quiet,
 ):
     """Generate synthetic liver ultrasound, index it, query it and evaluate it."""
     from retrieval.demo.run import run_demo
@@ -270,19 +323,31 @@ def demo(
 @app.command()
 def train(
     data: Path = typer.Argument(..., help="dataset folder or manifest"),
-    method: Optional[str] = typer.Option(None, "--method", "-m", help="siamese, siamese-l1, simclr, supcon, weak-simclr, supervised"),
-    out: Path = typer.Option(..., "--out", "-o", help="checkpoint to write (.safetensors + .json, plus .log.json and .loss.png)"),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML with training options (configs/train/*.yaml)"),
-    encoder: Optional[str] = typer.Option(None, "--encoder", "-e", help="backbone: cnn5, resnet18, imagenet-effnet-lite0, any timm name"),
-    weights: Optional[str] = opt.Weights,
-    epochs: Optional[int] = typer.Option(None, "--epochs"), batch_size: Optional[int] = typer.Option(None, "--batch-size"),
-    lr: Optional[float] = typer.Option(None, "--lr"), image_size: Optional[int] = typer.Option(None, "--image-size"),
-    temperature: Optional[float] = typer.Option(None, "--temperature"), beta: Optional[float] = typer.Option(None, "--beta"),
-    margin: Optional[float] = typer.Option(None, "--margin"), seed: Optional[int] = typer.Option(None, "--seed"),
-    freeze_backbone: Optional[bool] = typer.Option(None, "--freeze-backbone/--train-backbone", help="train only the head on cached features"),
-    balanced: Optional[bool] = typer.Option(None, "--balanced/--unbalanced", help="class-balanced sampling"),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps"),
-    pairs: Optional[Path] = typer.Option(None, "--pairs", help="CSV path_a,path_b,same (1 = similar) for siamese methods"),
+    method: str | None = typer.Option(
+        None, "--method", "-m", help="siamese, siamese-l1, simclr, supcon, weak-simclr, supervised"
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="checkpoint to write (.safetensors + .json, plus .log.json and .loss.png)"
+    ),
+    config: Path | None = typer.Option(None, "--config", help="YAML with training options (configs/train/*.yaml)"),
+    encoder: str | None = typer.Option(
+        None, "--encoder", "-e", help="backbone: cnn5, resnet18, imagenet-effnet-lite0, any timm name"
+    ),
+    weights: str | None = opt.Weights,
+    epochs: int | None = typer.Option(None, "--epochs"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    lr: float | None = typer.Option(None, "--lr"),
+    image_size: int | None = typer.Option(None, "--image-size"),
+    temperature: float | None = typer.Option(None, "--temperature"),
+    beta: float | None = typer.Option(None, "--beta"),
+    margin: float | None = typer.Option(None, "--margin"),
+    seed: int | None = typer.Option(None, "--seed"),
+    freeze_backbone: bool | None = typer.Option(
+        None, "--freeze-backbone/--train-backbone", help="train only the head on cached features"
+    ),
+    balanced: bool | None = typer.Option(None, "--balanced/--unbalanced", help="class-balanced sampling"),
+    max_steps: int | None = typer.Option(None, "--max-steps"),
+    pairs: Path | None = typer.Option(None, "--pairs", help="CSV path_a,path_b,same (1 = similar) for siamese methods"),
     quiet: bool = opt.Quiet,
 ):
     """Train an encoder; the checkpoint loads straight into `embed` / `index build --encoder`."""
@@ -292,11 +357,25 @@ def train(
     from retrieval.encoders.checkpoint import save_checkpoint
     from retrieval.pipeline import report_skipped
     from retrieval.training.config import load_train_config
-    from retrieval.training.trainer import train as run_training, write_training_log
+    from retrieval.training.trainer import train as run_training
+    from retrieval.training.trainer import write_training_log
 
-    overrides = dict(method=method, encoder=encoder, weights=weights, epochs=epochs, batch_size=batch_size, lr=lr,
-                     image_size=image_size, temperature=temperature, beta=beta, margin=margin, seed=seed,
-                     freeze_backbone=freeze_backbone, balanced=balanced, max_steps=max_steps)
+    overrides = dict(
+        method=method,
+        encoder=encoder,
+        weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        image_size=image_size,
+        temperature=temperature,
+        beta=beta,
+        margin=margin,
+        seed=seed,
+        freeze_backbone=freeze_backbone,
+        balanced=balanced,
+        max_steps=max_steps,
+    )
     cfg = load_train_config(config, overrides)
     table = load_dataset(data)
     pairs_table = None
@@ -309,29 +388,46 @@ def train(
         base = pairs.resolve().parent
         for col in ("path_a", "path_b"):
             if col in pairs_table:
-                pairs_table[col] = [str((base / p).resolve()) if not Path(p).is_absolute() else p for p in pairs_table[col].astype(str)]
+                pairs_table[col] = [
+                    str((base / p).resolve()) if not Path(p).is_absolute() else p for p in pairs_table[col].astype(str)
+                ]
     result = run_training(table.rows, cfg, pairs_table, progress=not quiet)
     extra_tensors = {}
     if result.model.similarity is not None:
         extra_tensors = {f"similarity.{k}": v for k, v in result.model.similarity.state_dict().items()}
-    path = save_checkpoint(result.encoder, out, result.encoder.default_preprocess,
-                           extra={"training": cfg.to_dict(), "classes": result.classes,
-                                  "trained_on": {"data": str(Path(data).resolve()), "images": result.log["n_images"]}},
-                           extra_tensors=extra_tensors)
+    path = save_checkpoint(
+        result.encoder,
+        out,
+        result.encoder.default_preprocess,
+        extra={
+            "training": cfg.to_dict(),
+            "classes": result.classes,
+            "trained_on": {"data": str(Path(data).resolve()), "images": result.log["n_images"]},
+        },
+        extra_tensors=extra_tensors,
+    )
     log_path, png_path = write_training_log(result.log, path)
     report_skipped(table.skipped + result.skipped)
     losses = [s["loss"] for s in result.log["steps"]]
-    print(f"trained {cfg.method} on {result.log['n_images']} images: {len(losses)} steps in {result.log['seconds']:.1f} s, "
-          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}" if losses else "no steps were run")
+    print(
+        f"trained {cfg.method} on {result.log['n_images']} images: {len(losses)} steps in {result.log['seconds']:.1f} s, "
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        if losses
+        else "no steps were run"
+    )
     print(f"checkpoint -> {path} (use it as --encoder {path}); log -> {log_path}, {png_path}")
 
 
 @app.command()
 def classify(
-    images: List[Path] = typer.Argument(..., help="image(s) to classify"),
-    anchors: Path = typer.Option(..., "--anchors", help="folder or manifest of labelled anchor images (a few per class)"),
-    checkpoint: Path = typer.Option(..., "--checkpoint", help="a checkpoint from `retrieve train` (siamese-l1 gives the paper's scorer)"),
-    shots: Optional[int] = typer.Option(None, "--shots", help="use at most N anchors per class"),
+    images: list[Path] = typer.Argument(..., help="image(s) to classify"),
+    anchors: Path = typer.Option(
+        ..., "--anchors", help="folder or manifest of labelled anchor images (a few per class)"
+    ),
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="a checkpoint from `retrieve train` (siamese-l1 gives the paper's scorer)"
+    ),
+    shots: int | None = typer.Option(None, "--shots", help="use at most N anchors per class"),
     as_json: bool = typer.Option(False, "--json"),
 ):
     """n-shot classification of IMAGE(s) against labelled anchors (paper 000)."""
@@ -354,7 +450,9 @@ def classify(
         print(json.dumps(out, indent=2))
     else:
         for r in out:
-            print(f"{r['image']}: {r['label']}  ({', '.join(f'{k} {v:.3f}' for k, v in r['scores'].items())}; {r['scorer']})")
+            print(
+                f"{r['image']}: {r['label']}  ({', '.join(f'{k} {v:.3f}' for k, v in r['scores'].items())}; {r['scorer']})"
+            )
     if failed:
         raise typer.Exit(2)
 
@@ -366,20 +464,37 @@ def _yaml_value(text: str, where: str):
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise RetrieveError(f"{where}: not a valid YAML value ({getattr(exc, 'problem', None) or type(exc).__name__})") from None
+        raise RetrieveError(
+            f"{where}: not a valid YAML value ({getattr(exc, 'problem', None) or type(exc).__name__})"
+        ) from None
 
 
 @app.command()
 def benchmark(
-    data: List[Path] = typer.Argument(..., help="dataset folder(s) or manifest(s) with labels"),
-    methods: str = typer.Option("supcon,supervised,weak-simclr,siamese,siamese-l1,simclr", "--methods", help="comma-separated training methods"),
+    data: list[Path] = typer.Argument(..., help="dataset folder(s) or manifest(s) with labels"),
+    methods: str = typer.Option(
+        "supcon,supervised,weak-simclr,siamese,siamese-l1,simclr", "--methods", help="comma-separated training methods"
+    ),
     folds: int = typer.Option(5, "--folds", min=2),
-    repeats: int = typer.Option(1, "--repeats", min=1, help="repeat the k-fold split with seeds SEED, SEED+1, ... (steadier means on small archives)"),
+    repeats: int = typer.Option(
+        1,
+        "--repeats",
+        min=1,
+        help="repeat the k-fold split with seeds SEED, SEED+1, ... (steadier means on small archives)",
+    ),
     seed: int = typer.Option(0, "--seed"),
-    out: Path = typer.Option(Path("benchmark-results"), "--out", "-o", help="folder for benchmark.json and benchmark.md"),
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="override every preset's epochs (quick runs)"),
-    set_: List[str] = typer.Option([], "--set", help="override a preset: KEY=VALUE for all methods, METHOD.KEY=VALUE for one (YAML values)"),
-    select: List[str] = typer.Option([], "--select", help="KEY=V1,V2 or KEY=[V1, V2] (YAML list, for mappings): candidates chosen per fold on an inner validation split of the training folds"),
+    out: Path = typer.Option(
+        Path("benchmark-results"), "--out", "-o", help="folder for benchmark.json and benchmark.md"
+    ),
+    epochs: int | None = typer.Option(None, "--epochs", help="override every preset's epochs (quick runs)"),
+    set_: list[str] = typer.Option(
+        [], "--set", help="override a preset: KEY=VALUE for all methods, METHOD.KEY=VALUE for one (YAML values)"
+    ),
+    select: list[str] = typer.Option(
+        [],
+        "--select",
+        help="KEY=V1,V2 or KEY=[V1, V2] (YAML list, for mappings): candidates chosen per fold on an inner validation split of the training folds",
+    ),
     quiet: bool = opt.Quiet,
 ):
     """Grouped k-fold comparison of training methods against raw-pixel, random-init and ImageNet baselines."""
@@ -406,7 +521,17 @@ def benchmark(
             candidates[key.strip()] = [_yaml_value(v, f"--select {item}") for v in values.split(",")]
     results = []
     for d in data:
-        r = run_benchmark(d, names, folds, seed, overrides=overrides, progress=not quiet, log=lambda m: _echo_err(m), select=candidates, repeats=repeats)
+        r = run_benchmark(
+            d,
+            names,
+            folds,
+            seed,
+            overrides=overrides,
+            progress=not quiet,
+            log=lambda m: _echo_err(m),
+            select=candidates,
+            repeats=repeats,
+        )
         results.append(r)
         print(markdown_table(r))
     js, md = write_outputs(results, out)
@@ -415,7 +540,9 @@ def benchmark(
 
 @app.command("ui")
 def ui_cmd(
-    index: Optional[Path] = typer.Option(None, "--index", "-i", help="index folder (default: the demo index, built if missing)"),
+    index: Path | None = typer.Option(
+        None, "--index", "-i", help="index folder (default: the demo index, built if missing)"
+    ),
     port: int = typer.Option(8501, "--port", help="local port for the browser app"),
     demo_out: Path = typer.Option(Path("retrieve-demo"), "--demo-out", help="where the demo index lives"),
 ):
@@ -437,7 +564,7 @@ def list_encoders_cmd():
     print("(any timm model name, e.g. resnet18, resnet50, efficientnet_b0; or a checkpoint .safetensors)")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and a non-zero exit instead of tracebacks."""
     try:
         rv = app(args=argv, standalone_mode=False)  # click returns an Exit's code in this mode

@@ -2,19 +2,28 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from retrieval.config import EncoderSpec
 from retrieval.encoders.registry import DEFAULT_ENCODER
 from retrieval.errors import RetrieveError
 
-Encoder = typer.Option(DEFAULT_ENCODER, "--encoder", "-e", help="imagenet-effnet-lite0, cnn5, a timm name (resnet18, resnet50, efficientnet_b0, ...) or a checkpoint .safetensors")
-Weights = typer.Option(None, "--weights", help="local weights file (timm/torchvision state_dict, .pth or .safetensors) or hub snapshot folder")
+Encoder = typer.Option(
+    DEFAULT_ENCODER,
+    "--encoder",
+    "-e",
+    help="imagenet-effnet-lite0, cnn5, a timm name (resnet18, resnet50, efficientnet_b0, ...) or a checkpoint .safetensors",
+)
+Weights = typer.Option(
+    None,
+    "--weights",
+    help="local weights file (timm/torchvision state_dict, .pth or .safetensors) or hub snapshot folder",
+)
 Seed = typer.Option(0, "--seed", help="seed for random-init encoders")
 ImageSize = typer.Option(None, "--image-size", help="square input size in pixels (default: the encoder's, 224)")
-CropSector = typer.Option(None, "--crop-sector/--no-crop-sector", help="crop to the ultrasound sector, dropping margins and annotation bands")
+CropSector = typer.Option(
+    None, "--crop-sector/--no-crop-sector", help="crop to the ultrasound sector, dropping margins and annotation bands"
+)
 Resize = typer.Option(None, "--resize", help="pad (keep aspect ratio) or squash")
 CtWindow = typer.Option(None, "--ct-window", help="CT window in HU as LOW,HIGH (default -100,400)")
 BatchSize = typer.Option(32, "--batch-size", min=1)
@@ -23,11 +32,13 @@ Gpu = typer.Option(True, "--gpu/--no-gpu", help="use CUDA for the encoder and FA
 Quiet = typer.Option(False, "--quiet", "-q", help="no progress bars")
 
 
-def encoder_spec(encoder: str, weights: Optional[str], seed: int) -> EncoderSpec:
+def encoder_spec(encoder: str, weights: str | None, seed: int) -> EncoderSpec:
     return EncoderSpec(name=encoder, weights=weights, seed=seed)
 
 
-def preprocess_overrides(image_size: Optional[int], crop_sector: Optional[bool], resize: Optional[str], ct_window: Optional[str]) -> dict:
+def preprocess_overrides(
+    image_size: int | None, crop_sector: bool | None, resize: str | None, ct_window: str | None
+) -> dict:
     window = None
     if ct_window is not None:
         try:

@@ -55,7 +55,9 @@ def read_dicom_frames(path: Path, ct_window: tuple[float, float], only: int | No
         raise UnreadableImageError(f"{path}: DICOM pixel data cannot be decoded ({exc})") from None
     n = int(getattr(ds, "NumberOfFrames", 1) or 1)
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
-    is_colour = photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or (pixels.ndim >= 3 and pixels.shape[-1] == 3 and getattr(ds, "SamplesPerPixel", 1) == 3)
+    is_colour = photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or (
+        pixels.ndim >= 3 and pixels.shape[-1] == 3 and getattr(ds, "SamplesPerPixel", 1) == 3
+    )
     if n == 1:
         pixels = pixels[None]
     if only is not None and not 0 <= only < n:

@@ -83,9 +83,7 @@ def read_frames(path: str | Path, ct_window: tuple[float, float] = (-100.0, 400.
 
         return read_dicom_frames(p, ct_window)
     if p.suffix.lower() not in RASTER_SUFFIXES:
-        raise UnreadableImageError(
-            f"{p}: unsupported file type '{p.suffix}' (use PNG, JPEG, BMP, TIFF or DICOM)"
-        )
+        raise UnreadableImageError(f"{p}: unsupported file type '{p.suffix}' (use PNG, JPEG, BMP, TIFF or DICOM)")
     return [read_raster(p)]
 
 

@@ -105,7 +105,9 @@ def demo_patients(n_per_grade: int = 4, seed: int = 0) -> list[Patient]:
     return patients
 
 
-def generate_demo_dataset(out_dir: str | Path, n_per_grade: int = 4, frames: int = 6, size: int = 256, seed: int = 0) -> Path:
+def generate_demo_dataset(
+    out_dir: str | Path, n_per_grade: int = 4, frames: int = 6, size: int = 256, seed: int = 0
+) -> Path:
     """Write PNGs in grade sub-folders and `labels.csv` (path,label,patient_id,...). Returns the manifest."""
     out = Path(out_dir)
     records = []
@@ -116,8 +118,15 @@ def generate_demo_dataset(out_dir: str | Path, n_per_grade: int = 4, frames: int
             rel = f"{label}/{p.patient_id}_f{f}.png"
             Image.fromarray(render_frame(p, f, size)).save(out / rel)
             records.append(
-                {"path": rel, "label": label, "patient_id": p.patient_id, "steatosis_grade": p.grade,
-                 "frame": f, "gain": round(p.gain, 3), "depth_cm": round(p.depth_cm, 1)}
+                {
+                    "path": rel,
+                    "label": label,
+                    "patient_id": p.patient_id,
+                    "steatosis_grade": p.grade,
+                    "frame": f,
+                    "gain": round(p.gain, 3),
+                    "depth_cm": round(p.depth_cm, 1),
+                }
             )
     manifest = out / "labels.csv"
     pd.DataFrame.from_records(records).to_csv(manifest, index=False)

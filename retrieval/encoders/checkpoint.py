@@ -101,7 +101,9 @@ def load_checkpoint(path: str | Path) -> Encoder:
         state = {k: v for k, v in load_file(str(weights_path)).items() if not k.startswith(EXTRA_PREFIX)}
         enc.load_state_dict(state)
     except Exception as exc:
-        raise RetrieveError(f"checkpoint {weights_path}: weights do not fit its architecture ({type(exc).__name__})") from None
+        raise RetrieveError(
+            f"checkpoint {weights_path}: weights do not fit its architecture ({type(exc).__name__})"
+        ) from None
     return enc.eval()
 
 
@@ -113,5 +115,5 @@ def load_checkpoint_extras(path: str | Path) -> tuple[dict[str, Any], dict[str, 
     if not weights_path.is_file() or not meta_path.is_file():
         raise RetrieveError(f"checkpoint {weights_path}: file not found")
     meta = json.loads(meta_path.read_text())
-    extras = {k[len(EXTRA_PREFIX):]: v for k, v in load_file(str(weights_path)).items() if k.startswith(EXTRA_PREFIX)}
+    extras = {k[len(EXTRA_PREFIX) :]: v for k, v in load_file(str(weights_path)).items() if k.startswith(EXTRA_PREFIX)}
     return meta, extras

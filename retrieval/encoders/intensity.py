@@ -30,6 +30,10 @@ class IntensityStats(nn.Module):
         flat = x.flatten(1).float().clamp(0.0, 1.0)
         quant = torch.quantile(flat, self.q.to(flat.device), dim=1).T
         idx = (flat * BINS).long().clamp_(max=BINS - 1)
-        hist = torch.zeros(len(flat), BINS, device=flat.device).scatter_add_(1, idx, torch.ones_like(flat)) / flat.shape[1]
-        stats = torch.cat([flat.mean(1, keepdim=True) - 0.5, flat.std(1, keepdim=True), quant - 0.5, hist - 1.0 / BINS], 1)
+        hist = (
+            torch.zeros(len(flat), BINS, device=flat.device).scatter_add_(1, idx, torch.ones_like(flat)) / flat.shape[1]
+        )
+        stats = torch.cat(
+            [flat.mean(1, keepdim=True) - 0.5, flat.std(1, keepdim=True), quant - 0.5, hist - 1.0 / BINS], 1
+        )
         return stats * SCALE

@@ -25,8 +25,12 @@ class MultiLayerPool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         pooled: dict[str, torch.Tensor] = {}
         # hooks live only for this call, so the module stays plain (copyable, picklable)
-        handles = [self.net.get_submodule(name).register_forward_hook(lambda _m, _i, out, name=name: pooled.__setitem__(name, out.mean((2, 3))))
-                   for name in self.layers]
+        handles = [
+            self.net.get_submodule(name).register_forward_hook(
+                lambda _m, _i, out, name=name: pooled.__setitem__(name, out.mean((2, 3)))
+            )
+            for name in self.layers
+        ]
         try:
             final = self.net(x)
         finally:

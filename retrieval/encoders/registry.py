@@ -8,8 +8,8 @@ any timm model name (`resnet18`, `resnet50`, `efficientnet_b0`, ...; random init
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -155,7 +155,15 @@ def _intensity_stats(weights: str | None, seed: int) -> Encoder:
     if weights is not None:
         raise RetrieveError("--encoder intensity-stats has no weights; leave out --weights")
     net, dim = build_backbone({"type": "intensity-stats"})
-    return Encoder(net, dim, {"type": "intensity-stats"}, in_chans=1, mean=(0.0,), std=(1.0,), source="fixed statistics, no weights")
+    return Encoder(
+        net,
+        dim,
+        {"type": "intensity-stats"},
+        in_chans=1,
+        mean=(0.0,),
+        std=(1.0,),
+        source="fixed statistics, no weights",
+    )
 
 
 def _is_checkpoint(name: str) -> bool:

@@ -72,7 +72,9 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in sd.items()}
 
 
-def load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str, ignore_prefixes: tuple[str, ...] = ()) -> None:
+def load_into(
+    model: nn.Module, sd: dict[str, torch.Tensor], source: str, ignore_prefixes: tuple[str, ...] = ()
+) -> None:
     """Load by key name; classifier keys the backbone lacks are dropped; anything else must fit exactly."""
     own = model.state_dict()
     sd = {k: v for k, v in sd.items() if k in own or not k.startswith(ignore_prefixes)}

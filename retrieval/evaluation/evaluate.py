@@ -47,9 +47,16 @@ def _group_codes(rows: pd.DataFrame, column: str) -> np.ndarray:
     return codes
 
 
-def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = EvalSettings(), block: int = 512, progress: bool = True,
-             query_mask: np.ndarray | None = None, gallery_mask: np.ndarray | None = None,
-             keep_per_query: bool = False) -> dict[str, Any]:
+def evaluate(
+    rows: pd.DataFrame,
+    vectors: np.ndarray,
+    settings: EvalSettings = EvalSettings(),
+    block: int = 512,
+    progress: bool = True,
+    query_mask: np.ndarray | None = None,
+    gallery_mask: np.ndarray | None = None,
+    keep_per_query: bool = False,
+) -> dict[str, Any]:
     """Leave-one-out by default; with masks, only `query_mask` rows query and only `gallery_mask` rows
     are candidates (a held-out fold against the training folds). `keep_per_query` adds each scored
     query's metrics, with its row number, as `per_query`."""
@@ -128,7 +135,9 @@ def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = E
         {
             "knn_accuracy": float(np.mean([t == p for t, p in zip(y_true, y_pred)])),
             "knn_balanced_accuracy": float(balanced_accuracy_score(y_true, [p or "" for p in y_pred])),
-            "knn_macro_f1": float(f1_score(y_true, [p or "" for p in y_pred], labels=classes, average="macro", zero_division=0)),
+            "knn_macro_f1": float(
+                f1_score(y_true, [p or "" for p in y_pred], labels=classes, average="macro", zero_division=0)
+            ),
             "n_vote_queries": len(y_true),
         }
     )
@@ -139,10 +148,21 @@ def evaluate(rows: pd.DataFrame, vectors: np.ndarray, settings: EvalSettings = E
     for j, c in enumerate(classes):
         sub = pq[pq["label"] == c]
         entry = summary(sub) if len(sub) else {"n_queries": 0}
-        entry.update({"knn_precision": float(prec[j]), "knn_recall": float(rec[j]), "knn_f1": float(f1[j]), "n_images": int(support[j])})
+        entry.update(
+            {
+                "knn_precision": float(prec[j]),
+                "knn_recall": float(rec[j]),
+                "knn_f1": float(f1[j]),
+                "n_images": int(support[j]),
+            }
+        )
         per_class[c] = entry
     curves = np.vstack(pr_curves)
-    by_class_curve = {c: curves[(pq["label"] == c).to_numpy()].mean(axis=0).round(5).tolist() for c in classes if (pq["label"] == c).any()}
+    by_class_curve = {
+        c: curves[(pq["label"] == c).to_numpy()].mean(axis=0).round(5).tolist()
+        for c in classes
+        if (pq["label"] == c).any()
+    }
     result = {
         "settings": asdict(settings),
         "n_images": int(len(rows)),

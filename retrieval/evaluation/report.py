@@ -28,8 +28,16 @@ def plot_pr_curve(result: dict[str, Any], path: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(6, 5), dpi=110)
     for label, prec in sorted(pr["per_class"].items()):
         ax.plot(pr["recall"], prec, lw=1.2, alpha=0.8, label=f"{label} (MAP {result['per_class'][label]['map']:.3f})")
-    ax.plot(pr["recall"], pr["precision"], color="black", lw=2.4, label=f"all queries (MAP {result['overall']['map']:.3f})")
-    ax.set(xlabel="recall", ylabel="interpolated precision", xlim=(0, 1), ylim=(0, 1.02), title=title or "Precision-recall, mean over queries")
+    ax.plot(
+        pr["recall"], pr["precision"], color="black", lw=2.4, label=f"all queries (MAP {result['overall']['map']:.3f})"
+    )
+    ax.set(
+        xlabel="recall",
+        ylabel="interpolated precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+        title=title or "Precision-recall, mean over queries",
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
@@ -111,7 +119,9 @@ def markdown_summary(result: dict[str, Any], title: str, encoder: str) -> str:
     return "\n".join(lines)
 
 
-def write_report(result: dict[str, Any], rows: pd.DataFrame, vectors: np.ndarray, out_dir: Path, title: str, encoder: str) -> dict[str, Path]:
+def write_report(
+    result: dict[str, Any], rows: pd.DataFrame, vectors: np.ndarray, out_dir: Path, title: str, encoder: str
+) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "summary": out_dir / "summary.md",

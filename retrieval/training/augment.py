@@ -24,7 +24,9 @@ class AugmentConfig:
     blur_p: float = 0.3
 
 
-def augment(x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generator: torch.Generator | None = None) -> torch.Tensor:
+def augment(
+    x: torch.Tensor, cfg: AugmentConfig = AugmentConfig(), generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Random affine + crop (one sampling grid per image), flip, gain and blur; output like input."""
     n, _, h, w = x.shape
     g = generator

@@ -84,7 +84,9 @@ def _auc_and_bacc(y: np.ndarray, prob: np.ndarray, classes: np.ndarray) -> tuple
     if len(classes) == 2:
         auc = roc_auc_score(y == classes[1], prob[:, 1]) if len(set(y)) == 2 else float("nan")
     else:
-        auc = roc_auc_score(y, prob, multi_class="ovr", labels=list(classes)) if set(classes) <= set(y) else float("nan")
+        auc = (
+            roc_auc_score(y, prob, multi_class="ovr", labels=list(classes)) if set(classes) <= set(y) else float("nan")
+        )
     return float(auc), float(balanced_accuracy_score(y, classes[prob.argmax(1)]))
 
 
@@ -100,8 +102,13 @@ def patient_average(prob: np.ndarray, labels: np.ndarray, patients: np.ndarray) 
     return pd.DataFrame(prob).groupby(ids.to_numpy(), sort=False).mean().to_numpy(), by_patient.first().to_numpy()
 
 
-def linear_probe(vectors: np.ndarray, labels: np.ndarray, train_idx: np.ndarray, test_idx: np.ndarray,
-                 patients: np.ndarray | None = None) -> dict[str, float]:
+def linear_probe(
+    vectors: np.ndarray,
+    labels: np.ndarray,
+    train_idx: np.ndarray,
+    test_idx: np.ndarray,
+    patients: np.ndarray | None = None,
+) -> dict[str, float]:
     """Logistic regression on standardised frozen vectors: AUC (macro one-vs-rest) and balanced accuracy
     per image and, where `patients` gives one label per patient, on predictions averaged per patient."""
     from sklearn.pipeline import make_pipeline
@@ -112,11 +119,21 @@ def linear_probe(vectors: np.ndarray, labels: np.ndarray, train_idx: np.ndarray,
     classes = pipe[-1].classes_
     prob = pipe.predict_proba(vectors[test_idx])
     auc, bacc = _auc_and_bacc(labels[test_idx], prob, classes)
-    out = {"probe_auc": auc, "probe_balanced_accuracy": bacc,
-           "probe_patient_auc": float("nan"), "probe_patient_balanced_accuracy": float("nan")}
-    per_patient = None if patients is None else patient_average(prob, labels[test_idx], np.asarray(patients, dtype=object)[test_idx])
+    out = {
+        "probe_auc": auc,
+        "probe_balanced_accuracy": bacc,
+        "probe_patient_auc": float("nan"),
+        "probe_patient_balanced_accuracy": float("nan"),
+    }
+    per_patient = (
+        None
+        if patients is None
+        else patient_average(prob, labels[test_idx], np.asarray(patients, dtype=object)[test_idx])
+    )
     if per_patient is not None:
-        out["probe_patient_auc"], out["probe_patient_balanced_accuracy"] = _auc_and_bacc(per_patient[1], per_patient[0], classes)
+        out["probe_patient_auc"], out["probe_patient_balanced_accuracy"] = _auc_and_bacc(
+            per_patient[1], per_patient[0], classes
+        )
     return out
 
 
@@ -169,8 +186,15 @@ class FoldFitter:
     (clean + augmented views) are computed once per (encoder, weights, size, views, augmentations) and shared by
     every fold and method; `images` holds the preprocessed images per image size."""
 
-    def __init__(self, rows: pd.DataFrame, images: dict[int, torch.Tensor], device: torch.device, seed: int = 0,
-                 progress: bool = True, timings: dict[str, float] | None = None):
+    def __init__(
+        self,
+        rows: pd.DataFrame,
+        images: dict[int, torch.Tensor],
+        device: torch.device,
+        seed: int = 0,
+        progress: bool = True,
+        timings: dict[str, float] | None = None,
+    ):
         self.rows, self.images, self.device, self.progress = rows, images, device, progress
         self.gen = torch.Generator().manual_seed(seed)
         self.timings = timings if timings is not None else {}
@@ -182,8 +206,15 @@ class FoldFitter:
         if key not in self.caches:
             t = time.perf_counter()
             enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed).to(self.device)
-            self.caches[key] = cached_features(enc, self.images[cfg.image_size], cfg.frozen_views, self.gen, self.device,
-                                               progress=self.progress, aug=aug)
+            self.caches[key] = cached_features(
+                enc,
+                self.images[cfg.image_size],
+                cfg.frozen_views,
+                self.gen,
+                self.device,
+                progress=self.progress,
+                aug=aug,
+            )
             self.timings[f"features {cfg.encoder} x{cfg.frozen_views + 1} views"] = round(time.perf_counter() - t, 1)
         return self.caches[key]
 
@@ -200,9 +231,19 @@ class FoldFitter:
         return embed_rows(self.rows, res.encoder, res.encoder.default_preprocess, progress=False).vectors
 
 
-def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: int = 0, k: int = 10,
-                  preset_dir: Path = PRESETS, overrides: dict[str, Any] | None = None, progress: bool = True,
-                  log=print, select: dict[str, list[Any]] | None = None, repeats: int = 1) -> dict[str, Any]:
+def run_benchmark(
+    data: str | Path,
+    methods: list[str],
+    folds: int = 5,
+    seed: int = 0,
+    k: int = 10,
+    preset_dir: Path = PRESETS,
+    overrides: dict[str, Any] | None = None,
+    progress: bool = True,
+    log=print,
+    select: dict[str, list[Any]] | None = None,
+    repeats: int = 1,
+) -> dict[str, Any]:
     """`select` lists candidate values of training options; each fold picks one by MAP on an inner
     validation split of its training folds (never the held-out fold) and the choices are reported.
     `repeats` > 1 repeats the k-fold split with seeds seed, seed + 1, ...: on small archives the split
@@ -235,21 +276,38 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
 
     # baselines: fixed vectors, scored on the same folds
     t = time.perf_counter()
-    base_vectors = {"raw-pixels": raw_pixel_vectors(images[224]),
-                    "random-resnet18": clean_vectors(create_encoder("resnet18", None, seed), 224)}
-    effnet_cfg = next((c for c in configs.values() if c.freeze_backbone and c.encoder == "imagenet-effnet-lite0" and c.image_size == 224),
-                      TrainConfig(encoder="imagenet-effnet-lite0", image_size=224, frozen_views=0))
+    base_vectors = {
+        "raw-pixels": raw_pixel_vectors(images[224]),
+        "random-resnet18": clean_vectors(create_encoder("resnet18", None, seed), 224),
+    }
+    effnet_cfg = next(
+        (
+            c
+            for c in configs.values()
+            if c.freeze_backbone and c.encoder == "imagenet-effnet-lite0" and c.image_size == 224
+        ),
+        TrainConfig(encoder="imagenet-effnet-lite0", image_size=224, frozen_views=0),
+    )
     base_vectors["imagenet-effnet-lite0"] = _unit(fitter.frozen_cache(effnet_cfg)[0].numpy())  # view 0: the clean image
-    for cfg in configs.values():  # each random-init backbone, trained or under a trained head, untouched: what training bought
-        name = "random-resnet18" if (cfg.encoder, cfg.image_size) == ("resnet18", 224) else f"random-{cfg.encoder}-{cfg.image_size}px"
+    for cfg in (
+        configs.values()
+    ):  # each random-init backbone, trained or under a trained head, untouched: what training bought
+        name = (
+            "random-resnet18"
+            if (cfg.encoder, cfg.image_size) == ("resnet18", 224)
+            else f"random-{cfg.encoder}-{cfg.image_size}px"
+        )
         if cfg.weights is not None or name in base_vectors:
             continue
         init = create_encoder(cfg.encoder, None, seed)
         if not init.source.startswith("random init"):  # pretrained weights or a checkpoint
             continue
         # a frozen head's baseline is view 0 of the very cache it trains on (the folds reuse it)
-        base_vectors[name] = (_unit(fitter.frozen_cache(replace(cfg, seed=seed))[0].numpy()) if cfg.freeze_backbone
-                              else clean_vectors(init, cfg.image_size))
+        base_vectors[name] = (
+            _unit(fitter.frozen_cache(replace(cfg, seed=seed))[0].numpy())
+            if cfg.freeze_backbone
+            else clean_vectors(init, cfg.image_size)
+        )
     timings["baselines"] = round(time.perf_counter() - t, 1)
     for name, vec in base_vectors.items():
         results[name] = [score_fold(rows, vec, tr, te, k) for tr, te in splits]
@@ -272,7 +330,9 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
                 for cand in grid:
                     vec = fitter.fit(replace(cfg_f, **cand), itr)
                     try:
-                        r = evaluate(rows, vec, EvalSettings(k=k), progress=False, query_mask=val, gallery_mask=inner_gallery)
+                        r = evaluate(
+                            rows, vec, EvalSettings(k=k), progress=False, query_mask=val, gallery_mask=inner_gallery
+                        )
                         scores.append(r["overall"]["map"])
                     except RetrieveError:  # no validation query has a relevant inner-train image
                         scores.append(float("nan"))
@@ -283,7 +343,10 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
                 chosen.append({**best, "inner_val_map": note})
                 cfg_f = replace(cfg_f, **best)
             per_fold.append(score_fold(rows, fitter.fit(cfg_f, tr), tr, te, k))
-            log(f"{method} fold {f + 1}/{len(splits)}: MAP {per_fold[-1]['map']:.4f}" + (f" (chose {chosen[-1]})" if chosen else ""))
+            log(
+                f"{method} fold {f + 1}/{len(splits)}: MAP {per_fold[-1]['map']:.4f}"
+                + (f" (chose {chosen[-1]})" if chosen else "")
+            )
         results[method] = per_fold
         if chosen:
             selections[method] = chosen
@@ -291,12 +354,22 @@ def run_benchmark(data: str | Path, methods: list[str], folds: int = 5, seed: in
 
     summary = {name: summarise_folds(runs, folds) for name, runs in results.items()}
     return {
-        "dataset": str(data), "images": len(rows), "classes": sorted(rows["label"].astype(str).unique()), "folds": folds,
-        "repeats": repeats, "seed": seed, "k": k, "groups": int(len(np.unique(group_ids(rows)))),
-        "methods": {m: c.to_dict() for m, c in configs.items()}, "per_fold": results, "summary": summary,
+        "dataset": str(data),
+        "images": len(rows),
+        "classes": sorted(rows["label"].astype(str).unique()),
+        "folds": folds,
+        "repeats": repeats,
+        "seed": seed,
+        "k": k,
+        "groups": int(len(np.unique(group_ids(rows)))),
+        "methods": {m: c.to_dict() for m, c in configs.items()},
+        "per_fold": results,
+        "summary": summary,
         "selection": {"candidates": select or {}, "chosen_per_fold": selections},
-        "timings_s": timings, "wall_s": round(time.perf_counter() - t_start, 1),
-        "device": str(device), "torch": torch.__version__,
+        "timings_s": timings,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+        "device": str(device),
+        "torch": torch.__version__,
     }
 
 
@@ -307,7 +380,10 @@ def summarise_folds(runs: list[dict[str, float]], folds: int) -> dict[str, dict[
     for key in RETRIEVAL_KEYS + PROBE_KEYS:
         vals = np.array([r[key] for r in runs], dtype=float)
         ok = vals[~np.isnan(vals)]
-        entry: dict[str, float | None] = {"mean": float(ok.mean()) if len(ok) else None, "std": float(ok.std()) if len(ok) else None}
+        entry: dict[str, float | None] = {
+            "mean": float(ok.mean()) if len(ok) else None,
+            "std": float(ok.std()) if len(ok) else None,
+        }
         if len(vals) > folds and len(ok) == len(vals):
             entry["repeat_std"] = float(vals.reshape(-1, folds).mean(1).std())
         out[key] = entry
@@ -333,23 +409,43 @@ def markdown_table(result: dict[str, Any]) -> str:
     name = Path(result["dataset"]).name
     repeats = result.get("repeats", 1)
     split = f"{result['folds']} folds" + (f" x {repeats} repeats" if repeats > 1 else "")
-    lines = [f"### {name} ({result['images']} images, {result['groups']} groups, {split}, "
-             f"wall {result['wall_s'] / 60:.1f} min)", "",
-             "| method | MAP | MRR | P@1 | MAP@R | kNN acc | kNN bal. acc | probe AUC | probe bal. acc "
-             "| probe AUC per patient | probe bal. acc per patient |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {name} ({result['images']} images, {result['groups']} groups, {split}, "
+        f"wall {result['wall_s'] / 60:.1f} min)",
+        "",
+        "| method | MAP | MRR | P@1 | MAP@R | kNN acc | kNN bal. acc | probe AUC | probe bal. acc "
+        "| probe AUC per patient | probe bal. acc per patient |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     chosen = result.get("selection", {}).get("chosen_per_fold", {})
     for method, s in result["summary"].items():
         cells = [_cell(s[k]) for k in RETRIEVAL_KEYS + PROBE_KEYS]
         kind = " (baseline)" if is_baseline(method) else ""
         lines.append(f"| {method}{kind} | " + " | ".join(cells) + " |")
     if repeats > 1:
-        spread = ", ".join(f"{m} {s['map']['repeat_std']:.3f}" for m, s in result["summary"].items() if s["map"].get("repeat_std") is not None)
-        lines += ["", f"Mean ± std over all {result['folds'] * repeats} folds. Std of the {repeats} repeats' MAP means: {spread}."]
+        spread = ", ".join(
+            f"{m} {s['map']['repeat_std']:.3f}"
+            for m, s in result["summary"].items()
+            if s["map"].get("repeat_std") is not None
+        )
+        lines += [
+            "",
+            f"Mean ± std over all {result['folds'] * repeats} folds. Std of the {repeats} repeats' MAP means: {spread}.",
+        ]
     if chosen:
-        lines += ["", f"Selected per fold on an inner validation split of the training folds (candidates {result['selection']['candidates']}):"]
+        lines += [
+            "",
+            f"Selected per fold on an inner validation split of the training folds (candidates {result['selection']['candidates']}):",
+        ]
         for method, picks in chosen.items():
-            lines.append(f"- {method}: " + "; ".join(", ".join(f"{k}={v}" for k, v in p.items() if k != "inner_val_map") + f" (inner MAP {p['inner_val_map']})" for p in picks))
+            lines.append(
+                f"- {method}: "
+                + "; ".join(
+                    ", ".join(f"{k}={v}" for k, v in p.items() if k != "inner_val_map")
+                    + f" (inner MAP {p['inner_val_map']})"
+                    for p in picks
+                )
+            )
     return "\n".join(lines) + "\n"
 
 

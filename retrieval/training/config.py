@@ -63,7 +63,9 @@ class TrainConfig:
         values = {}
         for key, value in self.augment.items():
             want_pair = isinstance(known[key], tuple)
-            if want_pair and not (isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)):
+            if want_pair and not (
+                isinstance(value, (list, tuple)) and len(value) == 2 and all(isinstance(v, (int, float)) for v in value)
+            ):
                 raise RetrieveError(f"augment.{key}: expected two numbers [low, high], got {value!r}")
             if not want_pair and not isinstance(value, (int, float)):
                 raise RetrieveError(f"augment.{key}: expected a number, got {value!r}")

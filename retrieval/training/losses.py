@@ -44,7 +44,9 @@ class SiameseL1Loss(nn.Module):
         self.margin = margin
         self.bce_weight = bce_weight
 
-    def forward(self, a: torch.Tensor, b: torch.Tensor, same: torch.Tensor, logit: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, a: torch.Tensor, b: torch.Tensor, same: torch.Tensor, logit: torch.Tensor | None = None
+    ) -> torch.Tensor:
         y = same.float()
         x = torch.sqrt(torch.sum(torch.abs(a - b), dim=1) + 1e-8)
         loss = (y * x + (1 - y) * F.relu(self.margin - x)).mean()
@@ -107,5 +109,7 @@ class WeakSimCLRLoss(nn.Module):
         self.beta = beta
         self.ntxent = NTXentLoss(temperature)
 
-    def forward(self, z1: torch.Tensor, z2: torch.Tensor, class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, z1: torch.Tensor, z2: torch.Tensor, class_logits: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
         return self.beta * F.cross_entropy(class_logits, labels) + (1 - self.beta) * self.ntxent(z1, z2)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -39,7 +39,9 @@ class TrainModel(nn.Module):
         # learn, so it sits on the projection instead, the only part the weak labels can then shape
         self.classify_on_head = bool(encoder.head_dims) and (method != "weak-simclr" or frozen)
         cls_in = encoder.dim if self.classify_on_head else encoder.feature_dim
-        self.classifier = nn.Linear(cls_in, n_classes) if method in ("supervised", "weak-simclr") and n_classes > 1 else None
+        self.classifier = (
+            nn.Linear(cls_in, n_classes) if method in ("supervised", "weak-simclr") and n_classes > 1 else None
+        )
         self.similarity = nn.Linear(encoder.dim, 1) if method == "siamese-l1" else None
 
     def project(self, f: torch.Tensor) -> torch.Tensor:
@@ -48,8 +50,17 @@ class TrainModel(nn.Module):
 
 def attach_head(enc: Encoder, head_dims: list[int]) -> Encoder:
     """A copy of `enc` sharing its backbone, with a fresh projection head."""
-    return Encoder(enc.backbone, enc.feature_dim, enc.base_arch, in_chans=enc.in_chans, mean=tuple(enc.arch["mean"]),
-                   std=tuple(enc.arch["std"]), head_dims=head_dims, default_preprocess=enc.default_preprocess, source=enc.source)
+    return Encoder(
+        enc.backbone,
+        enc.feature_dim,
+        enc.base_arch,
+        in_chans=enc.in_chans,
+        mean=tuple(enc.arch["mean"]),
+        std=tuple(enc.arch["std"]),
+        head_dims=head_dims,
+        default_preprocess=enc.default_preprocess,
+        source=enc.source,
+    )
 
 
 @dataclass
@@ -108,8 +119,9 @@ class PairSampler:
         return anchors, partners, same
 
 
-def method_loss(cfg: TrainConfig, model: TrainModel, feats: FeatureFn, idx: np.ndarray, y: torch.Tensor,
-                pairs: PairSampler | None) -> torch.Tensor:
+def method_loss(
+    cfg: TrainConfig, model: TrainModel, feats: FeatureFn, idx: np.ndarray, y: torch.Tensor, pairs: PairSampler | None
+) -> torch.Tensor:
     """The loss of one batch for cfg.method (paper settings in METHODS.md)."""
     t = torch.as_tensor(idx)
     m = cfg.method
@@ -138,8 +150,16 @@ def method_loss(cfg: TrainConfig, model: TrainModel, feats: FeatureFn, idx: np.n
 
 
 @torch.no_grad()
-def cached_features(encoder: Encoder, images: torch.Tensor, views: int, gen: torch.Generator, device, batch: int = 64,
-                    progress: bool = True, aug: AugmentConfig = AugmentConfig()) -> torch.Tensor:
+def cached_features(
+    encoder: Encoder,
+    images: torch.Tensor,
+    views: int,
+    gen: torch.Generator,
+    device,
+    batch: int = 64,
+    progress: bool = True,
+    aug: AugmentConfig = AugmentConfig(),
+) -> torch.Tensor:
     """Backbone features (V + 1, N, D): the clean image, then `views` augmented copies."""
     encoder.eval()
     out = torch.zeros(views + 1, len(images), encoder.feature_dim)
@@ -155,12 +175,21 @@ def cached_features(encoder: Encoder, images: torch.Tensor, views: int, gen: tor
     return out
 
 
-def train(rows: pd.DataFrame, cfg: TrainConfig, pairs_table: pd.DataFrame | None = None, progress: bool = True,
-          features: torch.Tensor | None = None) -> TrainResult:
+def train(
+    rows: pd.DataFrame,
+    cfg: TrainConfig,
+    pairs_table: pd.DataFrame | None = None,
+    progress: bool = True,
+    features: torch.Tensor | None = None,
+) -> TrainResult:
     """Train cfg.method on the images of `rows`; `features` may hand in cached frozen features."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else ("cpu" if cfg.device == "auto" else cfg.device))
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
     base = create_encoder(cfg.encoder, cfg.weights, cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
@@ -170,7 +199,9 @@ def train(rows: pd.DataFrame, cfg: TrainConfig, pairs_table: pd.DataFrame | None
     labels_text = rows["label"].astype("string") if "label" in rows else pd.Series([pd.NA] * len(rows), dtype="string")
     if cfg.needs_labels and pairs_table is None and labels_text.isna().any():
         n_missing = int(labels_text.isna().sum())
-        raise RetrieveError(f"--method {cfg.method} needs a label for every image ({n_missing} have none); use simclr or a pairs file")
+        raise RetrieveError(
+            f"--method {cfg.method} needs a label for every image ({n_missing} have none); use simclr or a pairs file"
+        )
     skipped: list[Skipped] = []
     if features is None:
         images, keep, skipped = load_image_tensors(rows, pre)
@@ -187,13 +218,18 @@ def train(rows: pd.DataFrame, cfg: TrainConfig, pairs_table: pd.DataFrame | None
     if cfg.freeze_backbone:
         for p in encoder.backbone.parameters():
             p.requires_grad_(False)
-        cache = features if features is not None else cached_features(encoder, images, cfg.frozen_views, gen, device, progress=progress, aug=aug_cfg)
+        cache = (
+            features
+            if features is not None
+            else cached_features(encoder, images, cfg.frozen_views, gen, device, progress=progress, aug=aug_cfg)
+        )
         cache = cache.to(device)
 
         def feats(t: torch.Tensor) -> torch.Tensor:
             v = torch.randint(cache.shape[0], (len(t),), generator=gen)
             return cache[v.to(device), t.to(device)]
     else:
+
         def feats(t: torch.Tensor) -> torch.Tensor:
             x = images[t].float().div_(255)
             return encoder.features(augment(x, aug_cfg, generator=gen).to(device))
@@ -216,8 +252,11 @@ def train(rows: pd.DataFrame, cfg: TrainConfig, pairs_table: pd.DataFrame | None
     if cfg.freeze_backbone:
         encoder.backbone.eval()
     while step < total:
-        order = (torch.multinomial(weights, n, replacement=True, generator=gen) if weights is not None
-                 else torch.randperm(n, generator=gen)).numpy()
+        order = (
+            torch.multinomial(weights, n, replacement=True, generator=gen)
+            if weights is not None
+            else torch.randperm(n, generator=gen)
+        ).numpy()
         for s in range(0, n, cfg.batch_size):
             idx = order[s : s + cfg.batch_size]
             if len(idx) < 2 or step >= total:
@@ -229,7 +268,9 @@ def train(rows: pd.DataFrame, cfg: TrainConfig, pairs_table: pd.DataFrame | None
             opt.step()
             sched.step()
             step += 1
-            log["steps"].append({"step": step, "epoch": (step - 1) // steps_per_epoch + 1, "loss": float(loss.detach())})
+            log["steps"].append(
+                {"step": step, "epoch": (step - 1) // steps_per_epoch + 1, "loss": float(loss.detach())}
+            )
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             bar.update(1)
     bar.close()

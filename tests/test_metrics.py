@@ -2,9 +2,10 @@
 
 import numpy as np
 import pytest
-from sklearn.metrics import average_precision_score
+from sklearn.metrics import average_precision_score, precision_recall_curve
 
 from retrieval.evaluation.metrics import (
+    PR_RECALL_LEVELS,
     average_precision,
     interpolated_pr,
     map_at_r,
@@ -78,3 +79,53 @@ def test_interpolated_pr():
     # R N R: precision 1, .5, .667; recall .5, .5, 1 -> interpolated: 1 up to recall .5, .667 beyond
     curve = interpolated_pr(np.array([3.0, 2, 1]), np.array([1, 0, 1], bool), np.array([0.0, 0.5, 0.51, 1.0]))
     assert curve == pytest.approx([1.0, 1.0, 2 / 3, 2 / 3])
+
+
+def _sklearn_interpolated(scores, rel, levels):
+    """Oracle: max precision over sklearn's operating points (less its recall-0 end point) with recall >= level."""
+    precision, recall, _ = precision_recall_curve(rel, scores)
+    precision, recall = precision[:-1], recall[:-1]
+    n_rel = rel.sum()
+    # recall reaches a level i/100 exactly when tp * 100 >= i * n_rel (integers, no rounding)
+    tp = np.rint(recall * n_rel)
+    return np.array([precision[tp * 100 >= round(level * 100) * n_rel].max(initial=0.0) for level in levels])
+
+
+def test_interpolated_pr_ties_form_one_threshold():
+    # scores 3, 2, 2, 1 with R, R, N, R: the tie {R, N} is one threshold (recall 2/3, precision 2/3);
+    # a stable sort would also offer the point (recall 2/3, precision 1) inside the tie
+    scores, rel = np.array([3.0, 2, 2, 1]), np.array([1, 1, 0, 1], bool)
+    curve = interpolated_pr(scores, rel, np.array([0.0, 1 / 3, 0.5, 2 / 3, 0.9, 1.0]))
+    assert curve == pytest.approx([1.0, 1.0, 3 / 4, 3 / 4, 3 / 4, 3 / 4])
+    # the order inside the tie does not matter
+    assert interpolated_pr(scores[[0, 2, 1, 3]], rel[[0, 2, 1, 3]], np.array([0.5])) == pytest.approx([3 / 4])
+
+
+def test_interpolated_pr_keeps_a_recall_equal_to_a_level():
+    # 20 relevant: recall 7/20 = 0.35 must reach the level 0.35, also when the level comes from linspace
+    rel = np.array([1] * 7 + [0] * 3 + [1] * 13 + [0] * 7, bool)
+    scores = -np.arange(len(rel), dtype=float)
+    assert interpolated_pr(scores, rel, np.array([0.35])) == pytest.approx([1.0])
+    assert interpolated_pr(scores, rel, np.linspace(0, 1, 101)[[35]]) == pytest.approx([1.0])
+    assert interpolated_pr(scores, rel, np.array([0.36])) == pytest.approx([20 / 23])
+
+
+def test_pr_levels_are_exact_hundredths():
+    assert PR_RECALL_LEVELS[35] == 0.35 == 7 / 20
+    assert len(PR_RECALL_LEVELS) == 101 and PR_RECALL_LEVELS[0] == 0.0 and PR_RECALL_LEVELS[-1] == 1.0
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_interpolated_pr_matches_sklearn_random(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(2, 80))
+    rel = rng.random(n) < rng.uniform(0.1, 0.7)
+    rel[rng.integers(n)] = True
+    scores = np.round(rng.random(n), 1 if seed % 2 else 6)  # odd seeds: many ties
+    expected = _sklearn_interpolated(scores, rel, PR_RECALL_LEVELS)
+    assert interpolated_pr(scores, rel) == pytest.approx(expected, abs=1e-12)
+
+
+def test_interpolated_pr_needs_a_relevant_item():
+    with pytest.raises(ValueError):
+        interpolated_pr(np.array([0.3, 0.2]), np.array([False, False]))

@@ -109,7 +109,8 @@ def main() -> None:
     for r in rows:
         print(
             f"| {r['dataset']} | {r['encoder']} | {r['images']} | {r['map']:.4f} | {r['mrr']:.4f} | {r['p@1']:.4f} | "
-            f"{r['knn_accuracy']:.4f} | {r['knn_balanced_accuracy']:.4f} | {r['index_build_s']:.1f} | {r['query_warm_s']:.3f} | {r['query_cli_cold_s']:.1f} |"
+            f"{r['knn_accuracy']:.4f} | {r['knn_balanced_accuracy']:.4f} | {r['index_build_s']:.1f} | "
+            f"{r['query_warm_s']:.3f} | {r['query_cli_cold_s']:.1f} |"
         )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {

@@ -66,7 +66,8 @@ def main() -> None:
     for r in results:
         r["speedup_vs_cpu"] = round(r["images_per_s"] / base[r["encoder"]], 2)
         print(
-            f"| {r['encoder']} | {r['device']} | {r['images']} | {r['seconds']:.2f} | {r['images_per_s']:.1f} | {r['speedup_vs_cpu']:.2f}x |"
+            f"| {r['encoder']} | {r['device']} | {r['images']} | {r['seconds']:.2f} | {r['images_per_s']:.1f} | "
+            f"{r['speedup_vs_cpu']:.2f}x |"
         )
     meta = {
         "torch": torch.__version__,

@@ -65,7 +65,8 @@ def main() -> None:
         ("browser, upload -> 10 result cards on the page", statistics.median(browser_times)),
     ]
     print(
-        f"index {args.index}: {len(paths)} cases; backend first load {first_load:.1f} s, page first load {page_first_load:.1f} s"
+        f"index {args.index}: {len(paths)} cases; backend first load {first_load:.1f} s, "
+        f"page first load {page_first_load:.1f} s"
     )
     print("| what | median s |\n|---|---|")
     for name, sec in rows:

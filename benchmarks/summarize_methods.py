@@ -26,7 +26,8 @@ def main(paths: list[str]) -> None:
         runs = json.loads(Path(path).read_text())
         print(f"\n#### {Path(path).name}\n")
         print(
-            "| dataset | target (anchor; frozen alone) | best label-using method | its MAP | ImageNet features | random-init | raw pixels | simclr | simclr's backbone at init | target met |"
+            "| dataset | target (anchor; frozen alone) | best label-using method | its MAP | ImageNet features "
+            "| random-init | raw pixels | simclr | simclr's backbone at init | target met |"
         )
         print("|---|---|---|---|---|---|---|---|---|---|")
         for r in runs:
@@ -45,7 +46,8 @@ def main(paths: list[str]) -> None:
             init_name = f"random-{cfg.get('encoder')}-{cfg.get('image_size')}px"
             init = fmt(s[init_name]["map"]) if init_name in s else "-"
             print(
-                f"| {name} | {t_text} | {best or '-'} | {fmt(label_methods[best]['map']) if best else '-'} | {cells[2]} | {cells[1]} | {cells[0]} | {simclr} | {init} | {met} |"
+                f"| {name} | {t_text} | {best or '-'} | {fmt(label_methods[best]['map']) if best else '-'} "
+                f"| {cells[2]} | {cells[1]} | {cells[0]} | {simclr} | {init} | {met} |"
             )
 
 

@@ -66,7 +66,7 @@ def embed_rows(
     skipped: list[Skipped] = []
     bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress, leave=False)
     for tensors, positions, failures in loader:
-        for pos, message in failures:
+        for _pos, message in failures:
             path_text, _, reason = message.partition(": ")
             skipped.append(Skipped(path_text, reason or message))
         if tensors is not None:

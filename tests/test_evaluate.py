@@ -42,7 +42,7 @@ def toy():
     n = 40
     labels = rng.choice(["a", "b", "c"], n)
     centres = {"a": rng.normal(size=8), "b": rng.normal(size=8), "c": rng.normal(size=8)}
-    vectors = _unit(np.stack([centres[l] + rng.normal(scale=1.2, size=8) for l in labels]).astype(np.float32))
+    vectors = _unit(np.stack([centres[lab] + rng.normal(scale=1.2, size=8) for lab in labels]).astype(np.float32))
     rows = pd.DataFrame(
         {
             "id": [f"i{j}" for j in range(n)],

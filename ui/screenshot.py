@@ -1,6 +1,7 @@
 """Screenshot of the browser on an index, for the README: upload one image, capture the page.
 
-python -m ui.screenshot --index retrieve-demo/index --image retrieve-demo/data/severe/SYN300_f0.png --out docs/images/ui.png
+python -m ui.screenshot --index retrieve-demo/index \
+    --image retrieve-demo/data/severe/SYN300_f0.png --out docs/images/ui.png
 """
 
 from __future__ import annotations

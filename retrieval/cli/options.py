@@ -12,7 +12,8 @@ Encoder = typer.Option(
     DEFAULT_ENCODER,
     "--encoder",
     "-e",
-    help="imagenet-effnet-lite0, cnn5, a timm name (resnet18, resnet50, efficientnet_b0, ...) or a checkpoint .safetensors",
+    help="imagenet-effnet-lite0, cnn5, a timm name (resnet18, resnet50, efficientnet_b0, ...) "
+    "or a checkpoint .safetensors",
 )
 Weights = typer.Option(
     None,

@@ -94,8 +94,8 @@ def markdown_summary(result: dict[str, Any], title: str, encoder: str) -> str:
         "",
         "| scope | queries | MAP | MRR | P@1 | P@5 | P@10 | MAP@R | kNN acc | kNN F1 |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| all | {o['n_queries']} | {o['map']:.4f} | {o['mrr']:.4f} | {o['p@1']:.4f} | {o['p@5']:.4f} | {o['p@10']:.4f} | "
-        f"{o['map@r']:.4f} | {o['knn_accuracy']:.4f} | {o['knn_macro_f1']:.4f} (macro) |",
+        f"| all | {o['n_queries']} | {o['map']:.4f} | {o['mrr']:.4f} | {o['p@1']:.4f} | {o['p@5']:.4f} | "
+        f"{o['p@10']:.4f} | {o['map@r']:.4f} | {o['knn_accuracy']:.4f} | {o['knn_macro_f1']:.4f} (macro) |",
     ]
     for label, c in result["per_class"].items():
         if c.get("n_queries", 0) == 0:
@@ -108,7 +108,8 @@ def markdown_summary(result: dict[str, Any], title: str, encoder: str) -> str:
     lines += [
         "",
         f"kNN balanced accuracy: {o['knn_balanced_accuracy']:.4f}. "
-        f"Queries with no relevant image left in their gallery (left out of MAP/MRR): {result['queries_without_relevant']}; "
+        "Queries with no relevant image left in their gallery (left out of MAP/MRR): "
+        f"{result['queries_without_relevant']}; "
         f"with an empty gallery: {result['queries_with_empty_gallery']}.",
         "",
         "![precision-recall](pr_curve.png)",

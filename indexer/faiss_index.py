@@ -16,8 +16,8 @@ import faiss
 import numpy as np
 
 from indexer.atomic import atomic_path
-from retrieval.config import IndexConfig
-from retrieval.errors import RetrieveError
+from indexer.config import IndexConfig
+from indexer.errors import RetrieveError
 
 FLAT_MAX = 100_000
 HNSW_MAX = 1_000_000

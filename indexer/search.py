@@ -10,9 +10,9 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from indexer.errors import RetrieveError
 from indexer.faiss_index import set_search_depth
 from indexer.index_dir import IndexDir
-from retrieval.errors import RetrieveError
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,12 @@ def candidate_mask(
 
 
 def search(idx: IndexDir, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
-    """k nearest allowed rows for each query vector, best first."""
+    """k nearest allowed rows for each query vector, best first.
+
+    With filters, FAISS is asked for k + (number of blocked rows), which holds the k nearest allowed
+    rows on an exact index; where an approximate index returns fewer than min(k, allowed rows), the
+    allowed rows are searched exactly instead, so a filtered query returns k results whenever k match.
+    """
     n = idx.index.ntotal
     if k < 1:
         raise RetrieveError(f"--k {k}: must be at least 1")
@@ -65,10 +70,22 @@ def search(idx: IndexDir, queries: np.ndarray, k: int, allowed: np.ndarray | Non
         raise RetrieveError(f"--k {k}: larger than the {n} images in the index")
     blocked = 0 if allowed is None else int((~allowed).sum())
     fetch = min(n, k + blocked)
+    want = min(k, n - blocked)
     set_search_depth(idx.index, fetch, idx.manifest.params)
-    scores, positions = idx.index.search(np.ascontiguousarray(queries, dtype=np.float32), fetch)
+    q = np.ascontiguousarray(queries, dtype=np.float32)
+    scores, positions = idx.index.search(q, fetch)
     results = []
-    for srow, prow in zip(scores, positions):
+    for qi, (srow, prow) in enumerate(zip(scores, positions)):
         hits = [Hit(int(p), float(s)) for s, p in zip(srow, prow) if p >= 0 and (allowed is None or allowed[p])]
+        if len(hits) < want:
+            hits = _exact(idx.vectors.vectors, q[qi], allowed, want)
         results.append(hits[:k])
     return results
+
+
+def _exact(vectors: np.ndarray, query: np.ndarray, allowed: np.ndarray | None, k: int) -> list[Hit]:
+    """Brute-force inner product over the allowed rows (the fallback for approximate indexes)."""
+    candidates = np.arange(len(vectors)) if allowed is None else np.flatnonzero(allowed)
+    sims = vectors[candidates] @ query
+    order = np.argsort(-sims, kind="stable")[:k]
+    return [Hit(int(candidates[j]), float(sims[j])) for j in order]

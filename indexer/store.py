@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexer.atomic import atomic_path
-from retrieval.errors import RetrieveError
+from indexer.errors import RetrieveError
 
 VECTOR_COLUMN = "vector"
 FINGERPRINT_KEY = b"retrieve.fingerprint"
@@ -56,6 +56,11 @@ def _rows_to_arrow(rows: pd.DataFrame) -> pa.Table:
 def write_vectors(path: str | Path, vs: VectorSet) -> Path:
     """Write atomically; an existing file at `path` is replaced only when the new one is complete."""
     path = Path(path)
+    if path.is_dir():
+        raise RetrieveError(f"{path}: is a folder; give the path of a .parquet file to write")
+    bad = [c for c in vs.rows.columns if not isinstance(c, str) or c == VECTOR_COLUMN]
+    if bad or vs.rows.columns.duplicated().any():
+        raise RetrieveError(f"{path}: row columns must be unique names other than '{VECTOR_COLUMN}' ({bad})")
     vectors = np.ascontiguousarray(vs.vectors, dtype=np.float32)
     table = _rows_to_arrow(vs.rows)
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
@@ -81,14 +86,30 @@ def read_vectors(path: str | Path) -> VectorSet:
     if VECTOR_COLUMN not in table.column_names or FINGERPRINT_KEY not in meta:
         raise RetrieveError(f"{path}: not a vectors file written by `retrieve embed` (no vector column or fingerprint)")
     col = table.column(VECTOR_COLUMN).combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type) or not pa.types.is_floating(col.type.value_type) or col.null_count:
+        raise RetrieveError(f"{path}: column '{VECTOR_COLUMN}' must be fixed_size_list<float> without nulls")
     dim = col.type.list_size
     vectors = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    try:
+        fingerprint = json.loads(meta[FINGERPRINT_KEY])
+        encoder_spec = json.loads(meta.get(SPEC_KEY, b"{}"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RetrieveError(f"{path}: damaged encoder fingerprint in the Parquet metadata") from None
+    if not isinstance(fingerprint, dict) or fingerprint.get("dim") not in (None, dim):
+        raise RetrieveError(
+            f"{path}: vectors are {dim}-d but their encoder fingerprint says {fingerprint.get('dim')}-d"
+            if isinstance(fingerprint, dict)
+            else f"{path}: damaged encoder fingerprint in the Parquet metadata"
+        )
+    missing = [c for c in ("id", "path") if c not in table.column_names]
+    if missing:
+        raise RetrieveError(f"{path}: vectors file without the column(s) {', '.join(missing)}")
     rows = table.drop_columns([VECTOR_COLUMN]).to_pandas()
     if "frame_index" in rows.columns:
         rows["frame_index"] = rows["frame_index"].astype("Int64")
     return VectorSet(
         rows=rows,
         vectors=np.ascontiguousarray(vectors),
-        fingerprint=json.loads(meta[FINGERPRINT_KEY]),
-        encoder_spec=json.loads(meta.get(SPEC_KEY, b"{}")),
+        fingerprint=fingerprint,
+        encoder_spec=encoder_spec,
     )

@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from indexer.config import IndexConfig  # noqa: F401  (re-exported: recipes hold one)
 from retrieval.errors import RetrieveError
 
 RESIZE_MODES = ("pad", "squash")
@@ -59,19 +60,6 @@ class EncoderSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class IndexConfig:
-    """How the FAISS index is built."""
-
-    kind: str = "auto"
-    gpu: bool = True
-    hnsw_m: int = 32
-    hnsw_ef_search: int = 128
-    ivf_nlist: int | None = None  # None: 4 * sqrt(N), bounded so each list gets >= 39 training points
-    ivf_nprobe: int = 16
-    pq_m: int | None = None  # None: a divisor of the dimension near dim / 16
 
 
 @dataclass

@@ -66,9 +66,8 @@ def embed_rows(
     skipped: list[Skipped] = []
     bar = tqdm(total=len(dataset), desc=desc, unit="img", disable=not progress, leave=False)
     for tensors, positions, failures in loader:
-        for _pos, message in failures:
-            path_text, _, reason = message.partition(": ")
-            skipped.append(Skipped(path_text, reason or message))
+        for pos, reason in failures:
+            skipped.append(Skipped(str(rows["path"].iat[pos]), reason))
         if tensors is not None:
             out = encoder(tensors.to(device, non_blocking=True)).float().cpu().numpy()
             vectors[positions] = out

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
+from indexer.errors import EncoderMismatchError, IndexBusyError, RetrieveError
 
-class RetrieveError(Exception):
-    """An error caused by input the user can fix; the CLI prints it as one line and exits non-zero."""
-
-    exit_code = 2
+__all__ = ["RetrieveError", "UnreadableImageError", "EncoderMismatchError", "IndexBusyError"]
 
 
 class UnreadableImageError(RetrieveError):
-    """An image file that cannot be decoded (corrupt, truncated, not an image)."""
+    """An image file that cannot be decoded (corrupt, truncated, not an image, over a limit)."""
 
-
-class EncoderMismatchError(RetrieveError):
-    """Vectors or an index built with a different encoder than the one asked for."""
+    def __init__(self, path: object, reason: str):
+        self.path = str(path)
+        self.reason = " ".join(reason.split())  # always one line
+        super().__init__(f"{self.path}: {self.reason}")

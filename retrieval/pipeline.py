@@ -3,6 +3,7 @@ images -> tensors -> vectors (VectorSet) -> Parquet -> index -> results."""
 
 from __future__ import annotations
 
+import datetime
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -107,31 +108,48 @@ class QueryResult:
     hits: list[Hit]
     rows: pd.DataFrame  # the index rows of the hits, in rank order
     vote: Vote
+    matched: int | None = None  # indexed images the filters allowed (None: no filter)
 
     def to_dict(self) -> dict[str, Any]:
         results = []
         for rank, (hit, row) in enumerate(zip(self.hits, self.rows.to_dict("records")), start=1):
-            extra = {k: _jsonable(v) for k, v in row.items() if k not in ("id", "path", "label", "patient_id")}
-            results.append(
-                {
-                    "rank": rank,
-                    "id": row["id"],
-                    "path": row["path"],
-                    "label": _jsonable(row.get("label")),
-                    "patient_id": _jsonable(row.get("patient_id")),
-                    "score": round(hit.score, 6),
-                    **extra,
-                }
-            )
-        return {"query": self.query, "results": results, "vote": self.vote.to_dict()}
+            core = {
+                "rank": rank,
+                "id": _jsonable(row["id"]),
+                "path": _jsonable(row["path"]),
+                "label": _jsonable(row.get("label")),
+                "patient_id": _jsonable(row.get("patient_id")),
+                "score": round(hit.score, 6),
+            }
+            extra = {str(k): _jsonable(v) for k, v in row.items() if k not in core and k != "vector"}
+            results.append({**core, **extra})  # the engine's own fields can never be overwritten
+        out = {"query": self.query, "results": results, "vote": self.vote.to_dict()}
+        if self.matched is not None:
+            out["matched"] = self.matched
+        return out
 
 
 def _jsonable(v: Any) -> Any:
-    if v is None or v is pd.NA or (isinstance(v, float) and np.isnan(v)):
+    """Any Parquet cell as JSON: dates as ISO text, bytes as hex, arrays as lists, NaN/NA as null."""
+    if isinstance(v, (list, tuple, np.ndarray)):
+        return [_jsonable(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _jsonable(x) for k, x in v.items()}
+    if v is None or v is pd.NA or v is pd.NaT:
         return None
+    if isinstance(v, (float, np.floating)) and not np.isfinite(v):
+        return None
+    if isinstance(v, (bytes, bytearray, memoryview)):
+        return bytes(v).hex()
+    if isinstance(v, (pd.Timestamp, np.datetime64, datetime.datetime, datetime.date, datetime.time)):
+        return pd.Timestamp(v).isoformat() if not isinstance(v, datetime.time) else v.isoformat()
+    if isinstance(v, (pd.Timedelta, np.timedelta64, datetime.timedelta)):
+        return pd.Timedelta(v).isoformat()
     if isinstance(v, np.generic):
         return v.item()
-    return v
+    if isinstance(v, (str, int, float, bool)):
+        return v
+    return str(v)  # Decimal, UUID, anything else: its text
 
 
 def query_vectors(
@@ -151,11 +169,12 @@ def query_vectors(
         allowed[list(exclude_positions)] = False
     if allowed is not None and not allowed.any():
         raise RetrieveError("no indexed image is left after --exclude-patient/--where")
+    matched = None if allowed is None else int(allowed.sum())
     out = []
     for name, hits in zip(names, search(idx, vectors, k, allowed)):
         rows = idx.rows.iloc[[h.position for h in hits]].reset_index(drop=True)
         labels = [None if pd.isna(x) else str(x) for x in rows["label"]]
-        out.append(QueryResult(name, hits, rows, knn_vote(labels, [h.score for h in hits], vote)))
+        out.append(QueryResult(name, hits, rows, knn_vote(labels, [h.score for h in hits], vote), matched))
     return out
 
 

@@ -130,7 +130,7 @@ def test_manifest_dataset(tmp_path):
         }
     ).to_csv(tmp_path / "m.csv", index=False)
     t = load_dataset(tmp_path / "m.csv")
-    assert len(t.rows) == 2 and t.metadata_columns == ["site"]
+    assert len(t.rows) == 2 and list(t.rows.columns) == ["id", "path", "label", "patient_id", "frame_index", "site"]
     assert t.rows["patient_id"].iloc[0] == "p1" and pd.isna(t.rows["patient_id"].iloc[1])
     assert "gone.png" in t.skipped[0].path and t.skipped[0].reason == "file not found"
     # a folder holding labels.csv uses it

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from indexer.map2d import MAP_FILE, load_or_compute_map
+from ui.map2d import MAP_FILE, load_or_compute_map
 from retrieval.errors import RetrieveError
 from ui.backend import find_cases, open_session, query_indexed, query_upload, summary
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
-from indexer.map2d import load_or_compute_map
+from ui.map2d import load_or_compute_map
 from retrieval.errors import RetrieveError
 from ui.backend import (
     MAX_UPLOAD_MB,

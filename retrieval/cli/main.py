@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -48,6 +49,8 @@ def embed(
     from indexer.store import write_vectors
     from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
 
+    if out.is_dir():
+        raise RetrieveError(f"--out {out}: is a folder; give the path of a .parquet file to write")
     loaded = load_encoder(
         opt.encoder_spec(encoder, weights, seed), opt.preprocess_overrides(image_size, crop_sector, resize, ct_window)
     )
@@ -107,7 +110,7 @@ def index_build(
         pre = {**recipe.preprocess.to_dict(), **{k: v for k, v in pre.items() if v is not None}}
         pre["ct_window"] = tuple(pre["ct_window"])
         batch_size = recipe.batch_size if batch_size == opt.BatchSize.default else batch_size
-    check_can_build(index, overwrite)  # before the expensive embedding
+    check_can_build(index, overwrite, data)  # before the expensive embedding
     t0 = time.perf_counter()
     if vectors is not None:
         if data is not None:
@@ -118,7 +121,7 @@ def index_build(
             raise RetrieveError("missing DATA (a dataset folder or manifest) or --vectors FILE")
         vs, skipped = embed_dataset(data, load_encoder(spec, pre), batch_size, workers, gpu, not quiet)
     t_embed = time.perf_counter() - t0
-    manifest = build_index_dir(index, vs, index_cfg, overwrite=overwrite)
+    manifest = build_index_dir(index, vs, index_cfg, overwrite=overwrite, data=data)
     report_skipped(skipped)
     print(
         f"indexed {manifest.count} images ({manifest.dim}-d, {manifest.kind}, {manifest.params.get('built_on')}) "
@@ -153,22 +156,41 @@ def index_add(
 
 @index_app.command("info")
 def index_info(index: Path = typer.Option(..., "--index", "-i"), as_json: bool = typer.Option(False, "--json")):
-    """Print the index manifest."""
-    from indexer.index_dir import read_manifest
+    """Print the index manifest and whether its files are intact (sizes; `index verify` checks content)."""
+    from indexer.index_dir import file_problems, read_manifest
 
     m = read_manifest(index)
+    problems = file_problems(Path(index), m)
     if as_json:
-        print(m.to_json())
-        return
-    fp = m.fingerprint
-    print(f"index:     {index}")
-    print(f"images:    {m.count}  ({', '.join(f'{k} {v}' for k, v in m.labels.items())})")
-    print(f"vectors:   {m.dim}-d, {m.metric}")
-    print(f"kind:      {m.kind} {json.dumps(m.params)}")
-    print(
-        f"encoder:   {fp['encoder']} (weights sha256 {fp['weights_sha256'][:12]}), preprocess {json.dumps(fp['preprocess'])}"
-    )
-    print(f"created:   {m.created}   updated: {m.updated}")
+        print(json.dumps({**json.loads(m.to_json()), "problems": problems}, indent=2))
+    else:
+        fp = m.fingerprint
+        weights = str(fp.get("weights_sha256", "?"))[:12]
+        print(f"index:     {index}")
+        print(f"images:    {m.count}  ({', '.join(f'{k} {v}' for k, v in m.labels.items())})")
+        print(f"vectors:   {m.dim}-d, {m.metric}")
+        print(f"kind:      {m.kind} {json.dumps(m.params)}")
+        print(
+            f"encoder:   {fp.get('encoder')} (weights sha256 {weights}), preprocess {json.dumps(fp.get('preprocess'))}"
+        )
+        print(f"created:   {m.created}   updated: {m.updated}   version {m.generation}")
+        print("files:     " + ("DAMAGED: " + "; ".join(problems) if problems else "present, sizes as recorded"))
+    if problems:
+        raise typer.Exit(2)
+
+
+@index_app.command("verify")
+def index_verify(index: Path = typer.Option(..., "--index", "-i")):
+    """Check everything: SHA-256 of every file against the manifest, both files load, counts and dims agree."""
+    from indexer.index_dir import verify_index_dir
+
+    problems = verify_index_dir(index)
+    for p in problems:
+        _echo_err(f"problem: {p}")
+    if any(not p.startswith("no checksums") for p in problems):
+        _echo_err(f"--index {index}: damaged ({len(problems)} problem(s)); rebuild it")
+        raise typer.Exit(2)
+    print(f"--index {index}: ok (checksums, sizes, counts and dimensions agree)")
 
 
 def _print_result_table(res) -> None:
@@ -227,6 +249,8 @@ def query(
     results, errors = query_files(idx, loaded, [str(p) for p in images], k, exclude_patient, conditions, vote)
     for e in errors:
         _echo_err(f"error: {e}")
+    if results and results[0].matched is not None and results[0].matched < k:
+        _echo_err(f"note: only {results[0].matched} indexed images match the filters, so fewer than {k} results")
     if as_json:
         payload = [r.to_dict() for r in results]
         print(json.dumps(payload[0] if len(images) == 1 and len(payload) == 1 else payload, indent=2))
@@ -251,7 +275,7 @@ def evaluate_cmd(
     quiet: bool = opt.Quiet,
 ):
     """Leave-one-out retrieval quality of an index: MAP, MRR, P@k, MAP@R, kNN vote accuracy."""
-    from indexer.index_dir import VECTORS, read_manifest
+    from indexer.index_dir import read_manifest
     from indexer.store import read_vectors
     from retrieval.evaluation.evaluate import EvalSettings, evaluate
     from retrieval.evaluation.report import markdown_summary, write_report
@@ -262,7 +286,7 @@ def evaluate_cmd(
     if k < 1:
         raise RetrieveError(f"--k {k}: must be at least 1")
     m = read_manifest(index)
-    vs = read_vectors(Path(index) / VECTORS)
+    vs = read_vectors(Path(index) / m.file_name("vectors"))
     t0 = time.perf_counter()
     result = evaluate(
         vs.rows, vs.vectors, EvalSettings(k, exclude_same_patient, exclude_near_dup, vote), progress=not quiet
@@ -392,9 +416,7 @@ def train(
                     str((base / p).resolve()) if not Path(p).is_absolute() else p for p in pairs_table[col].astype(str)
                 ]
     result = run_training(table.rows, cfg, pairs_table, progress=not quiet)
-    extra_tensors = {}
-    if result.model.similarity is not None:
-        extra_tensors = {f"similarity.{k}": v for k, v in result.model.similarity.state_dict().items()}
+    extra_tensors = result.model.loss.extra_tensors()
     path = save_checkpoint(
         result.encoder,
         out,
@@ -450,9 +472,8 @@ def classify(
         print(json.dumps(out, indent=2))
     else:
         for r in out:
-            print(
-                f"{r['image']}: {r['label']}  ({', '.join(f'{k} {v:.3f}' for k, v in r['scores'].items())}; {r['scorer']})"
-            )
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items())
+            print(f"{r['image']}: {r['label']}  ({scores}; {r['scorer']})")
     if failed:
         raise typer.Exit(2)
 
@@ -564,8 +585,40 @@ def list_encoders_cmd():
     print("(any timm model name, e.g. resnet18, resnet50, efficientnet_b0; or a checkpoint .safetensors)")
 
 
+class _CliLogFormat(logging.Formatter):
+    """Library log records as the CLI's own lines: 'warning: ...', 'note: ...'."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        level = {"INFO": "note", "WARNING": "warning", "ERROR": "error"}.get(record.levelname, record.levelname.lower())
+        return f"{level}: {record.getMessage()}"
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a record arrives (tests and the UI swap it)."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging() -> None:
+    root = logging.getLogger()
+    if not any(isinstance(h, _StderrHandler) for h in root.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(_CliLogFormat())
+        root.addHandler(handler)
+    if root.level == logging.NOTSET or root.level > logging.WARNING:
+        root.setLevel(logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and a non-zero exit instead of tracebacks."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub is contacted unless the user asks for it
+    _setup_logging()
     try:
         rv = app(args=argv, standalone_mode=False)  # click returns an Exit's code in this mode
         code = rv if isinstance(rv, int) else 0

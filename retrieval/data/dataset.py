@@ -20,6 +20,8 @@ from retrieval.data.preprocess import preprocess_frame, to_tensor
 from retrieval.errors import RetrieveError, UnreadableImageError
 
 CORE_COLUMNS = ["id", "path", "label", "patient_id", "frame_index"]
+# names the engine gives meaning to in stored rows and query results; a manifest may not use them
+RESERVED_COLUMNS = ("id", "vector", "score", "rank")
 MANIFEST_NAMES = ("labels.csv", "manifest.csv", "manifest.parquet")
 
 
@@ -29,7 +31,8 @@ class Skipped:
     reason: str
 
     def __str__(self) -> str:
-        return f"skipped {self.path}: {self.reason}"
+        reason = " ".join(str(self.reason).split())
+        return f"skipped {self.path}: {reason[:200]}"
 
 
 @dataclass
@@ -39,10 +42,6 @@ class DatasetTable:
     rows: pd.DataFrame
     root: Path
     skipped: list[Skipped] = field(default_factory=list)
-
-    @property
-    def metadata_columns(self) -> list[str]:
-        return [c for c in self.rows.columns if c not in CORE_COLUMNS]
 
 
 def _clean_str(value: object) -> str | None:
@@ -60,8 +59,21 @@ def _read_manifest(path: Path) -> pd.DataFrame:
             df = pd.read_csv(path, dtype={"label": str, "patient_id": str, "path": str})
         else:
             raise RetrieveError(f"{path}: a manifest must be .csv or .parquet")
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as exc:
-        raise RetrieveError(f"{path}: cannot read manifest ({str(exc).splitlines()[0]})") from None
+    except UnicodeDecodeError:
+        raise RetrieveError(f"{path}: manifest is not UTF-8 text (save it as UTF-8 CSV)") from None
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError, TypeError) as exc:
+        msg = " ".join(str(exc).split())[:160]
+        raise RetrieveError(f"{path}: cannot read manifest ({msg})") from None
+    df.columns = [str(c) for c in df.columns]
+    duplicated = sorted({c for c in df.columns if list(df.columns).count(c) > 1})
+    if duplicated:
+        raise RetrieveError(f"{path}: manifest has the column(s) {', '.join(duplicated)} more than once")
+    reserved = [c for c in df.columns if c in RESERVED_COLUMNS]
+    if reserved:
+        raise RetrieveError(
+            f"{path}: column '{reserved[0]}' is reserved ({', '.join(RESERVED_COLUMNS)} are the engine's own); "
+            "rename it"
+        )
     if "path" not in df.columns:
         raise RetrieveError(
             f"{path}: manifest is missing the required column 'path' (columns: {', '.join(map(str, df.columns))})"
@@ -107,6 +119,20 @@ def load_dataset(source: str | Path) -> DatasetTable:
     return _resolve_rows(raw, root, origin)
 
 
+def _frame_number(value: object) -> int | None:
+    """A manifest's frame_index: empty, or a whole number from 0 up (not 'abc', 1.5 or 1e23)."""
+    if value is None or (not isinstance(value, str) and pd.isna(value)) or str(value).strip() == "":
+        return None
+    text = str(value).strip()
+    try:
+        number = float(text)
+    except ValueError:
+        raise ValueError(f"frame_index {text[:20]!r} is not a frame number") from None
+    if not number.is_integer() or not 0 <= number < 2**31:
+        raise ValueError(f"frame_index {text[:20]!r} is not a frame number")
+    return int(number)
+
+
 def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str) -> DatasetTable:
     from retrieval.data.dicom import read_dicom_header
 
@@ -138,13 +164,19 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str) -> DatasetTable:
         except ValueError:
             rel_id = abs_path.resolve().as_posix()
         frames: list[int | None] = [None]
-        given_frame = rec.get("frame_index") if has_frame_col else None
-        given_frame = None if given_frame is None or pd.isna(given_frame) else int(given_frame)
+        try:
+            given_frame = _frame_number(rec.get("frame_index") if has_frame_col else None)
+        except ValueError as exc:
+            skipped.append(Skipped(str(abs_path), str(exc)))
+            continue
         if is_dicom(abs_path):
             try:
                 header = read_dicom_header(abs_path)
             except UnreadableImageError as exc:
-                skipped.append(Skipped(str(abs_path), str(exc).split(": ", 1)[-1]))
+                skipped.append(Skipped(str(abs_path), exc.reason))
+                continue
+            if given_frame is not None and given_frame >= header.n_frames:
+                skipped.append(Skipped(str(abs_path), f"frame_index {given_frame} but the file has {header.n_frames}"))
                 continue
             if base["patient_id"] is None:
                 base["patient_id"] = header.patient_id
@@ -170,7 +202,7 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str) -> DatasetTable:
 
 
 class FrameDataset(Dataset):
-    """Yields (tensor or None, row position, error message or None) so bad files never stop a run."""
+    """Yields (tensor or None, row position, reason it failed or None) so bad files never stop a run."""
 
     def __init__(self, rows: pd.DataFrame, cfg: PreprocessConfig):
         self.paths = rows["path"].tolist()
@@ -185,9 +217,9 @@ class FrameDataset(Dataset):
             img = read_frame(self.paths[i], self.frames[i], self.cfg.ct_window)
             return to_tensor(preprocess_frame(img, self.cfg)), i, None
         except UnreadableImageError as exc:
-            return None, i, str(exc)
+            return None, i, exc.reason
         except Exception as exc:  # a decoder bug in one file must not abort the whole archive
-            return None, i, f"{self.paths[i]}: cannot be read ({type(exc).__name__}: {exc})"
+            return None, i, f"cannot be read ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
 
 
 def collate_frames(batch):

@@ -2,34 +2,113 @@
 
 from __future__ import annotations
 
+import logging
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from retrieval.data.limits import MAX_FRAMES_ENV, MAX_PIXELS_ENV, limits
+from retrieval.data.pixels import to_gray_uint8
 from retrieval.errors import UnreadableImageError
+
+log = logging.getLogger(__name__)
+
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
 
 
 @dataclass(frozen=True)
 class DicomHeader:
     n_frames: int
     patient_id: str | None
-    modality: str | None
+
+
+def _int_tag(ds: Any, name: str, default: int, path: Path) -> int:
+    """An integer attribute (IS/US) read defensively: a malformed value is the file's error, not ours."""
+    if name not in ds:
+        return default
+    raw = ds[name].value
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(str(raw).strip()) if not isinstance(raw, (int, float)) else int(raw)
+    except (TypeError, ValueError, OverflowError):
+        raise UnreadableImageError(path, f"invalid DICOM {name} {str(raw)[:20]!r}") from None
+    return value
+
+
+@contextmanager
+def _quiet_pydicom(path: Path) -> Iterator[None]:
+    """pydicom's warnings about one file become one log line, not one line per element or frame."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    if caught:
+        first = " ".join(str(caught[0].message).split())[:160]
+        more = f" (and {len(caught) - 1} more)" if len(caught) > 1 else ""
+        log.warning("%s: %s%s", path, first, more)
+
+
+def _check_geometry(ds: Any, path: Path) -> int:
+    """Frame count, after checking the header's claims against the limits; returns the number of frames."""
+    lim = limits()
+    n = _int_tag(ds, "NumberOfFrames", 1, path) or 1
+    rows, cols = _int_tag(ds, "Rows", 0, path), _int_tag(ds, "Columns", 0, path)
+    if n < 1:
+        raise UnreadableImageError(path, f"invalid DICOM NumberOfFrames {n}")
+    if n > lim.max_frames:
+        raise UnreadableImageError(
+            path, f"claims {n} frames, over the limit of {lim.max_frames} per file ({MAX_FRAMES_ENV})"
+        )
+    if rows < 0 or cols < 0 or rows * cols > lim.max_pixels:
+        raise UnreadableImageError(
+            path, f"{cols} x {rows} pixels per frame, over the limit of {lim.max_pixels} ({MAX_PIXELS_ENV})"
+        )
+    return n
+
+
+def _check_pixel_data_length(ds: Any, n: int, path: Path) -> None:
+    """The frames a header claims must fit in the pixel data it holds, before anything is decoded."""
+    if "PixelData" not in ds:
+        raise UnreadableImageError(path, "DICOM file without pixel data")
+    held = len(ds.PixelData)
+    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2.1"))
+    if syntax in NATIVE_SYNTAXES:
+        rows, cols = _int_tag(ds, "Rows", 0, path), _int_tag(ds, "Columns", 0, path)
+        samples = _int_tag(ds, "SamplesPerPixel", 1, path)
+        bits = _int_tag(ds, "BitsAllocated", 8, path)
+        need = (n * rows * cols * samples * bits + 7) // 8
+        if held < need:
+            raise UnreadableImageError(
+                path,
+                f"header claims {n} frame(s) of {cols} x {rows} ({need} bytes) but the file holds "
+                f"{held} bytes of pixel data",
+            )
+    elif held < 8 * n:  # an encapsulated frame needs at least one 8-byte item header
+        raise UnreadableImageError(path, f"header claims {n} frames but the pixel data holds {held} bytes")
 
 
 def read_dicom_header(path: Path) -> DicomHeader:
-    """Frame count, PatientID and Modality without decoding pixels."""
+    """Frame count and PatientID without decoding pixels; the header's claims are checked against limits."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(str(path), stop_before_pixels=True)
-    except (InvalidDicomError, OSError, EOFError, ValueError) as exc:
-        raise UnreadableImageError(f"{path}: not a readable DICOM file ({exc})") from None
-    n = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    pid = str(ds.PatientID).strip() if "PatientID" in ds and str(ds.PatientID).strip() else None
-    modality = str(ds.Modality) if "Modality" in ds else None
-    return DicomHeader(n_frames=n, patient_id=pid, modality=modality)
+        with _quiet_pydicom(path):
+            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            n = _check_geometry(ds, path)
+            pid_raw = ds.get("PatientID", None)
+    except UnreadableImageError:
+        raise
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        msg = " ".join(str(exc).split())[:160]
+        raise UnreadableImageError(path, f"not a readable DICOM file ({msg})") from None
+    pid = str(pid_raw).strip() if pid_raw is not None and str(pid_raw).strip() else None
+    return DicomHeader(n_frames=n, patient_id=pid)
 
 
 def _window(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
@@ -46,14 +125,30 @@ def read_dicom_frames(path: Path, ct_window: tuple[float, float], only: int | No
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    from retrieval.data.imageio import to_gray_uint8
-
     try:
-        ds = pydicom.dcmread(str(path))
-        pixels = ds.pixel_array
-    except (InvalidDicomError, OSError, EOFError, ValueError, AttributeError, KeyError, RuntimeError) as exc:
-        raise UnreadableImageError(f"{path}: DICOM pixel data cannot be decoded ({exc})") from None
-    n = int(getattr(ds, "NumberOfFrames", 1) or 1)
+        with _quiet_pydicom(path):
+            ds = pydicom.dcmread(str(path))
+            n = _check_geometry(ds, path)
+            _check_pixel_data_length(ds, n, path)
+            pixels = ds.pixel_array
+    except UnreadableImageError:
+        raise
+    except (InvalidDicomError, OSError, EOFError, ValueError, TypeError, AttributeError, KeyError, RuntimeError) as exc:
+        msg = " ".join(str(exc).split())[:160]
+        raise UnreadableImageError(path, f"DICOM pixel data cannot be decoded ({msg})") from None
+    try:
+        return _frames_from(ds, pixels, n, ct_window, only, path)
+    except UnreadableImageError:
+        raise
+    except (ValueError, TypeError, IndexError, ZeroDivisionError, AttributeError, KeyError) as exc:
+        msg = " ".join(str(exc).split())[:160]
+        raise UnreadableImageError(path, f"DICOM pixel values cannot be interpreted ({msg})") from None
+
+
+def _frames_from(
+    ds: Any, pixels: np.ndarray, n: int, ct_window: tuple[float, float], only: int | None, path: Path
+) -> list[np.ndarray]:
+    """Decoded pixels -> uint8 frames: rescale, window (CT window, the file's, or the clip's range), invert."""
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
     is_colour = photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or (
         pixels.ndim >= 3 and pixels.shape[-1] == 3 and getattr(ds, "SamplesPerPixel", 1) == 3
@@ -61,7 +156,7 @@ def read_dicom_frames(path: Path, ct_window: tuple[float, float], only: int | No
     if n == 1:
         pixels = pixels[None]
     if only is not None and not 0 <= only < n:
-        raise UnreadableImageError(f"{path}: frame {only} requested but the file has {n} frame(s)")
+        raise UnreadableImageError(path, f"frame {only} requested but the file has {n} frame(s)")
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)
     intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
     modality = str(getattr(ds, "Modality", ""))
@@ -74,7 +169,7 @@ def read_dicom_frames(path: Path, ct_window: tuple[float, float], only: int | No
         lo, hi = ct_window
     elif "WindowCenter" in ds and "WindowWidth" in ds:
         centre, width = (_first(ds.WindowCenter), _first(ds.WindowWidth))
-        lo, hi = centre - width / 2, centre + width / 2
+        lo, hi = centre - width / 2, centre + max(width, 1.0) / 2
     elif pixels.dtype == np.uint8:
         lo, hi = 0.0, 255.0
     else:  # one range for the whole clip, so its frames stay comparable

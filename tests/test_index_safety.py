@@ -1,0 +1,197 @@
+"""Nothing already stored is lost: --overwrite, crashes during a commit, damaged files, file modes."""
+
+import json
+import os
+import shutil
+import stat
+
+import faiss
+import numpy as np
+import pytest
+from conftest import run_cli
+from test_index import FP, _vs
+
+from indexer import index_dir as index_dir_module
+from indexer.config import IndexConfig
+from indexer.index_dir import (
+    LEGACY_FILES,
+    MANIFEST,
+    add_to_index_dir,
+    build_index_dir,
+    open_index_dir,
+    read_manifest,
+    verify_index_dir,
+)
+from retrieval.errors import RetrieveError
+
+
+def _tree(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_overwrite_refuses_the_data_folder_itself(tmp_path, capsys, demo_data):
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    before = _tree(data)
+    code, _, err = run_cli(capsys, "index", "build", data, "--index", data, "--overwrite", "--quiet")
+    assert code == 2 and "overlaps the data" in err
+    assert _tree(data) == before
+
+
+def test_overwrite_refuses_the_current_folder_and_its_parents(tmp_path, capsys, monkeypatch, demo_data):
+    work = tmp_path / "work" / "sub"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("mine")
+    monkeypatch.chdir(work)
+    for target in (".", ".."):
+        code, _, err = run_cli(capsys, "index", "build", demo_data, "--index", target, "--overwrite", "--quiet")
+        assert code == 2 and "current folder" in err, err
+    assert (work / "notes.txt").read_text() == "mine"
+
+
+def test_overwrite_refuses_a_folder_that_is_not_an_index(tmp_path):
+    foreign = tmp_path / "photos"
+    foreign.mkdir()
+    (foreign / "holiday.jpg").write_bytes(b"not ours")
+    (foreign / "manifest.json").write_text('{"some": "other tool"}')
+    with pytest.raises(RetrieveError, match="not a retrieve index folder"):
+        build_index_dir(foreign, _vs(10), IndexConfig(), overwrite=True)
+    assert sorted(p.name for p in foreign.iterdir()) == ["holiday.jpg", "manifest.json"]
+
+
+def test_overwrite_replaces_only_our_files_in_an_index(tmp_path):
+    d = tmp_path / "idx"
+    build_index_dir(d, _vs(30), IndexConfig())
+    (d / "README.txt").write_text("a user's note beside the index")
+    m = build_index_dir(d, _vs(12, seed=3), IndexConfig(), overwrite=True)
+    assert m.count == 12 and m.generation == 2
+    assert (d / "README.txt").read_text() == "a user's note beside the index"
+    assert len(open_index_dir(d, use_gpu=False).rows) == 12
+
+
+def test_index_pointing_at_a_file_is_a_clean_error(tmp_path, capsys):
+    f = tmp_path / "file.txt"
+    f.write_text("x")
+    code, _, err = run_cli(capsys, "index", "info", "--index", f)
+    assert code == 2 and "is a file" in err
+    with pytest.raises(RetrieveError, match="is a file"):
+        build_index_dir(f, _vs(5), IndexConfig())
+
+
+def test_crash_before_the_manifest_switch_keeps_the_old_version(tmp_path, monkeypatch):
+    d = tmp_path / "idx"
+    build_index_dir(d, _vs(40), IndexConfig())
+    before = open_index_dir(d, use_gpu=False).rows["id"].tolist()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while writing")
+
+    monkeypatch.setattr(index_dir_module, "save_index", crash)  # after the vectors file, before the manifest
+    with pytest.raises(KeyboardInterrupt):
+        add_to_index_dir(d, _vs(10, seed=1, start=40))
+    monkeypatch.undo()
+    assert open_index_dir(d, use_gpu=False).rows["id"].tolist() == before
+    assert verify_index_dir(d) == []
+    m, added = add_to_index_dir(d, _vs(10, seed=1, start=40))  # the next write cleans the orphans up
+    assert added == 10 and m.count == 50
+    assert len([p for p in d.iterdir() if p.suffix in (".parquet", ".faiss")]) == 2
+
+
+def _legacy_index(folder, n=20):
+    """A format 1 folder as the previous release wrote it: fixed names, no checksums."""
+    d = folder / "tmp-build"
+    m = build_index_dir(d, _vs(n), IndexConfig())
+    folder.mkdir(exist_ok=True)
+    legacy = json.loads((d / MANIFEST).read_text())
+    for role, name in LEGACY_FILES.items():
+        shutil.copy(d / m.files[role]["name"], folder / name)
+    for key in ("files", "generation", "format"):
+        legacy.pop(key)
+    (folder / MANIFEST).write_text(json.dumps(legacy))
+    shutil.rmtree(d)
+    return folder
+
+
+def test_leftovers_of_an_interrupted_two_rename_commit_are_recovered(tmp_path):
+    d = tmp_path / "idx"
+    _legacy_index(tmp_path / ".idx.old-k2j4")  # crash between "index -> old" and "staging -> index"
+    (tmp_path / ".idx.building-x7").mkdir()
+    (tmp_path / ".idx.building-x7" / "vectors.parquet").write_bytes(b"half written")
+    assert read_manifest(d).count == 20
+    assert len(open_index_dir(d, use_gpu=False).rows) == 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
+
+
+def test_format_1_index_is_read_and_upgraded_on_its_next_write(tmp_path):
+    d = _legacy_index(tmp_path / "idx")
+    assert read_manifest(d).files == {} and len(open_index_dir(d, use_gpu=False).rows) == 20
+    assert any("no checksums" in p for p in verify_index_dir(d))
+    m, _ = add_to_index_dir(d, _vs(5, seed=2, start=20))
+    assert m.format == 2 and set(m.files) == {"vectors", "index"}
+    assert not (d / "vectors.parquet").exists() and verify_index_dir(d) == []
+
+
+def test_swapped_faiss_file_is_caught_by_verify_and_resized_one_on_open(tmp_path, capsys):
+    d = tmp_path / "idx"
+    m = build_index_dir(d, _vs(60, seed=0), IndexConfig(kind="flat"))
+    other = tmp_path / "other"
+    build_index_dir(other, _vs(60, seed=9), IndexConfig(kind="flat"))
+    target = d / m.files["index"]["name"]
+    shutil.copy(other / read_manifest(other).files["index"]["name"], target)  # same shape, other vectors
+    assert run_cli(capsys, "index", "info", "--index", d)[0] == 0  # sizes still agree: info cannot tell
+    code, _, err = run_cli(capsys, "index", "verify", "--index", d)
+    assert code == 2 and "SHA-256 differs" in err
+    faiss.write_index(faiss.IndexFlatIP(16), str(target))  # now a different size
+    with pytest.raises(RetrieveError, match="damaged"):
+        open_index_dir(d, use_gpu=False)
+    code, out, _ = run_cli(capsys, "index", "info", "--index", d)
+    assert code == 2 and "DAMAGED" in out
+    code, _, err = run_cli(capsys, "query", __file__, "--index", d)
+    assert code == 2 and "Traceback" not in err
+
+
+def test_faiss_file_of_another_dimension_is_a_clean_error(tmp_path):
+    d = tmp_path / "idx"
+    m = build_index_dir(d, _vs(10), IndexConfig(kind="flat"))
+    target = d / m.files["index"]["name"]
+    index = faiss.IndexFlatIP(8)
+    index.add(np.zeros((10, 8), dtype=np.float32))
+    faiss.write_index(index, str(target))
+    m.files["index"]["size"] = target.stat().st_size  # as if the manifest had been edited to match
+    (d / MANIFEST).write_text(m.to_json())
+    with pytest.raises(RetrieveError, match="8-d"):
+        open_index_dir(d, use_gpu=False)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
+def test_files_respect_the_umask(tmp_path, mask):
+    old = os.umask(mask)
+    try:
+        d = tmp_path / "idx"
+        build_index_dir(d, _vs(10), IndexConfig())
+        add_to_index_dir(d, _vs(5, seed=1, start=10))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(d.stat().st_mode) == 0o777 & ~mask
+    for p in d.iterdir():
+        if p.name != ".lock":
+            assert stat.S_IMODE(p.stat().st_mode) == 0o666 & ~mask, p.name
+
+
+def test_second_writer_waits_then_fails_with_a_clear_message(tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    d = tmp_path / "idx"
+    build_index_dir(d, _vs(10), IndexConfig())
+    monkeypatch.setenv("RETRIEVE_LOCK_TIMEOUT", "0.2")
+    held = FileLock(str(d / ".lock"))
+    with held:  # another process's writer, as far as fcntl is concerned (a separate open file)
+        with pytest.raises(RetrieveError, match="another process has been writing"):
+            add_to_index_dir(d, _vs(5, seed=1, start=10))
+    assert add_to_index_dir(d, _vs(5, seed=1, start=10))[1] == 5
+
+
+def test_fingerprint_is_kept(tmp_path):
+    d = tmp_path / "idx"
+    build_index_dir(d, _vs(10), IndexConfig())
+    assert read_manifest(d).fingerprint == FP

@@ -10,8 +10,10 @@ from retrieval.config import read_yaml_mapping
 from retrieval.errors import RetrieveError
 from retrieval.training.augment import AugmentConfig
 
-METHODS = ("siamese", "siamese-l1", "simclr", "supcon", "weak-simclr", "supervised")
-LABEL_FREE = ("simclr",)
+from retrieval.training.losses import LOSSES
+
+METHODS = tuple(LOSSES)
+LABEL_FREE = tuple(name for name, loss in LOSSES.items() if not loss.needs_labels)
 
 
 @dataclass

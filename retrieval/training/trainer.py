@@ -6,14 +6,12 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -24,25 +22,16 @@ from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError
 from retrieval.training.augment import AugmentConfig, augment
 from retrieval.training.config import TrainConfig
-from retrieval.training.losses import ContrastiveLoss, NTXentLoss, SiameseL1Loss, SupConLoss, WeakSimCLRLoss
-
-FeatureFn = Callable[[torch.Tensor], torch.Tensor]  # batch of row indices -> backbone features of one random view
+from retrieval.training.losses import LOSSES, Batch, LossContext, MethodLoss
 
 
 class TrainModel(nn.Module):
-    """The encoder being trained plus the heads only training needs (classifier, pair similarity)."""
+    """The encoder being trained plus the method's loss, which owns the heads only training needs."""
 
-    def __init__(self, encoder: Encoder, n_classes: int, method: str, frozen: bool = False):
+    def __init__(self, encoder: Encoder, loss: MethodLoss):
         super().__init__()
         self.encoder = encoder
-        # weak-SimCLR's weak-label head sits on f(x) (paper 001); with a frozen backbone f(x) cannot
-        # learn, so it sits on the projection instead, the only part the weak labels can then shape
-        self.classify_on_head = bool(encoder.head_dims) and (method != "weak-simclr" or frozen)
-        cls_in = encoder.dim if self.classify_on_head else encoder.feature_dim
-        self.classifier = (
-            nn.Linear(cls_in, n_classes) if method in ("supervised", "weak-simclr") and n_classes > 1 else None
-        )
-        self.similarity = nn.Linear(encoder.dim, 1) if method == "siamese-l1" else None
+        self.loss = loss
 
     def project(self, f: torch.Tensor) -> torch.Tensor:
         return self.encoder.head(f)
@@ -87,66 +76,6 @@ def load_image_tensors(rows: pd.DataFrame, pre: PreprocessConfig) -> tuple[torch
     if not tensors:
         raise RetrieveError("no readable training images")
     return torch.stack(tensors), np.array(keep), skipped
-
-
-class PairSampler:
-    """Same/different pairs: from labels (half positives) or from a pairs table of row indices."""
-
-    def __init__(self, labels: np.ndarray, pairs: np.ndarray | None, gen: torch.Generator):
-        self.labels, self.pairs, self.gen = labels, pairs, gen
-        self.by_label = {c: np.flatnonzero(labels == c) for c in np.unique(labels)} if labels is not None else {}
-
-    def sample(self, anchors: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        if self.pairs is not None:
-            pick = torch.randint(len(self.pairs), (len(anchors),), generator=self.gen).numpy()
-            p = self.pairs[pick]
-            return p[:, 0], p[:, 1], p[:, 2]
-        want_pos = torch.rand(len(anchors), generator=self.gen).numpy() < 0.5
-        partners, same = np.empty_like(anchors), np.zeros(len(anchors), dtype=np.int64)
-        r = torch.rand(len(anchors), generator=self.gen).numpy()
-        for j, a in enumerate(anchors):
-            lab = self.labels[a]
-            pos = self.by_label[lab]
-            pos = pos[pos != a]
-            if want_pos[j] and len(pos):
-                partners[j], same[j] = pos[int(r[j] * len(pos))], 1
-            else:
-                neg = np.flatnonzero(self.labels != lab)
-                if not len(neg):
-                    partners[j], same[j] = pos[int(r[j] * len(pos))] if len(pos) else a, 1
-                else:
-                    partners[j] = neg[int(r[j] * len(neg))]
-        return anchors, partners, same
-
-
-def method_loss(
-    cfg: TrainConfig, model: TrainModel, feats: FeatureFn, idx: np.ndarray, y: torch.Tensor, pairs: PairSampler | None
-) -> torch.Tensor:
-    """The loss of one batch for cfg.method (paper settings in METHODS.md)."""
-    t = torch.as_tensor(idx)
-    m = cfg.method
-    if m == "simclr":
-        return NTXentLoss(cfg.temperature)(model.project(feats(t)), model.project(feats(t)))
-    if m == "supcon":
-        views = torch.stack([model.project(feats(t)), model.project(feats(t))], dim=1)
-        return SupConLoss(cfg.temperature)(views, y)
-    if m == "weak-simclr":
-        f3 = feats(t)
-        f3 = model.project(f3) if model.classify_on_head else f3
-        logits = model.classifier(f3) if model.classifier is not None else torch.zeros(len(idx), 2, device=y.device)
-        return WeakSimCLRLoss(cfg.beta, cfg.temperature)(model.project(feats(t)), model.project(feats(t)), logits, y)
-    if m == "supervised":
-        if model.classifier is None:
-            raise RetrieveError("supervised training needs at least two classes")
-        return F.cross_entropy(model.classifier(model.project(feats(t))), y)
-    a, b, same = pairs.sample(idx)
-    ea = F.normalize(model.project(feats(torch.as_tensor(a))), dim=1)
-    eb = F.normalize(model.project(feats(torch.as_tensor(b))), dim=1)
-    same_t = torch.as_tensor(same, device=ea.device)
-    if m == "siamese":
-        return ContrastiveLoss(cfg.margin)(ea, eb, same_t)
-    logit = model.similarity(torch.abs(ea - eb)).squeeze(1)
-    return SiameseL1Loss(cfg.margin)(ea, eb, same_t, logit)
 
 
 @torch.no_grad()
@@ -209,10 +138,7 @@ def train(
         images, keep = None, np.arange(len(rows))
     classes = sorted(labels_text.iloc[keep].dropna().unique().tolist())
     codes = np.array([classes.index(v) if isinstance(v, str) else -1 for v in labels_text.iloc[keep].tolist()])
-    pairs = None
-    if cfg.method in ("siamese", "siamese-l1"):
-        pairs = PairSampler(codes, _pair_indices(rows.iloc[keep].reset_index(drop=True), pairs_table), gen)
-    model = TrainModel(encoder, len(classes), cfg.method, cfg.freeze_backbone).to(device)
+    pair_rows = _pair_indices(rows.iloc[keep].reset_index(drop=True), pairs_table)
     aug_cfg = cfg.augment_config()
 
     if cfg.freeze_backbone:
@@ -225,14 +151,24 @@ def train(
         )
         cache = cache.to(device)
 
-        def feats(t: torch.Tensor) -> torch.Tensor:
+        def feats(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+            t = torch.as_tensor(rows_idx)
             v = torch.randint(cache.shape[0], (len(t),), generator=gen)
             return cache[v.to(device), t.to(device)]
+
+        def clean() -> torch.Tensor:
+            return cache[0]
     else:
 
-        def feats(t: torch.Tensor) -> torch.Tensor:
-            x = images[t].float().div_(255)
+        def feats(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+            x = images[torch.as_tensor(rows_idx)].float().div_(255)
             return encoder.features(augment(x, aug_cfg, generator=gen).to(device))
+
+        def clean() -> torch.Tensor:
+            return cached_features(encoder, images, 0, gen, device, progress=False)[0]
+
+    ctx = LossContext(cfg, encoder, len(classes), codes, gen, cfg.freeze_backbone, pair_rows, clean)
+    model = TrainModel(encoder, LOSSES[cfg.method](ctx)).to(device)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -262,7 +198,7 @@ def train(
             if len(idx) < 2 or step >= total:
                 continue
             y = torch.as_tensor(codes[idx], device=device)
-            loss = method_loss(cfg, model, feats, idx, y, pairs)
+            loss = model.loss(Batch(idx, y, feats, model.project))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -77,8 +77,8 @@ def test_bad_weights_files(tmp_path):
 
 
 def test_checkpoint_roundtrip_gives_identical_vectors(tmp_path):
+    from retrieval.encoders.backbones import build_backbone
     from retrieval.encoders.base import Encoder
-    from retrieval.encoders.registry import build_backbone
 
     backbone, dim = build_backbone({"type": "cnn5", "in_chans": 1})
     enc = Encoder(backbone, dim, {"type": "cnn5"}, in_chans=1, mean=(0.5,), std=(0.25,), head_dims=[64, 32]).eval()
@@ -149,7 +149,7 @@ def test_multilayer_effnet_extends_the_final_features(tmp_path):
 
 
 def test_multilayer_pool_names_a_missing_layer():
-    from retrieval.encoders.registry import build_backbone
+    from retrieval.encoders.backbones import build_backbone
 
     with pytest.raises(RetrieveError, match="no layer named blocks.99"):
         build_backbone({"type": "timm", "model": "resnet18", "pool_layers": ["blocks.99"]})

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from retrieval.config import PreprocessConfig
+from retrieval.encoders.backbones import build_backbone
 from retrieval.encoders.base import ARCH_EXTRAS, Encoder
 from retrieval.errors import RetrieveError
 
@@ -71,8 +72,6 @@ def save_checkpoint(
 def load_checkpoint(path: str | Path) -> Encoder:
     """Rebuild an Encoder from a checkpoint written by `save_checkpoint`."""
     from safetensors.torch import load_file
-
-    from retrieval.encoders.registry import build_backbone
 
     weights_path, meta_path = checkpoint_paths(path)
     for p in (weights_path, meta_path):

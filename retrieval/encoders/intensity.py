@@ -21,6 +21,7 @@ class IntensityStats(nn.Module):
     fractions (centred on uniform), all times SCALE."""
 
     num_features = 2 + len(QUANTILES) + BINS
+    q: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

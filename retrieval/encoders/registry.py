@@ -10,13 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
+from retrieval.encoders.backbones import build_backbone, pooled
 from retrieval.encoders.base import Encoder
-from retrieval.encoders.cnn5 import CNN5
-from retrieval.encoders.intensity import IntensityStats
-from retrieval.encoders.multilayer import MultiLayerPool, output_dim
 from retrieval.encoders.weights import (
     EFFNET_LITE0_SHA256,
     effnet_lite0_file,
@@ -31,6 +30,7 @@ from retrieval.errors import RetrieveError
 DEFAULT_ENCODER = "imagenet-effnet-lite0"
 EncoderFactory = Callable[[str | None, int], Encoder]
 _REGISTRY: dict[str, EncoderFactory] = {}
+T = TypeVar("T")
 
 
 def register_encoder(name: str) -> Callable[[EncoderFactory], EncoderFactory]:
@@ -45,40 +45,13 @@ def list_encoders() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_backbone(arch: dict) -> tuple[torch.nn.Module, int]:
-    """A backbone without weights from an `arch` description; returns it and its feature size."""
-    kind = arch.get("type")
-    if kind == "cnn5":
-        net = CNN5(in_chans=arch.get("in_chans", 1))
-        return net, net.num_features
-    if kind == "intensity-stats":
-        return IntensityStats(), IntensityStats.num_features
-    if kind == "timm":
-        import timm
-
-        net = timm.create_model(arch["model"], pretrained=False, num_classes=0, in_chans=arch.get("in_chans", 3))
-        if arch.get("pool_layers"):
-            return _pooled(net, arch["pool_layers"], arch.get("in_chans", 3))
-        return net, int(net.num_features)
-    raise RetrieveError(f"unknown architecture type {kind!r} in checkpoint")
-
-
-def _pooled(net: torch.nn.Module, layers: list[str], in_chans: int) -> tuple[torch.nn.Module, int]:
-    try:
-        wrapped = MultiLayerPool(net, layers)
-    except ValueError as exc:
-        raise RetrieveError(f"pool_layers: {exc}") from None
-    return wrapped, output_dim(wrapped, in_chans)
-
-
-def _seeded(seed: int, fn: Callable[[], Encoder]) -> Encoder:
+def _seeded(seed: int, fn: Callable[[], T]) -> T:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return fn()
 
 
 def _timm_encoder(model_name: str, weights: str | None, seed: int) -> Encoder:
-
     if weights == "imagenet":
         raise RetrieveError(
             f"--weights imagenet: ImageNet weights for {model_name} are not bundled and model hubs are "
@@ -103,7 +76,7 @@ EFFNET_LITE0_MID_LAYERS = ["blocks.2", "blocks.3", "blocks.4", "blocks.5", "bloc
 
 
 def _effnet_lite0_encoder(weights: str | None, pool_layers: list[str] | None) -> Encoder:
-    arch = {"type": "timm", "model": "tf_efficientnet_lite0"}
+    arch: dict[str, Any] = {"type": "timm", "model": "tf_efficientnet_lite0"}
     net, dim = build_backbone({**arch, "in_chans": 3})
     if weights is None:
         path = effnet_lite0_file()
@@ -120,7 +93,7 @@ def _effnet_lite0_encoder(weights: str | None, pool_layers: list[str] | None) ->
         load_by_order(net, sd, str(path))
     if pool_layers:
         arch["pool_layers"] = list(pool_layers)
-        net, dim = _pooled(net, pool_layers, 3)
+        net, dim = pooled(net, pool_layers, 3)
     return Encoder(net, dim, arch, in_chans=3, mean=(0.5,), std=(0.5,), source=f"ImageNet-1k, {path.name}")
 
 

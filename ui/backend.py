@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -63,7 +65,7 @@ def decode_upload(name: str, data: bytes) -> list[np.ndarray]:
         try:
             return read_frames(path)
         except UnreadableImageError as exc:
-            raise RetrieveError(f"{name}: {str(exc).split(': ', 1)[-1]}") from None
+            raise RetrieveError(f"{name}: {exc.reason}") from None
 
 
 def query_frame(
@@ -71,8 +73,8 @@ def query_frame(
     name: str,
     frame: np.ndarray,
     k: int,
-    exclude_patients: list[str] = (),
-    where: list[tuple[str, str]] = (),
+    exclude_patients: Sequence[str] = (),
+    where: Sequence[tuple[str, str]] = (),
     vote: str = "majority",
 ) -> Answer:
     """One decoded frame as the query: embed, search, vote."""
@@ -83,32 +85,12 @@ def query_frame(
     return Answer(res, time.perf_counter() - t0)
 
 
-def query_upload(
-    session: Session,
-    name: str,
-    data: bytes,
-    k: int,
-    exclude_patients: list[str] = (),
-    where: list[tuple[str, str]] = (),
-    vote: str = "majority",
-    frame: int = 0,
-) -> Answer:
-    """An uploaded file (PNG, JPEG, BMP, TIFF, DICOM) as the query; every failure is a RetrieveError."""
-    t0 = time.perf_counter()
-    frames = decode_upload(name, data)
-    frame = min(max(frame, 0), len(frames) - 1)
-    answer = query_frame(
-        session, name if len(frames) == 1 else f"{name}#{frame}", frames[frame], k, exclude_patients, where, vote
-    )
-    return Answer(answer.result, time.perf_counter() - t0)
-
-
 def query_indexed(
     session: Session,
     position: int,
     k: int,
     exclude_own_patient: bool = True,
-    where: list[tuple[str, str]] = (),
+    where: Sequence[tuple[str, str]] = (),
     vote: str = "majority",
 ) -> Answer:
     """An indexed case as the query, from its stored vector; itself (and its patient) left out."""
@@ -130,7 +112,7 @@ def query_indexed(
     return Answer(res, time.perf_counter() - t0)
 
 
-def load_image(path: str, frame_index: object = None, max_side: int | None = None) -> np.ndarray:
+def load_image(path: str, frame_index: Any = None, max_side: int | None = None) -> np.ndarray:
     """A case's image as uint8 grayscale, optionally shrunk so its longest side is max_side."""
     f = -1 if frame_index is None or pd.isna(frame_index) else int(frame_index)
     img = read_frame(path, f)

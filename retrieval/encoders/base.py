@@ -34,6 +34,9 @@ class Encoder(nn.Module):
     `source` says where the weights came from (for people, not for comparison).
     """
 
+    mean: torch.Tensor  # buffers, registered in __init__
+    std: torch.Tensor
+
     def __init__(
         self,
         backbone: nn.Module,

@@ -147,7 +147,7 @@ def evaluate(
     per_class = {}
     for j, c in enumerate(classes):
         sub = pq[pq["label"] == c]
-        entry = summary(sub) if len(sub) else {"n_queries": 0}
+        entry: dict[str, float] = summary(sub) if len(sub) else {"n_queries": 0}
         entry.update(
             {
                 "knn_precision": float(prec[j]),

@@ -613,6 +613,7 @@ def _setup_logging() -> None:
         root.addHandler(handler)
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
+    logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings are folded into one line per file
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -146,9 +146,14 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str) -> DatasetTable:
         if rel is None:
             skipped.append(Skipped(f"{origin} (row without a path)", "empty 'path'"))
             continue
-        p = Path(rel).expanduser()
-        abs_path = p if p.is_absolute() else root / p
-        if not abs_path.is_file():
+        try:
+            p = Path(rel).expanduser()
+            abs_path = p if p.is_absolute() else root / p
+            found = abs_path.is_file()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, an unknown ~user, a name too long
+            skipped.append(Skipped(rel[:120], f"not a usable path ({type(exc).__name__})"))
+            continue
+        if not found:
             skipped.append(Skipped(str(abs_path), "file not found"))
             continue
         if not is_image_file(abs_path):

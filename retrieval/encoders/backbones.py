@@ -27,7 +27,17 @@ def build_backbone(arch: dict[str, Any]) -> tuple[torch.nn.Module, int]:
     if kind == "timm":
         import timm
 
-        net = timm.create_model(arch["model"], pretrained=False, num_classes=0, in_chans=arch.get("in_chans", 3))
+        model = arch.get("model")
+        if not isinstance(model, str) or not timm.is_model(model):
+            hub = isinstance(model, str) and (":" in model or "/" in model)
+            raise RetrieveError(
+                f"unknown timm architecture {model!r}"
+                + ("; model hubs are never contacted: download the weights and pass --weights FILE" if hub else "")
+            )
+        try:
+            net = timm.create_model(model, pretrained=False, num_classes=0, in_chans=int(arch.get("in_chans", 3)))
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise RetrieveError(f"timm architecture {model!r}: cannot be built ({exc})") from None
         if arch.get("pool_layers"):
             return pooled(net, arch["pool_layers"], arch.get("in_chans", 3))
         return net, int(net.num_features)

@@ -78,12 +78,18 @@ def load_checkpoint(path: str | Path) -> Encoder:
         if not p.is_file():
             raise RetrieveError(f"checkpoint {p}: file not found")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise RetrieveError(f"checkpoint {meta_path}: not valid JSON ({exc.msg})") from None
+    except UnicodeDecodeError:
+        raise RetrieveError(f"checkpoint {meta_path}: not UTF-8 JSON text") from None
+    if not isinstance(meta, dict):
+        raise RetrieveError(f"checkpoint {meta_path}: not a JSON object")
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise RetrieveError(f"checkpoint {meta_path}: unknown format {meta.get('format')!r}")
-    arch = meta["arch"]
+    arch = meta.get("arch")
+    if not isinstance(arch, dict) or "type" not in arch:
+        raise RetrieveError(f"checkpoint {meta_path}: no architecture description ('arch' with a 'type')")
     backbone, feature_dim = build_backbone(arch)
     enc = Encoder(
         backbone,

@@ -1,0 +1,103 @@
+"""kill -9 at random points of index build, add and overwrite: the index is always the old or the new one."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from budget import scale
+
+from indexer.config import IndexConfig
+from indexer.errors import RetrieveError
+from indexer.index_dir import add_to_index_dir, build_index_dir, open_index_dir, read_manifest, verify_index_dir
+
+pytestmark = pytest.mark.reliability
+WORKER = Path(__file__).with_name("worker.py")
+BASE, NEW = 2_000, 20_000  # NEW rows make a write take a few hundred ms, so kills land inside it
+sys.path.insert(0, str(WORKER.parent))
+from worker import vectors  # noqa: E402
+
+
+def _start(action: str, folder: Path, n: int, start: int) -> subprocess.Popen:
+    p = subprocess.Popen(
+        [sys.executable, str(WORKER), action, str(folder), str(n), str(start)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert p.stdout is not None and p.stdout.readline().strip() == "ready", p.stderr.read() if p.stderr else ""
+    return p
+
+
+def _duration(tmp: Path, action: str) -> float:
+    """How long the write itself takes on this machine (ready -> exit), to spread the kills over it."""
+    folder = tmp / f"calibrate-{action}"
+    if action != "build":
+        build_index_dir(folder, vectors(BASE, 0), IndexConfig(kind="flat", gpu=False))
+    p = _start(action, folder, NEW, 10_000_000)
+    t0 = time.perf_counter()
+    assert p.wait(timeout=120) == 0, p.stderr.read() if p.stderr else ""
+    return time.perf_counter() - t0
+
+
+def _ids(folder: Path) -> set[str]:
+    return set(open_index_dir(folder, use_gpu=False).rows["id"])
+
+
+def test_kill_9_never_loses_an_index(tmp_path):
+    rng = random.Random(20261201)
+    windows = {a: _duration(tmp_path, a) for a in ("build", "add", "overwrite")}
+    trials = scale(9, 120)
+    outcomes: dict[str, dict[str, int]] = {a: {"old": 0, "new": 0} for a in windows}
+    for t in range(trials):
+        action = ("build", "add", "overwrite")[t % 3]
+        folder = tmp_path / f"t{t}"
+        base = {f"img{j}" for j in range(BASE)}
+        new = {f"img{j}" for j in range(1_000_000, 1_000_000 + NEW)}
+        if action != "build":
+            build_index_dir(folder, vectors(BASE, 0), IndexConfig(kind="flat", gpu=False))
+        p = _start(action, folder, NEW, 1_000_000)
+        time.sleep(rng.uniform(0, windows[action] * 1.1))
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        if action == "build":
+            try:
+                read_manifest(folder)
+                got = _ids(folder)
+            except RetrieveError:
+                got = set()  # the first build never committed: nothing existed before it either
+            assert got in (set(), new), (t, action, len(got))
+            outcomes[action]["new" if got else "old"] += 1
+            # an interrupted first build is rebuilt without --overwrite
+            build_index_dir(folder, vectors(10, 5_000_000), IndexConfig(kind="flat", gpu=False), overwrite=bool(got))
+            continue
+        got = _ids(folder)
+        expected_new = base | new if action == "add" else new
+        assert got in (base, expected_new), (t, action, len(got))
+        outcomes[action]["new" if got == expected_new else "old"] += 1
+        assert verify_index_dir(folder) == []
+        m, added = add_to_index_dir(folder, vectors(5, 7_000_000))  # the lock was released by the kill
+        assert added == 5 and m.count == len(got) + 5
+        leftovers = [q.name for q in folder.iterdir() if q.suffix in (".parquet", ".faiss", ".tmp")]
+        assert len(leftovers) == 2, leftovers  # the dead writer's files were collected
+    print(json.dumps({"kill_trials": trials, "windows_s": windows, "outcomes": outcomes}))
+
+
+@pytest.mark.parametrize("action", ["add", "overwrite"])
+def test_kill_9_while_a_reader_reads(tmp_path, action):
+    """A reader that opened the old version keeps a consistent view while a writer dies mid-commit."""
+    folder = tmp_path / "idx"
+    build_index_dir(folder, vectors(BASE, 0), IndexConfig(kind="flat", gpu=False))
+    reader = open_index_dir(folder, use_gpu=False)
+    p = _start(action, folder, NEW, 1_000_000)
+    time.sleep(0.05)
+    p.send_signal(signal.SIGKILL)
+    p.wait(timeout=60)
+    assert len(reader.rows) == BASE == reader.index.ntotal
+    assert verify_index_dir(folder) == []

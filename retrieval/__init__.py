@@ -3,4 +3,9 @@
 Data path: images -> tensors -> vectors -> Parquet -> FAISS index -> results.
 """
 
-__version__ = "0.1.0"
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("retrieve")  # pyproject.toml holds the one version number
+except PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"

@@ -24,6 +24,19 @@ def test_registry_vectors_are_unit_length(name, dim):
     assert torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-5)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list_encoders())
+def test_every_registered_encoder_survives_a_checkpoint(name, tmp_path):
+    """Each registry entry gives unit vectors of its dim, and a checkpoint rebuilds it exactly."""
+    enc = create_encoder(name, seed=3)
+    back = create_encoder(str(save_checkpoint(enc, tmp_path / "ck")))
+    with torch.no_grad():
+        v = enc(X)
+        assert v.shape == (3, enc.dim) and torch.allclose(v.norm(dim=1), torch.ones(3), atol=1e-5)
+        assert torch.equal(back(X), v)
+    assert back.weights_sha256() == enc.weights_sha256() and back.base_arch == enc.base_arch
+
+
 def test_list_and_unknown():
     assert {"imagenet-effnet-lite0", "cnn5"} <= set(list_encoders())
     with pytest.raises(RetrieveError, match="unknown"):

@@ -40,6 +40,7 @@ def test_loss_goes_down_on_frozen_features(rows, method, tmp_path):
         max_steps=60,
         freeze_backbone=True,
         frozen_views=2,
+        clusters=4,  # pica, lsd, scan: the demo's four grades (other methods ignore it)
     )
     res = train(rows, cfg, progress=False)
     losses = [s["loss"] for s in res.log["steps"]]

@@ -348,7 +348,10 @@ def demo(
 def train(
     data: Path = typer.Argument(..., help="dataset folder or manifest"),
     method: str | None = typer.Option(
-        None, "--method", "-m", help="siamese, siamese-l1, simclr, supcon, weak-simclr, supervised"
+        None,
+        "--method",
+        "-m",
+        help="siamese, siamese-l1, simclr, supcon, weak-simclr, supervised; label-free clustering: pica, lsd, scan",
     ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="checkpoint to write (.safetensors + .json, plus .log.json and .loss.png)"
@@ -371,6 +374,7 @@ def train(
     ),
     balanced: bool | None = typer.Option(None, "--balanced/--unbalanced", help="class-balanced sampling"),
     max_steps: int | None = typer.Option(None, "--max-steps"),
+    clusters: int | None = typer.Option(None, "--clusters", help="pica, lsd, scan: number of clusters K"),
     pairs: Path | None = typer.Option(None, "--pairs", help="CSV path_a,path_b,same (1 = similar) for siamese methods"),
     quiet: bool = opt.Quiet,
 ):
@@ -399,6 +403,7 @@ def train(
         freeze_backbone=freeze_backbone,
         balanced=balanced,
         max_steps=max_steps,
+        clusters=clusters,
     )
     cfg = load_train_config(config, overrides)
     table = load_dataset(data)
@@ -432,7 +437,8 @@ def train(
     report_skipped(table.skipped + result.skipped)
     losses = [s["loss"] for s in result.log["steps"]]
     print(
-        f"trained {cfg.method} on {result.log['n_images']} images: {len(losses)} steps in {result.log['seconds']:.1f} s, "
+        f"trained {cfg.method} on {result.log['n_images']} images: "
+        f"{len(losses)} steps in {result.log['seconds']:.1f} s, "
         f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
         if losses
         else "no steps were run"
@@ -514,7 +520,8 @@ def benchmark(
     select: list[str] = typer.Option(
         [],
         "--select",
-        help="KEY=V1,V2 or KEY=[V1, V2] (YAML list, for mappings): candidates chosen per fold on an inner validation split of the training folds",
+        help="KEY=V1,V2 or KEY=[V1, V2] (YAML list, for mappings): candidates chosen per fold on an inner "
+        "validation split of the training folds",
     ),
     quiet: bool = opt.Quiet,
 ):

@@ -430,12 +430,14 @@ def markdown_table(result: dict[str, Any]) -> str:
         )
         lines += [
             "",
-            f"Mean ± std over all {result['folds'] * repeats} folds. Std of the {repeats} repeats' MAP means: {spread}.",
+            f"Mean ± std over all {result['folds'] * repeats} folds. "
+            f"Std of the {repeats} repeats' MAP means: {spread}.",
         ]
     if chosen:
         lines += [
             "",
-            f"Selected per fold on an inner validation split of the training folds (candidates {result['selection']['candidates']}):",
+            "Selected per fold on an inner validation split of the training folds "
+            f"(candidates {result['selection']['candidates']}):",
         ]
         for method, picks in chosen.items():
             lines.append(

@@ -9,7 +9,6 @@ from typing import Any
 from retrieval.config import read_yaml_mapping
 from retrieval.errors import RetrieveError
 from retrieval.training.augment import AugmentConfig
-
 from retrieval.training.losses import LOSSES
 
 METHODS = tuple(LOSSES)
@@ -38,6 +37,13 @@ class TrainConfig:
     augment_gain: bool = True  # random gain (brightness) in the views; off where brightness is the finding (steatosis)
     augment: dict[str, Any] = field(default_factory=dict)  # AugmentConfig fields to change, e.g. {rotation_deg: 5}
     vectors_from: str = "head"  # "head": the projection is the vector; "backbone": f(x)
+    clusters: int = 10  # pica / lsd / scan: K, the softmax cluster head's size
+    overclusters: int = 0  # an over-clustering head (K_over > K) trained jointly; 0: none
+    cluster_weight: float = 2.0  # lambda, weight of the cluster-size term (paper 004: 2)
+    dirichlet_alpha: float = 1.05  # lsd: alpha = 1 + eps of the symmetric Dirichlet (paper 004 leaves eps open)
+    cluster_temperature: float = 0.1  # the cluster head's softmax(W v / T) on the unit vector
+    neighbours: int = 20  # scan: mined nearest neighbours per image (SCAN: 20)
+    entropy_weight: float = 5.0  # scan: weight of the entropy term (SCAN: 5)
     max_steps: int | None = None  # stop early (tests, smoke runs)
     device: str = "auto"
 
@@ -50,6 +56,12 @@ class TrainConfig:
             raise RetrieveError(f"--beta {self.beta}: must lie in [0, 1]")
         if self.epochs < 1 or self.batch_size < 2:
             raise RetrieveError("epochs must be >= 1 and batch_size >= 2")
+        if self.clusters < 2:
+            raise RetrieveError(f"--clusters {self.clusters}: at least 2 clusters are needed")
+        if self.overclusters and self.overclusters <= self.clusters:
+            raise RetrieveError(f"overclusters {self.overclusters}: must exceed clusters ({self.clusters}), or be 0")
+        if self.dirichlet_alpha < 1.0:
+            raise RetrieveError(f"dirichlet_alpha {self.dirichlet_alpha}: must be at least 1 (1 + eps)")
         self.head_dims = [int(d) for d in self.head_dims]
         self.augment_config()  # unknown or malformed augmentation options fail here, not mid-training
 
@@ -78,6 +90,13 @@ class TrainConfig:
     @property
     def needs_labels(self) -> bool:
         return self.method not in LABEL_FREE
+
+    @property
+    def is_clustering(self) -> bool:
+        """A method that trains a softmax cluster head (pica, lsd, scan)."""
+        from retrieval.training.losses.clustering import ClusterLoss
+
+        return issubclass(LOSSES[self.method], ClusterLoss)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

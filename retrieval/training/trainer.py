@@ -136,6 +136,8 @@ def train(
         images, keep, skipped = load_image_tensors(rows, pre)
     else:
         images, keep = None, np.arange(len(rows))
+    if cfg.is_clustering and cfg.clusters > len(keep):
+        raise RetrieveError(f"--clusters {cfg.clusters}: more clusters than training images ({len(keep)})")
     classes = sorted(labels_text.iloc[keep].dropna().unique().tolist())
     codes = np.array([classes.index(v) if isinstance(v, str) else -1 for v in labels_text.iloc[keep].tolist()])
     pair_rows = _pair_indices(rows.iloc[keep].reset_index(drop=True), pairs_table)

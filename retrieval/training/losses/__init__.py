@@ -6,7 +6,10 @@ from __future__ import annotations
 
 from retrieval.training.losses.base import Batch, LossContext, MethodLoss
 from retrieval.training.losses.contrastive import ContrastiveLoss, contrastive_loss
+from retrieval.training.losses.lsd import LSDLoss
 from retrieval.training.losses.ntxent import NTXentLoss, nt_xent
+from retrieval.training.losses.pica import PICALoss
+from retrieval.training.losses.scan import SCANLoss
 from retrieval.training.losses.siamese_l1 import SiameseL1Loss, siamese_l1_loss
 from retrieval.training.losses.supcon import SupConLoss, supcon_loss
 from retrieval.training.losses.supervised import SupervisedLoss
@@ -19,6 +22,9 @@ LOSSES: dict[str, type[MethodLoss]] = {
     "supcon": SupConLoss,
     "weak-simclr": WeakSimCLRLoss,
     "supervised": SupervisedLoss,
+    "pica": PICALoss,
+    "lsd": LSDLoss,
+    "scan": SCANLoss,
 }
 
 __all__ = [

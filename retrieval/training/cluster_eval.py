@@ -1,0 +1,88 @@
+"""Cluster assignments from a clustering checkpoint, and how well clusters agree with labels.
+
+Matching follows paper 004's Algorithm 1: average the one-hot labels of the dev-set images assigned to
+each cluster; a cluster predicts its dominant label. NMI and ARI come from scikit-learn and the
+Hungarian (one-to-one) accuracy from scipy's linear_sum_assignment."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.metrics import adjusted_rand_score, f1_score, normalized_mutual_info_score
+
+from retrieval.errors import RetrieveError
+
+
+@dataclass
+class ClusterHeadWeights:
+    """The softmax cluster head a clustering checkpoint stores: p = softmax((W v + b) / T) on the unit vector."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    temperature: float
+
+    @property
+    def clusters(self) -> int:
+        return int(self.weight.shape[0])
+
+    @torch.no_grad()
+    def probabilities(self, vectors: np.ndarray) -> np.ndarray:
+        v = torch.nn.functional.normalize(torch.as_tensor(np.asarray(vectors, dtype=np.float32)), dim=1)
+        if v.shape[1] != self.weight.shape[1]:
+            raise RetrieveError(f"vectors are {v.shape[1]}-d but the cluster head takes {self.weight.shape[1]}-d")
+        return torch.softmax((v @ self.weight.T + self.bias) / self.temperature, dim=1).numpy()
+
+
+def load_cluster_head(checkpoint: str, head: str = "cluster") -> ClusterHeadWeights:
+    """The cluster head (`cluster` or `overcluster`) of a checkpoint from `retrieve train --method pica|lsd|scan`."""
+    from retrieval.encoders.checkpoint import load_checkpoint_extras
+
+    meta, extras = load_checkpoint_extras(checkpoint)
+    if f"{head}.weight" not in extras:
+        what = "an over-clustering head" if head == "overcluster" else "a cluster head"
+        raise RetrieveError(f"checkpoint {checkpoint}: has no {what} (train one with --method pica, lsd or scan)")
+    temperature = float(meta.get("training", {}).get("cluster_temperature", 0.1))
+    return ClusterHeadWeights(extras[f"{head}.weight"].float(), extras[f"{head}.bias"].float(), temperature)
+
+
+def match_clusters(assign: np.ndarray, labels: np.ndarray, classes: list[str], clusters: int) -> dict[int, str]:
+    """Algorithm 1 of paper 004: each cluster's mean one-hot label vector over the dev set; the cluster maps
+    to its largest entry. Clusters with no dev image map to the dev set's most common label."""
+    onehot = (labels[:, None] == np.asarray(classes)[None, :]).astype(float)
+    fallback = classes[int(onehot.sum(0).argmax())]
+    out = {}
+    for k in range(clusters):
+        members = assign == k
+        out[k] = classes[int(onehot[members].mean(0).argmax())] if members.any() else fallback
+    return out
+
+
+def hungarian_accuracy(assign: np.ndarray, labels: np.ndarray) -> float:
+    """Best one-to-one map of clusters to labels (scipy's linear_sum_assignment), as accuracy."""
+    clusters, codes = np.unique(assign, return_inverse=True)
+    classes, ycodes = np.unique(labels, return_inverse=True)
+    counts = np.zeros((len(clusters), len(classes)))
+    np.add.at(counts, (codes, ycodes), 1)
+    rows, cols = linear_sum_assignment(-counts)
+    return float(counts[rows, cols].sum() / len(labels))
+
+
+def cluster_scores(assign: np.ndarray, labels: np.ndarray, mapping: dict[int, str] | None = None) -> dict:
+    """NMI, ARI and Hungarian accuracy of `assign` against `labels`; with a cluster -> label `mapping`
+    (from a dev set), also weighted and per-class F1 of the mapped predictions."""
+    labels = np.asarray(labels).astype(str)
+    out: dict = {
+        "nmi": float(normalized_mutual_info_score(labels, assign)),
+        "ari": float(adjusted_rand_score(labels, assign)),
+        "hungarian_accuracy": hungarian_accuracy(assign, labels),
+    }
+    if mapping is not None:
+        pred = np.array([mapping[int(k)] for k in assign])
+        classes = sorted(set(labels))
+        out["weighted_f1"] = float(f1_score(labels, pred, labels=classes, average="weighted", zero_division=0))
+        per = f1_score(labels, pred, labels=classes, average=None, zero_division=0)
+        out["per_class_f1"] = {c: float(f) for c, f in zip(classes, per)}
+    return out

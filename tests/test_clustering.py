@@ -1,0 +1,153 @@
+"""Deep clustering (pica, lsd, scan): loss terms worked by hand, cluster matching and scores on known
+answers, label-free training, checkpoints that reload to the same vectors and clusters."""
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from conftest import assert_one_line_error, run_cli
+
+from retrieval.data.dataset import load_dataset
+from retrieval.encoders import load_checkpoint, save_checkpoint
+from retrieval.errors import RetrieveError
+from retrieval.training.cluster_eval import (
+    cluster_scores,
+    hungarian_accuracy,
+    load_cluster_head,
+    match_clusters,
+)
+from retrieval.training.config import TrainConfig
+from retrieval.training.losses.clustering import dirichlet_prior, negative_entropy, pui_cross_entropy, pui_matrix
+from retrieval.training.losses.scan import mine_neighbours, scan_loss
+from retrieval.training.trainer import train
+
+
+def _cos(a, b):
+    return sum(x * y for x, y in zip(a, b)) / math.sqrt(sum(x * x for x in a) * sum(y * y for y in b))
+
+
+def test_pui_matrix_and_cross_entropy_by_hand():
+    p_hat = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    p_tilde = torch.tensor([[0.5, 0.5], [0.0, 1.0], [1.0, 0.0]])
+    cols_hat, cols_tilde = [[1, 0, 1], [0, 1, 0]], [[0.5, 0, 1], [0.5, 1, 0]]
+    expected = [[_cos(cols_hat[i], cols_tilde[j]) for j in range(2)] for i in range(2)]
+    np.testing.assert_allclose(pui_matrix(p_hat, p_tilde).numpy(), expected, atol=1e-6)
+    ce = sum(-math.log(math.exp(expected[j][j]) / sum(math.exp(m) for m in expected[j])) for j in range(2)) / 2
+    assert pui_cross_entropy(p_hat, p_tilde).item() == pytest.approx(ce, abs=1e-6)
+    # identical one-hot views: M is the identity, L_CE = log(1 + e^-1)
+    assert pui_cross_entropy(p_hat, p_hat).item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+
+
+def test_cluster_size_terms_by_hand():
+    p = torch.tensor([[0.5, 0.5], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])  # column mass 2.5, 1.5 -> z = .625, .375
+    z = [0.625, 0.375]
+    assert negative_entropy(p).item() == pytest.approx(math.log(2) + sum(v * math.log(v) for v in z), abs=1e-6)
+    for alpha in (1.05, 2.0):
+        expected = -(alpha - 1) * sum(math.log(v) for v in z) / math.log(2)
+        assert dirichlet_prior(p, alpha).item() == pytest.approx(expected, abs=1e-6)
+    even = torch.full((4, 2), 0.5)
+    assert negative_entropy(even).item() == pytest.approx(0.0, abs=1e-6)
+    assert dirichlet_prior(even, 1.0).item() == 0.0  # alpha = 1: a flat prior, no pull at all
+
+
+def test_scan_loss_and_neighbours_by_hand():
+    pa = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
+    pn = torch.tensor([[0.8, 0.2], [0.5, 0.5]])
+    consistency = -(math.log(0.9 * 0.8 + 0.1 * 0.2) + math.log(0.2 * 0.5 + 0.8 * 0.5)) / 2
+    mean = [0.55, 0.45]
+    entropy_term = math.log(2) + sum(v * math.log(v) for v in mean)
+    assert scan_loss(pa, pn, 5.0).item() == pytest.approx(consistency + 5 * entropy_term, abs=1e-6)
+    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9], [0.7, 0.7]])
+    nb = mine_neighbours(feats, 2)
+    z = feats / feats.norm(dim=1, keepdim=True)
+    sim = (z @ z.T).numpy()
+    np.fill_diagonal(sim, -np.inf)
+    assert nb.tolist() == np.argsort(-sim, axis=1, kind="stable")[:, :2].tolist()
+    assert mine_neighbours(feats, 20).shape == (5, 4)  # never more than N - 1
+
+
+def test_matching_and_scores_on_a_known_answer():
+    labels = np.array(["liver"] * 4 + ["kidney"] * 4 + ["spleen"] * 2)
+    perfect = np.array([2] * 4 + [0] * 4 + [1] * 2)  # a relabelling of the truth
+    mapping = match_clusters(perfect, labels, ["kidney", "liver", "spleen"], 3)
+    assert mapping == {0: "kidney", 1: "spleen", 2: "liver"}
+    s = cluster_scores(perfect, labels, mapping)
+    assert s["nmi"] == pytest.approx(1.0) and s["ari"] == pytest.approx(1.0)
+    assert s["hungarian_accuracy"] == 1.0 and s["weighted_f1"] == pytest.approx(1.0)
+    # one kidney image in the liver cluster; two clusters of liver (over-clustering); an empty cluster 4
+    assign = np.array([0, 0, 3, 3, 1, 1, 1, 0, 2, 2])
+    mapping = match_clusters(assign, labels, ["kidney", "liver", "spleen"], 5)
+    assert mapping == {0: "liver", 1: "kidney", 2: "spleen", 3: "liver", 4: "kidney"}  # 4: most common (tie: first)
+    s = cluster_scores(assign, labels, mapping)
+    # predictions: 9 of 10 right; liver P 4/5 R 1, kidney P 1 R 3/4, spleen 1
+    f1 = {"liver": 2 * 0.8 / 1.8, "kidney": 2 * 0.75 / 1.75, "spleen": 1.0}
+    assert s["per_class_f1"] == pytest.approx(f1)
+    assert s["weighted_f1"] == pytest.approx((4 * f1["liver"] + 4 * f1["kidney"] + 2) / 10)
+    # one-to-one: cluster 0 -> liver (2), 1 -> kidney (3), 2 -> spleen (2): 7 of 10
+    assert hungarian_accuracy(assign, labels) == pytest.approx(0.7)
+
+
+@pytest.fixture(scope="module")
+def unlabelled(demo_data):
+    rows = load_dataset(demo_data).rows
+    return rows.drop(columns=["label"]).reset_index(drop=True)
+
+
+@pytest.mark.parametrize("method", ["pica", "lsd", "scan"])
+def test_label_free_training_and_checkpoint(unlabelled, method, tmp_path):
+    """No label column at all; the over-clustering head trains too; the checkpoint reloads to the same
+    vectors, and its cluster head to the same probabilities."""
+    cfg = TrainConfig(
+        method=method,
+        encoder="cnn5",
+        image_size=32,
+        batch_size=12,
+        lr=1e-3,
+        max_steps=30,
+        freeze_backbone=True,
+        frozen_views=2,
+        clusters=3,
+        overclusters=5,
+        neighbours=3,
+    )
+    res = train(unlabelled, cfg, progress=False)
+    losses = [s["loss"] for s in res.log["steps"]]
+    assert len(losses) == 30 and np.isfinite(losses).all() and np.mean(losses[-5:]) < np.mean(losses[:5])
+    extras = res.model.loss.extra_tensors()
+    assert extras["cluster.weight"].shape[0] == 3 and extras["overcluster.weight"].shape[0] == 5
+    path = save_checkpoint(res.encoder, tmp_path / "c", extra={"training": cfg.to_dict()}, extra_tensors=extras)
+    x = torch.rand(5, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        v, v2 = res.encoder.eval()(x), load_checkpoint(path)(x)
+        p = res.model.loss.cluster(res.encoder.head(res.encoder.features(x)))
+    assert torch.equal(v, v2)
+    head = load_cluster_head(str(path))
+    assert head.clusters == 3 and load_cluster_head(str(path), "overcluster").clusters == 5
+    np.testing.assert_allclose(head.probabilities(v2.numpy()), p.numpy(), atol=1e-5)
+
+
+def test_clusters_bad_input(unlabelled):
+    with pytest.raises(RetrieveError, match="--clusters 1"):
+        TrainConfig(method="lsd", clusters=1)
+    with pytest.raises(RetrieveError, match="overclusters"):
+        TrainConfig(method="lsd", clusters=4, overclusters=3)
+    cfg = TrainConfig(method="pica", encoder="cnn5", image_size=32, clusters=500, max_steps=1)
+    with pytest.raises(RetrieveError, match="more clusters than training images"):
+        train(unlabelled, cfg, progress=False)
+
+
+@pytest.mark.slow
+def test_train_cli_clusters_without_labels(tmp_path, capsys, demo_data):
+    rows = load_dataset(demo_data).rows
+    manifest = tmp_path / "unlabelled.csv"
+    pd.DataFrame({"path": rows["path"]}).to_csv(manifest, index=False)
+    out = tmp_path / "lsd"
+    args = ["train", manifest, "--method", "lsd", "--out", out, "--encoder", "cnn5", "--image-size", "32"]
+    code, stdout, err = run_cli(capsys, *args, "--clusters", "3", "--max-steps", "3", "--quiet")
+    assert code == 0, err
+    assert load_cluster_head(str(out.with_suffix(".safetensors"))).clusters == 3
+    code, _, err = run_cli(capsys, *args, "--clusters", "1", "--quiet")
+    assert code == 2
+    assert_one_line_error(err, "--clusters 1")

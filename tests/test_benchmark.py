@@ -102,7 +102,7 @@ def test_quick_benchmark_run(demo_data, tmp_path):
         log=lambda m: None,
     )
     assert set(res["summary"]) == {"raw-pixels", "random-resnet18", "imagenet-effnet-lite0", "supcon"}
-    for name, runs in res["per_fold"].items():
+    for runs in res["per_fold"].values():
         assert len(runs) == 2 and all(0 <= r["map"] <= 1 for r in runs)
 
 
@@ -141,7 +141,7 @@ def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
     rows = load_dataset(demo_data).rows
     splits = bm.make_folds(rows, 2, 0)
     method_calls = calls[-(2 * 3) :]  # per fold: 2 candidates + 1 final (after the 3 baselines' calls)
-    for f, (tr, te) in enumerate(splits):
+    for f, (_tr, te) in enumerate(splits):
         for q, g in method_calls[3 * f : 3 * f + 2]:
             assert not q[te].any() and not g[te].any()  # selection never sees the held-out fold
         q, g = method_calls[3 * f + 2]
@@ -263,3 +263,33 @@ def test_benchmark_cli_reads_yaml_values_and_candidate_lists(demo_data, tmp_path
     assert seen["select"] == {"augment": [{}, {"crop_scale": [0.3, 1.0], "shift": 0.1}], "lr": [0.001, 0.01]}
     code, _, err = run_cli(capsys, "benchmark", demo_data, "--set", "augment={zoom: [0.9")
     assert code != 0 and "--set augment={zoom: [0.9: not a valid YAML value" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_clustering_methods_scored_next_to_kmeans(demo_data, monkeypatch):
+    """pica/lsd get K = classes, never see a label, and their held-out clusters sit next to k-means baselines."""
+    import retrieval.training.benchmark as bm
+    from retrieval.training.benchmark import markdown_table
+
+    seen = []
+    real_train = bm.train
+
+    def spy(rows, cfg, **kw):
+        seen.append((cfg.method, cfg.clusters, "label" in rows))
+        return real_train(rows, cfg, **kw)
+
+    monkeypatch.setattr(bm, "train", spy)
+    res = run_benchmark(
+        demo_data,
+        ["lsd"],
+        folds=2,
+        overrides={"max_steps": 2, "frozen_views": 1, "image_size": 32},
+        progress=False,
+        log=lambda m: None,
+    )
+    assert seen == [("lsd", 4, False)] * 2  # four grades in the demo data; the label column is dropped
+    clusters = res["clustering"]["per_fold"]
+    assert set(clusters) == {"kmeans-raw-pixels", "kmeans-imagenet-effnet-lite0", "lsd"}
+    for runs in clusters.values():
+        assert len(runs) == 2 and all(-1 <= r["ari"] <= 1 and 0 <= r["weighted_f1"] <= 1 for r in runs)
+    assert "| kmeans-raw-pixels |" in markdown_table(res) and "lsd" in res["summary"]

@@ -33,6 +33,7 @@ from retrieval.embed import embed_rows, pick_device
 from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError
 from retrieval.evaluation.evaluate import EvalSettings, evaluate
+from retrieval.training.cluster_eval import CLUSTER_KEYS, fold_cluster_scores, kmeans_assign, summarise_clusters
 from retrieval.training.config import METHODS, TrainConfig, load_train_config
 from retrieval.training.trainer import cached_features, load_image_tensors, train
 
@@ -220,15 +221,29 @@ class FoldFitter:
 
     def fit(self, cfg: TrainConfig, tr: np.ndarray) -> np.ndarray:
         """Train on rows `tr`, return unit vectors for every row."""
+        return self.fit_clusters(cfg, tr)[0]
+
+    def fit_clusters(self, cfg: TrainConfig, tr: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """Train on rows `tr`; unit vectors for every row and, for a clustering method, each row's cluster.
+        Clustering methods get the training rows without their labels."""
         train_rows = self.rows.iloc[tr].reset_index(drop=True)
+        if cfg.is_clustering:
+            train_rows = train_rows.drop(columns=["label"])
         if cfg.freeze_backbone:
             cache = self.frozen_cache(cfg)
             res = train(train_rows, cfg, progress=False, features=cache[:, tr])
             with torch.no_grad():
-                vec = res.encoder.head(cache[0]).numpy() if cfg.vectors_from == "head" else cache[0].numpy()
-            return _unit(vec)
-        res = train(train_rows, cfg, progress=self.progress)
-        return embed_rows(self.rows, res.encoder, res.encoder.default_preprocess, progress=False).vectors
+                head = res.encoder.head(cache[0])
+                vec = head.numpy() if cfg.vectors_from == "head" else cache[0].numpy()
+        else:
+            res = train(train_rows, cfg, progress=self.progress)
+            vec = embed_rows(self.rows, res.encoder, res.encoder.default_preprocess, progress=False).vectors
+            head = torch.as_tensor(vec)
+        assign = None
+        if cfg.is_clustering:
+            with torch.no_grad():
+                assign = res.model.loss.cluster(head).argmax(1).numpy()
+        return _unit(vec), assign
 
 
 def run_benchmark(
@@ -257,6 +272,8 @@ def run_benchmark(
         common = {k: v for k, v in (overrides or {}).items() if "." not in k}
         try:
             configs[m] = replace(resolve_method_config(m, preset_dir), **{**common, **mine})
+            if configs[m].is_clustering and "clusters" not in {**common, **mine}:
+                configs[m] = replace(configs[m], clusters=rows["label"].nunique())  # K = classes, as k-means
         except TypeError as exc:
             raise RetrieveError(f"--set: {str(exc).split('got ')[-1]} (not a training option)") from None
     if repeats < 1:
@@ -312,12 +329,22 @@ def run_benchmark(
     for name, vec in base_vectors.items():
         results[name] = [score_fold(rows, vec, tr, te, k) for tr, te in splits]
         log(f"{name}: MAP {np.mean([r['map'] for r in results[name]]):.4f}")
+    labels = rows["label"].astype(str).to_numpy()
+    clustering: dict[str, list[dict[str, Any]]] = {}
+    if any(c.is_clustering for c in configs.values()):  # k-means baselines, K = classes, same folds
+        n_classes = len(set(labels))
+        for name in ("raw-pixels", "imagenet-effnet-lite0"):
+            clustering[f"kmeans-{name}"] = [
+                fold_cluster_scores(kmeans_assign(base_vectors[name], tr, n_classes, seed), labels, tr, te)
+                for tr, te in splits
+            ]
+            log(f"kmeans-{name}: NMI {np.mean([r['nmi'] for r in clustering[f'kmeans-{name}']]):.4f}")
 
     grid = candidate_grid(select or {})
     selections: dict[str, list[dict[str, Any]]] = {}
     for method, cfg in configs.items():
         t = time.perf_counter()
-        per_fold, chosen = [], []
+        per_fold, chosen, cluster_folds = [], [], []
         for f, (tr, te) in enumerate(splits):
             cfg_f = replace(cfg, seed=seed + f)
             if len(grid) > 1:  # nested selection: inner split of the training folds only
@@ -342,12 +369,18 @@ def run_benchmark(
                     best, note = grid[int(np.nanargmax(scores))], round(float(np.nanmax(scores)), 4)
                 chosen.append({**best, "inner_val_map": note})
                 cfg_f = replace(cfg_f, **best)
-            per_fold.append(score_fold(rows, fitter.fit(cfg_f, tr), tr, te, k))
+            vec, assign = fitter.fit_clusters(cfg_f, tr)
+            per_fold.append(score_fold(rows, vec, tr, te, k))
+            if assign is not None:
+                cluster_folds.append(fold_cluster_scores(assign, labels, tr, te))
             log(
                 f"{method} fold {f + 1}/{len(splits)}: MAP {per_fold[-1]['map']:.4f}"
+                + (f", NMI {cluster_folds[-1]['nmi']:.4f}" if assign is not None else "")
                 + (f" (chose {chosen[-1]})" if chosen else "")
             )
         results[method] = per_fold
+        if cluster_folds:
+            clustering[method] = cluster_folds
         if chosen:
             selections[method] = chosen
         timings[method] = round(time.perf_counter() - t, 1)
@@ -366,6 +399,10 @@ def run_benchmark(
         "per_fold": results,
         "summary": summary,
         "selection": {"candidates": select or {}, "chosen_per_fold": selections},
+        "clustering": {
+            "per_fold": clustering,
+            "summary": {name: summarise_clusters(runs) for name, runs in clustering.items()},
+        },
         "timings_s": timings,
         "wall_s": round(time.perf_counter() - t_start, 1),
         "device": str(device),
@@ -405,6 +442,23 @@ def _json_safe(obj: Any) -> Any:
     return obj
 
 
+def cluster_table(result: dict[str, Any]) -> list[str]:
+    """Markdown lines for the clustering scores on held-out folds (none when no clustering method ran)."""
+    summary = result.get("clustering", {}).get("summary", {})
+    if not summary:
+        return []
+    lines = [
+        "",
+        "Clusters on the held-out folds (K = classes; clusters matched to labels on the training folds):",
+        "",
+        "| clustering | NMI | ARI | Hungarian acc | weighted F1 |",
+        "|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(f"| {name} | " + " | ".join(_cell(s[k]) for k in CLUSTER_KEYS) + " |")
+    return lines
+
+
 def markdown_table(result: dict[str, Any]) -> str:
     name = Path(result["dataset"]).name
     repeats = result.get("repeats", 1)
@@ -422,6 +476,7 @@ def markdown_table(result: dict[str, Any]) -> str:
         cells = [_cell(s[k]) for k in RETRIEVAL_KEYS + PROBE_KEYS]
         kind = " (baseline)" if is_baseline(method) else ""
         lines.append(f"| {method}{kind} | " + " | ".join(cells) + " |")
+    lines += cluster_table(result)
     if repeats > 1:
         spread = ", ".join(
             f"{m} {s['map']['repeat_std']:.3f}"

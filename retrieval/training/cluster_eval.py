@@ -86,3 +86,33 @@ def cluster_scores(assign: np.ndarray, labels: np.ndarray, mapping: dict[int, st
         per = f1_score(labels, pred, labels=classes, average=None, zero_division=0)
         out["per_class_f1"] = {c: float(f) for c, f in zip(classes, per)}
     return out
+
+
+CLUSTER_KEYS = ("nmi", "ari", "hungarian_accuracy", "weighted_f1")
+
+
+def fold_cluster_scores(assign: np.ndarray, labels: np.ndarray, tr: np.ndarray, te: np.ndarray) -> dict:
+    """Scores of one benchmark fold: clusters matched to labels on the training folds (the labelled dev
+    set of Algorithm 1; training itself read no labels), everything scored on the held-out fold."""
+    labels = np.asarray(labels).astype(str)
+    clusters = int(assign.max()) + 1
+    mapping = match_clusters(assign[tr], labels[tr], sorted(set(labels)), clusters)
+    out = cluster_scores(assign[te], labels[te], mapping)
+    out["clusters_used"] = int(len(np.unique(assign[te])))
+    return out
+
+
+def kmeans_assign(vectors: np.ndarray, tr: np.ndarray, clusters: int, seed: int = 0) -> np.ndarray:
+    """scikit-learn KMeans (10 restarts) fitted on the training rows, then every row's nearest centre."""
+    from sklearn.cluster import KMeans
+
+    km = KMeans(n_clusters=clusters, n_init=10, random_state=seed).fit(vectors[tr])
+    return km.predict(vectors)
+
+
+def summarise_clusters(runs: list[dict]) -> dict[str, dict[str, float]]:
+    """Mean and standard deviation over folds of each clustering score."""
+    return {
+        key: {"mean": float(np.mean([r[key] for r in runs])), "std": float(np.std([r[key] for r in runs]))}
+        for key in CLUSTER_KEYS
+    }

@@ -56,6 +56,8 @@ class TrainConfig:
             raise RetrieveError(f"--beta {self.beta}: must lie in [0, 1]")
         if self.epochs < 1 or self.batch_size < 2:
             raise RetrieveError("epochs must be >= 1 and batch_size >= 2")
+        if self.is_clustering and self.vectors_from != "head":
+            raise RetrieveError(f"--method {self.method}: vectors_from must be head (the cluster head sits on it)")
         if self.clusters < 2:
             raise RetrieveError(f"--clusters {self.clusters}: at least 2 clusters are needed")
         if self.overclusters and self.overclusters <= self.clusters:

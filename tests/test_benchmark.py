@@ -76,6 +76,7 @@ def test_linear_probe_per_patient_matches_sklearn():
     assert np.isnan(linear_probe(x, y, tr, te)["probe_patient_auc"])
 
 
+@pytest.mark.slow
 def test_repeated_folds(demo_data):
     res = run_benchmark(demo_data, [], folds=2, repeats=2, progress=False, log=lambda m: None)
     from retrieval.data.dataset import load_dataset
@@ -92,6 +93,7 @@ def test_repeated_folds(demo_data):
         )
 
 
+@pytest.mark.slow
 def test_quick_benchmark_run(demo_data, tmp_path):
     res = run_benchmark(
         demo_data,
@@ -106,6 +108,7 @@ def test_quick_benchmark_run(demo_data, tmp_path):
         assert len(runs) == 2 and all(0 <= r["map"] <= 1 for r in runs)
 
 
+@pytest.mark.slow
 def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
     """Every candidate is fitted on inner-train rows and scored on inner-validation rows, both inside
     the training folds; the held-out fold is touched only by the final fit's scoring."""
@@ -148,6 +151,7 @@ def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
         assert q[te].all() and not g[te].any()
 
 
+@pytest.mark.slow
 def test_methods_on_random_init_backbones_get_that_backbone_at_init_as_baseline(demo_data):
     res = run_benchmark(
         demo_data,
@@ -194,6 +198,7 @@ def test_methods_on_random_init_backbones_get_that_backbone_at_init_as_baseline(
     }
 
 
+@pytest.mark.slow
 def test_benchmark_cli_writes_strict_json_with_repeats(demo_data, tmp_path, capsys):
     import json
 

@@ -18,6 +18,7 @@ def _snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
+@pytest.mark.slow
 def test_embed_writes_parquet_with_metadata(tmp_path, capsys, demo_data):
     out = tmp_path / "v.parquet"
     code, stdout, err = run_cli(capsys, "embed", demo_data, "--out", out, *FAST, "--batch-size", "5")
@@ -30,6 +31,7 @@ def test_embed_writes_parquet_with_metadata(tmp_path, capsys, demo_data):
     assert "embedded 24 images" in stdout
 
 
+@pytest.mark.slow
 def test_index_build_from_vectors_and_info(tmp_path, capsys, demo_data):
     v = tmp_path / "v.parquet"
     assert run_cli(capsys, "embed", demo_data, "--out", v, *FAST)[0] == 0
@@ -45,6 +47,7 @@ def test_index_build_from_vectors_and_info(tmp_path, capsys, demo_data):
     assert "hnsw" in out and "imagenet-effnet-lite0" in out
 
 
+@pytest.mark.slow
 def test_query_table_and_json(capsys, demo_index, demo_data):
     img = demo_data / "normal" / "SYN000_f0.png"
     code, out, err = run_cli(capsys, "query", img, "--index", demo_index, "--k", "4")
@@ -62,6 +65,7 @@ def test_query_table_and_json(capsys, demo_index, demo_data):
     assert v["label"] in v["votes"] and 0 < v["confidence"] <= 1
 
 
+@pytest.mark.slow
 def test_query_exclude_patient_where_and_several_images(capsys, demo_index, demo_data):
     a, b = demo_data / "normal" / "SYN000_f0.png", demo_data / "severe" / "SYN300_f1.png"
     code, out, err = run_cli(
@@ -90,6 +94,7 @@ def test_query_exclude_patient_where_and_several_images(capsys, demo_index, demo
         assert r["vote"]["label"] == "mild" and r["vote"]["confidence"] == 1
 
 
+@pytest.mark.slow
 def test_query_dicom_clip(tmp_path, capsys, demo_index):
     clip = np.random.default_rng(0).integers(0, 255, (3, 64, 64)).astype(np.uint16)
     dcm = write_dicom(tmp_path / "clip.dcm", clip)
@@ -99,6 +104,7 @@ def test_query_dicom_clip(tmp_path, capsys, demo_index):
     assert [r["query"] for r in res] == [f"{dcm}#{i}" for i in range(3)]
 
 
+@pytest.mark.slow
 def test_query_bad_inputs(tmp_path, capsys, demo_index, demo_data):
     junk = tmp_path / "junk.png"
     junk.write_bytes(b"garbage")
@@ -127,6 +133,7 @@ def test_other_encoder_is_refused(capsys, demo_index, demo_data):
     assert_one_line_error(err, "imagenet-effnet-lite0", "cnn5")
 
 
+@pytest.mark.slow
 def test_build_skips_bad_files_and_never_damages_an_index(tmp_path, capsys, demo_data):
     data = tmp_path / "data"
     shutil.copytree(demo_data, data)
@@ -160,6 +167,7 @@ def test_build_skips_bad_files_and_never_damages_an_index(tmp_path, capsys, demo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.csv", "data", "empty", "idx"]
 
 
+@pytest.mark.slow
 def test_index_add(tmp_path, capsys, demo_data):
     idx = tmp_path / "idx"
     assert run_cli(capsys, "index", "build", demo_data / "normal", "--index", idx, *FAST)[0] == 0
@@ -174,6 +182,7 @@ def test_index_add(tmp_path, capsys, demo_data):
     assert json.loads(out)["results"][0]["score"] == pytest.approx(1, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_with_report(tmp_path, capsys, demo_index):
     out_json, report = tmp_path / "eval.json", tmp_path / "report"
     code, out, err = run_cli(capsys, "eval", "--index", demo_index, "--json", out_json, "--report", report, "--quiet")
@@ -197,6 +206,7 @@ def test_eval_with_report(tmp_path, capsys, demo_index):
     assert json.loads(out_json.read_text())["overall"]["map"] >= o["map"]
 
 
+@pytest.mark.slow
 def test_random_resnet18_and_config_recipe(tmp_path, capsys, demo_data):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
@@ -221,6 +231,7 @@ def test_usage_errors_are_one_line(capsys, tmp_path):
     assert_one_line_error(err, "nothing")
 
 
+@pytest.mark.slow
 def test_demo_and_console_script(tmp_path):
     """The installed `retrieve` command runs the whole demo (smaller images to keep CI short)."""
     exe = shutil.which("retrieve") or f"{sys.executable} -m retrieval.cli.main"

@@ -96,6 +96,7 @@ def unlabelled(demo_data):
 
 
 @pytest.mark.parametrize("method", ["pica", "lsd", "scan"])
+@pytest.mark.slow
 def test_label_free_training_and_checkpoint(unlabelled, method, tmp_path):
     """No label column at all; the over-clustering head trains too; the checkpoint reloads to the same
     vectors, and its cluster head to the same probabilities."""

@@ -14,7 +14,13 @@ X = torch.rand(3, 1, 64, 64, generator=torch.Generator().manual_seed(0))
 
 
 @pytest.mark.parametrize(
-    "name,dim", [("imagenet-effnet-lite0", 1280), ("cnn5", 512), ("resnet18", 512), ("efficientnet_b0", 1280)]
+    "name,dim",
+    [
+        ("imagenet-effnet-lite0", 1280),
+        ("cnn5", 512),
+        ("resnet18", 512),
+        pytest.param("efficientnet_b0", 1280, marks=pytest.mark.slow),
+    ],
 )
 def test_registry_vectors_are_unit_length(name, dim):
     enc = create_encoder(name)
@@ -59,6 +65,7 @@ def test_random_init_is_seeded():
     assert a.weights_sha256() == b.weights_sha256() != c.weights_sha256()
 
 
+@pytest.mark.slow
 def test_timm_or_torchvision_weights_file(tmp_path):
     """A state_dict with a classifier (as torchvision/timm ship it) loads into the backbone."""
     src = timm.create_model("resnet18", pretrained=False, num_classes=1000)
@@ -117,6 +124,7 @@ def test_fingerprint_difference():
     assert np.isfinite(a["dim"])
 
 
+@pytest.mark.slow
 def test_multilayer_effnet_extends_the_final_features(tmp_path):
     """imagenet-effnet-lite0-ml = pooled blocks 2-6, then exactly the plain encoder's features; the
     concatenation is what a direct pass with hooks gives, and a trained head reloads bit-identically."""

@@ -25,6 +25,7 @@ def built(request, tmp_path_factory):
     return data, index
 
 
+@pytest.mark.slow
 def test_index_add_reaches_the_same_index(built, capsys, tmp_path):
     """Half the dataset indexed, then the whole dataset added: same rows, same vectors."""
     from indexer.index_dir import open_index_dir
@@ -46,6 +47,7 @@ def test_index_add_reaches_the_same_index(built, capsys, tmp_path):
     assert abs(a.vectors.vectors[order] - b.vectors.vectors[ref]).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_index_holds_every_image(built, capsys):
     data, index = built
     info = json.loads(run_cli(capsys, "index", "info", "--index", index, "--json")[1])
@@ -54,6 +56,7 @@ def test_index_holds_every_image(built, capsys):
     assert info["labels"] == {str(k): int(v) for k, v in labels["label"].value_counts().sort_index().items()}
 
 
+@pytest.mark.slow
 def test_query_excludes_the_patient_or_group(built, capsys):
     data, index = built
     labels = pd.read_csv(data / "labels.csv", dtype=str)
@@ -72,6 +75,7 @@ def test_query_excludes_the_patient_or_group(built, capsys):
         assert res["results"][0]["score"] == pytest.approx(1, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_eval_respects_grouping(built, capsys, tmp_path):
     data, index = built
     out = tmp_path / "eval.json"

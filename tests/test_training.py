@@ -28,6 +28,7 @@ def _vectors(enc):
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_loss_goes_down_on_frozen_features(rows, method, tmp_path):
     """Head on frozen ImageNet features: 60 steps; mean loss of the last 8 steps < first 8 (seeds 0-2 checked)."""
     cfg = TrainConfig(
@@ -55,6 +56,7 @@ def test_loss_goes_down_on_frozen_features(rows, method, tmp_path):
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.slow
 def test_full_training_changes_backbone_and_checkpoint_reloads(rows, method, tmp_path):
     cfg = TrainConfig(method=method, encoder="cnn5", image_size=32, batch_size=8, lr=1e-3, max_steps=4)
     before = create_encoder("cnn5", seed=0)
@@ -68,6 +70,7 @@ def test_full_training_changes_backbone_and_checkpoint_reloads(rows, method, tmp
     assert back.default_preprocess.image_size == 32 and back.dim == 128
 
 
+@pytest.mark.slow
 def test_training_is_reproducible(rows):
     cfg = TrainConfig(method="weak-simclr", encoder="cnn5", image_size=32, batch_size=8, max_steps=3, seed=7)
     a, b = train(rows, cfg, progress=False), train(rows, cfg, progress=False)
@@ -86,6 +89,7 @@ def test_vectors_from_backbone_drops_the_head(rows):
     assert res.encoder.dim == 512 and res.encoder.head_dims == []
 
 
+@pytest.mark.slow
 def test_label_methods_need_labels(rows):
     unlabelled = rows.assign(label=None)
     with pytest.raises(RetrieveError, match="needs a label"):
@@ -141,6 +145,7 @@ def test_augmentation_options_from_yaml(rows, tmp_path, monkeypatch):
     assert seen and all(a.shift == 0.0 and a.rotation_deg == 15.0 for a in seen)
 
 
+@pytest.mark.slow
 def test_train_cli_pairs_file_and_classify(tmp_path, capsys, demo_data):
     labels = pd.read_csv(demo_data / "labels.csv")
     pairs = pd.DataFrame(

@@ -3,6 +3,7 @@
 import re
 from pathlib import Path
 
+import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
@@ -28,6 +29,7 @@ def test_start_page_shows_summary_and_asks_for_a_query(monkeypatch, demo_index):
     assert at.info[0].value.startswith("Upload an image")
 
 
+@pytest.mark.slow
 def test_pick_case_with_patient_exclusion_k_filter_and_vote(monkeypatch, demo_index):
     at = _app(monkeypatch, demo_index)
     at.radio(key="mode").set_value("Pick an indexed case").run()

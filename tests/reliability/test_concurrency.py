@@ -33,6 +33,7 @@ def _read_loop(folder: Path, allowed_counts: set[int], stop: threading.Event, se
             problems.append(f"{type(exc).__name__}: {exc}")
 
 
+@pytest.mark.slow
 def test_concurrent_adds_all_land_and_readers_see_whole_versions(tmp_path):
     rounds, writers, per_writer, base = scale(2, 15), 4, 500, 100
     reads = errors = 0

@@ -50,6 +50,7 @@ def _ids(folder: Path) -> set[str]:
     return set(open_index_dir(folder, use_gpu=False).rows["id"])
 
 
+@pytest.mark.slow
 def test_kill_9_never_loses_an_index(tmp_path):
     rng = random.Random(20261201)
     windows = {a: _duration(tmp_path, a) for a in ("build", "add", "overwrite")}

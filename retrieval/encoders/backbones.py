@@ -6,7 +6,7 @@ neither needs the other to rebuild one.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -40,7 +40,7 @@ def build_backbone(arch: dict[str, Any]) -> tuple[torch.nn.Module, int]:
             raise RetrieveError(f"timm architecture {model!r}: cannot be built ({exc})") from None
         if arch.get("pool_layers"):
             return pooled(net, arch["pool_layers"], arch.get("in_chans", 3))
-        return net, int(net.num_features)
+        return net, int(cast(int, net.num_features))  # a timm attribute; nn.Module types it as a Tensor
     raise RetrieveError(f"unknown architecture type {kind!r} in checkpoint")
 
 

@@ -129,3 +129,35 @@ def test_interpolated_pr_matches_sklearn_random(seed):
 def test_interpolated_pr_needs_a_relevant_item():
     with pytest.raises(ValueError):
         interpolated_pr(np.array([0.3, 0.2]), np.array([False, False]))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_per_query_metrics_match_pytorch_metric_learning(seed):
+    """Leave-one-out over random unit vectors (no tied scores): AP, MAP@R, P@1 and RR averaged over
+    queries agree with pytorch-metric-learning's AccuracyCalculator, an independent implementation."""
+    torch = pytest.importorskip("torch")
+    pml = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+    rng = np.random.default_rng(seed)
+    n = 60
+    labels = rng.integers(0, 4, n)
+    x = rng.normal(size=(n, 8)) + 1.5 * np.eye(4, 8)[labels]
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    sims = x @ x.T
+    ours: dict[str, list[float]] = {"ap": [], "map@r": [], "p@1": [], "rr": []}
+    for q in range(n):
+        g = np.delete(np.arange(n), q)
+        scores, rel = sims[q, g], labels[g] == labels[q]
+        ranked = pessimistic_order(scores, rel)
+        ours["ap"].append(average_precision(scores, rel))
+        ours["map@r"].append(map_at_r(ranked))
+        ours["p@1"].append(precision_at_k(ranked, 1))
+        ours["rr"].append(reciprocal_rank(ranked))
+    calc = pml.AccuracyCalculator(
+        include=("mean_average_precision", "mean_average_precision_at_r", "precision_at_1", "mean_reciprocal_rank"),
+        k=n - 1,  # every other image retrieved, as in our leave-one-out gallery
+    )
+    got = calc.get_accuracy(torch.tensor(x, dtype=torch.float32), torch.tensor(labels))
+    assert np.mean(ours["ap"]) == pytest.approx(got["mean_average_precision"], abs=1e-6)
+    assert np.mean(ours["map@r"]) == pytest.approx(got["mean_average_precision_at_r"], abs=1e-6)
+    assert np.mean(ours["p@1"]) == pytest.approx(got["precision_at_1"], abs=1e-6)
+    assert np.mean(ours["rr"]) == pytest.approx(got["mean_reciprocal_rank"], abs=1e-6)

@@ -104,23 +104,56 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
 
 
 def build_index(
-    vectors: np.ndarray, kind: str, cfg: IndexConfig, use_gpu: bool
+    vectors: np.ndarray, kind: str, cfg: IndexConfig, use_gpu: bool, ids: np.ndarray | None = None
 ) -> tuple[faiss.Index, str, dict[str, Any]]:
-    """Train (when the kind needs it) and fill an index; returns (index, resolved kind, parameters)."""
+    """Train (when the kind needs it) and fill an index; returns (index, resolved kind, parameters).
+
+    Vectors are added under stable 64-bit ids (`ids`, default 0..N-1): IVF kinds hold ids natively,
+    the others are wrapped in `IndexIDMap2`, so results are ids that survive deletes.
+    """
     n, dim = vectors.shape
     resolved = choose_kind(n) if kind == "auto" else kind
     if resolved not in INDEX_KINDS:
         raise RetrieveError(f"--kind {kind}: unknown; choose auto, {', '.join(INDEX_KINDS)}")
     index, params = INDEX_KINDS[resolved](dim, n, cfg)
+    if not isinstance(index, faiss.IndexIVF):
+        index = faiss.IndexIDMap2(index)
     on_gpu = use_gpu and gpu_count() > 0 and resolved != "hnsw"
     if on_gpu:
         index = to_gpu(index)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     if not index.is_trained:
         index.train(x)
-    index.add(x)
+    index.add_with_ids(x, np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64))
     params["built_on"] = "gpu" if on_gpu else "cpu"
+    params["removal"] = "tombstone" if resolved == "hnsw" else "faiss"
     return index, resolved, params
+
+
+def inner(index: faiss.Index) -> faiss.Index:
+    """The index inside an id map (the kind's own index)."""
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap) else index
+
+
+def has_ids(index: faiss.Index) -> bool:
+    """Whether search results are stable ids (format 2) rather than row positions (format 1)."""
+    return isinstance(index, (faiss.IndexIDMap, faiss.IndexIVF))
+
+
+def search_parameters(index: faiss.Index, k: int, params: dict[str, Any], selector: Any = None) -> Any:
+    """SearchParameters for the kind: search depth at least k, and an IDSelector restricting candidates."""
+    core = inner(index)
+    if isinstance(core, faiss.IndexHNSW):
+        sp = faiss.SearchParametersHNSW()
+        sp.efSearch = max(int(params.get("ef_search", 128)), k)
+    elif isinstance(core, faiss.IndexIVF):
+        sp = faiss.SearchParametersIVF()
+        sp.nprobe = int(params.get("nprobe", core.nprobe))
+    else:
+        sp = faiss.SearchParameters()
+    if selector is not None:
+        sp.sel = selector
+    return sp
 
 
 def save_index(index: faiss.Index, path: Path) -> None:
@@ -145,7 +178,8 @@ def load_index(path: Path, use_gpu: bool) -> faiss.Index:
 
 def set_search_depth(index: faiss.Index, k: int, params: dict[str, Any]) -> None:
     """Make approximate indexes look at least k candidates deep."""
-    if isinstance(index, faiss.IndexHNSW):
-        index.hnsw.efSearch = max(int(params.get("ef_search", 128)), k)
-    elif hasattr(index, "nprobe"):
-        index.nprobe = int(params.get("nprobe", index.nprobe))
+    core = inner(index)
+    if isinstance(core, faiss.IndexHNSW):
+        core.hnsw.efSearch = max(int(params.get("ef_search", 128)), k)
+    elif hasattr(core, "nprobe"):
+        core.nprobe = int(params.get("nprobe", core.nprobe))

@@ -1,19 +1,22 @@
-"""An index folder: a manifest that names a vectors file and a FAISS file, updated atomically.
+"""An index folder: a manifest naming Parquet shards and a FAISS file, updated atomically.
 
 Layout (format 2):
 
-    DIR/manifest.json              the commit point: count, dim, encoder fingerprint, and the files
-                                   of the current version with their size and SHA-256
-    DIR/vectors-000003-ab12cd.parquet
-    DIR/index-000003-ab12cd.faiss
-    DIR/.lock                      held by writers (build, add)
+    DIR/manifest.json              the commit point: count, dim, encoder fingerprint, the shards and
+                                   the FAISS file of the current version (size, SHA-256), next row id,
+                                   removed row ids not yet compacted
+    DIR/shard-000001-ab12cd.parquet    rows with a stable int64 row_id and their vectors
+    DIR/shard-000002-9f00e1.parquet    (`index add` appends a shard; existing shards are never rewritten)
+    DIR/index-000002-9f00e1.faiss      FAISS over the vectors, keyed by row_id (IndexIDMap2 or IVF ids)
+    DIR/.lock                      held by writers (build, add, remove, compact)
     DIR/.retrieve-index            marks the folder as ours, even before its first commit
 
 A write puts the new version's files beside the old ones under new names, then replaces
 `manifest.json` with one rename (the single atomic step), then removes the files no manifest
 names. A crash at any point leaves the old version or the new one, never none. Writers hold an
 exclusive lock, so concurrent `index add` runs queue instead of losing rows; readers take no lock
-and see one consistent version. Format 1 folders (`vectors.parquet`, `index.faiss`, no checksums)
+and see one consistent version. A query reads the FAISS file and then only the row groups of its
+results. Format 1 folders (`vectors.parquet`, `index.faiss`, row positions as ids, no checksums)
 are read as they are and move to format 2 on their next write.
 """
 
@@ -26,7 +29,7 @@ import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
@@ -41,9 +44,10 @@ from filelock import FileLock, Timeout
 from indexer.atomic import atomic_path, fsync_dir
 from indexer.config import IndexConfig
 from indexer.errors import EncoderMismatchError, IndexBusyError, RetrieveError
-from indexer.faiss_index import build_index, load_index, save_index
+from indexer.faiss_index import build_index, has_ids, load_index, save_index
 from indexer.fingerprint import fingerprint_difference
-from indexer.store import VectorSet, read_vectors, write_vectors
+from indexer.shards import ROW_ID, Shard, ShardReader, write_shard
+from indexer.store import VectorSet
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,9 @@ LOCK = ".lock"
 MARKER = ".retrieve-index"
 FORMAT = 2
 LEGACY_FILES = {"vectors": "vectors.parquet", "index": "index.faiss"}
-VERSIONED = re.compile(r"^(vectors-\d{6}-[0-9a-f]{6}\.parquet|index-\d{6}-[0-9a-f]{6}\.faiss)$")
-STALE_TMP = re.compile(r"^\.(vectors|index)[-.].*\.tmp$")
+VERSIONED = re.compile(r"^(shard-\d{6}-[0-9a-f]{6}\.parquet|index-\d{6}-[0-9a-f]{6}\.faiss)$")
+STALE_TMP = re.compile(r"^\.(shard|index|vectors)[-.].*\.tmp$")
+SHARD_ROWS = 100_000  # rows per shard when a build writes many
 METRIC = "cosine (inner product on L2-normalised vectors)"
 LOCK_TIMEOUT_ENV = "RETRIEVE_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 600.0
@@ -85,14 +90,32 @@ class IndexManifest:
     faiss_version: str = faiss.__version__
     format: int = 1
     generation: int = 0
-    files: dict[str, dict[str, Any]] = field(default_factory=dict)  # role -> {name, size, sha256}
+    next_id: int = 0
+    shards: list[dict[str, Any]] = field(default_factory=list)  # {name, rows, id_min, id_max, size, sha256}
+    index_file: dict[str, Any] = field(default_factory=dict)  # {name, size, sha256}
+    removed: list[int] = field(default_factory=list)  # row ids removed but still in shards (until compact)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
 
-    def file_name(self, role: str) -> str:
-        """The current file of a role ('vectors' or 'index')."""
-        return str(self.files[role]["name"]) if role in self.files else LEGACY_FILES[role]
+    @property
+    def legacy(self) -> bool:
+        return self.format < 2
+
+    def index_name(self) -> str:
+        return str(self.index_file["name"]) if self.index_file else LEGACY_FILES["index"]
+
+    def shard_list(self, index_dir: Path) -> list[Shard]:
+        if self.legacy:
+            return [Shard(index_dir / LEGACY_FILES["vectors"], self.count, 0, self.count - 1, legacy=True)]
+        return [
+            Shard(index_dir / sh["name"], int(sh["rows"]), int(sh["id_min"]), int(sh["id_max"])) for sh in self.shards
+        ]
+
+    def file_names(self) -> list[str]:
+        if self.legacy:
+            return list(LEGACY_FILES.values())
+        return [str(sh["name"]) for sh in self.shards] + [self.index_name()]
 
 
 def _now() -> str:
@@ -191,21 +214,40 @@ def _sha256(path: Path) -> str:
 
 
 def _describe(path: Path) -> dict[str, Any]:
-    return {"name": path.name, "size": path.stat().st_size, "sha256": _sha256(path)}
+    return {"size": path.stat().st_size, "sha256": _sha256(path)}
 
 
-def _commit(index_dir: Path, vs: VectorSet, index: faiss.Index, manifest: IndexManifest) -> None:
-    """Write the new version's files, switch the manifest in one rename, then drop unreferenced files.
+def _tag(manifest: IndexManifest) -> str:
+    return f"{manifest.generation:06d}-{secrets.token_hex(3)}"
 
-    The caller holds the write lock.
+
+def _write_shards(index_dir: Path, vs: VectorSet, first_id: int, tag: str) -> list[dict[str, Any]]:
+    """The rows as shards of at most SHARD_ROWS rows, ids first_id, first_id + 1, ..."""
+    out = []
+    for k, start in enumerate(range(0, len(vs), SHARD_ROWS)):
+        part = VectorSet(
+            vs.rows.iloc[start : start + SHARD_ROWS].reset_index(drop=True),
+            vs.vectors[start : start + SHARD_ROWS],
+            vs.fingerprint,
+            vs.encoder_spec,
+        )
+        ids = np.arange(first_id + start, first_id + start + len(part), dtype=np.int64)
+        suffix = "" if len(vs) <= SHARD_ROWS else f"-{k:04d}"
+        path = index_dir / f"shard-{tag}{suffix}.parquet"
+        out.append({**write_shard(path, part, ids), **_describe(path)})
+    return out
+
+
+def _commit(index_dir: Path, manifest: IndexManifest, index: faiss.Index | None, tag: str) -> None:
+    """Save the FAISS file (when it changed), switch the manifest in one rename, drop unreferenced files.
+
+    The caller holds the write lock and has written any new shards.
     """
-    manifest.generation += 1
-    tag = f"{manifest.generation:06d}-{secrets.token_hex(3)}"
-    vectors_path = write_vectors(index_dir / f"vectors-{tag}.parquet", vs)
-    index_path = index_dir / f"index-{tag}.faiss"
-    save_index(index, index_path)
+    if index is not None:
+        index_path = index_dir / f"index-{tag}.faiss"
+        save_index(index, index_path)
+        manifest.index_file = {"name": index_path.name, **_describe(index_path)}
     manifest.format = FORMAT
-    manifest.files = {"vectors": _describe(vectors_path), "index": _describe(index_path)}
     with atomic_path(index_dir / MANIFEST) as tmp:
         tmp.write_text(manifest.to_json(), encoding="utf-8")
     _collect_garbage(index_dir, manifest)
@@ -213,10 +255,11 @@ def _commit(index_dir: Path, vs: VectorSet, index: faiss.Index, manifest: IndexM
 
 def _collect_garbage(index_dir: Path, manifest: IndexManifest) -> None:
     """Remove our files that the current manifest does not name (old versions, temporaries of a crash)."""
-    keep = {manifest.file_name("vectors"), manifest.file_name("index")}
+    keep = set(manifest.file_names())
     for entry in index_dir.iterdir():
         name = entry.name
         ours = VERSIONED.match(name) or STALE_TMP.match(name) or name in LEGACY_FILES.values()
+        ours = ours or re.match(r"^shard-\d{6}-[0-9a-f]{6}-\d{4}\.parquet$", name)
         if ours and name not in keep and entry.is_file():
             entry.unlink(missing_ok=True)
     fsync_dir(index_dir)
@@ -258,7 +301,7 @@ def _complete(folder: Path) -> bool:
         m = _parse_manifest(folder / MANIFEST)
     except RetrieveError:
         return False
-    return all((folder / m.file_name(role)).is_file() for role in LEGACY_FILES)
+    return all((folder / name).is_file() for name in m.file_names())
 
 
 def check_can_build(index_dir: Path, overwrite: bool, data: Path | None = None) -> None:
@@ -301,6 +344,8 @@ def build_index_dir(
     index_dir = Path(index_dir)
     if len(vs) == 0:
         raise RetrieveError("no vectors to index")
+    if vs.fingerprint.get("dim") not in (None, vs.dim):
+        raise RetrieveError(f"vectors are {vs.dim}-d but their encoder fingerprint says {vs.fingerprint['dim']}-d")
     check_can_build(index_dir, overwrite, data)
     index, kind, params = build_index(vs.vectors, cfg.kind, cfg, use_gpu=cfg.gpu)
     index_dir.mkdir(parents=True, exist_ok=True)
@@ -325,45 +370,113 @@ def build_index_dir(
             created=now,
             updated=now,
             labels=_label_counts(vs.rows),
-            generation=generation,
+            generation=generation + 1,
+            next_id=len(vs),
         )
-        _commit(index_dir, vs, index, manifest)
+        tag = _tag(manifest)
+        manifest.shards = _write_shards(index_dir, vs, 0, tag)
+        _commit(index_dir, manifest, index, tag)
     return manifest
 
 
 # --- readers -------------------------------------------------------------------------------------
 
 
-@dataclass
 class IndexDir:
-    """A loaded index directory."""
+    """An opened index version: the FAISS index in memory, the rows read from the shards on demand.
 
-    path: Path
-    manifest: IndexManifest
-    vectors: VectorSet
-    index: faiss.Index
+    `rows` and `vectors` (every live row, in id order; "position" means a place in that order) load
+    the whole store, which browsing and evaluation need; a query needs only `fetch` and `live_ids`.
+    """
+
+    def __init__(self, path: Path, manifest: IndexManifest, index: faiss.Index):
+        self.path = path
+        self.manifest = manifest
+        self.index = index
+        self.reader = ShardReader(manifest.shard_list(path))
+        self.removed = np.asarray(sorted(manifest.removed), dtype=np.int64)
+        self._live_ids: np.ndarray | None = None
+        self._vectors: VectorSet | None = None
+        self._columns: list[str] | None = None
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    @property
+    def live_ids(self) -> np.ndarray:
+        """Row ids of the live rows, sorted (position -> id)."""
+        if self._live_ids is None:
+            ids = self.reader.all_ids()
+            self._live_ids = ids[~np.isin(ids, self.removed)] if len(self.removed) else ids
+        return self._live_ids
+
+    def positions(self, row_ids: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.live_ids, np.asarray(row_ids, dtype=np.int64))
+
+    @property
+    def columns(self) -> list[str]:
+        """The row columns (metadata included) of this index."""
+        if self._columns is None:
+            names: list[str] = []
+            for s in range(len(self.reader.shards)):
+                names += [c for c in self.reader.row_columns(s) if c not in names]
+            self._columns = names
+        return self._columns
+
+    def _stored_live(self) -> np.ndarray | None:
+        """Mask over stored rows (shard order) of the live ones; None when nothing was removed."""
+        if not len(self.removed):
+            return None
+        return ~np.isin(self.reader.all_ids(), self.removed)
+
+    def read_columns(self, columns: list[str]) -> pd.DataFrame:
+        """Some row columns for every live row, in position order (no vectors read)."""
+        rows, _ = self.reader.read(columns=columns)
+        keep = self._stored_live()
+        return (rows if keep is None else rows.loc[keep]).reset_index(drop=True)
+
+    @property
+    def vectors(self) -> VectorSet:
+        """Every live row with its vector (loads the whole store once)."""
+        if self._vectors is None:
+            rows, vecs = self.reader.read(vectors=True)
+            assert vecs is not None
+            keep = self._stored_live()
+            if keep is not None:
+                rows, vecs = rows.loc[keep].reset_index(drop=True), vecs[keep]
+            self._vectors = VectorSet(rows, vecs, self.manifest.fingerprint, self.manifest.encoder_spec)
+        return self._vectors
 
     @property
     def rows(self) -> pd.DataFrame:
         return self.vectors.rows
 
+    def fetch(self, row_ids: list[int] | np.ndarray) -> pd.DataFrame:
+        """The rows of some ids, in that order, reading only the row groups that hold them."""
+        rows, _ = self.reader.fetch([int(i) for i in row_ids])
+        return rows.drop(columns=[ROW_ID], errors="ignore")
+
 
 def file_problems(index_dir: Path, m: IndexManifest, checksums: bool = False) -> list[str]:
     """What is wrong with the files the manifest names: missing, wrong size, (with checksums) changed."""
     problems = []
-    for role in LEGACY_FILES:
-        path = index_dir / m.file_name(role)
+    expected = {str(sh["name"]): sh for sh in m.shards}
+    if m.index_file:
+        expected[str(m.index_file["name"])] = m.index_file
+    for name in m.file_names():
+        path = index_dir / name
         if not path.is_file():
-            problems.append(f"{path.name}: missing")
+            problems.append(f"{name}: missing")
             continue
-        expected = m.files.get(role)
-        if expected is None:
+        want = expected.get(name)
+        if want is None or "size" not in want:
             continue
         size = path.stat().st_size
-        if size != expected["size"]:
-            problems.append(f"{path.name}: {size} bytes, the manifest says {expected['size']}")
-        elif checksums and _sha256(path) != expected["sha256"]:
-            problems.append(f"{path.name}: content changed since it was written (SHA-256 differs)")
+        if size != want["size"]:
+            problems.append(f"{name}: {size} bytes, the manifest says {want['size']}")
+        elif checksums and _sha256(path) != want["sha256"]:
+            problems.append(f"{name}: content changed since it was written (SHA-256 differs)")
     return problems
 
 
@@ -371,23 +484,33 @@ class _VersionSwitched(Exception):
     """A writer committed a new version while we were reading the old one."""
 
 
-def _load(index_dir: Path, manifest: IndexManifest, use_gpu: bool) -> IndexDir:
+def _load(index_dir: Path, manifest: IndexManifest, use_gpu: bool, deep: bool = False) -> IndexDir:
     problems = file_problems(index_dir, manifest)
     if problems:
         raise RetrieveError(f"--index {index_dir}: damaged ({'; '.join(problems)}); rebuild it")
-    vs = read_vectors(index_dir / manifest.file_name("vectors"))
-    index = load_index(index_dir / manifest.file_name("index"), use_gpu)
-    if index.d != manifest.dim or vs.dim != manifest.dim:
+    index = load_index(index_dir / manifest.index_name(), use_gpu)
+    stored = sum(s.rows for s in manifest.shard_list(index_dir))
+    faiss_count = stored if manifest.params.get("removal") == "tombstone" else manifest.count
+    if index.d != manifest.dim:
         raise RetrieveError(
-            f"--index {index_dir}: damaged (FAISS index of {index.d}-d, vectors of {vs.dim}-d, "
-            f"manifest says {manifest.dim}-d); rebuild it"
+            f"--index {index_dir}: damaged (FAISS index of {index.d}-d, manifest says {manifest.dim}-d); rebuild it"
         )
-    if index.ntotal != len(vs) or manifest.count != len(vs):
+    if not manifest.legacy and not has_ids(index):
+        raise RetrieveError(f"--index {index_dir}: damaged (FAISS index of the wrong layout); rebuild it")
+    if index.ntotal != faiss_count or stored - len(set(manifest.removed)) != manifest.count:
         raise RetrieveError(
-            f"--index {index_dir}: inconsistent ({len(vs)} vectors, {index.ntotal} in the FAISS index, "
-            f"manifest says {manifest.count}); rebuild it"
+            f"--index {index_dir}: inconsistent ({stored} stored rows, {len(manifest.removed)} removed, "
+            f"{index.ntotal} in the FAISS index, manifest says {manifest.count}); rebuild it"
         )
-    return IndexDir(index_dir, manifest, vs, index)
+    idx = IndexDir(index_dir, manifest, index)
+    if deep:
+        vs = idx.vectors
+        if vs.dim != manifest.dim or len(vs) != manifest.count:
+            raise RetrieveError(
+                f"--index {index_dir}: damaged ({len(vs)} rows of {vs.dim}-d vectors in the shards, "
+                f"manifest says {manifest.count} of {manifest.dim}-d); rebuild it"
+            )
+    return idx
 
 
 def _open_once(index_dir: Path, use_gpu: bool) -> IndexDir:
@@ -416,16 +539,16 @@ def open_index_dir(index_dir: str | Path, use_gpu: bool = True) -> IndexDir:
 
 
 def verify_index_dir(index_dir: str | Path) -> list[str]:
-    """Every check: manifest, file sizes and SHA-256, both files load, counts and dimensions agree."""
+    """Every check: manifest, file sizes and SHA-256, all files load, counts and dimensions agree."""
     index_dir = Path(index_dir)
     m = read_manifest(index_dir)
     problems = file_problems(index_dir, m, checksums=True)
-    if not m.files:
+    if m.legacy:
         problems.append("no checksums recorded (format 1 index); any `index add` or a rebuild records them")
     if any(not p.startswith("no checksums") for p in problems):
         return problems
     try:
-        _load(index_dir, m, use_gpu=False)
+        _load(index_dir, m, use_gpu=False, deep=True)
     except RetrieveError as exc:
         problems.append(str(exc))
     return problems
@@ -439,10 +562,25 @@ def check_compatible(fingerprint: dict[str, Any], other: dict[str, Any], what: s
         )
 
 
-def add_to_index_dir(index_dir: str | Path, new: VectorSet) -> tuple[IndexManifest, int]:
-    """Append vectors without a rebuild: existing vectors stay, the FAISS index gets `add`ed to.
+def _upgrade(index_dir: Path, idx: IndexDir, tag: str) -> IndexManifest:
+    """A format 1 index as format 2: its rows become one shard with ids 0..N-1, its FAISS file gets ids."""
+    m = idx.manifest
+    vs = idx.vectors
+    cfg = IndexConfig(kind=m.kind, gpu=False)
+    index, _, params = build_index(vs.vectors, m.kind, cfg, use_gpu=False)
+    m.params = {**m.params, **{k: v for k, v in params.items() if k in ("removal",)}}
+    m.shards = _write_shards(index_dir, vs, 0, tag)
+    m.next_id = len(vs)
+    idx.index, idx.manifest = index, m
+    m.format = FORMAT
+    return m
 
-    Rows whose path and frame are already indexed are left out. Returns (manifest, rows added).
+
+def add_to_index_dir(index_dir: str | Path, new: VectorSet, replace: bool = False) -> tuple[IndexManifest, int]:
+    """Append vectors as a new shard; existing shards stay as they are, FAISS gets `add_with_ids`.
+
+    Rows whose path and frame are already indexed are left out, or with `replace` the old rows are
+    removed and the new ones added (upsert of re-embedded images). Returns (manifest, rows added).
     The whole read-merge-write runs under the writer lock, so concurrent adds all land.
     """
     index_dir = Path(index_dir)
@@ -450,29 +588,121 @@ def add_to_index_dir(index_dir: str | Path, new: VectorSet) -> tuple[IndexManife
     with write_lock(index_dir):
         idx = open_index_dir(index_dir, use_gpu=False)
         check_compatible(idx.manifest.fingerprint, new.fingerprint, f"--index {index_dir}")
-        old_rows = idx.rows
+        if new.dim != idx.manifest.dim:
+            raise EncoderMismatchError(f"--index {index_dir}: holds {idx.manifest.dim}-d vectors, not {new.dim}-d")
+        old = idx.read_columns(["id", "path", "frame_index"])
 
         def key(df: pd.DataFrame) -> pd.Series:
             return df["path"].astype(str) + "#" + df["frame_index"].astype("string").fillna("")
 
-        fresh = ~key(new.rows).isin(set(key(old_rows)))
+        old_keys = key(old)
+        known = key(new.rows).isin(set(old_keys))
+        replaced_ids = np.zeros(0, dtype=np.int64)
+        if replace and known.any():
+            replaced_ids = idx.live_ids[old_keys.isin(set(key(new.rows.loc[known]))).to_numpy()]
+            fresh = pd.Series(True, index=new.rows.index)
+        else:
+            fresh = ~known
         rows = new.rows.loc[fresh].reset_index(drop=True)
         vectors = new.vectors[fresh.to_numpy()]
         if len(rows) == 0:
             return idx.manifest, 0
-        taken = set(old_rows["id"])
+        taken = set(old["id"]) - set(old.loc[np.isin(idx.live_ids, replaced_ids), "id"])
         clash = rows["id"].isin(taken)
         if clash.any():  # same relative id from another folder: qualify it with the absolute path
             suffix = rows.loc[clash, "id"].str.extract(r"(#\d+)$", expand=False).fillna("")
             rows.loc[clash, "id"] = rows.loc[clash, "path"].astype(str) + suffix
-        idx.index.add(np.ascontiguousarray(vectors, dtype=np.float32))
-        merged = VectorSet(
-            rows=pd.concat([old_rows, rows], ignore_index=True),
-            vectors=np.vstack([idx.vectors.vectors, vectors]),
-            fingerprint=idx.manifest.fingerprint,
-            encoder_spec=idx.manifest.encoder_spec,
-        )
         m = idx.manifest
-        m.count, m.updated, m.labels = len(merged), _now(), _label_counts(merged.rows)
-        _commit(index_dir, merged, idx.index, m)
+        m.generation += 1
+        tag = _tag(m)
+        if m.legacy:
+            m = _upgrade(index_dir, idx, _tag(m))
+        if len(replaced_ids):
+            _remove_ids(idx, replaced_ids)
+        first = m.next_id
+        ids = np.arange(first, first + len(rows), dtype=np.int64)
+        idx.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        added = VectorSet(rows, vectors, m.fingerprint, m.encoder_spec)
+        m.shards = m.shards + _write_shards(index_dir, added, first, tag)
+        m.next_id = first + len(rows)
+        m.count = m.count + len(rows) - len(replaced_ids)
+        m.updated = _now()
+        m.labels = _merged_labels(m.labels, rows, idx, replaced_ids)
+        _commit(index_dir, m, idx.index, tag)
     return m, len(rows)
+
+
+def _merged_labels(labels: dict[str, int], added: pd.DataFrame, idx: IndexDir, removed: np.ndarray) -> dict[str, int]:
+    counts = pd.Series(labels, dtype="int64")
+    counts = counts.add(pd.Series(_label_counts(added), dtype="int64"), fill_value=0)
+    if len(removed):
+        gone = idx.fetch(removed)
+        counts = counts.sub(pd.Series(_label_counts(gone), dtype="int64"), fill_value=0)
+    return {str(k): int(v) for k, v in counts.sort_index().items() if v > 0}
+
+
+def _remove_ids(idx: IndexDir, row_ids: np.ndarray) -> None:
+    """Take rows out of the live set: from FAISS where it can remove, always into the manifest's removed list."""
+    m = idx.manifest
+    if m.params.get("removal") != "tombstone":
+        idx.index.remove_ids(faiss.IDSelectorBatch(np.asarray(row_ids, dtype=np.int64)))
+    m.removed = sorted(set(m.removed) | {int(i) for i in row_ids})
+
+
+def remove_from_index_dir(index_dir: str | Path, select: Callable[[IndexDir], np.ndarray]) -> tuple[IndexManifest, int]:
+    """Remove the live rows that `select(idx)` marks (a boolean mask over positions). Returns (manifest, removed).
+
+    Flat and IVF indexes drop the vectors from FAISS at once; HNSW (which cannot) skips them with an
+    IDSelector until `compact`. Shards are not rewritten: the rows leave with the next compact.
+    """
+    index_dir = Path(index_dir)
+    read_manifest(index_dir)
+    with write_lock(index_dir):
+        idx = open_index_dir(index_dir, use_gpu=False)
+        mask = np.asarray(select(idx), dtype=bool)
+        ids = idx.live_ids[mask]
+        if len(ids) == 0:
+            raise RetrieveError(f"--index {index_dir}: nothing matches; nothing was removed")
+        m = idx.manifest
+        m.generation += 1
+        tag = _tag(m)
+        if m.legacy:
+            m = _upgrade(index_dir, idx, _tag(m))
+        labels = _merged_labels(m.labels, pd.DataFrame({"label": []}), idx, ids)
+        _remove_ids(idx, ids)
+        m.count -= len(ids)
+        m.updated, m.labels = _now(), labels
+        _commit(index_dir, m, idx.index, tag)
+    return m, len(ids)
+
+
+def compact_index_dir(index_dir: str | Path) -> tuple[IndexManifest, int]:
+    """Rewrite the live rows into fresh shards (same ids) and rebuild FAISS without removed rows."""
+    index_dir = Path(index_dir)
+    read_manifest(index_dir)
+    with write_lock(index_dir):
+        idx = open_index_dir(index_dir, use_gpu=False)
+        m = idx.manifest
+        dropped = len(m.removed) if not m.legacy else 0
+        vs = idx.vectors
+        ids = idx.live_ids.copy()
+        m.generation += 1
+        tag = _tag(m)
+        cfg = IndexConfig(kind=m.kind, gpu=False, **_config_params(m.params))
+        index, _, params = build_index(vs.vectors, m.kind, cfg, use_gpu=False, ids=ids)
+        m.params = {**m.params, **params}
+        path = index_dir / f"shard-{tag}.parquet"
+        m.shards = [{**write_shard(path, vs, ids), **_describe(path)}] if len(vs) else []
+        m.removed, m.updated, m.format = [], _now(), FORMAT
+        m.next_id = max(m.next_id, int(ids[-1]) + 1 if len(ids) else 0)
+        _commit(index_dir, m, index, tag)
+    return m, dropped
+
+
+def _config_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The IndexConfig fields an index was built with, from its manifest parameters."""
+    names = {"hnsw_m": "hnsw_m", "ef_search": "hnsw_ef_search", "nlist": "ivf_nlist", "nprobe": "ivf_nprobe"}
+    out = {field: params[key] for key, field in names.items() if key in params}
+    if "pq_m" in params:
+        out["pq_m"] = params["pq_m"]
+    return out

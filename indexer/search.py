@@ -1,24 +1,28 @@
-"""Search an index with candidate filters (exclude patients, metadata equality), exact for flat indexes.
+"""Search an index with candidate filters (exclude patients, metadata equality).
 
-Filtering over-fetches: with m disallowed rows, the k + m nearest always hold the k nearest allowed.
+Filters become a FAISS IDSelector passed in the search parameters, so the index itself skips the
+rows a query may not return; where an approximate index still returns fewer than min(k, allowed)
+results, the allowed rows are searched exactly, so a filtered query returns k results whenever k match.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 import pandas as pd
 
 from indexer.errors import RetrieveError
-from indexer.faiss_index import set_search_depth
+from indexer.faiss_index import search_parameters
 from indexer.index_dir import IndexDir
 
 
 @dataclass(frozen=True)
 class Hit:
-    position: int  # row in the index's vectors table
+    position: int  # place of the row among the index's live rows (IndexDir.rows)
     score: float  # cosine similarity
+    row_id: int = -1  # the row's stable id
 
 
 def parse_where(expressions: list[str]) -> list[tuple[str, str]]:
@@ -56,36 +60,58 @@ def candidate_mask(
     return None if mask.all() else mask
 
 
-def search(idx: IndexDir, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
-    """k nearest allowed rows for each query vector, best first.
+def filter_mask(
+    idx: IndexDir, exclude_patients: list[str] = (), where: list[tuple[str, str]] = ()
+) -> np.ndarray | None:
+    """candidate_mask over the index's live rows, reading only the columns the filters name."""
+    if not exclude_patients and not where:
+        return None
+    for col, value in where:
+        if col not in idx.columns:
+            raise RetrieveError(f"--where {col}={value}: unknown column '{col}' (columns: {', '.join(idx.columns)})")
+    needed = (["patient_id"] if exclude_patients else []) + [c for c, _ in where]
+    return candidate_mask(idx.read_columns(list(dict.fromkeys(needed))), list(exclude_patients), list(where))
 
-    With filters, FAISS is asked for k + (number of blocked rows), which holds the k nearest allowed
-    rows on an exact index; where an approximate index returns fewer than min(k, allowed rows), the
-    allowed rows are searched exactly instead, so a filtered query returns k results whenever k match.
-    """
-    n = idx.index.ntotal
+
+def search(idx: IndexDir, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
+    """k nearest allowed rows for each query vector, best first; `allowed` is a mask over live rows."""
+    n = idx.count
     if k < 1:
         raise RetrieveError(f"--k {k}: must be at least 1")
     if k > n:
         raise RetrieveError(f"--k {k}: larger than the {n} images in the index")
-    blocked = 0 if allowed is None else int((~allowed).sum())
-    fetch = min(n, k + blocked)
-    want = min(k, n - blocked)
-    set_search_depth(idx.index, fetch, idx.manifest.params)
+    params = idx.manifest.params
+    tombstones = idx.removed if params.get("removal") == "tombstone" else np.zeros(0, dtype=np.int64)
+    selector = None
+    want = k
+    if allowed is not None:
+        n_allowed = int(allowed.sum())
+        want = min(k, n_allowed)
+        if n_allowed <= n // 2:
+            selector = faiss.IDSelectorBatch(idx.live_ids[allowed])
+        else:
+            blocked = np.concatenate([idx.live_ids[~allowed], tombstones])
+            selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(blocked))
+    elif len(tombstones):
+        selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(tombstones))
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    scores, positions = idx.index.search(q, fetch)
+    sp = search_parameters(idx.index, k, params, selector)
+    scores, ids = idx.index.search(q, k, params=sp)
     results = []
-    for qi, (srow, prow) in enumerate(zip(scores, positions)):
-        hits = [Hit(int(p), float(s)) for s, p in zip(srow, prow) if p >= 0 and (allowed is None or allowed[p])]
+    for qi, (srow, irow) in enumerate(zip(scores, ids)):
+        keep = irow >= 0
+        found = irow[keep]
+        hits = [Hit(int(p), float(s), int(i)) for p, s, i in zip(idx.positions(found), srow[keep], found, strict=True)]
         if len(hits) < want:
-            hits = _exact(idx.vectors.vectors, q[qi], allowed, want)
+            hits = _exact(idx, q[qi], allowed, want)
         results.append(hits[:k])
     return results
 
 
-def _exact(vectors: np.ndarray, query: np.ndarray, allowed: np.ndarray | None, k: int) -> list[Hit]:
+def _exact(idx: IndexDir, query: np.ndarray, allowed: np.ndarray | None, k: int) -> list[Hit]:
     """Brute-force inner product over the allowed rows (the fallback for approximate indexes)."""
+    vectors = idx.vectors.vectors
     candidates = np.arange(len(vectors)) if allowed is None else np.flatnonzero(allowed)
     sims = vectors[candidates] @ query
     order = np.argsort(-sims, kind="stable")[:k]
-    return [Hit(int(candidates[j]), float(sims[j])) for j in order]
+    return [Hit(int(candidates[j]), float(sims[j]), int(idx.live_ids[candidates[j]])) for j in order]

@@ -53,14 +53,11 @@ def _rows_to_arrow(rows: pd.DataFrame) -> pa.Table:
     return pa.Table.from_pandas(df, preserve_index=False)
 
 
-def write_vectors(path: str | Path, vs: VectorSet) -> Path:
-    """Write atomically; an existing file at `path` is replaced only when the new one is complete."""
-    path = Path(path)
-    if path.is_dir():
-        raise RetrieveError(f"{path}: is a folder; give the path of a .parquet file to write")
+def rows_to_table(vs: VectorSet) -> pa.Table:
+    """Rows + the vector column + the encoder fingerprint and spec in the schema metadata."""
     bad = [c for c in vs.rows.columns if not isinstance(c, str) or c == VECTOR_COLUMN]
     if bad or vs.rows.columns.duplicated().any():
-        raise RetrieveError(f"{path}: row columns must be unique names other than '{VECTOR_COLUMN}' ({bad})")
+        raise RetrieveError(f"row columns must be unique names other than '{VECTOR_COLUMN}' ({bad})")
     vectors = np.ascontiguousarray(vs.vectors, dtype=np.float32)
     table = _rows_to_arrow(vs.rows)
     flat = pa.array(vectors.reshape(-1), type=pa.float32())
@@ -68,7 +65,28 @@ def write_vectors(path: str | Path, vs: VectorSet) -> Path:
     meta = dict(table.schema.metadata or {})
     meta[FINGERPRINT_KEY] = json.dumps(vs.fingerprint).encode()
     meta[SPEC_KEY] = json.dumps(vs.encoder_spec).encode()
-    table = table.replace_schema_metadata(meta)
+    return table.replace_schema_metadata(meta)
+
+
+def vectors_from_table(table: pa.Table, path: str | Path) -> np.ndarray:
+    """The vector column as a contiguous float32 (N, dim) array; one-line errors for a wrong type."""
+    col = table.column(VECTOR_COLUMN).combine_chunks()
+    if not pa.types.is_fixed_size_list(col.type) or not pa.types.is_floating(col.type.value_type) or col.null_count:
+        raise RetrieveError(f"{path}: column '{VECTOR_COLUMN}' must be fixed_size_list<float> without nulls")
+    dim = col.type.list_size
+    flat = col.flatten().to_numpy(zero_copy_only=False)
+    return np.ascontiguousarray(flat.astype(np.float32, copy=False).reshape(-1, dim))
+
+
+def write_vectors(path: str | Path, vs: VectorSet) -> Path:
+    """Write atomically; an existing file at `path` is replaced only when the new one is complete."""
+    path = Path(path)
+    if path.is_dir():
+        raise RetrieveError(f"{path}: is a folder; give the path of a .parquet file to write")
+    try:
+        table = rows_to_table(vs)
+    except RetrieveError as exc:
+        raise RetrieveError(f"{path}: {exc}") from None
     with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
     return path
@@ -85,11 +103,8 @@ def read_vectors(path: str | Path) -> VectorSet:
     meta = table.schema.metadata or {}
     if VECTOR_COLUMN not in table.column_names or FINGERPRINT_KEY not in meta:
         raise RetrieveError(f"{path}: not a vectors file written by `retrieve embed` (no vector column or fingerprint)")
-    col = table.column(VECTOR_COLUMN).combine_chunks()
-    if not pa.types.is_fixed_size_list(col.type) or not pa.types.is_floating(col.type.value_type) or col.null_count:
-        raise RetrieveError(f"{path}: column '{VECTOR_COLUMN}' must be fixed_size_list<float> without nulls")
-    dim = col.type.list_size
-    vectors = col.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    vectors = vectors_from_table(table, path)
+    dim = vectors.shape[1]
     try:
         fingerprint = json.loads(meta[FINGERPRINT_KEY])
         encoder_spec = json.loads(meta.get(SPEC_KEY, b"{}"))

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 
 from indexer.index_dir import IndexDir, check_compatible
-from indexer.search import Hit, candidate_mask, search
+from indexer.search import Hit, filter_mask, search
 from indexer.store import VectorSet
 from retrieval.config import EncoderSpec, PreprocessConfig
 from retrieval.data.dataset import Skipped, load_dataset
@@ -162,18 +162,21 @@ def query_vectors(
     vote: str = "majority",
     exclude_positions: list[int] = (),
 ) -> list[QueryResult]:
-    """Search, then vote; `exclude_positions` leaves out given rows (an indexed case querying itself)."""
-    allowed = candidate_mask(idx.rows, list(exclude_patients), list(where))
+    """Search, then vote; `exclude_positions` leaves out given rows (an indexed case querying itself).
+
+    Only the filter columns and the rows of the results are read from the shards.
+    """
+    allowed = filter_mask(idx, list(exclude_patients), list(where))
     if len(exclude_positions):
-        allowed = np.ones(len(idx.rows), dtype=bool) if allowed is None else allowed
+        allowed = np.ones(idx.count, dtype=bool) if allowed is None else allowed
         allowed[list(exclude_positions)] = False
     if allowed is not None and not allowed.any():
         raise RetrieveError("no indexed image is left after --exclude-patient/--where")
     matched = None if allowed is None else int(allowed.sum())
     out = []
     for name, hits in zip(names, search(idx, vectors, k, allowed)):
-        rows = idx.rows.iloc[[h.position for h in hits]].reset_index(drop=True)
-        labels = [None if pd.isna(x) else str(x) for x in rows["label"]]
+        rows = idx.fetch([h.row_id for h in hits])
+        labels = [None if pd.isna(x) else str(x) for x in rows["label"]] if "label" in rows else [None] * len(hits)
         out.append(QueryResult(name, hits, rows, knn_vote(labels, [h.score for h in hits], vote), matched))
     return out
 

@@ -92,8 +92,8 @@ def test_build_add_info_and_search(tmp_path):
     d = tmp_path / "idx"
     m = build_index_dir(d, _vs(100), IndexConfig(kind="flat"))
     names = sorted(os.listdir(d))
-    assert names[:3] == [".lock", ".retrieve-index", "index-000001-" + names[2][13:19] + ".faiss"]
-    assert names[3:] == ["manifest.json", f"vectors-000001-{names[2][13:19]}.parquet"]
+    tag = m.index_file["name"][6:19]
+    assert names == [".lock", ".retrieve-index", f"index-{tag}.faiss", "manifest.json", f"shard-{tag}.parquet"]
     assert m.count == 100 and m.kind == "flat" and read_manifest(d).fingerprint == FP
     with pytest.raises(RetrieveError, match="already exists"):
         build_index_dir(d, _vs(10), IndexConfig())
@@ -106,7 +106,9 @@ def test_build_add_info_and_search(tmp_path):
     hits = search(idx, idx.vectors.vectors[[120]], 3)[0]
     assert hits[0].position == 120 and hits[0].score == pytest.approx(1.0, abs=1e-5)
     assert [p.name for p in tmp_path.iterdir()] == ["idx"]  # no staging folders left
-    assert len(os.listdir(d)) == 5 and read_manifest(d).generation == 2  # the old version's files are gone
+    m3 = read_manifest(d)
+    assert m3.generation == 2 and len(m3.shards) == 2  # add appended a shard, the first is untouched
+    assert m3.shards[0] == m.shards[0] and len(os.listdir(d)) == 6  # the old FAISS file is gone
 
 
 def test_add_refuses_other_encoder_and_leaves_index_intact(tmp_path):

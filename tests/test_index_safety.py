@@ -14,7 +14,6 @@ from test_index import FP, _vs
 from indexer import index_dir as index_dir_module
 from indexer.config import IndexConfig
 from indexer.index_dir import (
-    LEGACY_FILES,
     MANIFEST,
     add_to_index_dir,
     build_index_dir,
@@ -22,6 +21,7 @@ from indexer.index_dir import (
     read_manifest,
     verify_index_dir,
 )
+from indexer.store import write_vectors
 from retrieval.errors import RetrieveError
 
 
@@ -94,21 +94,23 @@ def test_crash_before_the_manifest_switch_keeps_the_old_version(tmp_path, monkey
     assert verify_index_dir(d) == []
     m, added = add_to_index_dir(d, _vs(10, seed=1, start=40))  # the next write cleans the orphans up
     assert added == 10 and m.count == 50
-    assert len([p for p in d.iterdir() if p.suffix in (".parquet", ".faiss")]) == 2
+    assert {p.name for p in d.iterdir() if p.suffix in (".parquet", ".faiss")} == set(m.file_names())
 
 
 def _legacy_index(folder, n=20):
-    """A format 1 folder as the previous release wrote it: fixed names, no checksums."""
-    d = folder / "tmp-build"
-    m = build_index_dir(d, _vs(n), IndexConfig())
-    folder.mkdir(exist_ok=True)
-    legacy = json.loads((d / MANIFEST).read_text())
-    for role, name in LEGACY_FILES.items():
-        shutil.copy(d / m.files[role]["name"], folder / name)
-    for key in ("files", "generation", "format"):
-        legacy.pop(key)
-    (folder / MANIFEST).write_text(json.dumps(legacy))
-    shutil.rmtree(d)
+    """A format 1 folder as the previous release wrote it: fixed names, row positions as ids, no checksums."""
+    vs = _vs(n)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_vectors(folder / "vectors.parquet", vs)
+    index = faiss.IndexFlatIP(vs.dim)
+    index.add(vs.vectors)
+    faiss.write_index(index, str(folder / "index.faiss"))
+    manifest = {
+        "count": n, "dim": vs.dim, "metric": "cosine", "kind": "flat", "params": {"built_on": "cpu"},
+        "fingerprint": FP, "encoder_spec": vs.encoder_spec, "created": "2026-01-01T00:00:00+00:00",
+        "updated": "2026-01-01T00:00:00+00:00", "labels": {"a": 7, "b": 7, "c": 6},
+    }  # fmt: skip
+    (folder / MANIFEST).write_text(json.dumps(manifest))
     return folder
 
 
@@ -124,10 +126,10 @@ def test_leftovers_of_an_interrupted_two_rename_commit_are_recovered(tmp_path):
 
 def test_format_1_index_is_read_and_upgraded_on_its_next_write(tmp_path):
     d = _legacy_index(tmp_path / "idx")
-    assert read_manifest(d).files == {} and len(open_index_dir(d, use_gpu=False).rows) == 20
+    assert read_manifest(d).legacy and len(open_index_dir(d, use_gpu=False).rows) == 20
     assert any("no checksums" in p for p in verify_index_dir(d))
     m, _ = add_to_index_dir(d, _vs(5, seed=2, start=20))
-    assert m.format == 2 and set(m.files) == {"vectors", "index"}
+    assert m.format == 2 and len(m.shards) == 2 and m.next_id == 25
     assert not (d / "vectors.parquet").exists() and verify_index_dir(d) == []
 
 
@@ -136,8 +138,8 @@ def test_swapped_faiss_file_is_caught_by_verify_and_resized_one_on_open(tmp_path
     m = build_index_dir(d, _vs(60, seed=0), IndexConfig(kind="flat"))
     other = tmp_path / "other"
     build_index_dir(other, _vs(60, seed=9), IndexConfig(kind="flat"))
-    target = d / m.files["index"]["name"]
-    shutil.copy(other / read_manifest(other).files["index"]["name"], target)  # same shape, other vectors
+    target = d / m.index_file["name"]
+    shutil.copy(other / read_manifest(other).index_file["name"], target)  # same shape, other vectors
     assert run_cli(capsys, "index", "info", "--index", d)[0] == 0  # sizes still agree: info cannot tell
     code, _, err = run_cli(capsys, "index", "verify", "--index", d)
     assert code == 2 and "SHA-256 differs" in err
@@ -153,11 +155,11 @@ def test_swapped_faiss_file_is_caught_by_verify_and_resized_one_on_open(tmp_path
 def test_faiss_file_of_another_dimension_is_a_clean_error(tmp_path):
     d = tmp_path / "idx"
     m = build_index_dir(d, _vs(10), IndexConfig(kind="flat"))
-    target = d / m.files["index"]["name"]
-    index = faiss.IndexFlatIP(8)
-    index.add(np.zeros((10, 8), dtype=np.float32))
+    target = d / m.index_file["name"]
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(8))
+    index.add_with_ids(np.zeros((10, 8), dtype=np.float32), np.arange(10))
     faiss.write_index(index, str(target))
-    m.files["index"]["size"] = target.stat().st_size  # as if the manifest had been edited to match
+    m.index_file["size"] = target.stat().st_size  # as if the manifest had been edited to match
     (d / MANIFEST).write_text(m.to_json())
     with pytest.raises(RetrieveError, match="8-d"):
         open_index_dir(d, use_gpu=False)

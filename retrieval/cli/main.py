@@ -138,6 +138,7 @@ def index_add(
     workers: int | None = opt.Workers,
     gpu: bool = opt.Gpu,
     quiet: bool = opt.Quiet,
+    replace: bool = typer.Option(False, "--replace", help="re-embed images already indexed and replace them"),
 ):
     """Append new images to an index with its own encoder, without a rebuild."""
     from indexer.index_dir import add_to_index_dir, read_manifest
@@ -146,12 +147,64 @@ def index_add(
     m = read_manifest(index)
     loaded = encoder_for_index(m.fingerprint, m.encoder_spec, f"--index {index}")
     vs, skipped = embed_dataset(data, loaded, batch_size, workers, gpu, not quiet)
-    manifest, added = add_to_index_dir(index, vs)
+    manifest, added = add_to_index_dir(index, vs, replace=replace)
     report_skipped(skipped)
     print(
         f"added {added} images ({len(vs) - added} already indexed); index now holds {manifest.count}"
         + (f"; skipped {len(skipped)}" if skipped else "")
     )
+
+
+@index_app.command("remove")
+def index_remove(
+    index: Path = typer.Option(..., "--index", "-i"),
+    ids: list[str] = typer.Option([], "--id", help="an image id as listed in results (repeatable)"),
+    paths: list[Path] = typer.Option([], "--path", help="an image file (repeatable; all its frames)"),
+    patients: list[str] = typer.Option([], "--patient", help="every image of this patient (repeatable)"),
+    where: list[str] = typer.Option([], "--where", help="every image with COLUMN=VALUE (repeatable: all must hold)"),
+):
+    """Remove images from an index without a rebuild (any kind); `index compact` reclaims the space."""
+    import numpy as np
+
+    from indexer.index_dir import remove_from_index_dir
+    from indexer.search import candidate_mask, parse_where
+
+    if not (ids or paths or patients or where):
+        raise RetrieveError("say what to remove: --id, --path, --patient or --where")
+    conditions = parse_where(where)
+    wanted_paths = {str(p) for p in paths} | {str(p.expanduser().resolve()) for p in paths}
+
+    def select(idx):
+        for col, value in conditions:
+            if col not in idx.columns:
+                raise RetrieveError(
+                    f"--where {col}={value}: unknown column '{col}' (columns: {', '.join(idx.columns)})"
+                )
+        cols = ["id", "path", "patient_id", *[c for c, _ in conditions]]
+        rows = idx.read_columns([c for c in dict.fromkeys(cols) if c in idx.columns])
+        mask = rows["id"].astype(str).isin(ids).to_numpy() | rows["path"].astype(str).isin(wanted_paths).to_numpy()
+        if patients and "patient_id" in rows:
+            mask |= rows["patient_id"].astype("string").isin(patients).fillna(False).to_numpy(dtype=bool)
+        if conditions:
+            matched = candidate_mask(rows, [], conditions)
+            mask |= np.ones(len(rows), dtype=bool) if matched is None else matched
+        return mask
+
+    manifest, removed = remove_from_index_dir(index, select)
+    later = " (HNSW: skipped by every search now, space reclaimed by `retrieve index compact`)"
+    print(
+        f"removed {removed} images; index now holds {manifest.count}"
+        + (later if manifest.params.get("removal") == "tombstone" else "")
+    )
+
+
+@index_app.command("compact")
+def index_compact(index: Path = typer.Option(..., "--index", "-i")):
+    """Rewrite the shards without removed images and rebuild the FAISS index over the live ones."""
+    from indexer.index_dir import compact_index_dir
+
+    manifest, dropped = compact_index_dir(index)
+    print(f"compacted: dropped {dropped} removed rows; {manifest.count} images in {len(manifest.shards)} shard(s)")
 
 
 @index_app.command("info")
@@ -275,8 +328,7 @@ def evaluate_cmd(
     quiet: bool = opt.Quiet,
 ):
     """Leave-one-out retrieval quality of an index: MAP, MRR, P@k, MAP@R, kNN vote accuracy."""
-    from indexer.index_dir import read_manifest
-    from indexer.store import read_vectors
+    from indexer.index_dir import open_index_dir, read_manifest
     from retrieval.evaluation.evaluate import EvalSettings, evaluate
     from retrieval.evaluation.report import markdown_summary, write_report
     from retrieval.vote import VOTE_WEIGHTINGS
@@ -286,7 +338,7 @@ def evaluate_cmd(
     if k < 1:
         raise RetrieveError(f"--k {k}: must be at least 1")
     m = read_manifest(index)
-    vs = read_vectors(Path(index) / m.file_name("vectors"))
+    vs = open_index_dir(index, use_gpu=False).vectors
     t0 = time.perf_counter()
     result = evaluate(
         vs.rows, vs.vectors, EvalSettings(k, exclude_same_patient, exclude_near_dup, vote), progress=not quiet

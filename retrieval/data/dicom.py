@@ -151,8 +151,15 @@ def _frames_from(
     is_colour = photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or (
         pixels.ndim >= 3 and pixels.shape[-1] == 3 and getattr(ds, "SamplesPerPixel", 1) == 3
     )
-    if n == 1:
-        pixels = pixels[None]
+    if pixels.ndim < 2 or pixels.size == 0:
+        raise UnreadableImageError(path, f"decoded pixel data of shape {pixels.shape} is not an image")
+    if is_colour and (pixels.ndim < 3 or pixels.shape[-1] != 3):
+        raise UnreadableImageError(path, f"{photometric} pixels of shape {pixels.shape} are not colour images")
+    # one stack of frames, whatever the header claimed: (n, rows, cols) or (n, rows, cols, 3)
+    pixels = pixels.reshape(-1, *pixels.shape[-3:]) if is_colour else pixels.reshape(-1, *pixels.shape[-2:])
+    if pixels.shape[0] != n:
+        log.warning("%s: header says %d frame(s), the pixel data holds %d; using %d", path, n, len(pixels), len(pixels))
+        n = len(pixels)
     if only is not None and not 0 <= only < n:
         raise UnreadableImageError(path, f"frame {only} requested but the file has {n} frame(s)")
     slope = float(getattr(ds, "RescaleSlope", 1) or 1)

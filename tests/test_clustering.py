@@ -1,6 +1,7 @@
 """Deep clustering (pica, lsd, scan): loss terms worked by hand, cluster matching and scores on known
 answers, label-free training, checkpoints that reload to the same vectors and clusters."""
 
+import json
 import math
 
 import numpy as np
@@ -152,3 +153,76 @@ def test_train_cli_clusters_without_labels(tmp_path, capsys, demo_data):
     code, _, err = run_cli(capsys, *args, "--clusters", "1", "--quiet")
     assert code == 2
     assert_one_line_error(err, "--clusters 1")
+
+
+@pytest.fixture(scope="module")
+def cluster_index(tmp_path_factory, demo_data):
+    """An lsd checkpoint (CNN5, 32 px, K = 4) and an index built with it through the CLI."""
+    from retrieval.cli.main import main
+
+    root = tmp_path_factory.mktemp("clusters")
+    rows = load_dataset(demo_data).rows.drop(columns=["label"])
+    cfg = TrainConfig(method="lsd", encoder="cnn5", image_size=32, batch_size=12, lr=1e-3, max_steps=5, clusters=4)
+    res = train(rows, cfg, progress=False)
+    ckpt = save_checkpoint(
+        res.encoder, root / "lsd", extra={"training": cfg.to_dict()}, extra_tensors=res.model.loss.extra_tensors()
+    )
+    index = root / "index"
+    assert main(["index", "build", str(demo_data), "--index", str(index), "--encoder", str(ckpt), "--quiet"]) == 0
+    return ckpt, index
+
+
+@pytest.mark.slow
+def test_clusters_cli_with_dev_set(cluster_index, demo_data, tmp_path, capsys):
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from indexer.index_dir import open_index_dir
+
+    ckpt, index = cluster_index
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(
+        capsys, "clusters", "--index", index, "--checkpoint", ckpt, "--dev", demo_data, "--out", out, "--json", "-q"
+    )
+    assert code == 0, err
+    report = json.loads(stdout)
+    vs = open_index_dir(index, use_gpu=False).vectors
+    expected = load_cluster_head(str(ckpt)).probabilities(vs.vectors).argmax(1)
+    table = pd.read_csv(out / "clusters.csv")
+    assert table["cluster"].tolist() == expected.tolist()
+    nmi = normalized_mutual_info_score(vs.rows["label"].astype(str), expected)
+    assert report["scores"]["nmi"] == pytest.approx(nmi) and 0 <= report["scores"]["weighted_f1"] <= 1
+    assert set(report["mapping"].values()) <= {"normal", "mild", "moderate", "severe"}
+    assert sorted(p.name for p in out.glob("cluster_*.png")) == [f"cluster_0{k}.png" for k in range(4)]
+
+
+@pytest.mark.slow
+def test_clusters_cli_bad_input_and_kmeans(cluster_index, demo_data, tmp_path, capsys):
+    ckpt, index = cluster_index
+    for n, needle in (("1", "--clusters 1: at least 2"), ("100", "more clusters than images (24)")):
+        code, _, err = run_cli(capsys, "clusters", "--index", index, "--clusters", n)
+        assert code == 2
+        assert_one_line_error(err, needle)
+    dev = tmp_path / "dev.csv"
+    rows = load_dataset(demo_data).rows.head(4).assign(label="cirrhosis")
+    rows[["path", "label"]].to_csv(dev, index=False)
+    code, _, err = run_cli(capsys, "clusters", "--index", index, "--checkpoint", ckpt, "--dev", dev, "-q")
+    assert code == 2
+    assert_one_line_error(err, "--dev: label(s) cirrhosis do not occur")
+    code, stdout, err = run_cli(capsys, "clusters", "--index", index, "--clusters", "4", "--json")
+    assert code == 0, err
+    report = json.loads(stdout)
+    assert sum(report["sizes"].values()) == 24 and report["method"] == "k-means"
+
+
+def test_clusters_without_labels_give_sizes_and_sheets(tmp_path, demo_data):
+    """No labels anywhere: sizes and one contact sheet per cluster, no scores."""
+    from retrieval.training.cluster_report import contact_sheets, score_clusters
+
+    rows = load_dataset(demo_data).rows.drop(columns=["label"]).head(6)
+    assign, prob = np.array([0, 0, 1, 1, 1, 2]), np.full(6, 0.9)
+    result = score_clusters(rows, assign, prob, 3, "k-means")
+    assert result.sizes() == {0: 2, 1: 3, 2: 1} and result.scores == {} and result.mapping is None
+    sheets = contact_sheets(result, tmp_path, thumb=16)
+    from PIL import Image
+
+    assert [Image.open(p).size for p in sheets] == [(36, 36), (36, 36), (18, 18)]  # 2x2, 2x2, 1x1 tiles

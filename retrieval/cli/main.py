@@ -13,6 +13,7 @@ from pathlib import Path
 import typer
 
 from retrieval.cli import options as opt
+from retrieval.cli.clusters_cmd import clusters as clusters_command
 from retrieval.errors import RetrieveError
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect a FAISS index folder.")
 app.add_typer(index_app, name="index")
+app.command("clusters")(clusters_command)
 
 
 def _echo_err(msg: str) -> None:

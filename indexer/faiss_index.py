@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +103,12 @@ def to_cpu(index: faiss.Index) -> faiss.Index:
     )
 
 
-def build_index(
-    vectors: np.ndarray, kind: str, cfg: IndexConfig, use_gpu: bool, ids: np.ndarray | None = None
-) -> tuple[faiss.Index, str, dict[str, Any]]:
-    """Train (when the kind needs it) and fill an index; returns (index, resolved kind, parameters).
+def new_index(dim: int, n: int, kind: str, cfg: IndexConfig, use_gpu: bool) -> tuple[faiss.Index, str, dict[str, Any]]:
+    """An empty index of the kind (`auto` resolved for n vectors), keyed by 64-bit ids; (index, kind, params).
 
-    Vectors are added under stable 64-bit ids (`ids`, default 0..N-1): IVF kinds hold ids natively,
-    the others are wrapped in `IndexIDMap2`, so results are ids that survive deletes.
+    IVF kinds hold ids natively; the others are wrapped in `IndexIDMap2`, so results are ids that
+    survive deletes.
     """
-    n, dim = vectors.shape
     resolved = choose_kind(n) if kind == "auto" else kind
     if resolved not in INDEX_KINDS:
         raise RetrieveError(f"--kind {kind}: unknown; choose auto, {', '.join(INDEX_KINDS)}")
@@ -121,12 +118,34 @@ def build_index(
     on_gpu = use_gpu and gpu_count() > 0 and resolved != "hnsw"
     if on_gpu:
         index = to_gpu(index)
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    if not index.is_trained:
-        index.train(x)
-    index.add_with_ids(x, np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64))
     params["built_on"] = "gpu" if on_gpu else "cpu"
     params["removal"] = "tombstone" if resolved == "hnsw" else "faiss"
+    return index, resolved, params
+
+
+def fill_index(
+    index: faiss.Index,
+    batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
+    sample: Callable[[], np.ndarray] | None = None,
+) -> None:
+    """Train on `sample()` when the kind needs it, then add (vectors, ids) batch by batch."""
+    if not index.is_trained:
+        if sample is None:
+            raise ValueError("this index kind needs training vectors")
+        index.train(np.ascontiguousarray(sample(), dtype=np.float32))
+    for vectors, ids in batches():
+        index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
+
+
+def build_index(
+    vectors: np.ndarray, kind: str, cfg: IndexConfig, use_gpu: bool, ids: np.ndarray | None = None
+) -> tuple[faiss.Index, str, dict[str, Any]]:
+    """Train (when the kind needs it) and fill an index; returns (index, resolved kind, parameters)."""
+    n, dim = vectors.shape
+    index, resolved, params = new_index(dim, n, kind, cfg, use_gpu)
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    keys = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    fill_index(index, lambda: [(x, keys)], sample=lambda: x)
     return index, resolved, params
 
 

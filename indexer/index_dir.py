@@ -58,6 +58,7 @@ FORMAT = 2
 LEGACY_FILES = {"vectors": "vectors.parquet", "index": "index.faiss"}
 VERSIONED = re.compile(r"^(shard-\d{6}-[0-9a-f]{6}\.parquet|index-\d{6}-[0-9a-f]{6}\.faiss)$")
 STALE_TMP = re.compile(r"^\.(shard|index|vectors)[-.].*\.tmp$")
+PART = re.compile(r"^part-[0-9a-f]{8}-\d{5}\.parquet$")  # shards of a streaming build (indexer/streaming.py)
 SHARD_ROWS = 100_000  # rows per shard when a build writes many
 METRIC = "cosine (inner product on L2-normalised vectors)"
 LOCK_TIMEOUT_ENV = "RETRIEVE_LOCK_TIMEOUT"
@@ -260,6 +261,7 @@ def _collect_garbage(index_dir: Path, manifest: IndexManifest) -> None:
         name = entry.name
         ours = VERSIONED.match(name) or STALE_TMP.match(name) or name in LEGACY_FILES.values()
         ours = ours or re.match(r"^shard-\d{6}-[0-9a-f]{6}-\d{4}\.parquet$", name)
+        ours = ours or (PART.match(name) and not (index_dir / "build.json").exists())  # a resumable build's
         if ours and name not in keep and entry.is_file():
             entry.unlink(missing_ok=True)
     fsync_dir(index_dir)

@@ -111,6 +111,16 @@ class ShardReader:
                     rows[c] = None
         return rows, (np.vstack(vecs) if vectors and vecs else None)
 
+    def read_shard(self, s: int, vectors: bool = False) -> tuple[pd.DataFrame, np.ndarray | None]:
+        """Every row of one shard (row columns), optionally with its vectors."""
+        names = self.row_columns(s) + ([VECTOR_COLUMN] if vectors else [])
+        table = self._file(s).read(columns=names)
+        vecs = None
+        if vectors:
+            vecs = vectors_from_table(table, self.shards[s].path)
+            table = table.drop_columns([VECTOR_COLUMN])
+        return _to_pandas(table), vecs
+
     def locate(self, row_id: int) -> tuple[int, int]:
         """(shard, row in shard) of a row id; KeyError if no shard holds it."""
         s = bisect.bisect_right(self._mins, row_id) - 1

@@ -13,9 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from indexer.index_dir import IndexDir, check_compatible
+from indexer.config import IndexConfig
+from indexer.index_dir import IndexDir, IndexManifest, check_compatible
 from indexer.search import Hit, filter_mask, search
 from indexer.store import VectorSet
+from indexer.streaming import StreamingBuild
 from retrieval.config import EncoderSpec, PreprocessConfig
 from retrieval.data.dataset import Skipped, load_dataset
 from retrieval.data.imageio import read_frames
@@ -85,6 +87,46 @@ def embed_dataset(
         raise RetrieveError(f"{source}: none of the {len(table.rows)} images could be read{first}")
     vs = VectorSet(emb.rows, emb.vectors, loaded.fingerprint, loaded.spec.to_dict())
     return vs, skipped
+
+
+STREAM_CHUNK = 2048  # images embedded between two part shards: the most an interruption can cost
+
+
+def build_index_streaming(
+    source: str | Path,
+    loaded: LoadedEncoder,
+    index_dir: str | Path,
+    cfg: IndexConfig,
+    batch_size: int = 32,
+    workers: int | None = None,
+    use_gpu: bool = True,
+    progress: bool = True,
+    overwrite: bool = False,
+    resume: bool = False,
+    chunk: int | None = None,
+) -> tuple[IndexManifest, list[Skipped], int]:
+    """Dataset -> index folder, chunk by chunk: each embedded chunk is a part shard on disk at once, so
+    `resume` after an interruption embeds only what is missing. Returns (manifest, skipped, resumed rows).
+    """
+    table = load_dataset(source)
+    skipped = list(table.skipped)
+    fp, spec = loaded.fingerprint, loaded.spec.to_dict()
+    chunk = chunk or STREAM_CHUNK
+    with StreamingBuild(index_dir, fp, spec, cfg, overwrite, Path(source), resume) as build:
+        todo = build.pending(table.rows)
+        device = pick_device(use_gpu)
+        n_chunks = (len(todo) + chunk - 1) // chunk
+        for j, start in enumerate(range(0, len(todo), chunk)):
+            part = todo.iloc[start : start + chunk].reset_index(drop=True)
+            desc = f"embedding {j + 1}/{n_chunks}" if n_chunks > 1 else "embedding"
+            emb = embed_rows(part, loaded.encoder, loaded.preprocess, batch_size, workers, device, progress, desc)
+            skipped += emb.skipped
+            build.add(VectorSet(emb.rows, emb.vectors, fp, spec))
+        if build.rows == 0:
+            first = f"; first: {skipped[0]}" if skipped else ""
+            raise RetrieveError(f"{source}: none of the {len(table.rows)} images could be read{first}")
+        manifest = build.finish()
+    return manifest, skipped, build.resumed_rows
 
 
 @torch.inference_mode()

@@ -76,6 +76,9 @@ def index_build(
     kind: str = typer.Option("auto", "--kind", help="auto, flat, hnsw, ivf or ivfpq"),
     config: Path | None = typer.Option(None, "--config", help="YAML recipe (encoder, preprocess, index sections)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index folder"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue an interrupted build, embedding only what is missing"
+    ),
     encoder: str = opt.Encoder,
     weights: str | None = opt.Weights,
     seed: int = opt.Seed,
@@ -95,7 +98,7 @@ def index_build(
     from indexer.index_dir import build_index_dir, check_can_build
     from indexer.store import read_vectors
     from retrieval.config import IndexConfig, load_recipe
-    from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
+    from retrieval.pipeline import build_index_streaming, load_encoder, report_skipped
 
     if kind != "auto" and kind not in INDEX_KINDS:
         raise RetrieveError(f"--kind {kind}: unknown; choose auto, {', '.join(INDEX_KINDS)}")
@@ -112,22 +115,29 @@ def index_build(
         pre = {**recipe.preprocess.to_dict(), **{k: v for k, v in pre.items() if v is not None}}
         pre["ct_window"] = tuple(pre["ct_window"])
         batch_size = recipe.batch_size if batch_size == opt.BatchSize.default else batch_size
-    check_can_build(index, overwrite, data)  # before the expensive embedding
     t0 = time.perf_counter()
     if vectors is not None:
         if data is not None:
             raise RetrieveError("give either DATA or --vectors, not both")
-        vs, skipped = read_vectors(vectors), []
+        if resume:
+            raise RetrieveError("--resume continues embedding DATA; it does not apply to --vectors")
+        check_can_build(index, overwrite, data)
+        manifest = build_index_dir(index, read_vectors(vectors), index_cfg, overwrite=overwrite)
+        skipped, resumed = [], 0
     else:
         if data is None:
             raise RetrieveError("missing DATA (a dataset folder or manifest) or --vectors FILE")
-        vs, skipped = embed_dataset(data, load_encoder(spec, pre), batch_size, workers, gpu, not quiet)
-    t_embed = time.perf_counter() - t0
-    manifest = build_index_dir(index, vs, index_cfg, overwrite=overwrite, data=data)
+        if not resume:
+            check_can_build(index, overwrite, data)  # before the expensive embedding
+        loaded = load_encoder(spec, pre)
+        manifest, skipped, resumed = build_index_streaming(
+            data, loaded, index, index_cfg, batch_size, workers, gpu, not quiet, overwrite, resume
+        )
     report_skipped(skipped)
     print(
         f"indexed {manifest.count} images ({manifest.dim}-d, {manifest.kind}, {manifest.params.get('built_on')}) "
-        f"in {time.perf_counter() - t0:.1f} s (embedding {t_embed:.1f} s) -> {index}"
+        f"in {time.perf_counter() - t0:.1f} s -> {index}"
+        + (f"; {resumed} of them embedded by the interrupted run" if resumed else "")
         + (f"; skipped {len(skipped)}" if skipped else "")
     )
 

@@ -111,7 +111,9 @@ cells = st.one_of(
 
 @FUZZ
 @given(
-    header=st.lists(st.sampled_from(["path", "label", "patient_id", "frame_index", "x", "id", "score", ""]), max_size=5),
+    header=st.lists(
+        st.sampled_from(["path", "label", "patient_id", "frame_index", "x", "id", "score", ""]), max_size=5
+    ),
     rows=st.lists(st.lists(cells, min_size=0, max_size=6), max_size=6),
     raw=st.none() | st.binary(max_size=300),
 )

@@ -38,7 +38,7 @@ def _start(action: str, folder: Path, n: int, start: int) -> subprocess.Popen:
 def _duration(tmp: Path, action: str) -> float:
     """How long the write itself takes on this machine (ready -> exit), to spread the kills over it."""
     folder = tmp / f"calibrate-{action}"
-    if action != "build":
+    if action not in ("build", "stream"):
         build_index_dir(folder, vectors(BASE, 0), IndexConfig(kind="flat", gpu=False))
     p = _start(action, folder, NEW, 10_000_000)
     t0 = time.perf_counter()
@@ -102,3 +102,25 @@ def test_kill_9_while_a_reader_reads(tmp_path, action):
     p.wait(timeout=60)
     assert len(reader.rows) == BASE == reader.index.ntotal
     assert verify_index_dir(folder) == []
+
+
+def test_kill_9_during_a_streaming_build_then_resume(tmp_path):
+    """An interrupted streaming build keeps its finished parts; --resume completes it with every row once."""
+    rng = random.Random(7)
+    window = _duration(tmp_path, "stream")
+    trials = scale(3, 30)
+    resumed_parts = 0
+    for t in range(trials):
+        folder = tmp_path / f"s{t}"
+        p = _start("stream", folder, NEW, 1_000_000)
+        time.sleep(rng.uniform(0, window * 1.1))
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        resumed_parts += len(list(folder.glob("part-*.parquet")))
+        done = _start("resume", folder, NEW, 1_000_000)
+        assert done.wait(timeout=300) == 0, done.stderr.read() if done.stderr else ""
+        rows = open_index_dir(folder, use_gpu=False).rows
+        assert len(rows) == NEW and rows["id"].is_unique
+        assert set(rows["id"]) == {f"img{j}" for j in range(1_000_000, 1_000_000 + NEW)}
+        assert verify_index_dir(folder) == []
+    print(json.dumps({"stream_kill_trials": trials, "parts_found_after_kills": resumed_parts}))

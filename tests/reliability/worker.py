@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from indexer.config import IndexConfig  # noqa: E402
 from indexer.index_dir import add_to_index_dir, build_index_dir  # noqa: E402
 from indexer.store import VectorSet  # noqa: E402
+from indexer.streaming import StreamingBuild  # noqa: E402
 
 DIM = 64
 FP = {"encoder": "toy", "arch": {"type": "toy"}, "weights_sha256": "abc", "dim": DIM, "preprocess": {}}
@@ -38,6 +39,18 @@ def vectors(n: int, start: int) -> VectorSet:
     return VectorSet(rows, v, FP, {"name": "toy", "weights": None, "seed": 0})
 
 
+def stream(folder: Path, vs: VectorSet, resume: bool, chunk: int = 2_000) -> None:
+    """A streaming build in chunks, as `index build` runs one (resumable)."""
+    with StreamingBuild(folder, FP, vs.encoder_spec, IndexConfig(kind="flat", gpu=False), resume=resume) as build:
+        todo = build.pending(vs.rows)
+        keep = vs.rows["id"].isin(set(todo["id"])).to_numpy()
+        rows, vectors = vs.rows.loc[keep].reset_index(drop=True), vs.vectors[keep]
+        for start in range(0, len(rows), chunk):
+            part = rows.iloc[start : start + chunk].reset_index(drop=True)
+            build.add(VectorSet(part, vectors[start : start + chunk], FP, vs.encoder_spec))
+        build.finish()
+
+
 def main() -> None:
     action, folder, n, start = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
     vs = vectors(n, start)
@@ -48,6 +61,8 @@ def main() -> None:
         build_index_dir(folder, vs, IndexConfig(kind="flat", gpu=False), overwrite=True)
     elif action == "add":
         add_to_index_dir(folder, vs)
+    elif action in ("stream", "resume"):
+        stream(folder, vs, resume=action == "resume")
     else:
         raise SystemExit(f"unknown action {action}")
     print("done", flush=True)

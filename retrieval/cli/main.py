@@ -415,7 +415,8 @@ def train(
         None,
         "--method",
         "-m",
-        help="siamese, siamese-l1, simclr, supcon, weak-simclr, supervised; label-free clustering: pica, lsd, scan",
+        help="siamese, siamese-l1, simclr, supcon, weak-simclr, supervised; label-free clustering: pica, lsd, "
+        "scan; few labels (empty label = unlabelled): fixmatch",
     ),
     out: Path = typer.Option(
         ..., "--out", "-o", help="checkpoint to write (.safetensors + .json, plus .log.json and .loss.png)"

@@ -182,6 +182,18 @@ def resolve_method_config(method: str, preset_dir: Path = PRESETS) -> TrainConfi
     return load_train_config(cpu if cpu.is_file() else None, {"method": method})
 
 
+def keep_label_fraction(rows: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
+    """The rows with all but a stratified random `fraction` of their labels blanked (at least one per class):
+    the few-labels setting of semi-supervised methods, simulated on a labelled archive."""
+    rng = np.random.default_rng(seed)
+    keep = np.zeros(len(rows), bool)
+    for _, pos in rows.groupby(rows["label"].astype(str)).indices.items():
+        keep[rng.permutation(pos)[: max(1, int(round(fraction * len(pos))))]] = True
+    out = rows.copy()
+    out["label"] = out["label"].astype("string").where(keep, pd.NA)
+    return out
+
+
 class FoldFitter:
     """Trains a method on some rows and returns unit vectors for every row. Frozen-backbone features
     (clean + augmented views) are computed once per (encoder, weights, size, views, augmentations) and shared by
@@ -229,6 +241,8 @@ class FoldFitter:
         train_rows = self.rows.iloc[tr].reset_index(drop=True)
         if cfg.is_clustering:
             train_rows = train_rows.drop(columns=["label"])
+        elif cfg.label_fraction < 1.0:
+            train_rows = keep_label_fraction(train_rows, cfg.label_fraction, cfg.seed)
         if cfg.freeze_backbone:
             cache = self.frozen_cache(cfg)
             res = train(train_rows, cfg, progress=False, features=cache[:, tr])

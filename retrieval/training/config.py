@@ -44,6 +44,10 @@ class TrainConfig:
     cluster_temperature: float = 0.1  # the cluster head's softmax(W v / T) on the unit vector
     neighbours: int = 20  # scan: mined nearest neighbours per image (SCAN: 20)
     entropy_weight: float = 5.0  # scan: weight of the entropy term (SCAN: 5)
+    fixmatch_threshold: float = 0.95  # fixmatch: tau, confidence for a pseudo-label (paper: 0.95)
+    unlabelled_ratio: int = 7  # fixmatch: mu, unlabelled rows per labelled row in a step (paper: 7)
+    unlabelled_weight: float = 1.0  # fixmatch: lambda_u (paper: 1)
+    label_fraction: float = 1.0  # benchmark only: keep this stratified fraction of the training labels
     max_steps: int | None = None  # stop early (tests, smoke runs)
     device: str = "auto"
 
@@ -58,6 +62,8 @@ class TrainConfig:
             raise RetrieveError("epochs must be >= 1 and batch_size >= 2")
         if self.is_clustering and self.vectors_from != "head":
             raise RetrieveError(f"--method {self.method}: vectors_from must be head (the cluster head sits on it)")
+        if not 0.0 < self.label_fraction <= 1.0:
+            raise RetrieveError(f"label_fraction {self.label_fraction}: must lie in (0, 1]")
         if self.clusters < 2:
             raise RetrieveError(f"--clusters {self.clusters}: at least 2 clusters are needed")
         if self.overclusters and self.overclusters <= self.clusters:

@@ -160,6 +160,9 @@ def train(
 
         def clean() -> torch.Tensor:
             return cache[0]
+
+        def clean_rows(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+            return cache[0, torch.as_tensor(rows_idx).to(device)]
     else:
 
         def feats(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -168,6 +171,9 @@ def train(
 
         def clean() -> torch.Tensor:
             return cached_features(encoder, images, 0, gen, device, progress=False)[0]
+
+        def clean_rows(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
+            return encoder.features(images[torch.as_tensor(rows_idx)].float().div_(255).to(device))
 
     ctx = LossContext(cfg, encoder, len(classes), codes, gen, cfg.freeze_backbone, pair_rows, clean)
     model = TrainModel(encoder, LOSSES[cfg.method](ctx)).to(device)
@@ -200,7 +206,7 @@ def train(
             if len(idx) < 2 or step >= total:
                 continue
             y = torch.as_tensor(codes[idx], device=device)
-            loss = model.loss(Batch(idx, y, feats, model.project))
+            loss = model.loss(Batch(idx, y, feats, model.project, clean_rows))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

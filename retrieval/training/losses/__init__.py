@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from retrieval.training.losses.base import Batch, LossContext, MethodLoss
 from retrieval.training.losses.contrastive import ContrastiveLoss, contrastive_loss
+from retrieval.training.losses.fixmatch import FixMatchLoss, fixmatch_loss
 from retrieval.training.losses.lsd import LSDLoss
 from retrieval.training.losses.ntxent import NTXentLoss, nt_xent
 from retrieval.training.losses.pica import PICALoss
@@ -25,6 +26,7 @@ LOSSES: dict[str, type[MethodLoss]] = {
     "pica": PICALoss,
     "lsd": LSDLoss,
     "scan": SCANLoss,
+    "fixmatch": FixMatchLoss,
 }
 
 __all__ = [
@@ -33,6 +35,7 @@ __all__ = [
     "LossContext",
     "MethodLoss",
     "contrastive_loss",
+    "fixmatch_loss",
     "nt_xent",
     "siamese_l1_loss",
     "supcon_loss",

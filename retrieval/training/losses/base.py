@@ -45,6 +45,7 @@ class Batch:
     labels: torch.Tensor
     view: RowsToFeatures  # backbone features of a fresh random view of the given rows
     project: Callable[[torch.Tensor], torch.Tensor]  # the encoder's projection head
+    clean: RowsToFeatures | None = None  # backbone features of the rows without augmentation
 
     def embed(self, rows: np.ndarray | None = None) -> torch.Tensor:
         """Projected embedding of a fresh random view of `rows` (default: the batch)."""

@@ -137,7 +137,10 @@ def main() -> None:
         "cli_query_ratio_large_over_small": round(ratio, 2),
     }
     print()
-    print("| images | index MB | build s | `retrieve query` s | peak RSS MB | store work per query s | read whole store s |")
+    print(
+        "| images | index MB | build s | `retrieve query` s | peak RSS MB | store work per query s "
+        "| read whole store s |"
+    )
     print("|---|---|---|---|---|---|---|")
     for r in results:
         print(

@@ -163,7 +163,7 @@ def search_parameters(index: faiss.Index, k: int, params: dict[str, Any], select
     """SearchParameters for the kind: search depth at least k, and an IDSelector restricting candidates."""
     core = inner(index)
     if isinstance(core, faiss.IndexHNSW):
-        sp = faiss.SearchParametersHNSW()
+        sp = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # in faiss, not in its stubs
         sp.efSearch = max(int(params.get("ef_search", 128)), k)
     elif isinstance(core, faiss.IndexIVF):
         sp = faiss.SearchParametersIVF()

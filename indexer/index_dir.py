@@ -259,9 +259,13 @@ def _collect_garbage(index_dir: Path, manifest: IndexManifest) -> None:
     keep = set(manifest.file_names())
     for entry in index_dir.iterdir():
         name = entry.name
-        ours = VERSIONED.match(name) or STALE_TMP.match(name) or name in LEGACY_FILES.values()
-        ours = ours or re.match(r"^shard-\d{6}-[0-9a-f]{6}-\d{4}\.parquet$", name)
-        ours = ours or (PART.match(name) and not (index_dir / "build.json").exists())  # a resumable build's
+        ours = bool(
+            VERSIONED.match(name)
+            or STALE_TMP.match(name)
+            or name in LEGACY_FILES.values()
+            or re.match(r"^shard-\d{6}-[0-9a-f]{6}-\d{4}\.parquet$", name)
+            or (PART.match(name) and not (index_dir / "build.json").exists())  # keep a resumable build's parts
+        )
         if ours and name not in keep and entry.is_file():
             entry.unlink(missing_ok=True)
     fsync_dir(index_dir)

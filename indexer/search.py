@@ -7,7 +7,9 @@ results, the allowed rows are searched exactly, so a filtered query returns k re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -40,7 +42,7 @@ def _as_text(series: pd.Series) -> pd.Series:
 
 
 def candidate_mask(
-    rows: pd.DataFrame, exclude_patients: list[str] = (), where: list[tuple[str, str]] = ()
+    rows: pd.DataFrame, exclude_patients: Sequence[str] = (), where: Sequence[tuple[str, str]] = ()
 ) -> np.ndarray | None:
     """Boolean mask of rows a query may return, or None when every row may."""
     mask = np.ones(len(rows), dtype=bool)
@@ -61,7 +63,7 @@ def candidate_mask(
 
 
 def filter_mask(
-    idx: IndexDir, exclude_patients: list[str] = (), where: list[tuple[str, str]] = ()
+    idx: IndexDir, exclude_patients: Sequence[str] = (), where: Sequence[tuple[str, str]] = ()
 ) -> np.ndarray | None:
     """candidate_mask over the index's live rows, reading only the columns the filters name."""
     if not exclude_patients and not where:
@@ -82,7 +84,7 @@ def search(idx: IndexDir, queries: np.ndarray, k: int, allowed: np.ndarray | Non
         raise RetrieveError(f"--k {k}: larger than the {n} images in the index")
     params = idx.manifest.params
     tombstones = idx.removed if params.get("removal") == "tombstone" else np.zeros(0, dtype=np.int64)
-    selector = None
+    selector: Any = None
     want = k
     if allowed is not None:
         n_allowed = int(allowed.sum())

@@ -162,7 +162,7 @@ class ShardReader:
         out = pd.DataFrame.from_records(records) if records else pd.DataFrame()
         if "frame_index" in out.columns:
             out["frame_index"] = out["frame_index"].astype("Int64")
-        vecs = np.vstack([got[key][1] for key in where]) if vectors and where else None
+        vecs = np.vstack([v for key in where if (v := got[key][1]) is not None]) if vectors and where else None
         return out, vecs
 
 

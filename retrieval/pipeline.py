@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -165,7 +166,7 @@ class QueryResult:
             }
             extra = {str(k): _jsonable(v) for k, v in row.items() if k not in core and k != "vector"}
             results.append({**core, **extra})  # the engine's own fields can never be overwritten
-        out = {"query": self.query, "results": results, "vote": self.vote.to_dict()}
+        out: dict[str, Any] = {"query": self.query, "results": results, "vote": self.vote.to_dict()}
         if self.matched is not None:
             out["matched"] = self.matched
         return out
@@ -199,10 +200,10 @@ def query_vectors(
     names: list[str],
     vectors: np.ndarray,
     k: int,
-    exclude_patients: list[str] = (),
-    where: list[tuple[str, str]] = (),
+    exclude_patients: Sequence[str] = (),
+    where: Sequence[tuple[str, str]] = (),
     vote: str = "majority",
-    exclude_positions: list[int] = (),
+    exclude_positions: Sequence[int] = (),
 ) -> list[QueryResult]:
     """Search, then vote; `exclude_positions` leaves out given rows (an indexed case querying itself).
 
@@ -228,8 +229,8 @@ def query_files(
     loaded: LoadedEncoder,
     paths: list[str],
     k: int,
-    exclude_patients: list[str] = (),
-    where: list[tuple[str, str]] = (),
+    exclude_patients: Sequence[str] = (),
+    where: Sequence[tuple[str, str]] = (),
     vote: str = "majority",
 ) -> tuple[list[QueryResult], list[str]]:
     """Query with image files; unreadable ones are reported, the others answered."""

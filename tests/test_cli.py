@@ -210,7 +210,8 @@ def test_eval_with_report(tmp_path, capsys, demo_index):
 def test_random_resnet18_and_config_recipe(tmp_path, capsys, demo_data):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(
-        "encoder:\n  name: resnet18\n  seed: 3\npreprocess:\n  image_size: 48\n  crop_sector: true\nindex:\n  kind: ivf\n"
+        "encoder:\n  name: resnet18\n  seed: 3\npreprocess:\n  image_size: 48\n  crop_sector: true\n"
+        "index:\n  kind: ivf\n"
     )
     idx = tmp_path / "idx"
     code, out, err = run_cli(capsys, "index", "build", demo_data, "--index", idx, "--config", recipe, "--quiet")

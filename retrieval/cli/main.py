@@ -9,11 +9,13 @@ import sys
 import time
 import traceback
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from retrieval.cli import options as opt
 from retrieval.cli.clusters_cmd import clusters as clusters_command
+from retrieval.cli.suggest_cmd import suggest_labels as suggest_labels_command
 from retrieval.errors import RetrieveError
 
 app = typer.Typer(
@@ -25,6 +27,7 @@ app = typer.Typer(
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect a FAISS index folder.")
 app.add_typer(index_app, name="index")
 app.command("clusters")(clusters_command)
+app.command("suggest-labels")(suggest_labels_command)
 
 
 def _echo_err(msg: str) -> None:
@@ -98,6 +101,7 @@ def index_build(
     from indexer.index_dir import build_index_dir, check_can_build
     from indexer.store import read_vectors
     from retrieval.config import IndexConfig, load_recipe
+    from retrieval.data.dataset import Skipped
     from retrieval.pipeline import build_index_streaming, load_encoder, report_skipped
 
     if kind != "auto" and kind not in INDEX_KINDS:
@@ -123,7 +127,8 @@ def index_build(
             raise RetrieveError("--resume continues embedding DATA; it does not apply to --vectors")
         check_can_build(index, overwrite, data)
         manifest = build_index_dir(index, read_vectors(vectors), index_cfg, overwrite=overwrite)
-        skipped, resumed = [], 0
+        skipped: list[Skipped] = []
+        resumed = 0
     else:
         if data is None:
             raise RetrieveError("missing DATA (a dataset folder or manifest) or --vectors FILE")
@@ -359,7 +364,7 @@ def evaluate_cmd(
     result["encoder"] = m.fingerprint.get("encoder")
     result["seconds"] = round(time.perf_counter() - t0, 3)
     print(
-        markdown_summary(result, f"Retrieval evaluation of {index}", m.fingerprint.get("encoder"))
+        markdown_summary(result, f"Retrieval evaluation of {index}", str(m.fingerprint.get("encoder")))
         .split("\n![")[0]
         .rstrip()
     )
@@ -377,7 +382,9 @@ def evaluate_cmd(
             tmp.write_text(json.dumps(result, indent=2))
         print(f"\nresults -> {json_out}")
     if report is not None:
-        paths = write_report(result, vs.rows, vs.vectors, report, f"{Path(index).name}", m.fingerprint.get("encoder"))
+        paths = write_report(
+            result, vs.rows, vs.vectors, report, f"{Path(index).name}", str(m.fingerprint.get("encoder"))
+        )
         print("report -> " + ", ".join(str(p) for p in paths.values()))
 
 
@@ -524,12 +531,14 @@ def classify(
     as_json: bool = typer.Option(False, "--json"),
 ):
     """n-shot classification of IMAGE(s) against labelled anchors (paper 000)."""
+    from retrieval.config import EncoderSpec
     from retrieval.pipeline import LoadedEncoder, embed_query_image
     from retrieval.training.classify import AnchorClassifier
 
     clf = AnchorClassifier(str(checkpoint), str(anchors), shots)
-    loaded = LoadedEncoder(None, clf.encoder, clf.encoder.default_preprocess, {})
-    out, failed = [], False
+    loaded = LoadedEncoder(EncoderSpec(str(checkpoint)), clf.encoder, clf.encoder.default_preprocess, {})
+    out: list[dict[str, Any]] = []
+    failed = False
     for p in images:
         try:
             names, vecs = embed_query_image(p, loaded)
@@ -668,7 +677,7 @@ class _CliLogFormat(logging.Formatter):
 class _StderrHandler(logging.StreamHandler):
     """Writes to whatever sys.stderr is when a record arrives (tests and the UI swap it)."""
 
-    @property  # type: ignore[override]
+    @property
     def stream(self):
         return sys.stderr
 

@@ -100,6 +100,7 @@ def _check_pixel_data_length(ds: Any, n: int, path: Path) -> None:
 def read_dicom_header(path: Path) -> DicomHeader:
     """Frame count and PatientID without decoding pixels; the header's claims are checked against limits."""
     import pydicom
+
     try:
         with _quiet_pydicom(path):
             ds = pydicom.dcmread(str(path), stop_before_pixels=True)
@@ -125,6 +126,7 @@ def read_dicom_frames(path: Path, ct_window: tuple[float, float], only: int | No
     min/max of the whole clip (not per frame, so the frames of a clip stay comparable).
     """
     import pydicom
+
     try:
         with _quiet_pydicom(path):
             ds = pydicom.dcmread(str(path))
@@ -192,6 +194,7 @@ def _frames_from(
                 frame = convert_color_space(frame, photometric, "RGB")
             frames.append(to_gray_uint8(frame))
             continue
+        assert lo is not None and hi is not None  # set for every grey-level branch above
         out = _window(frame, lo, hi)
         if photometric == "MONOCHROME1":
             out = 255 - out

@@ -47,11 +47,11 @@ def resize_square(img: np.ndarray, size: int, mode: str = "pad") -> np.ndarray:
     """Resize to size x size: 'pad' keeps the aspect ratio on a black canvas, 'squash' stretches."""
     pil = Image.fromarray(img)
     if mode == "squash":
-        return np.asarray(pil.resize((size, size), Image.BILINEAR))
+        return np.asarray(pil.resize((size, size), Image.Resampling.BILINEAR))
     h, w = img.shape
     scale = size / max(h, w)
     nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
-    resized = np.asarray(pil.resize((nw, nh), Image.BILINEAR))
+    resized = np.asarray(pil.resize((nw, nh), Image.Resampling.BILINEAR))
     canvas = np.zeros((size, size), dtype=np.uint8)
     top, left = (size - nh) // 2, (size - nw) // 2
     canvas[top : top + nh, left : left + nw] = resized

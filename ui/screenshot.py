@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ui.launch import running_app
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Page, Playwright
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -24,11 +28,11 @@ CHROMIUM_ARGS = [
 ]
 
 
-def launch_chromium(playwright):
+def launch_chromium(playwright: Playwright) -> Browser:
     return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
 
 
-def upload_and_wait(page, image: Path, timeout_ms: int = 60_000) -> None:
+def upload_and_wait(page: Page, image: Path, timeout_ms: int = 60_000) -> None:
     page.locator("input[type=file]").set_input_files(str(image))
     page.get_by_text("Suggested label").first.wait_for(timeout=timeout_ms)
     page.get_by_text("similarity").last.wait_for(timeout=timeout_ms)

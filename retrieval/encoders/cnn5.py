@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 CNN5_CHANNELS = (32, 64, 128, 256, 512)
@@ -21,5 +22,5 @@ class CNN5(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.num_features = c_in
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(self.features(x)).flatten(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from indexer.atomic import atomic_path
 MAX_MAP_POINTS = 5000  # t-SNE beyond this is slow on a CPU; a seeded sample is drawn
 
 
-def _plt():
+def _plt() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")

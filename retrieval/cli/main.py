@@ -16,6 +16,7 @@ import typer
 from retrieval.cli import options as opt
 from retrieval.cli.clusters_cmd import clusters as clusters_command
 from retrieval.cli.suggest_cmd import suggest_labels as suggest_labels_command
+from retrieval.cli.suggest_cmd import suggest_labels as suggest_labels_command
 from retrieval.errors import RetrieveError
 
 app = typer.Typer(
@@ -27,6 +28,7 @@ app = typer.Typer(
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect a FAISS index folder.")
 app.add_typer(index_app, name="index")
 app.command("clusters")(clusters_command)
+app.command("suggest-labels")(suggest_labels_command)
 app.command("suggest-labels")(suggest_labels_command)
 
 

@@ -180,14 +180,18 @@ def save_index(index: faiss.Index, path: Path) -> None:
         faiss.write_index(to_cpu(index), str(tmp))
 
 
-def load_index(path: Path, use_gpu: bool) -> faiss.Index:
+def load_index(path: Path, use_gpu: bool, mmap: bool = False) -> faiss.Index:
+    """Read an index file; with `mmap` (readers on the CPU) the vectors stay in the file, memory-mapped,
+    so opening costs no time or memory whatever the size (a writer needs `mmap=False` to change it)."""
     if not path.is_file():
         raise RetrieveError(f"{path}: FAISS index file not found")
+    on_gpu = use_gpu and gpu_count() > 0
+    flags = faiss.IO_FLAG_MMAP_IFC if mmap and not on_gpu else 0
     try:
-        index = faiss.read_index(str(path))
+        index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise RetrieveError(f"{path}: not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from None
-    if use_gpu and gpu_count() > 0:
+    if on_gpu:
         try:
             index = to_gpu(index)
         except RuntimeError as exc:  # e.g. an index type without GPU support

@@ -490,11 +490,11 @@ class _VersionSwitched(Exception):
     """A writer committed a new version while we were reading the old one."""
 
 
-def _load(index_dir: Path, manifest: IndexManifest, use_gpu: bool, deep: bool = False) -> IndexDir:
+def _load(index_dir: Path, manifest: IndexManifest, use_gpu: bool, deep: bool = False, mmap: bool = True) -> IndexDir:
     problems = file_problems(index_dir, manifest)
     if problems:
         raise RetrieveError(f"--index {index_dir}: damaged ({'; '.join(problems)}); rebuild it")
-    index = load_index(index_dir / manifest.index_name(), use_gpu)
+    index = load_index(index_dir / manifest.index_name(), use_gpu, mmap=mmap)
     stored = sum(s.rows for s in manifest.shard_list(index_dir))
     faiss_count = stored if manifest.params.get("removal") == "tombstone" else manifest.count
     if index.d != manifest.dim:
@@ -519,10 +519,10 @@ def _load(index_dir: Path, manifest: IndexManifest, use_gpu: bool, deep: bool = 
     return idx
 
 
-def _open_once(index_dir: Path, use_gpu: bool) -> IndexDir:
+def _open_once(index_dir: Path, use_gpu: bool, writable: bool) -> IndexDir:
     manifest = read_manifest(index_dir)
     try:
-        return _load(index_dir, manifest, use_gpu)
+        return _load(index_dir, manifest, use_gpu, mmap=not writable)
     except RetrieveError:
         try:
             switched = read_manifest(index_dir) != manifest
@@ -533,12 +533,16 @@ def _open_once(index_dir: Path, use_gpu: bool) -> IndexDir:
         raise
 
 
-def open_index_dir(index_dir: str | Path, use_gpu: bool = True) -> IndexDir:
-    """Load the current version; a version switched by a writer while we read is simply read again."""
+def open_index_dir(index_dir: str | Path, use_gpu: bool = True, writable: bool = False) -> IndexDir:
+    """Load the current version; a version switched by a writer while we read is simply read again.
+
+    Readers get the FAISS vectors memory-mapped (no load time, no copy in memory); `writable` loads a
+    copy that can be changed (the writers: add, remove, compact).
+    """
     index_dir = Path(index_dir)
     for _ in range(OPEN_RETRIES):
         try:
-            return _open_once(index_dir, use_gpu)
+            return _open_once(index_dir, use_gpu, writable)
         except _VersionSwitched:
             continue
     raise RetrieveError(f"--index {index_dir}: kept changing while being read; try again")
@@ -554,7 +558,7 @@ def verify_index_dir(index_dir: str | Path) -> list[str]:
     if any(not p.startswith("no checksums") for p in problems):
         return problems
     try:
-        _load(index_dir, m, use_gpu=False, deep=True)
+        _load(index_dir, m, use_gpu=False, deep=True, mmap=False)
     except RetrieveError as exc:
         problems.append(str(exc))
     return problems
@@ -592,7 +596,7 @@ def add_to_index_dir(index_dir: str | Path, new: VectorSet, replace: bool = Fals
     index_dir = Path(index_dir)
     read_manifest(index_dir)  # one-line errors for a missing or foreign folder before taking a lock
     with write_lock(index_dir):
-        idx = open_index_dir(index_dir, use_gpu=False)
+        idx = open_index_dir(index_dir, use_gpu=False, writable=True)
         check_compatible(idx.manifest.fingerprint, new.fingerprint, f"--index {index_dir}")
         if new.dim != idx.manifest.dim:
             raise EncoderMismatchError(f"--index {index_dir}: holds {idx.manifest.dim}-d vectors, not {new.dim}-d")
@@ -664,7 +668,7 @@ def remove_from_index_dir(index_dir: str | Path, select: Callable[[IndexDir], np
     index_dir = Path(index_dir)
     read_manifest(index_dir)
     with write_lock(index_dir):
-        idx = open_index_dir(index_dir, use_gpu=False)
+        idx = open_index_dir(index_dir, use_gpu=False, writable=True)
         mask = np.asarray(select(idx), dtype=bool)
         ids = idx.live_ids[mask]
         if len(ids) == 0:
@@ -687,7 +691,7 @@ def compact_index_dir(index_dir: str | Path) -> tuple[IndexManifest, int]:
     index_dir = Path(index_dir)
     read_manifest(index_dir)
     with write_lock(index_dir):
-        idx = open_index_dir(index_dir, use_gpu=False)
+        idx = open_index_dir(index_dir, use_gpu=False, writable=True)
         m = idx.manifest
         dropped = len(m.removed) if not m.legacy else 0
         vs = idx.vectors

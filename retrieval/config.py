@@ -12,6 +12,7 @@ from indexer.config import IndexConfig  # noqa: F401  (re-exported: recipes hold
 from retrieval.errors import RetrieveError
 
 RESIZE_MODES = ("pad", "squash")
+DEFAULT_ENCODER = "imagenet-effnet-lite0"  # named here, not in the registry, so the CLI can start without torch
 
 
 @dataclass(frozen=True)
@@ -54,7 +55,7 @@ class PreprocessConfig:
 class EncoderSpec:
     """Everything needed to rebuild an encoder: registry name, weights source and init seed."""
 
-    name: str = "imagenet-effnet-lite0"
+    name: str = DEFAULT_ENCODER
     weights: str | None = None  # a local weights file, or None for the encoder's default
     seed: int = 0  # used by random-init encoders so vectors are reproducible
 

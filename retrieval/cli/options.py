@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from retrieval.config import EncoderSpec
-from retrieval.encoders.registry import DEFAULT_ENCODER
+from retrieval.config import DEFAULT_ENCODER, EncoderSpec
 from retrieval.errors import RetrieveError
 
 Encoder = typer.Option(

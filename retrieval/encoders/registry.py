@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from retrieval.config import DEFAULT_ENCODER
 from retrieval.encoders.backbones import build_backbone, pooled
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.weights import (
@@ -27,7 +28,6 @@ from retrieval.encoders.weights import (
 )
 from retrieval.errors import RetrieveError
 
-DEFAULT_ENCODER = "imagenet-effnet-lite0"
 EncoderFactory = Callable[[str | None, int], Encoder]
 _REGISTRY: dict[str, EncoderFactory] = {}
 T = TypeVar("T")

@@ -4,6 +4,7 @@ images -> tensors -> vectors (VectorSet) -> Parquet -> index -> results."""
 from __future__ import annotations
 
 import datetime
+import hashlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -86,8 +87,31 @@ def embed_dataset(
     if len(emb.rows) == 0:
         first = f"; first: {skipped[0]}" if skipped else ""
         raise RetrieveError(f"{source}: none of the {len(table.rows)} images could be read{first}")
-    vs = VectorSet(emb.rows, emb.vectors, loaded.fingerprint, loaded.spec.to_dict())
+    vs = VectorSet(with_content_hashes(emb.rows), emb.vectors, loaded.fingerprint, loaded.spec.to_dict())
     return vs, skipped
+
+
+CONTENT_HASH = "content_sha256"  # of the image file's bytes: finds the very image, wherever it was copied
+
+
+def file_digest(path: str | Path) -> str | None:
+    """SHA-256 of a file's bytes (None when it cannot be read)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def with_content_hashes(rows: pd.DataFrame) -> pd.DataFrame:
+    """The rows with a content_sha256 column (one hash per file, shared by a clip's frames)."""
+    digests = {p: file_digest(p) for p in rows["path"].astype(str).unique()}
+    out = rows.copy()
+    out[CONTENT_HASH] = rows["path"].astype(str).map(digests)
+    return out
 
 
 STREAM_CHUNK = 2048  # images embedded between two part shards: the most an interruption can cost
@@ -122,7 +146,7 @@ def build_index_streaming(
             desc = f"embedding {j + 1}/{n_chunks}" if n_chunks > 1 else "embedding"
             emb = embed_rows(part, loaded.encoder, loaded.preprocess, batch_size, workers, device, progress, desc)
             skipped += emb.skipped
-            build.add(VectorSet(emb.rows, emb.vectors, fp, spec))
+            build.add(VectorSet(with_content_hashes(emb.rows), emb.vectors, fp, spec))
         if build.rows == 0:
             first = f"; first: {skipped[0]}" if skipped else ""
             raise RetrieveError(f"{source}: none of the {len(table.rows)} images could be read{first}")
@@ -213,15 +237,7 @@ def query_vectors(
     if len(exclude_positions):
         allowed = np.ones(idx.count, dtype=bool) if allowed is None else allowed
         allowed[list(exclude_positions)] = False
-    if allowed is not None and not allowed.any():
-        raise RetrieveError("no indexed image is left after --exclude-patient/--where")
-    matched = None if allowed is None else int(allowed.sum())
-    out = []
-    for name, hits in zip(names, search(idx, vectors, k, allowed)):
-        rows = idx.fetch([h.row_id for h in hits])
-        labels = [None if pd.isna(x) else str(x) for x in rows["label"]] if "label" in rows else [None] * len(hits)
-        out.append(QueryResult(name, hits, rows, knn_vote(labels, [h.score for h in hits], vote), matched))
-    return out
+    return _answer(idx, names, vectors, k, allowed, vote)
 
 
 def query_files(
@@ -232,19 +248,54 @@ def query_files(
     exclude_patients: Sequence[str] = (),
     where: Sequence[tuple[str, str]] = (),
     vote: str = "majority",
+    include_self: bool = False,
 ) -> tuple[list[QueryResult], list[str]]:
-    """Query with image files; unreadable ones are reported, the others answered."""
-    names: list[str] = []
-    vecs: list[np.ndarray] = []
+    """Query with image files; unreadable ones are reported, the others answered.
+
+    Unless `include_self`, a query file that is itself in the index (same bytes, or the same path in
+    an index without content hashes) is left out of its own results and vote, and so are the rows
+    that share a near_dup_group with it.
+    """
+    results: list[QueryResult] = []
     errors: list[str] = []
+    base = filter_mask(idx, list(exclude_patients), list(where))
     for p in paths:
         try:
-            n, v = embed_query_image(p, loaded)
+            names, vecs = embed_query_image(p, loaded)
         except UnreadableImageError as exc:
             errors.append(str(exc))
             continue
-        names += n
-        vecs.append(v)
-    if not vecs:
-        return [], errors
-    return query_vectors(idx, names, np.vstack(vecs), k, exclude_patients, where, vote), errors
+        own = None if include_self else self_mask(idx, p)
+        allowed = base if own is None else (~own if base is None else base & ~own)
+        results += _answer(idx, names, vecs, k, allowed, vote)
+    return results, errors
+
+
+def self_mask(idx: IndexDir, path: str | Path) -> np.ndarray | None:
+    """Mask of the live rows that are the query file itself or its near-duplicates; None if there are none."""
+    cols = [c for c in (CONTENT_HASH, "path", "near_dup_group") if c in idx.columns]
+    rows = idx.read_columns(cols)
+    same = np.zeros(len(rows), dtype=bool)
+    if CONTENT_HASH in rows:
+        digest = file_digest(path)
+        same |= (rows[CONTENT_HASH] == digest).to_numpy(dtype=bool) if digest else same
+    resolved = str(Path(path).expanduser().resolve())
+    same |= (rows["path"].astype(str) == resolved).to_numpy(dtype=bool)
+    if "near_dup_group" in rows and same.any():
+        groups = set(rows.loc[same, "near_dup_group"].dropna().astype(str)) - {""}
+        same |= rows["near_dup_group"].astype("string").isin(groups).fillna(False).to_numpy(dtype=bool)
+    return same if same.any() else None
+
+
+def _answer(
+    idx: IndexDir, names: list[str], vectors: np.ndarray, k: int, allowed: np.ndarray | None, vote: str
+) -> list[QueryResult]:
+    if allowed is not None and not allowed.any():
+        raise RetrieveError("no indexed image is left after --exclude-patient/--where")
+    matched = None if allowed is None else int(allowed.sum())
+    out = []
+    for name, hits in zip(names, search(idx, vectors, min(k, matched if matched is not None else k), allowed)):
+        rows = idx.fetch([h.row_id for h in hits])
+        labels = [None if pd.isna(x) else str(x) for x in rows["label"]] if "label" in rows else [None] * len(hits)
+        out.append(QueryResult(name, hits, rows, knn_vote(labels, [h.score for h in hits], vote), matched))
+    return out

@@ -244,3 +244,16 @@ def test_checkpoint_naming_a_model_hub_never_touches_the_network(tmp_path, capsy
     code, _, err = run_cli(capsys, "embed", tmp_path, "--out", tmp_path / "v.parquet", "--encoder", str(ck))
     assert code == 2
     assert_one_line_error(err, "model hubs are never contacted")
+
+
+def test_an_indexed_image_and_its_copies_are_not_their_own_neighbours(tmp_path, capsys, demo_data, demo_index):
+    import shutil
+
+    img = next(demo_data.rglob("*.png"))
+    copy = tmp_path / "renamed-copy.png"
+    shutil.copy(img, copy)  # the same bytes under another name: found by content hash
+    for query in (img, copy):
+        code, out, err = run_cli(capsys, "query", query, "--index", demo_index, "--k", "3", "--json")
+        assert code == 0, err
+        paths = [r["path"] for r in json.loads(out)["results"]]
+        assert str(img.resolve()) not in paths and len(paths) == 3

@@ -57,7 +57,10 @@ def test_query_table_and_json(capsys, demo_index, demo_data):
     res = json.loads(out)
     assert res["query"] == str(img)
     assert [r["rank"] for r in res["results"]] == [1, 2, 3, 4, 5]
-    assert res["results"][0]["path"] == str(img.resolve()) and res["results"][0]["score"] == pytest.approx(1, abs=1e-4)
+    assert str(img.resolve()) not in [r["path"] for r in res["results"]]  # an indexed image is not its own neighbour
+    code, out, _ = run_cli(capsys, "query", img, "--index", demo_index, "--k", "5", "--json", "--include-self")
+    own = json.loads(out)["results"][0]
+    assert own["path"] == str(img.resolve()) and own["score"] == pytest.approx(1, abs=1e-4)
     scores = [r["score"] for r in res["results"]]
     assert scores == sorted(scores, reverse=True)
     assert {"steatosis_grade", "gain", "id", "label", "patient_id"} <= set(res["results"][0])
@@ -177,9 +180,9 @@ def test_index_add(tmp_path, capsys, demo_data):
     code, out, _ = run_cli(capsys, "index", "info", "--index", idx, "--json")
     assert json.loads(out)["count"] == 24
     code, out, _ = run_cli(
-        capsys, "query", demo_data / "severe" / "SYN300_f0.png", "--index", idx, "--k", "1", "--json"
+        capsys, "query", demo_data / "severe" / "SYN300_f0.png", "--index", idx, "--k", "1", "--json", "--include-self"
     )
-    assert json.loads(out)["results"][0]["score"] == pytest.approx(1, abs=1e-4)
+    assert json.loads(out)["results"][0]["score"] == pytest.approx(1, abs=1e-4)  # the added image is found
 
 
 @pytest.mark.slow

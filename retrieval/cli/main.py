@@ -16,7 +16,6 @@ import typer
 from retrieval.cli import options as opt
 from retrieval.cli.clusters_cmd import clusters as clusters_command
 from retrieval.cli.suggest_cmd import suggest_labels as suggest_labels_command
-from retrieval.cli.suggest_cmd import suggest_labels as suggest_labels_command
 from retrieval.errors import RetrieveError
 
 app = typer.Typer(
@@ -28,7 +27,6 @@ app = typer.Typer(
 index_app = typer.Typer(no_args_is_help=True, help="Build, extend and inspect a FAISS index folder.")
 app.add_typer(index_app, name="index")
 app.command("clusters")(clusters_command)
-app.command("suggest-labels")(suggest_labels_command)
 app.command("suggest-labels")(suggest_labels_command)
 
 
@@ -295,6 +293,9 @@ def query(
     where: list[str] = typer.Option([], "--where", help="only candidates with COLUMN=VALUE (repeatable)"),
     vote: str = typer.Option("majority", "--vote", help="majority or similarity (weighted)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
+    include_self: bool = typer.Option(
+        False, "--include-self", help="keep the query image itself (same bytes) and its near-duplicates if indexed"
+    ),
     encoder: str | None = typer.Option(
         None, "--encoder", "-e", help="refuse unless the index was built with this encoder"
     ),
@@ -318,7 +319,9 @@ def query(
     requested = EncoderSpec(encoder, weights, seed) if encoder else None
     loaded = encoder_for_index(m.fingerprint, m.encoder_spec, f"--index {index}", requested)
     idx = open_index_dir(index, use_gpu=gpu)
-    results, errors = query_files(idx, loaded, [str(p) for p in images], k, exclude_patient, conditions, vote)
+    results, errors = query_files(
+        idx, loaded, [str(p) for p in images], k, exclude_patient, conditions, vote, include_self
+    )
     for e in errors:
         _echo_err(f"error: {e}")
     if results and results[0].matched is not None and results[0].matched < k:

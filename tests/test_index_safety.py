@@ -197,3 +197,15 @@ def test_fingerprint_is_kept(tmp_path):
     d = tmp_path / "idx"
     build_index_dir(d, _vs(10), IndexConfig())
     assert read_manifest(d).fingerprint == FP
+
+
+def test_temporaries_of_a_killed_writer_are_collected_by_the_next_write(tmp_path):
+    d = tmp_path / "idx"
+    build_index_dir(d, _vs(10), IndexConfig())
+    litter = [".manifest.json.2v2av_gk.tmp", ".shard-000009-abcdef.parquet.k1.tmp", ".build.json.q.tmp"]
+    for name in litter:
+        (d / name).write_bytes(b"half written")
+    (d / ".my-notes.tmp").write_text("not ours")
+    add_to_index_dir(d, _vs(3, seed=1, start=10))
+    names = {p.name for p in d.iterdir()}
+    assert not set(litter) & names and ".my-notes.tmp" in names

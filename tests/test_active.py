@@ -64,6 +64,7 @@ def test_entropy_suggests_the_images_between_classes():
         suggest_labels(_rows(["a", None, None]), vectors[:3], 1)
 
 
+@pytest.mark.slow
 def test_suggest_labels_cli(demo_index, tmp_path, capsys):
     out = tmp_path / "todo.csv"
     # every image of the demo index is labelled: a one-line error

@@ -246,6 +246,7 @@ def test_checkpoint_naming_a_model_hub_never_touches_the_network(tmp_path, capsy
     assert_one_line_error(err, "model hubs are never contacted")
 
 
+@pytest.mark.slow
 def test_an_indexed_image_and_its_copies_are_not_their_own_neighbours(tmp_path, capsys, demo_data, demo_index):
     import shutil
 

@@ -14,6 +14,7 @@ def _by_id(index):
     return {i: v for i, v in zip(vs.rows["id"], vs.vectors)}
 
 
+@pytest.mark.slow
 def test_interrupted_build_resumes_and_embeds_only_what_is_missing(tmp_path, capsys, monkeypatch, demo_data):
     monkeypatch.setattr(pipeline, "STREAM_CHUNK", 5)  # 24 images -> 5 chunks
     calls = []
@@ -48,6 +49,7 @@ def test_interrupted_build_resumes_and_embeds_only_what_is_missing(tmp_path, cap
     assert a.keys() == b.keys() and max(float(np.abs(a[k] - b[k]).max()) for k in a) < 1e-5
 
 
+@pytest.mark.slow
 def test_resume_with_another_encoder_is_refused(tmp_path, capsys, monkeypatch, demo_data):
     monkeypatch.setattr(pipeline, "STREAM_CHUNK", 10)
     real = pipeline.embed_rows

@@ -60,6 +60,7 @@ def test_find_cases_and_summary(session):
     assert s["cases"] == 24 and s["patients"] == 8 and s["labels"]["severe"] == 6
 
 
+@pytest.mark.slow
 def test_map_is_cached_in_the_index_folder(demo_data, tmp_path):
     from retrieval.cli.main import main
 

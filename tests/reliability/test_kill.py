@@ -104,6 +104,7 @@ def test_kill_9_while_a_reader_reads(tmp_path, action):
     assert verify_index_dir(folder) == []
 
 
+@pytest.mark.slow
 def test_kill_9_during_a_streaming_build_then_resume(tmp_path):
     """An interrupted streaming build keeps its finished parts; --resume completes it with every row once."""
     rng = random.Random(7)

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -62,21 +62,21 @@ def make_index(folder: Path, n: int, fingerprint: dict, spec: dict, dim: int) ->
 
 
 def cli_query(index: Path, image: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB) of one `retrieve query` process."""
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    t0 = time.perf_counter()
-    out = subprocess.run(
-        [sys.executable, "-m", "retrieval.cli.main", "query", str(image), "--index", str(index), "--k", "10", "--json"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
-    wall = time.perf_counter() - t0
-    if out.returncode != 0:
-        raise SystemExit(f"query failed: {out.stderr}")
-    json.loads(out.stdout)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, max(peak, before) / 1024  # ru_maxrss is in KB on Linux (max over children so far)
+    """Wall seconds and peak RSS (MB, of that process alone: os.wait4) of one `retrieve query` process."""
+    cmd = [sys.executable, "-m", "retrieval.cli.main", "query", str(image), "--index", str(index), "--k", "10"]
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([*cmd, "--json"], stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
+        assert proc.stdout is not None
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            err.seek(0)
+            raise SystemExit(f"query failed: {err.read().decode()}")
+    json.loads(out)
+    return wall, usage.ru_maxrss / 1024  # KB on Linux
 
 
 def store_work(index: Path, repeats: int) -> dict:

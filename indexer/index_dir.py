@@ -331,7 +331,7 @@ def check_can_build(index_dir: Path, overwrite: bool, data: Path | None = None) 
             raise RetrieveError(
                 f"--index {index_dir}: overlaps the data being indexed ({data}); give a separate folder"
             )
-    if not any(p.name != LOCK for p in index_dir.iterdir()):
+    if all(p.name == LOCK or STALE_TMP.match(p.name) for p in index_dir.iterdir()):  # empty, or a killed start
         return
     if not is_index_folder(index_dir):
         raise RetrieveError(

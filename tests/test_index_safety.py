@@ -209,3 +209,12 @@ def test_temporaries_of_a_killed_writer_are_collected_by_the_next_write(tmp_path
     add_to_index_dir(d, _vs(3, seed=1, start=10))
     names = {p.name for p in d.iterdir()}
     assert not set(litter) & names and ".my-notes.tmp" in names
+
+
+def test_a_first_build_killed_while_marking_the_folder_can_be_built_again(tmp_path):
+    d = tmp_path / "idx"
+    d.mkdir()
+    (d / ".lock").write_text("")
+    (d / "..retrieve-index.x9.tmp").write_text("half")  # killed inside the marker's atomic write
+    build_index_dir(d, _vs(10), IndexConfig())
+    assert read_manifest(d).count == 10 and not (d / "..retrieve-index.x9.tmp").exists()

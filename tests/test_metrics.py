@@ -1,5 +1,9 @@
 """Metrics against scikit-learn and against small cases worked by hand."""
 
+import json
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_curve
@@ -131,18 +135,53 @@ def test_interpolated_pr_needs_a_relevant_item():
         interpolated_pr(np.array([0.3, 0.2]), np.array([False, False]))
 
 
-@pytest.mark.parametrize("seed", range(3))
-def test_per_query_metrics_match_pytorch_metric_learning(seed):
-    """Leave-one-out over random unit vectors (no tied scores): AP, MAP@R, P@1 and RR averaged over
-    queries agree with pytorch-metric-learning's AccuracyCalculator, an independent implementation."""
-    torch = pytest.importorskip("torch")
-    pml = pytest.importorskip("pytorch_metric_learning.utils.accuracy_calculator")
+_PML_SCRIPT = """
+import json, sys
+import numpy as np, torch
+from pytorch_metric_learning.utils.accuracy_calculator import AccuracyCalculator
+data = np.load(sys.argv[1])
+results = []
+for seed in range(len(data.files) // 2):
+    x, labels = data[f"x{seed}"], data[f"labels{seed}"]
+    calc = AccuracyCalculator(
+        include=("mean_average_precision", "mean_average_precision_at_r", "precision_at_1", "mean_reciprocal_rank"),
+        k=len(x) - 1,  # every other image retrieved, as in our leave-one-out gallery
+    )
+    results.append({k: float(v) for k, v in calc.get_accuracy(torch.tensor(x), torch.tensor(labels)).items()})
+print(json.dumps(results))
+"""
+PML_SEEDS = range(3)
+
+
+def _pml_case(seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """60 unit vectors in 4 loose classes; continuous, so no tied scores."""
     rng = np.random.default_rng(seed)
-    n = 60
-    labels = rng.integers(0, 4, n)
-    x = rng.normal(size=(n, 8)) + 1.5 * np.eye(4, 8)[labels]
-    x /= np.linalg.norm(x, axis=1, keepdims=True)
-    sims = x @ x.T
+    labels = rng.integers(0, 4, 60)
+    x = rng.normal(size=(60, 8)) + 1.5 * np.eye(4, 8)[labels]
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), labels
+
+
+@pytest.fixture(scope="module")
+def pml_results(tmp_path_factory) -> list[dict[str, float]]:
+    """pytorch-metric-learning's figures for every case, computed in its own process: importing it
+    patches faiss.Index.search for the whole process (faiss.contrib.torch_utils), which would break
+    later searches that pass SearchParameters."""
+    pytest.importorskip("pytorch_metric_learning")
+    path = tmp_path_factory.mktemp("pml") / "cases.npz"
+    cases = {f"{name}{seed}": a for seed in PML_SEEDS for name, a in zip(("x", "labels"), _pml_case(seed))}
+    np.savez(path, **cases)
+    out = subprocess.run([sys.executable, "-c", _PML_SCRIPT, str(path)], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow  # the oracle's process imports torch
+@pytest.mark.parametrize("seed", PML_SEEDS)
+def test_per_query_metrics_match_pytorch_metric_learning(seed, pml_results):
+    """Leave-one-out: AP, MAP@R, P@1 and RR averaged over queries agree with pytorch-metric-learning's
+    AccuracyCalculator, an independent implementation."""
+    x, labels = _pml_case(seed)
+    n, got = len(x), pml_results[seed]
+    sims = x.astype(np.float64) @ x.T.astype(np.float64)
     ours: dict[str, list[float]] = {"ap": [], "map@r": [], "p@1": [], "rr": []}
     for q in range(n):
         g = np.delete(np.arange(n), q)
@@ -152,11 +191,6 @@ def test_per_query_metrics_match_pytorch_metric_learning(seed):
         ours["map@r"].append(map_at_r(ranked))
         ours["p@1"].append(precision_at_k(ranked, 1))
         ours["rr"].append(reciprocal_rank(ranked))
-    calc = pml.AccuracyCalculator(
-        include=("mean_average_precision", "mean_average_precision_at_r", "precision_at_1", "mean_reciprocal_rank"),
-        k=n - 1,  # every other image retrieved, as in our leave-one-out gallery
-    )
-    got = calc.get_accuracy(torch.tensor(x, dtype=torch.float32), torch.tensor(labels))
     assert np.mean(ours["ap"]) == pytest.approx(got["mean_average_precision"], abs=1e-6)
     assert np.mean(ours["map@r"]) == pytest.approx(got["mean_average_precision_at_r"], abs=1e-6)
     assert np.mean(ours["p@1"]) == pytest.approx(got["precision_at_1"], abs=1e-6)

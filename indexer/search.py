@@ -98,7 +98,10 @@ def search(idx: IndexDir, queries: np.ndarray, k: int, allowed: np.ndarray | Non
         selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(tombstones))
     q = np.ascontiguousarray(queries, dtype=np.float32)
     sp = search_parameters(idx.index, k, params, selector)
-    scores, ids = idx.index.search(q, k, params=sp)
+    # faiss.contrib.torch_utils (imported by e.g. pytorch-metric-learning) swaps Index.search process-wide
+    # for a version without `params`; the numpy original stays reachable as search_numpy
+    search_fn = getattr(idx.index, "search_numpy", idx.index.search)
+    scores, ids = search_fn(q, k, params=sp)
     results = []
     for qi, (srow, irow) in enumerate(zip(scores, ids)):
         keep = irow >= 0

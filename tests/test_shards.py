@@ -155,3 +155,21 @@ def test_cli_remove_compact_and_info(tmp_path, capsys):
     assert run_cli(capsys, "index", "verify", "--index", d)[0] == 0
     code, _, err = run_cli(capsys, "index", "remove", "--index", d, "--where", "colour=red")
     assert code == 2 and "unknown column 'colour'" in err
+
+
+def test_filtered_search_survives_faiss_torch_utils(tmp_path):
+    """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search process-wide."""
+    import subprocess
+    import sys
+
+    d = tmp_path / "idx"
+    build_index_dir(d, _vs(50), IndexConfig(kind="flat"))
+    code = (
+        "import faiss.contrib.torch_utils\n"
+        "from indexer.index_dir import open_index_dir\n"
+        "from indexer.search import filter_mask, search\n"
+        f"idx = open_index_dir({str(d)!r}, use_gpu=False)\n"
+        "hits = search(idx, idx.vectors.vectors[:1], 5, filter_mask(idx, ['p0']))[0]\n"
+        "assert len(hits) == 5 and all(h.row_id >= 5 for h in hits)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import subprocess
@@ -61,22 +60,33 @@ def make_index(folder: Path, n: int, fingerprint: dict, spec: dict, dim: int) ->
     return time.perf_counter() - t0
 
 
+PEAK_PROBE = (
+    "import atexit, sys\n"
+    "def _peak():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            sys.stderr.write('peak_kb=' + line.split()[1] + '\\n')\n"
+    "atexit.register(_peak)\n"
+    "from retrieval.cli.main import main\n"
+    "main(sys.argv[1:])\n"
+)
+
+
 def cli_query(index: Path, image: Path) -> tuple[float, float]:
-    """Wall seconds and peak RSS (MB, of that process alone: os.wait4) of one `retrieve query` process."""
-    cmd = [sys.executable, "-m", "retrieval.cli.main", "query", str(image), "--index", str(index), "--k", "10"]
-    with tempfile.TemporaryFile() as err:
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([*cmd, "--json"], stdout=subprocess.PIPE, stderr=err, cwd=ROOT)
-        assert proc.stdout is not None
-        out = proc.stdout.read()
-        _, status, usage = os.wait4(proc.pid, 0)
-        wall = time.perf_counter() - t0
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        if proc.returncode != 0:
-            err.seek(0)
-            raise SystemExit(f"query failed: {err.read().decode()}")
-    json.loads(out)
-    return wall, usage.ru_maxrss / 1024  # KB on Linux
+    """Wall seconds and peak RSS (MB) of one `retrieve query` process.
+
+    The peak is the process's own VmHWM, read as it exits: ru_maxrss would include the memory of this
+    benchmark process at the moment it forked the query (Linux keeps that high-water mark across exec).
+    """
+    args = ["query", str(image), "--index", str(index), "--k", "10", "--json"]
+    t0 = time.perf_counter()
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE, *args], capture_output=True, text=True, cwd=ROOT)
+    wall = time.perf_counter() - t0
+    if out.returncode != 0:
+        raise SystemExit(f"query failed: {out.stderr}")
+    json.loads(out.stdout)
+    peaks = [int(line.split("=")[1]) for line in out.stderr.splitlines() if line.startswith("peak_kb=")]
+    return wall, (peaks[-1] / 1024 if peaks else float("nan"))
 
 
 def store_work(index: Path, repeats: int) -> dict:

@@ -6,8 +6,8 @@ quantisation). `auto` rule: exact `flat` below 100,000 vectors, `hnsw` below 1,0
 
 from __future__ import annotations
 
+import logging
 import math
-import sys
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,8 @@ import numpy as np
 from indexer.atomic import atomic_path
 from indexer.config import IndexConfig
 from indexer.errors import RetrieveError
+
+log = logging.getLogger(__name__)
 
 FLAT_MAX = 100_000
 HNSW_MAX = 1_000_000
@@ -195,7 +197,7 @@ def load_index(path: Path, use_gpu: bool, mmap: bool = False) -> faiss.Index:
         try:
             index = to_gpu(index)
         except RuntimeError as exc:  # e.g. an index type without GPU support
-            print(f"note: searching on CPU, the GPU refused this index ({exc})", file=sys.stderr)
+            log.info("searching on CPU, the GPU refused this index (%s)", exc)
     return index
 
 

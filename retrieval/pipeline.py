@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
-import sys
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,6 +30,8 @@ from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError, UnreadableImageError
 from retrieval.vote import Vote, knn_vote
 
+log = logging.getLogger(__name__)
+
 
 @dataclass
 class LoadedEncoder:
@@ -45,10 +47,11 @@ def load_encoder(spec: EncoderSpec, preprocess_overrides: dict[str, Any] | None 
     overrides = {k: v for k, v in (preprocess_overrides or {}).items() if v is not None}
     pre = replace(enc.default_preprocess, **overrides)
     if enc.source.startswith("random init"):
-        print(
-            f"note: encoder {spec.name} is randomly initialised (seed {spec.seed}); for pretrained weights pass "
-            "--weights FILE (a timm/torchvision state_dict), or use the default imagenet-effnet-lite0",
-            file=sys.stderr,
+        log.info(
+            "encoder %s is randomly initialised (seed %s); for pretrained weights pass --weights FILE "
+            "(a timm/torchvision state_dict), or use the default imagenet-effnet-lite0",
+            spec.name,
+            spec.seed,
         )
     return LoadedEncoder(spec, enc, pre, enc.fingerprint(pre, spec.name))
 
@@ -67,9 +70,9 @@ def encoder_for_index(
 
 def report_skipped(skipped: list[Skipped], limit: int = 20) -> None:
     for s in skipped[:limit]:
-        print(f"warning: {s}", file=sys.stderr)
+        log.warning("%s", s)
     if len(skipped) > limit:
-        print(f"warning: ... and {len(skipped) - limit} more skipped files", file=sys.stderr)
+        log.warning("... and %d more skipped files", len(skipped) - limit)
 
 
 def embed_dataset(

@@ -700,6 +700,9 @@ def _setup_logging() -> None:
     if root.level == logging.NOTSET or root.level > logging.WARNING:
         root.setLevel(logging.WARNING)
     logging.getLogger("pydicom").setLevel(logging.ERROR)  # its warnings are folded into one line per file
+    for ours in ("retrieval", "indexer", "ui"):  # our notes (logging.INFO) are for the user; others' stay quiet
+        if logging.getLogger(ours).level == logging.NOTSET:
+            logging.getLogger(ours).setLevel(logging.INFO)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -51,11 +51,13 @@ def clusters(
     if index is not None:
         rows, vectors = _index_vectors(index, encoder)
     else:
+        assert data is not None  # exactly one of DATA and --index, checked above
         rows, vectors = _embed(data, encoder, quiet)
     if checkpoint is not None:
         assign, prob = cr.assign_with_checkpoint(vectors, str(checkpoint), head)
         k, method = cr.load_cluster_head(str(checkpoint), head).clusters, f"checkpoint {checkpoint} ({head} head)"
     else:
+        assert n_clusters is not None  # exactly one of --checkpoint and --clusters, checked above
         assign, prob = cr.assign_with_kmeans(vectors, n_clusters, seed)
         k, method = n_clusters, "k-means"
     dev_pair = None

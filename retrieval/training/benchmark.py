@@ -256,7 +256,8 @@ class FoldFitter:
         assign = None
         if cfg.is_clustering:
             with torch.no_grad():
-                assign = res.model.loss.cluster(head).argmax(1).numpy()
+                cluster_head: Any = res.model.loss  # a ClusterLoss whenever cfg.is_clustering
+                assign = cluster_head.cluster(head).argmax(1).numpy()
         return _unit(vec), assign
 
 

@@ -92,7 +92,7 @@ class TrainConfig:
             if not want_pair and not isinstance(value, (int, float)):
                 raise RetrieveError(f"augment.{key}: expected a number, got {value!r}")
             values[key] = tuple(float(v) for v in value) if want_pair else float(value)
-        aug = AugmentConfig(**values)
+        aug = AugmentConfig(**values)  # type: ignore[arg-type]  # each value was checked against its field above
         return aug if self.augment_gain else replace(aug, gain=(1.0, 1.0))
 
     @property

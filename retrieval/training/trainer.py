@@ -8,6 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -146,11 +147,11 @@ def train(
     if cfg.freeze_backbone:
         for p in encoder.backbone.parameters():
             p.requires_grad_(False)
-        cache = (
-            features
-            if features is not None
-            else cached_features(encoder, images, cfg.frozen_views, gen, device, progress=progress, aug=aug_cfg)
-        )
+        if features is not None:
+            cache = features
+        else:
+            assert images is not None  # decoded whenever no cached features were given
+            cache = cached_features(encoder, images, cfg.frozen_views, gen, device, progress=progress, aug=aug_cfg)
         cache = cache.to(device)
 
         def feats(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -164,16 +165,18 @@ def train(
         def clean_rows(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
             return cache[0, torch.as_tensor(rows_idx).to(device)]
     else:
+        assert images is not None  # end-to-end training always decodes the images
+        pixels = images
 
         def feats(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
-            x = images[torch.as_tensor(rows_idx)].float().div_(255)
+            x = pixels[torch.as_tensor(rows_idx)].float().div_(255)
             return encoder.features(augment(x, aug_cfg, generator=gen).to(device))
 
         def clean() -> torch.Tensor:
-            return cached_features(encoder, images, 0, gen, device, progress=False)[0]
+            return cached_features(encoder, pixels, 0, gen, device, progress=False)[0]
 
         def clean_rows(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
-            return encoder.features(images[torch.as_tensor(rows_idx)].float().div_(255).to(device))
+            return encoder.features(pixels[torch.as_tensor(rows_idx)].float().div_(255).to(device))
 
     ctx = LossContext(cfg, encoder, len(classes), codes, gen, cfg.freeze_backbone, pair_rows, clean)
     model = TrainModel(encoder, LOSSES[cfg.method](ctx)).to(device)
@@ -188,7 +191,8 @@ def train(
     if cfg.balanced and (codes >= 0).all() and len(classes) > 1:
         counts = np.bincount(codes, minlength=len(classes))
         weights = torch.as_tensor(1.0 / counts[codes], dtype=torch.float64)
-    log = {"config": cfg.to_dict(), "classes": classes, "n_images": n, "steps": []}
+    steps: list[dict[str, Any]] = []
+    log = {"config": cfg.to_dict(), "classes": classes, "n_images": n, "steps": steps}
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc=f"training {cfg.method}", unit="step", disable=not progress, leave=False)
     step = 0
@@ -212,9 +216,7 @@ def train(
             opt.step()
             sched.step()
             step += 1
-            log["steps"].append(
-                {"step": step, "epoch": (step - 1) // steps_per_epoch + 1, "loss": float(loss.detach())}
-            )
+            steps.append({"step": step, "epoch": (step - 1) // steps_per_epoch + 1, "loss": float(loss.detach())})
             bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
             bar.update(1)
     bar.close()

@@ -32,6 +32,8 @@ def scan_loss(p_anchor: torch.Tensor, p_neighbour: torch.Tensor, entropy_weight:
 
 
 class SCANLoss(ClusterLoss):
+    neighbours: torch.Tensor  # a buffer: (N, 20) indices of each training image's nearest neighbours
+
     def __init__(self, ctx: LossContext):
         super().__init__(ctx)
         if ctx.clean_features is None:

@@ -71,8 +71,13 @@ def test_query_excludes_the_patient_or_group(built, capsys):
     assert len(res["results"]) == 5 and res["vote"]["label"] in set(labels["label"])
     if isinstance(row["patient_id"], str):
         assert all(r["patient_id"] != row["patient_id"] for r in res["results"])
-    else:  # no patient ids: the query image itself is in the index and comes first
-        assert res["results"][0]["score"] == pytest.approx(1, abs=1e-4)
+    else:  # no patient ids: the query image itself is in the index, left out unless --include-self
+        own = str((data / row["path"]).resolve())
+        assert own not in [r["path"] for r in res["results"]]
+        code, out, err = run_cli(capsys, *args, "--include-self")
+        assert code == 0, err
+        first = json.loads(out)["results"][0]
+        assert first["path"] == own and first["score"] == pytest.approx(1, abs=1e-4)
 
 
 @pytest.mark.slow

@@ -39,3 +39,15 @@ def test_training_recipes_load(path):
 
     cfg = load_train_config(path)
     assert path.stem.removesuffix("-cpu") == cfg.method
+
+
+def test_presets_ship_inside_the_package_and_a_missing_one_is_an_error(tmp_path):
+    from importlib.resources import files
+
+    from retrieval.errors import RetrieveError
+    from retrieval.training.benchmark import resolve_method_config
+
+    shipped = files("retrieval") / "presets" / "train" / "supcon-cpu.yaml"
+    assert shipped.is_file()
+    with pytest.raises(RetrieveError, match="preset .* is missing"):
+        resolve_method_config("supcon", tmp_path)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import replace
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from retrieval.training.cluster_eval import CLUSTER_KEYS, fold_cluster_scores, k
 from retrieval.training.config import METHODS, TrainConfig, load_train_config
 from retrieval.training.trainer import cached_features, load_image_tensors, train
 
-PRESETS = Path(__file__).resolve().parents[2] / "configs" / "train"
+PRESETS = Path(str(files("retrieval") / "presets" / "train"))  # shipped in the wheel (package data)
 BASELINES = ("raw-pixels", "random-resnet18", "imagenet-effnet-lite0")
 RETRIEVAL_KEYS = ("map", "mrr", "p@1", "map@r", "knn_accuracy", "knn_balanced_accuracy")
 PROBE_KEYS = ("probe_auc", "probe_balanced_accuracy", "probe_patient_auc", "probe_patient_balanced_accuracy")
@@ -179,7 +180,9 @@ def resolve_method_config(method: str, preset_dir: Path = PRESETS) -> TrainConfi
     if method not in METHODS:
         raise RetrieveError(f"--methods: unknown method {method!r} (choose from {', '.join(METHODS)})")
     cpu = preset_dir / f"{method}-cpu.yaml"
-    return load_train_config(cpu if cpu.is_file() else None, {"method": method})
+    if not cpu.is_file():
+        raise RetrieveError(f"--methods {method}: its preset {cpu} is missing (a broken install?)")
+    return load_train_config(cpu, {"method": method})
 
 
 def keep_label_fraction(rows: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:

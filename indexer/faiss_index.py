@@ -199,12 +199,3 @@ def load_index(path: Path, use_gpu: bool, mmap: bool = False) -> faiss.Index:
         except RuntimeError as exc:  # e.g. an index type without GPU support
             log.info("searching on CPU, the GPU refused this index (%s)", exc)
     return index
-
-
-def set_search_depth(index: faiss.Index, k: int, params: dict[str, Any]) -> None:
-    """Make approximate indexes look at least k candidates deep."""
-    core = inner(index)
-    if isinstance(core, faiss.IndexHNSW):
-        core.hnsw.efSearch = max(int(params.get("ef_search", 128)), k)
-    elif hasattr(core, "nprobe"):
-        core.nprobe = int(params.get("nprobe", core.nprobe))

@@ -56,7 +56,7 @@ LOCK = ".lock"
 MARKER = ".retrieve-index"
 FORMAT = 2
 LEGACY_FILES = {"vectors": "vectors.parquet", "index": "index.faiss"}
-VERSIONED = re.compile(r"^(shard-\d{6}-[0-9a-f]{6}\.parquet|index-\d{6}-[0-9a-f]{6}\.faiss)$")
+VERSIONED = re.compile(r"^(shard-\d{6}-[0-9a-f]{6}(-\d{4})?\.parquet|index-\d{6}-[0-9a-f]{6}\.faiss)$")
 STALE_TMP = re.compile(r"^\.(shard-|index-|part-|vectors|manifest\.json|build\.json|\.retrieve-index).*\.tmp$")
 PART = re.compile(r"^part-[0-9a-f]{8}-\d{5}\.parquet$")  # shards of a streaming build (indexer/streaming.py)
 SHARD_ROWS = 100_000  # rows per shard when a build writes many
@@ -263,7 +263,6 @@ def _collect_garbage(index_dir: Path, manifest: IndexManifest) -> None:
             VERSIONED.match(name)
             or STALE_TMP.match(name)
             or name in LEGACY_FILES.values()
-            or re.match(r"^shard-\d{6}-[0-9a-f]{6}-\d{4}\.parquet$", name)
             or (PART.match(name) and not (index_dir / "build.json").exists())  # keep a resumable build's parts
         )
         if ours and name not in keep and entry.is_file():
@@ -343,6 +342,44 @@ def check_can_build(index_dir: Path, overwrite: bool, data: Path | None = None) 
         )
 
 
+def mark_as_index(index_dir: Path) -> None:
+    """The marker that makes a folder ours before its first commit (so an interrupted build may be redone)."""
+    marker = index_dir / MARKER
+    if not marker.exists():
+        with atomic_path(marker) as tmp:
+            tmp.write_text("a retrieve index folder: see manifest.json\n", encoding="utf-8")
+
+
+def new_manifest(
+    index_dir: Path,
+    count: int,
+    dim: int,
+    kind: str,
+    params: dict[str, Any],
+    fingerprint: dict[str, Any],
+    encoder_spec: dict[str, Any],
+    rows: pd.DataFrame,
+) -> IndexManifest:
+    """The manifest of a freshly built index (ids 0..count-1), one generation past any index it replaces."""
+    old = index_dir / MANIFEST
+    generation = _parse_manifest(old).generation if old.is_file() else 0
+    now = _now()
+    return IndexManifest(
+        count=count,
+        dim=dim,
+        metric=METRIC,
+        kind=kind,
+        params=params,
+        fingerprint=fingerprint,
+        encoder_spec=encoder_spec,
+        created=now,
+        updated=now,
+        labels=_label_counts(rows),
+        generation=generation + 1,
+        next_id=count,
+    )
+
+
 def build_index_dir(
     index_dir: str | Path, vs: VectorSet, cfg: IndexConfig, overwrite: bool = False, data: Path | None = None
 ) -> IndexManifest:
@@ -357,28 +394,8 @@ def build_index_dir(
     index_dir.mkdir(parents=True, exist_ok=True)
     with write_lock(index_dir):
         check_can_build(index_dir, overwrite, data)  # again, now that no other writer can change it
-        marker = index_dir / MARKER
-        if not marker.exists():
-            with atomic_path(marker) as tmp:
-                tmp.write_text("a retrieve index folder: see manifest.json\n", encoding="utf-8")
-        generation = 0
-        if (index_dir / MANIFEST).is_file():
-            generation = _parse_manifest(index_dir / MANIFEST).generation
-        now = _now()
-        manifest = IndexManifest(
-            count=len(vs),
-            dim=vs.dim,
-            metric=METRIC,
-            kind=kind,
-            params=params,
-            fingerprint=vs.fingerprint,
-            encoder_spec=vs.encoder_spec,
-            created=now,
-            updated=now,
-            labels=_label_counts(vs.rows),
-            generation=generation + 1,
-            next_id=len(vs),
-        )
+        mark_as_index(index_dir)
+        manifest = new_manifest(index_dir, len(vs), vs.dim, kind, params, vs.fingerprint, vs.encoder_spec, vs.rows)
         tag = _tag(manifest)
         manifest.shards = _write_shards(index_dir, vs, 0, tag)
         _commit(index_dir, manifest, index, tag)

@@ -95,26 +95,21 @@ class ShardReader:
 
     def read(self, columns: list[str] | None = None, vectors: bool = False) -> tuple[pd.DataFrame, np.ndarray | None]:
         """All rows of all shards (some columns, or every row column), optionally with the vectors."""
-        frames, vecs = [], []
-        for s in range(len(self.shards)):
-            names = self.row_columns(s) if columns is None else [c for c in columns if c in self.row_columns(s)]
-            wanted = names + ([VECTOR_COLUMN] if vectors else [])
-            table = self._file(s).read(columns=wanted)
-            if vectors:
-                vecs.append(vectors_from_table(table, self.shards[s].path))
-                table = table.drop_columns([VECTOR_COLUMN])
-            frames.append(_to_pandas(table))
-        rows = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        if columns is not None:
-            for c in columns:
-                if c not in rows.columns:
-                    rows[c] = None
+        parts = [self.read_shard(s, columns, vectors) for s in range(len(self.shards))]
+        rows = pd.concat([p[0] for p in parts], ignore_index=True) if parts else pd.DataFrame()
+        for c in columns or []:
+            if c not in rows.columns:
+                rows[c] = None
+        vecs = [v for _, v in parts if v is not None]
         return rows, (np.vstack(vecs) if vectors and vecs else None)
 
-    def read_shard(self, s: int, vectors: bool = False) -> tuple[pd.DataFrame, np.ndarray | None]:
-        """Every row of one shard (row columns), optionally with its vectors."""
-        names = self.row_columns(s) + ([VECTOR_COLUMN] if vectors else [])
-        table = self._file(s).read(columns=names)
+    def read_shard(
+        self, s: int, columns: list[str] | None = None, vectors: bool = False
+    ) -> tuple[pd.DataFrame, np.ndarray | None]:
+        """Every row of one shard (some columns, or every row column), optionally with its vectors."""
+        have = self.row_columns(s)
+        names = have if columns is None else [c for c in columns if c in have]
+        table = self._file(s).read(columns=names + ([VECTOR_COLUMN] if vectors else []))
         vecs = None
         if vectors:
             vecs = vectors_from_table(table, self.shards[s].path)

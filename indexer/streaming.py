@@ -30,16 +30,15 @@ from indexer.faiss_index import fill_index, new_index
 from indexer.fingerprint import fingerprint_difference
 from indexer.index_dir import (
     MANIFEST,
-    MARKER,
-    METRIC,
     IndexManifest,
     _commit,
     _describe,
-    _label_counts,
     _now,
     _parse_manifest,
     _tag,
     check_can_build,
+    mark_as_index,
+    new_manifest,
     write_lock,
 )
 from indexer.shards import Shard, ShardReader, write_shard
@@ -96,10 +95,7 @@ class StreamingBuild:
         self._lock.__exit__(kind, exc, tb)  # parts stay on disk for --resume
 
     def _start(self, resumable: bool) -> None:
-        marker = self.dir / MARKER
-        if not marker.exists():
-            with atomic_path(marker) as tmp:
-                tmp.write_text("a retrieve index folder: see manifest.json\n", encoding="utf-8")
+        mark_as_index(self.dir)
         state = self._read_state() if resumable else None
         if state is not None:
             diff = fingerprint_difference(state["fingerprint"], self.fingerprint)
@@ -184,29 +180,14 @@ class StreamingBuild:
 
         def batches():
             for s in range(len(self.parts)):
-                _, vecs = reader.read_shard(s, vectors=True)
+                _, vecs = reader.read_shard(s, columns=[], vectors=True)
                 assert vecs is not None
                 yield vecs, reader.shard_ids(s)
 
         fill_index(index, batches, sample=lambda: self._train_sample(reader, n))
         labels, _ = reader.read(columns=["label"])
-        generation = _parse_manifest(self.dir / MANIFEST).generation if (self.dir / MANIFEST).is_file() else 0
-        now = _now()
-        manifest = IndexManifest(
-            count=n,
-            dim=dim,
-            metric=METRIC,
-            kind=kind,
-            params=params,
-            fingerprint=self.fingerprint,
-            encoder_spec=self.spec,
-            created=now,
-            updated=now,
-            labels=_label_counts(labels),
-            generation=generation + 1,
-            next_id=n,
-            shards=list(self.parts),
-        )
+        manifest = new_manifest(self.dir, n, dim, kind, params, self.fingerprint, self.spec, labels)
+        manifest.shards = list(self.parts)
         _commit(self.dir, manifest, index, _tag(manifest))
         (self.dir / STATE).unlink(missing_ok=True)
         return manifest
@@ -216,7 +197,7 @@ class StreamingBuild:
         take = min(1.0, TRAIN_SAMPLE / n)
         out = []
         for s in range(len(self.parts)):
-            _, vecs = reader.read_shard(s, vectors=True)
+            _, vecs = reader.read_shard(s, columns=[], vectors=True)
             assert vecs is not None
             step = max(1, int(round(1 / take)))
             out.append(vecs[::step])

@@ -262,22 +262,26 @@ def query_files(
     results: list[QueryResult] = []
     errors: list[str] = []
     base = filter_mask(idx, list(exclude_patients), list(where))
+    identity = None if include_self else _identity_columns(idx)  # read once for every query file
     for p in paths:
         try:
             names, vecs = embed_query_image(p, loaded)
         except UnreadableImageError as exc:
             errors.append(str(exc))
             continue
-        own = None if include_self else self_mask(idx, p)
+        own = None if identity is None else self_mask(identity, p)
         allowed = base if own is None else (~own if base is None else base & ~own)
         results += _answer(idx, names, vecs, k, allowed, vote)
     return results, errors
 
 
-def self_mask(idx: IndexDir, path: str | Path) -> np.ndarray | None:
-    """Mask of the live rows that are the query file itself or its near-duplicates; None if there are none."""
-    cols = [c for c in (CONTENT_HASH, "path", "near_dup_group") if c in idx.columns]
-    rows = idx.read_columns(cols)
+def _identity_columns(idx: IndexDir) -> pd.DataFrame:
+    """The columns that tell an indexed image's identity (hash, path, near-duplicate group), live rows."""
+    return idx.read_columns([c for c in (CONTENT_HASH, "path", "near_dup_group") if c in idx.columns])
+
+
+def self_mask(rows: pd.DataFrame, path: str | Path) -> np.ndarray | None:
+    """Mask of the rows (from _identity_columns) that are the query file itself or its near-duplicates."""
     same = np.zeros(len(rows), dtype=bool)
     if CONTENT_HASH in rows:
         digest = file_digest(path)
@@ -297,7 +301,7 @@ def _answer(
         raise RetrieveError("no indexed image is left after --exclude-patient/--where")
     matched = None if allowed is None else int(allowed.sum())
     out = []
-    for name, hits in zip(names, search(idx, vectors, min(k, matched if matched is not None else k), allowed)):
+    for name, hits in zip(names, search(idx, vectors, k, allowed)):
         rows = idx.fetch([h.row_id for h in hits])
         labels = [None if pd.isna(x) else str(x) for x in rows["label"]] if "label" in rows else [None] * len(hits)
         out.append(QueryResult(name, hits, rows, knn_vote(labels, [h.score for h in hits], vote), matched))

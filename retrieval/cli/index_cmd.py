@@ -1,0 +1,201 @@
+"""`retrieve index build|add|remove|compact|info|verify`: parse, call retrieval/indexer, present."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import typer
+
+from retrieval.cli import options as opt
+from retrieval.cli.output import echo_err
+from retrieval.errors import RetrieveError
+
+
+def index_build(
+    data: Path | None = typer.Argument(None, help="dataset folder or manifest (omit with --vectors)"),
+    index: Path = typer.Option(..., "--index", "-i", help="index folder to create"),
+    vectors: Path | None = typer.Option(
+        None, "--vectors", help="use vectors from `retrieve embed` instead of embedding DATA"
+    ),
+    kind: str = typer.Option("auto", "--kind", help="auto, flat, hnsw, ivf or ivfpq"),
+    config: Path | None = typer.Option(None, "--config", help="YAML recipe (encoder, preprocess, index sections)"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index folder"),
+    resume: bool = typer.Option(
+        False, "--resume", help="continue an interrupted build, embedding only what is missing"
+    ),
+    encoder: str = opt.Encoder,
+    weights: str | None = opt.Weights,
+    seed: int = opt.Seed,
+    image_size: int | None = opt.ImageSize,
+    crop_sector: bool | None = opt.CropSector,
+    resize: str | None = opt.Resize,
+    ct_window: str | None = opt.CtWindow,
+    batch_size: int = opt.BatchSize,
+    workers: int | None = opt.Workers,
+    gpu: bool = opt.Gpu,
+    quiet: bool = opt.Quiet,
+):
+    """Embed DATA (or take --vectors) and build a FAISS index folder over cosine similarity."""
+    from dataclasses import replace
+
+    from indexer.faiss_index import INDEX_KINDS
+    from indexer.index_dir import build_index_dir, check_can_build
+    from indexer.store import read_vectors
+    from retrieval.config import IndexConfig, load_recipe
+    from retrieval.data.dataset import Skipped
+    from retrieval.pipeline import build_index_streaming, load_encoder, report_skipped
+
+    if kind != "auto" and kind not in INDEX_KINDS:
+        raise RetrieveError(f"--kind {kind}: unknown; choose auto, {', '.join(INDEX_KINDS)}")
+    index_cfg = IndexConfig(kind=kind, gpu=gpu)
+    spec = opt.encoder_spec(encoder, weights, seed)
+    pre = opt.preprocess_overrides(image_size, crop_sector, resize, ct_window)
+    if config is not None:
+        recipe = load_recipe(config)
+        index_cfg = replace(
+            recipe.index, kind=kind if kind != "auto" else recipe.index.kind, gpu=gpu and recipe.index.gpu
+        )
+        if encoder == opt.Encoder.default and weights is None:
+            spec = recipe.encoder
+        pre = {**recipe.preprocess.to_dict(), **{k: v for k, v in pre.items() if v is not None}}
+        pre["ct_window"] = tuple(pre["ct_window"])
+        batch_size = recipe.batch_size if batch_size == opt.BatchSize.default else batch_size
+    t0 = time.perf_counter()
+    if vectors is not None:
+        if data is not None:
+            raise RetrieveError("give either DATA or --vectors, not both")
+        if resume:
+            raise RetrieveError("--resume continues embedding DATA; it does not apply to --vectors")
+        check_can_build(index, overwrite, data)
+        manifest = build_index_dir(index, read_vectors(vectors), index_cfg, overwrite=overwrite)
+        skipped: list[Skipped] = []
+        resumed = 0
+    else:
+        if data is None:
+            raise RetrieveError("missing DATA (a dataset folder or manifest) or --vectors FILE")
+        if not resume:
+            check_can_build(index, overwrite, data)  # before the expensive embedding
+        loaded = load_encoder(spec, pre)
+        manifest, skipped, resumed = build_index_streaming(
+            data, loaded, index, index_cfg, batch_size, workers, gpu, not quiet, overwrite, resume
+        )
+    report_skipped(skipped)
+    print(
+        f"indexed {manifest.count} images ({manifest.dim}-d, {manifest.kind}, {manifest.params.get('built_on')}) "
+        f"in {time.perf_counter() - t0:.1f} s -> {index}"
+        + (f"; {resumed} of them embedded by the interrupted run" if resumed else "")
+        + (f"; skipped {len(skipped)}" if skipped else "")
+    )
+
+
+def index_add(
+    data: Path = typer.Argument(..., help="dataset folder or manifest with the new images"),
+    index: Path = typer.Option(..., "--index", "-i"),
+    batch_size: int = opt.BatchSize,
+    workers: int | None = opt.Workers,
+    gpu: bool = opt.Gpu,
+    quiet: bool = opt.Quiet,
+    replace: bool = typer.Option(False, "--replace", help="re-embed images already indexed and replace them"),
+):
+    """Append new images to an index with its own encoder, without a rebuild."""
+    from indexer.index_dir import add_to_index_dir, read_manifest
+    from retrieval.pipeline import embed_dataset, encoder_for_index, report_skipped
+
+    m = read_manifest(index)
+    loaded = encoder_for_index(m.fingerprint, m.encoder_spec, f"--index {index}")
+    vs, skipped = embed_dataset(data, loaded, batch_size, workers, gpu, not quiet)
+    manifest, added = add_to_index_dir(index, vs, replace=replace)
+    report_skipped(skipped)
+    print(
+        f"added {added} images ({len(vs) - added} already indexed); index now holds {manifest.count}"
+        + (f"; skipped {len(skipped)}" if skipped else "")
+    )
+
+
+def index_remove(
+    index: Path = typer.Option(..., "--index", "-i"),
+    ids: list[str] = typer.Option([], "--id", help="an image id as listed in results (repeatable)"),
+    paths: list[Path] = typer.Option([], "--path", help="an image file (repeatable; all its frames)"),
+    patients: list[str] = typer.Option([], "--patient", help="every image of this patient (repeatable)"),
+    where: list[str] = typer.Option([], "--where", help="every image with COLUMN=VALUE (repeatable: all must hold)"),
+):
+    """Remove images from an index without a rebuild (any kind); `index compact` reclaims the space."""
+    import numpy as np
+
+    from indexer.index_dir import remove_from_index_dir
+    from indexer.search import candidate_mask, parse_where
+
+    if not (ids or paths or patients or where):
+        raise RetrieveError("say what to remove: --id, --path, --patient or --where")
+    conditions = parse_where(where)
+    wanted_paths = {str(p) for p in paths} | {str(p.expanduser().resolve()) for p in paths}
+
+    def select(idx):
+        for col, value in conditions:
+            if col not in idx.columns:
+                raise RetrieveError(
+                    f"--where {col}={value}: unknown column '{col}' (columns: {', '.join(idx.columns)})"
+                )
+        cols = ["id", "path", "patient_id", *[c for c, _ in conditions]]
+        rows = idx.read_columns([c for c in dict.fromkeys(cols) if c in idx.columns])
+        mask = rows["id"].astype(str).isin(ids).to_numpy() | rows["path"].astype(str).isin(wanted_paths).to_numpy()
+        if patients and "patient_id" in rows:
+            mask |= rows["patient_id"].astype("string").isin(patients).fillna(False).to_numpy(dtype=bool)
+        if conditions:
+            matched = candidate_mask(rows, [], conditions)
+            mask |= np.ones(len(rows), dtype=bool) if matched is None else matched
+        return mask
+
+    manifest, removed = remove_from_index_dir(index, select)
+    later = " (HNSW: skipped by every search now, space reclaimed by `retrieve index compact`)"
+    print(
+        f"removed {removed} images; index now holds {manifest.count}"
+        + (later if manifest.params.get("removal") == "tombstone" else "")
+    )
+
+
+def index_compact(index: Path = typer.Option(..., "--index", "-i")):
+    """Rewrite the shards without removed images and rebuild the FAISS index over the live ones."""
+    from indexer.index_dir import compact_index_dir
+
+    manifest, dropped = compact_index_dir(index)
+    print(f"compacted: dropped {dropped} removed rows; {manifest.count} images in {len(manifest.shards)} shard(s)")
+
+
+def index_info(index: Path = typer.Option(..., "--index", "-i"), as_json: bool = typer.Option(False, "--json")):
+    """Print the index manifest and whether its files are intact (sizes; `index verify` checks content)."""
+    from indexer.index_dir import file_problems, read_manifest
+
+    m = read_manifest(index)
+    problems = file_problems(Path(index), m)
+    if as_json:
+        print(json.dumps({**json.loads(m.to_json()), "problems": problems}, indent=2))
+    else:
+        fp = m.fingerprint
+        weights = str(fp.get("weights_sha256", "?"))[:12]
+        print(f"index:     {index}")
+        print(f"images:    {m.count}  ({', '.join(f'{k} {v}' for k, v in m.labels.items())})")
+        print(f"vectors:   {m.dim}-d, {m.metric}")
+        print(f"kind:      {m.kind} {json.dumps(m.params)}")
+        print(
+            f"encoder:   {fp.get('encoder')} (weights sha256 {weights}), preprocess {json.dumps(fp.get('preprocess'))}"
+        )
+        print(f"created:   {m.created}   updated: {m.updated}   version {m.generation}")
+        print("files:     " + ("DAMAGED: " + "; ".join(problems) if problems else "present, sizes as recorded"))
+    if problems:
+        raise typer.Exit(2)
+
+
+def index_verify(index: Path = typer.Option(..., "--index", "-i")):
+    """Check everything: SHA-256 of every file against the manifest, both files load, counts and dims agree."""
+    from indexer.index_dir import verify_index_dir
+
+    problems = verify_index_dir(index)
+    for p in problems:
+        echo_err(f"problem: {p}")
+    if any(not p.startswith("no checksums") for p in problems):
+        echo_err(f"--index {index}: damaged ({len(problems)} problem(s)); rebuild it")
+        raise typer.Exit(2)
+    print(f"--index {index}: ok (checksums, sizes, counts and dimensions agree)")

@@ -1,0 +1,154 @@
+"""`retrieve train` and `retrieve classify`: parse, call retrieval.training, present."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from retrieval.cli import options as opt
+from retrieval.cli.output import echo_err
+from retrieval.errors import RetrieveError
+
+
+def train(
+    data: Path = typer.Argument(..., help="dataset folder or manifest"),
+    method: str | None = typer.Option(
+        None,
+        "--method",
+        "-m",
+        help="siamese, siamese-l1, simclr, supcon, weak-simclr, supervised; label-free clustering: pica, lsd, "
+        "scan; few labels (empty label = unlabelled): fixmatch",
+    ),
+    out: Path = typer.Option(
+        ..., "--out", "-o", help="checkpoint to write (.safetensors + .json, plus .log.json and .loss.png)"
+    ),
+    config: Path | None = typer.Option(None, "--config", help="YAML with training options (configs/train/*.yaml)"),
+    encoder: str | None = typer.Option(
+        None, "--encoder", "-e", help="backbone: cnn5, resnet18, imagenet-effnet-lite0, any timm name"
+    ),
+    weights: str | None = opt.Weights,
+    epochs: int | None = typer.Option(None, "--epochs"),
+    batch_size: int | None = typer.Option(None, "--batch-size"),
+    lr: float | None = typer.Option(None, "--lr"),
+    image_size: int | None = typer.Option(None, "--image-size"),
+    temperature: float | None = typer.Option(None, "--temperature"),
+    beta: float | None = typer.Option(None, "--beta"),
+    margin: float | None = typer.Option(None, "--margin"),
+    seed: int | None = typer.Option(None, "--seed"),
+    freeze_backbone: bool | None = typer.Option(
+        None, "--freeze-backbone/--train-backbone", help="train only the head on cached features"
+    ),
+    balanced: bool | None = typer.Option(None, "--balanced/--unbalanced", help="class-balanced sampling"),
+    max_steps: int | None = typer.Option(None, "--max-steps"),
+    clusters: int | None = typer.Option(None, "--clusters", help="pica, lsd, scan: number of clusters K"),
+    pairs: Path | None = typer.Option(None, "--pairs", help="CSV path_a,path_b,same (1 = similar) for siamese methods"),
+    quiet: bool = opt.Quiet,
+):
+    """Train an encoder; the checkpoint loads straight into `embed` / `index build --encoder`."""
+    import pandas as pd
+
+    from retrieval.data.dataset import load_dataset
+    from retrieval.encoders.checkpoint import save_checkpoint
+    from retrieval.pipeline import report_skipped
+    from retrieval.training.config import load_train_config
+    from retrieval.training.trainer import train as run_training
+    from retrieval.training.trainer import write_training_log
+
+    overrides = dict(
+        method=method,
+        encoder=encoder,
+        weights=weights,
+        epochs=epochs,
+        batch_size=batch_size,
+        lr=lr,
+        image_size=image_size,
+        temperature=temperature,
+        beta=beta,
+        margin=margin,
+        seed=seed,
+        freeze_backbone=freeze_backbone,
+        balanced=balanced,
+        max_steps=max_steps,
+        clusters=clusters,
+    )
+    cfg = load_train_config(config, overrides)
+    table = load_dataset(data)
+    pairs_table = None
+    if pairs is not None:
+        if cfg.method not in ("siamese", "siamese-l1"):
+            raise RetrieveError(f"--pairs is for the siamese methods, not {cfg.method}")
+        if not pairs.is_file():
+            raise RetrieveError(f"--pairs {pairs}: file not found")
+        pairs_table = pd.read_csv(pairs)
+        base = pairs.resolve().parent
+        for col in ("path_a", "path_b"):
+            if col in pairs_table:
+                pairs_table[col] = [
+                    str((base / p).resolve()) if not Path(p).is_absolute() else p for p in pairs_table[col].astype(str)
+                ]
+    result = run_training(table.rows, cfg, pairs_table, progress=not quiet)
+    extra_tensors = result.model.loss.extra_tensors()
+    path = save_checkpoint(
+        result.encoder,
+        out,
+        result.encoder.default_preprocess,
+        extra={
+            "training": cfg.to_dict(),
+            "classes": result.classes,
+            "trained_on": {"data": str(Path(data).resolve()), "images": result.log["n_images"]},
+        },
+        extra_tensors=extra_tensors,
+    )
+    log_path, png_path = write_training_log(result.log, path)
+    report_skipped(table.skipped + result.skipped)
+    losses = [s["loss"] for s in result.log["steps"]]
+    print(
+        f"trained {cfg.method} on {result.log['n_images']} images: "
+        f"{len(losses)} steps in {result.log['seconds']:.1f} s, "
+        f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
+        if losses
+        else "no steps were run"
+    )
+    print(f"checkpoint -> {path} (use it as --encoder {path}); log -> {log_path}, {png_path}")
+
+
+def classify(
+    images: list[Path] = typer.Argument(..., help="image(s) to classify"),
+    anchors: Path = typer.Option(
+        ..., "--anchors", help="folder or manifest of labelled anchor images (a few per class)"
+    ),
+    checkpoint: Path = typer.Option(
+        ..., "--checkpoint", help="a checkpoint from `retrieve train` (siamese-l1 gives the paper's scorer)"
+    ),
+    shots: int | None = typer.Option(None, "--shots", help="use at most N anchors per class"),
+    as_json: bool = typer.Option(False, "--json"),
+):
+    """n-shot classification of IMAGE(s) against labelled anchors (paper 000)."""
+    from retrieval.config import EncoderSpec
+    from retrieval.pipeline import LoadedEncoder, embed_query_image
+    from retrieval.training.classify import AnchorClassifier
+
+    clf = AnchorClassifier(str(checkpoint), str(anchors), shots)
+    loaded = LoadedEncoder(EncoderSpec(str(checkpoint)), clf.encoder, clf.encoder.default_preprocess, {})
+    out: list[dict[str, Any]] = []
+    failed = False
+    for p in images:
+        try:
+            names, vecs = embed_query_image(p, loaded)
+        except RetrieveError as exc:
+            echo_err(f"error: {exc}")
+            failed = True
+            continue
+        for name, c in zip(names, clf.classify_vectors(vecs)):
+            out.append({"image": name, "label": c.label, "scores": c.scores, "scorer": c.scorer})
+    if as_json:
+        print(json.dumps(out, indent=2))
+    else:
+        for r in out:
+            scores = ", ".join(f"{k} {v:.3f}" for k, v in r["scores"].items())
+            print(f"{r['image']}: {r['label']}  ({scores}; {r['scorer']})")
+    if failed:
+        raise typer.Exit(2)

@@ -1,0 +1,22 @@
+"""`retrieve ui`: the work is in ui.launch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def ui_cmd(
+    index: Path | None = typer.Option(
+        None, "--index", "-i", help="index folder (default: the demo index, built if missing)"
+    ),
+    port: int = typer.Option(8501, "--port", help="local port for the browser app"),
+    demo_out: Path = typer.Option(Path("retrieve-demo"), "--demo-out", help="where the demo index lives"),
+):
+    """Open the similar-case browser (Streamlit) on an index."""
+    from ui.launch import launch
+
+    code = launch(index, port, demo_out)
+    if code:
+        raise typer.Exit(code)

@@ -7,6 +7,12 @@ import pytest
 from retrieval.training.benchmark import group_ids, linear_probe, make_folds, patient_average, run_benchmark
 
 
+@pytest.fixture(autouse=True)
+def _private_feature_cache(tmp_path, monkeypatch):
+    """Benchmark runs here write their feature cache into the test's folder, never the user's."""
+    monkeypatch.setenv("RETRIEVE_CACHE", str(tmp_path / "cache"))
+
+
 def test_groups_join_patients_and_near_duplicates():
     rows = pd.DataFrame(
         {"patient_id": ["a", "a", "b", None, None, "c"], "near_dup_group": [None, None, "g", "g", None, None]}
@@ -298,3 +304,42 @@ def test_clustering_methods_scored_next_to_kmeans(demo_data, monkeypatch):
     for runs in clusters.values():
         assert len(runs) == 2 and all(-1 <= r["ari"] <= 1 and 0 <= r["weighted_f1"] <= 1 for r in runs)
     assert "| kmeans-raw-pixels |" in markdown_table(res) and "lsd" in res["summary"]
+
+
+def test_method_spec_label_fraction():
+    from retrieval.errors import RetrieveError
+    from retrieval.training.benchmark import parse_method_spec
+
+    assert parse_method_spec("supcon") == ("supcon", None)
+    assert parse_method_spec("fixmatch@0.1") == ("fixmatch", 0.1)
+    assert parse_method_spec("fixmatch@25%") == ("fixmatch", 0.25)
+    for bad in ("fixmatch@0", "fixmatch@1.5", "fixmatch@ten"):
+        with pytest.raises(RetrieveError, match="label fraction"):
+            parse_method_spec(bad)
+
+
+@pytest.mark.slow
+def test_label_fraction_methods_share_one_labelled_subset(tmp_path):
+    """supcon@F trains on the labelled groups alone, fixmatch@F on the same groups plus the rest unlabelled;
+    METHOD@F.KEY overrides reach that spec only; a clustering method refuses a fraction."""
+    from retrieval.demo.synthetic import generate_demo_dataset
+    from retrieval.errors import RetrieveError
+
+    demo_data = tmp_path / "demo"
+    generate_demo_dataset(demo_data, n_per_grade=4, frames=2, size=64, seed=2)  # 2 patients per grade per fold
+    res = run_benchmark(
+        demo_data,
+        ["supcon@0.5", "fixmatch@50%"],
+        folds=2,
+        overrides={"epochs": 2, "frozen_views": 1, "image_size": 32, "fixmatch@50%.fixmatch_threshold": 0.5},
+        progress=False,
+        log=lambda m: None,
+    )
+    assert res["methods"]["supcon@0.5"]["label_fraction"] == 0.5
+    assert res["methods"]["fixmatch@50%"]["fixmatch_threshold"] == 0.5
+    assert res["methods"]["supcon@0.5"]["fixmatch_threshold"] == 0.95
+    a = [r["labelled_fraction"] for r in res["per_fold"]["supcon@0.5"]]
+    b = [r["labelled_fraction"] for r in res["per_fold"]["fixmatch@50%"]]
+    assert a == b and all(0 < f < 1 for f in a)
+    with pytest.raises(RetrieveError, match="reads no labels"):
+        run_benchmark(demo_data, ["lsd@0.1"], folds=2, progress=False, log=lambda m: None)

@@ -39,11 +39,31 @@ def partly_labelled(demo_data):
     return keep_label_fraction(rows, 0.25, seed=0)
 
 
-def test_keep_label_fraction_is_stratified(partly_labelled, demo_data):
+def test_keep_label_fraction_is_stratified_by_patient(partly_labelled, demo_data):
     full = load_dataset(demo_data).rows
     kept = partly_labelled["label"].dropna()
-    assert kept.value_counts().to_dict() == {c: 2 for c in full["label"].unique()}  # 6 per grade -> 25% = 2
+    # 2 patients x 3 frames per grade: 25% of 6 images is 1.5, one whole patient (3 images) per grade
+    assert kept.value_counts().to_dict() == {c: 3 for c in full["label"].unique()}
     assert (kept == full.loc[kept.index, "label"]).all()
+    labelled = partly_labelled["label"].notna()
+    assert full.groupby("patient_id").apply(lambda g: labelled[g.index].nunique() == 1).all()  # whole patients
+    again = keep_label_fraction(full, 0.25, seed=0)
+    assert again["label"].isna().equals(partly_labelled["label"].isna())  # seeded
+    other = [keep_label_fraction(full, 0.25, seed=s)["label"].notna().tolist() for s in range(1, 6)]
+    assert any(o != labelled.tolist() for o in other)
+
+
+def test_keep_label_fraction_takes_groups_closest_to_the_fraction():
+    # class a: 10 groups of 2 images; 30% of 20 images = 6 -> 3 groups; class b: 4 groups of 5 -> 1 group (5)
+    rows = pd.DataFrame(
+        {
+            "patient_id": [f"a{i // 2}" for i in range(20)] + [f"b{i // 5}" for i in range(20)],
+            "label": ["a"] * 20 + ["b"] * 20,
+        }
+    )
+    for seed in range(5):
+        kept = keep_label_fraction(rows, 0.3, seed)["label"].dropna()
+        assert kept.value_counts().to_dict() == {"a": 6, "b": 5}
 
 
 @pytest.mark.slow

@@ -36,7 +36,8 @@ from retrieval.errors import RetrieveError
 from retrieval.evaluation.evaluate import EvalSettings, evaluate
 from retrieval.training.cluster_eval import CLUSTER_KEYS, fold_cluster_scores, kmeans_assign, summarise_clusters
 from retrieval.training.config import METHODS, TrainConfig, load_train_config
-from retrieval.training.trainer import cached_features, load_image_tensors, train
+from retrieval.training.feature_cache import features_with_cache
+from retrieval.training.trainer import load_image_tensors, train
 
 PRESETS = Path(str(files("retrieval") / "presets" / "train"))  # shipped in the wheel (package data)
 BASELINES = ("raw-pixels", "random-resnet18", "imagenet-effnet-lite0")
@@ -186,15 +187,41 @@ def resolve_method_config(method: str, preset_dir: Path = PRESETS) -> TrainConfi
 
 
 def keep_label_fraction(rows: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
-    """The rows with all but a stratified random `fraction` of their labels blanked (at least one per class):
-    the few-labels setting of semi-supervised methods, simulated on a labelled archive."""
+    """The rows with all labels blanked but those of a random, stratified `fraction` of the patients: the
+    few-labels setting of semi-supervised methods, simulated on a labelled archive. Whole groups (patient
+    and near-duplicate group, as the folds) are labelled or not; per class (a group's most frequent label),
+    groups are taken in a seeded random order whenever one brings that class's labelled images closer to
+    `fraction` of its images, and at least one group per class is taken."""
     rng = np.random.default_rng(seed)
-    keep = np.zeros(len(rows), bool)
-    for _, pos in rows.groupby(rows["label"].astype(str)).indices.items():
-        keep[rng.permutation(pos)[: max(1, int(round(fraction * len(pos))))]] = True
+    labels = rows["label"].astype(str).to_numpy()
+    groups = group_ids(rows)
+    by_group = pd.DataFrame({"g": groups, "y": labels}).groupby("g")["y"]
+    major = by_group.agg(lambda y: y.value_counts().sort_index().idxmax())  # ties: the first label by name
+    sizes = by_group.size()
+    chosen: list[int] = []
+    for cls in sorted(set(labels)):
+        target, taken = fraction * float((labels == cls).sum()), 0
+        for g in rng.permutation(major.index[major == cls].to_numpy()):
+            if not taken or abs(taken + sizes[g] - target) < abs(taken - target):
+                chosen.append(g)
+                taken += int(sizes[g])
     out = rows.copy()
-    out["label"] = out["label"].astype("string").where(keep, pd.NA)
+    out["label"] = out["label"].astype("string").where(np.isin(groups, chosen), pd.NA)
     return out
+
+
+def parse_method_spec(spec: str) -> tuple[str, float | None]:
+    """`METHOD` or `METHOD@FRACTION`: train with that fraction of the training folds' labels (0.1 or 10%)."""
+    method, sep, frac = spec.partition("@")
+    if not sep:
+        return spec, None
+    try:
+        value = float(frac[:-1]) / 100 if frac.endswith("%") else float(frac)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 < value <= 1.0:
+        raise RetrieveError(f"--methods {spec}: the label fraction after @ must lie in (0, 1] (e.g. 0.1 or 10%)")
+    return method, value
 
 
 class FoldFitter:
@@ -210,9 +237,11 @@ class FoldFitter:
         seed: int = 0,
         progress: bool = True,
         timings: dict[str, float] | None = None,
+        cache_root: Path | None | str = "default",
     ):
         self.rows, self.images, self.device, self.progress = rows, images, device, progress
-        self.gen = torch.Generator().manual_seed(seed)
+        self.seed, self.cache_root = seed, cache_root
+        self.labelled_fraction = 1.0  # share of the training rows that kept a label in the last fit
         self.timings = timings if timings is not None else {}
         self.caches: dict[tuple, torch.Tensor] = {}
 
@@ -221,17 +250,21 @@ class FoldFitter:
         key = (cfg.encoder, cfg.weights, cfg.image_size, cfg.frozen_views, aug)
         if key not in self.caches:
             t = time.perf_counter()
-            enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed).to(self.device)
-            self.caches[key] = cached_features(
+            enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed)
+            self.caches[key], hit = features_with_cache(
                 enc,
                 self.images[cfg.image_size],
+                self.rows,
+                PreprocessConfig(image_size=cfg.image_size),
                 cfg.frozen_views,
-                self.gen,
+                self.seed,
                 self.device,
-                progress=self.progress,
                 aug=aug,
+                progress=self.progress,
+                root=self.cache_root,
             )
-            self.timings[f"features {cfg.encoder} x{cfg.frozen_views + 1} views"] = round(time.perf_counter() - t, 1)
+            what = f"features {cfg.encoder} x{cfg.frozen_views + 1} views" + (" (disk cache)" if hit else "")
+            self.timings[what] = round(time.perf_counter() - t, 1)
         return self.caches[key]
 
     def fit(self, cfg: TrainConfig, tr: np.ndarray) -> np.ndarray:
@@ -246,6 +279,10 @@ class FoldFitter:
             train_rows = train_rows.drop(columns=["label"])
         elif cfg.label_fraction < 1.0:
             train_rows = keep_label_fraction(train_rows, cfg.label_fraction, cfg.seed)
+            labelled = train_rows["label"].notna().to_numpy()
+            self.labelled_fraction = float(labelled.mean())
+            if cfg.needs_labels:  # a supervised method trains on the labelled rows alone
+                train_rows, tr = train_rows[labelled].reset_index(drop=True), tr[labelled]
         if cfg.freeze_backbone:
             cache = self.frozen_cache(cfg)
             res = train(train_rows, cfg, progress=False, features=cache[:, tr])
@@ -276,24 +313,36 @@ def run_benchmark(
     log=print,
     select: dict[str, list[Any]] | None = None,
     repeats: int = 1,
+    cache: Path | None | str = "default",
 ) -> dict[str, Any]:
     """`select` lists candidate values of training options; each fold picks one by MAP on an inner
     validation split of its training folds (never the held-out fold) and the choices are reported.
     `repeats` > 1 repeats the k-fold split with seeds seed, seed + 1, ...: on small archives the split
-    alone moves MAP by about a fold's spread, and the mean over repeats is the steadier figure."""
+    alone moves MAP by about a fold's spread, and the mean over repeats is the steadier figure.
+    `METHOD@FRACTION` in `methods` (e.g. `fixmatch@0.1`, `supcon@10%`) keeps that fraction of each fold's
+    training labels, chosen by patient group (`keep_label_fraction`, seeded per fold, so every method with
+    the same fraction gets the same labelled rows); supervised methods train on those rows alone, fixmatch
+    also on the rest, unlabelled. Frozen-backbone features go through the disk cache `cache`
+    ("default": `feature_cache.cache_root()`; None: no cache)."""
     t_start = time.perf_counter()
     table = load_dataset(data)
     rows = table.rows[table.rows["label"].notna()].reset_index(drop=True)
     configs = {}
     for m in methods:
-        mine = {k.split(".", 1)[1]: v for k, v in (overrides or {}).items() if k.startswith(f"{m}.")}
+        base, fraction = parse_method_spec(m)
         common = {k: v for k, v in (overrides or {}).items() if "." not in k}
+        mine = {k[len(base) + 1 :]: v for k, v in (overrides or {}).items() if k.startswith(f"{base}.")}
+        if fraction is not None:
+            mine["label_fraction"] = fraction
+            mine.update({k[len(m) + 1 :]: v for k, v in (overrides or {}).items() if k.startswith(f"{m}.")})
         try:
-            configs[m] = replace(resolve_method_config(m, preset_dir), **{**common, **mine})
+            configs[m] = replace(resolve_method_config(base, preset_dir), **{**common, **mine})
             if configs[m].is_clustering and "clusters" not in {**common, **mine}:
                 configs[m] = replace(configs[m], clusters=rows["label"].nunique())  # K = classes, as k-means
         except TypeError as exc:
             raise RetrieveError(f"--set: {str(exc).split('got ')[-1]} (not a training option)") from None
+        if configs[m].label_fraction < 1.0 and not (configs[m].needs_labels or base == "fixmatch"):
+            raise RetrieveError(f"--methods {m}: {base} reads no labels, so a label fraction means nothing")
     if repeats < 1:
         raise RetrieveError(f"--repeats {repeats}: must be at least 1")
     splits = [split for r in range(repeats) for split in make_folds(rows, folds, seed + r)]
@@ -304,10 +353,13 @@ def run_benchmark(
     # one image load for raw pixels and every frozen-feature cache (image size of the presets)
     sizes = {c.image_size for c in configs.values()} | {224} | set((select or {}).get("image_size", []))
     images = {s: load_image_tensors(rows, PreprocessConfig(image_size=s))[0] for s in sizes}
-    fitter = FoldFitter(rows, images, device, seed, progress, timings)
+    fitter = FoldFitter(rows, images, device, seed, progress, timings, cache)
 
     def clean_vectors(enc, size: int) -> np.ndarray:
-        return _unit(cached_features(enc.to(device), images[size], 0, fitter.gen, device, progress=progress)[0].numpy())
+        feats, _ = features_with_cache(
+            enc, images[size], rows, PreprocessConfig(image_size=size), 0, seed, device, progress=progress, root=cache
+        )
+        return _unit(feats[0].numpy())
 
     # baselines: fixed vectors, scored on the same folds
     t = time.perf_counter()
@@ -389,6 +441,8 @@ def run_benchmark(
                 cfg_f = replace(cfg_f, **best)
             vec, assign = fitter.fit_clusters(cfg_f, tr)
             per_fold.append(score_fold(rows, vec, tr, te, k))
+            if cfg_f.label_fraction < 1.0:
+                per_fold[-1]["labelled_fraction"] = fitter.labelled_fraction
             if assign is not None:
                 cluster_folds.append(fold_cluster_scores(assign, labels, tr, te))
             log(
@@ -495,6 +549,18 @@ def markdown_table(result: dict[str, Any]) -> str:
         kind = " (baseline)" if is_baseline(method) else ""
         lines.append(f"| {method}{kind} | " + " | ".join(cells) + " |")
     lines += cluster_table(result)
+    fractions = {
+        m: float(np.mean([r["labelled_fraction"] for r in runs]))
+        for m, runs in result.get("per_fold", {}).items()
+        if runs and "labelled_fraction" in runs[0]
+    }
+    if fractions:
+        lines += [
+            "",
+            "Share of the training rows that kept a label (whole patient groups, mean over folds): "
+            + ", ".join(f"{m} {v:.3f}" for m, v in fractions.items())
+            + ".",
+        ]
     if repeats > 1:
         spread = ", ".join(
             f"{m} {s['map']['repeat_std']:.3f}"

@@ -169,3 +169,147 @@ def test_dicom_clip_expands_to_frames_with_patient_id(tmp_path):
     tensors = [ds[i][0] for i in range(len(ds))]
     assert all(x is not None and x.shape == (1, 16, 16) for x in tensors)
     assert not np.allclose(tensors[0].numpy(), tensors[1].numpy())
+
+
+# --- DICOM archives: recognised by content, identity columns, pydicom LUTs ------------------------
+
+
+def _linear_window(x: np.ndarray, centre: float, width: float) -> np.ndarray:
+    """PS3.3 C.11.2.1.2.1 (LINEAR), written out: output share 0..1 of the window's range."""
+    return np.clip((x - (centre - 0.5)) / (width - 1) + 0.5, 0.0, 1.0)
+
+
+def _to_uint8(share: np.ndarray) -> np.ndarray:
+    return np.floor(share * 255.0 + 0.5).astype(np.uint8)
+
+
+def test_dicom_window_matches_the_standard_formula(tmp_path):
+    from dicom_factory import make_dicom
+
+    x = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    p = make_dicom(tmp_path / "w", x, window=(1000, 500))
+    got = read_frame(p).astype(int)
+    want = _to_uint8(_linear_window(x.astype(float), 1000, 500)).astype(int)
+    assert np.abs(got - want).max() <= 1 and (got == want).mean() > 0.99
+    assert got[0, 0] == 0 and got[-1, -1] == 255
+    # with a rescale (slope 2, intercept -1000) the window applies to the rescaled values
+    r = make_dicom(tmp_path / "r", x, window=(1000, 500), rescale=(2.0, -1000.0), modality="CT")
+    got = read_frame(r, ct_window=(-1, 1)).astype(int)  # the file's own window wins over the CT fallback
+    want = _to_uint8(_linear_window(x * 2.0 - 1000.0, 1000, 500)).astype(int)
+    assert np.abs(got - want).max() <= 1
+    # MONOCHROME1: the same window, inverted
+    inv = make_dicom(tmp_path / "inv", x, window=(1000, 500), photometric="MONOCHROME1")
+    assert (read_frame(inv).astype(int) == 255 - read_frame(p).astype(int)).all()
+
+
+def test_dicom_voi_lut_sequence_matches_a_lookup(tmp_path):
+    from dicom_factory import make_dicom
+
+    x = np.arange(4096, dtype=np.uint16).reshape(64, 64)
+    first = 100
+    lut = (np.sqrt(np.linspace(0, 1, 2000)) * 60000).astype(np.uint16)  # a non-linear LUT
+    p = make_dicom(tmp_path / "lut", x, voi_lut=(first, lut), window=(10, 2))  # the LUT is preferred to the window
+    got = read_frame(p).astype(int)
+    y = lut[np.clip(x.astype(int) - first, 0, len(lut) - 1)].astype(float)
+    want = _to_uint8((y - lut.min()) / (lut.max() - lut.min())).astype(int)
+    assert np.abs(got - want).max() <= 1
+    assert got[0, 0] == 0 and got[-1, -1] == 255 and len(np.unique(got)) > 100
+
+
+def test_dicom_without_voi_keeps_the_ct_window_and_the_clip_range(tmp_path):
+    from dicom_factory import make_dicom
+
+    hu = np.array([[-1000, -100, 150, 400, 1000]], np.int32)
+    p = make_dicom(tmp_path / "ct", (hu + 1024).astype(np.uint16), modality="CT", rescale=(1.0, -1024.0))
+    assert read_frame(p)[0].tolist() == [0, 0, 128, 255, 255]
+    clip = np.stack([np.full((8, 8), v, np.uint16) for v in (0, 100, 200)])
+    clip[:, 0, 0] = 300
+    c = make_dicom(tmp_path / "clip", clip)
+    assert [int(read_frame(c, i)[5, 5]) for i in range(3)] == [0, 85, 170]  # one range for the clip
+
+
+def test_dicom_recognised_by_content_not_suffix(tmp_path):
+    from dicom_factory import make_dicom
+
+    from retrieval.data.imageio import is_dicom, is_image_file
+
+    img = np.arange(64, dtype=np.uint16).reshape(8, 8)
+    with_preamble = make_dicom(tmp_path / "IM0001", img)
+    uid_name = make_dicom(tmp_path / "1.2.840.99.7", img)
+    bare = make_dicom(tmp_path / "IM0002", img, preamble=False)
+    assert bare.read_bytes()[128:132] != b"DICM" and bare.read_bytes()[:2] == b"\x08\x00"
+    (tmp_path / "README").write_text("not dicom\n" * 20)
+    (tmp_path / "blob.bin").write_bytes(b"\x08\x00" + bytes(300))  # starts like DICOM, is not
+    for p in (with_preamble, uid_name, bare):
+        assert is_dicom(p) and is_image_file(p)
+        assert read_frame(p)[0, :3].tolist() == [0, 4, 8]
+    assert not is_image_file(tmp_path / "README") and not is_image_file(tmp_path / "blob.bin")
+
+
+def test_dicom_identity_columns_and_no_pixels(tmp_path):
+    from dicom_factory import make_dicom
+
+    from retrieval.data.dicom import read_dicom_header
+
+    p = make_dicom(tmp_path / "a", np.zeros((4, 4), np.uint16), "P9", "1.2.3", "1.2.3.4", accession="A77")
+    h = read_dicom_header(p)
+    assert h.identity["patient_id"] == "P9" and h.identity["study_uid"] == "1.2.3"
+    assert h.identity["series_uid"] == "1.2.3.4" and h.identity["accession"] == "A77"
+    assert h.identity["modality"] == "US" and h.identity["body_part"] == "ABDOMEN"
+    assert h.identity["study_date"] == "20240131" and h.identity["sop_uid"]
+    assert "Doe" not in repr(h)  # PatientName is never read into anything
+    sr = make_dicom(tmp_path / "sr", np.zeros((4, 4), np.uint16), pixels=False)
+    with pytest.raises(UnreadableImageError, match="without pixel data"):
+        read_dicom_header(sr)
+    with pytest.raises(UnreadableImageError, match="without pixel data"):
+        read_frames(sr)
+
+
+def test_pacs_tree_is_read_without_labels_with_identity_columns(tmp_path):
+    from dicom_factory import make_pacs_tree
+
+    files = make_pacs_tree(tmp_path)
+    t = load_dataset(tmp_path)
+    rows = t.rows
+    assert rows["label"].isna().all()  # PAT/STUDY/SERIES folders are not classes
+    assert set(rows["patient_id"]) == {"PAT001", "PAT002", "PAT003"}
+    for col in ("study_uid", "series_uid", "sop_uid", "modality", "body_part", "study_date", "accession"):
+        assert col in rows.columns
+    assert rows["study_uid"].nunique() == 4 and rows["series_uid"].nunique() == 9
+    assert len(rows) == 18 + 3 + 1 + 1 + 1  # 18 stills, a 3-frame clip, MONOCHROME1, VOI LUT, bare
+    assert [s.path for s in t.skipped] == [str(files["report"].resolve())]
+    assert "Doe" not in rows.to_csv()
+
+
+def test_patient_named_folders_are_not_labels(tmp_path):
+    from dicom_factory import make_dicom
+
+    for pid in ("PAT1", "PAT2"):
+        make_dicom(tmp_path / pid / "IM0001", np.zeros((4, 4), np.uint16), pid)
+    rows = load_dataset(tmp_path).rows
+    assert rows["label"].isna().all() and sorted(rows["patient_id"]) == ["PAT1", "PAT2"]
+
+
+def test_rle_decodes_and_missing_plugin_is_named(tmp_path):
+    import pydicom
+    from dicom_factory import make_dicom
+    from pydicom.encaps import encapsulate
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import JPEGLSLossless, RLELossless
+
+    img = (np.arange(256, dtype=np.uint16).reshape(16, 16) * 16) % 4096
+    plain = make_dicom(tmp_path / "plain", img)
+    ds = pydicom.dcmread(plain)
+    ds.compress(RLELossless)
+    ds.save_as(tmp_path / "rle")
+    assert (read_frame(tmp_path / "rle") == read_frame(plain)).all()
+    ds = pydicom.dcmread(plain)
+    ds.file_meta.TransferSyntaxUID = JPEGLSLossless
+    ds.PixelData = encapsulate([b"\xff\xd8" + bytes(64) + b"\xff\xd9"])
+    ds["PixelData"].VR = "OB"
+    ds.save_as(tmp_path / "jls")
+    if get_decoder(JPEGLSLossless).is_available:
+        pytest.skip("a JPEG-LS decoder is installed here")
+    with pytest.raises(UnreadableImageError, match="pip install pylibjpeg pylibjpeg-libjpeg") as info:
+        read_frame(tmp_path / "jls")
+    assert "\n" not in str(info.value) and "JPEG-LS" in str(info.value)

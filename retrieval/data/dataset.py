@@ -6,6 +6,7 @@ row per frame) and the list of files it had to skip, each with the reason.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,6 +19,8 @@ from retrieval.config import PreprocessConfig
 from retrieval.data.imageio import is_dicom, is_image_file, read_frame
 from retrieval.data.preprocess import preprocess_frame, to_tensor
 from retrieval.errors import RetrieveError, UnreadableImageError
+
+log = logging.getLogger(__name__)
 
 CORE_COLUMNS = ["id", "path", "label", "patient_id", "frame_index"]
 # names the engine gives meaning to in stored rows and query results; a manifest may not use them
@@ -84,11 +87,26 @@ def _read_manifest(path: Path) -> pd.DataFrame:
 
 
 def _rows_from_folder(root: Path) -> pd.DataFrame:
-    files = sorted(p for p in root.rglob("*") if p.is_file() and not p.name.startswith("."))
+    """Every file under root; labels from class sub-folders (CLASS/IMAGE) only.
+
+    A tree whose images lie deeper (a PACS export PAT/STUDY/SERIES/IM0001) has no class folders: its
+    rows get no label (join labels from a CSV instead), never the name of a patient's folder.
+    """
+    files = sorted(
+        p for p in root.rglob("*") if p.is_file() and not any(x.startswith(".") for x in p.relative_to(root).parts)
+    )
+    rels = [f.relative_to(root) for f in files]
+    deep = next((r for f, r in zip(files, rels) if len(r.parts) > 2 and is_image_file(f)), None)
+    if deep is not None:
+        log.info(
+            "%s: images lie deeper than CLASS/IMAGE (%s), so the folders are not classes: indexed without labels "
+            "(join labels with --labels CSV)",
+            root,
+            deep.as_posix(),
+        )
     records = []
-    for f in files:
-        rel = f.relative_to(root)
-        label = rel.parts[0] if len(rel.parts) > 1 else None
+    for rel in rels:
+        label = rel.parts[0] if len(rel.parts) > 1 and deep is None else None
         records.append({"path": rel.as_posix(), "label": label})
     return pd.DataFrame.from_records(records, columns=["path", "label"])
 
@@ -116,7 +134,7 @@ def load_dataset(source: str | Path) -> DatasetTable:
         origin = str(src)
     if raw.empty:
         raise RetrieveError(f"{src}: empty folder, no image files found")
-    return _resolve_rows(raw, root, origin)
+    return _resolve_rows(raw, root, origin, folder_labels=manifest is None if src.is_dir() else False)
 
 
 def _frame_number(value: object) -> int | None:
@@ -133,13 +151,19 @@ def _frame_number(value: object) -> int | None:
     return int(number)
 
 
-def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str) -> DatasetTable:
-    from retrieval.data.dicom import read_dicom_header
+def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str, folder_labels: bool = False) -> DatasetTable:
+    """Manifest or folder rows -> image rows (a row per frame), DICOM identity columns from the headers.
+
+    `folder_labels`: the labels are folder names; if a DICOM file's folder is named after its PatientID,
+    the folders are patients, not classes, and every row goes unlabelled.
+    """
+    from retrieval.data.dicom import IDENTITY_COLUMNS, read_dicom_header
 
     skipped: list[Skipped] = []
     meta_cols = [c for c in raw.columns if c not in CORE_COLUMNS]
     out: list[dict] = []
     seen: set[str] = set()
+    patient_folders = any_dicom = False
     has_frame_col = "frame_index" in raw.columns
     for rec in raw.to_dict("records"):
         rel = _clean_str(rec.get("path"))
@@ -183,8 +207,12 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str) -> DatasetTable:
             if given_frame is not None and given_frame >= header.n_frames:
                 skipped.append(Skipped(str(abs_path), f"frame_index {given_frame} but the file has {header.n_frames}"))
                 continue
-            if base["patient_id"] is None:
-                base["patient_id"] = header.patient_id
+            if folder_labels and base["label"] is not None and base["label"] == header.patient_id:
+                patient_folders = True
+            for col, value in header.identity.items():  # the manifest's own values win
+                if _clean_str(base.get(col)) is None:
+                    base[col] = value
+            any_dicom = True
             if given_frame is not None:
                 frames = [given_frame]
             elif header.n_frames > 1:
@@ -202,7 +230,17 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str) -> DatasetTable:
         raise RetrieveError(f"{origin}: no readable image files found{detail}")
     df = pd.DataFrame.from_records(out)
     df["frame_index"] = df["frame_index"].astype("Int64")
-    df = df[CORE_COLUMNS + meta_cols]
+    identity = [c for c in IDENTITY_COLUMNS if c not in CORE_COLUMNS and c not in meta_cols] if any_dicom else []
+    for col in identity:
+        df[col] = df[col].astype("string") if col in df else pd.Series(pd.NA, index=df.index, dtype="string")
+    df = df[CORE_COLUMNS + identity + meta_cols]
+    if patient_folders:
+        log.info(
+            "%s: the first-level folders are named after the files' PatientID, so they are patients, not "
+            "classes: indexed without labels (join labels with --labels CSV)",
+            origin,
+        )
+        df["label"] = None
     return DatasetTable(rows=df.reset_index(drop=True), root=root, skipped=skipped)
 
 

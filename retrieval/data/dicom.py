@@ -1,4 +1,11 @@
-"""DICOM via pydicom: rescale slope/intercept, CT windowing, MONOCHROME1, multi-frame clips."""
+"""DICOM via pydicom: identity columns from the header, pixels through the Modality and VOI LUTs.
+
+Pixel values go through pydicom's `apply_modality_lut` (rescale slope/intercept or a Modality LUT
+Sequence) and `apply_voi_lut` (a VOI LUT Sequence, else WindowCenter/Width), then MONOCHROME1 is
+inverted. A file without a VOI falls back to the configured CT window (CT) or its own range.
+Compressed transfer syntaxes are decoded where a pydicom plug-in is installed; where none is, the
+error names the package to install.
+"""
 
 from __future__ import annotations
 
@@ -18,13 +25,34 @@ from retrieval.errors import UnreadableImageError
 
 log = logging.getLogger(__name__)
 
-NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2"}
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+# the columns a DICOM file fills, under the names agreed for every index (keyword in the header -> column)
+IDENTITY_TAGS = {
+    "PatientID": "patient_id",
+    "StudyInstanceUID": "study_uid",
+    "SeriesInstanceUID": "series_uid",
+    "SOPInstanceUID": "sop_uid",
+    "Modality": "modality",
+    "BodyPartExamined": "body_part",
+    "StudyDate": "study_date",
+    "AccessionNumber": "accession",
+}
+IDENTITY_COLUMNS = tuple(IDENTITY_TAGS.values())
+# what to install for a compressed transfer syntax pydicom cannot decode here (by UID prefix)
+PLUGINS = (
+    ("1.2.840.10008.1.2.4.8", "pylibjpeg pylibjpeg-libjpeg"),  # JPEG-LS
+    ("1.2.840.10008.1.2.4.9", "pylibjpeg pylibjpeg-openjpeg"),  # JPEG 2000
+    ("1.2.840.10008.1.2.4.20", "pylibjpeg pylibjpeg-openjpeg"),  # HTJ2K
+    ("1.2.840.10008.1.2.4.", "pylibjpeg pylibjpeg-libjpeg"),  # the JPEG processes
+    ("1.2.840.10008.1.2.5", "pylibjpeg pylibjpeg-rle"),  # RLE
+)
 
 
 @dataclass(frozen=True)
 class DicomHeader:
     n_frames: int
     patient_id: str | None
+    identity: dict[str, str | None]  # IDENTITY_COLUMNS -> value (never the patient's name)
 
 
 def _brief(exc: BaseException) -> str:
@@ -58,6 +86,25 @@ def _quiet_pydicom(path: Path) -> Iterator[None]:
         log.warning("%s: %s%s", path, first, more)
 
 
+def _dcmread(path: Path, **kwargs: Any) -> Any:
+    """pydicom's read; a file without the 128-byte preamble and 'DICM' is read again with force=True."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
+    try:
+        return pydicom.dcmread(str(path), **kwargs)
+    except InvalidDicomError:
+        ds = pydicom.dcmread(str(path), force=True, **kwargs)
+    if "TransferSyntaxUID" not in ds.file_meta:  # no file meta: name the encoding the bytes were read in
+        from pydicom.uid import ExplicitVRBigEndian, ExplicitVRLittleEndian, ImplicitVRLittleEndian
+
+        implicit, little = ds.original_encoding
+        ds.file_meta.TransferSyntaxUID = (
+            ImplicitVRLittleEndian if implicit else ExplicitVRLittleEndian if little else ExplicitVRBigEndian
+        )
+    return ds
+
+
 def _check_geometry(ds: Any, path: Path) -> int:
     """Frame count, after checking the header's claims against the limits; returns the number of frames."""
     lim = limits()
@@ -76,12 +123,19 @@ def _check_geometry(ds: Any, path: Path) -> int:
     return n
 
 
+def _sop_class(ds: Any) -> str:
+    uid = ds.get("SOPClassUID", None) or getattr(getattr(ds, "file_meta", None), "MediaStorageSOPClassUID", None)
+    if uid is None:
+        return "no SOP class"
+    return str(getattr(uid, "name", uid))
+
+
 def _check_pixel_data_length(ds: Any, n: int, path: Path) -> None:
     """The frames a header claims must fit in the pixel data it holds, before anything is decoded."""
     if "PixelData" not in ds:
-        raise UnreadableImageError(path, "DICOM file without pixel data")
+        raise UnreadableImageError(path, f"DICOM file without pixel data ({_sop_class(ds)})")
     held = len(ds.PixelData)
-    syntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "1.2.840.10008.1.2.1"))
+    syntax = _syntax(ds)
     if syntax in NATIVE_SYNTAXES:
         rows, cols = _int_tag(ds, "Rows", 0, path), _int_tag(ds, "Columns", 0, path)
         samples = _int_tag(ds, "SamplesPerPixel", 1, path)
@@ -97,58 +151,114 @@ def _check_pixel_data_length(ds: Any, n: int, path: Path) -> None:
         raise UnreadableImageError(path, f"header claims {n} frames but the pixel data holds {held} bytes")
 
 
-def read_dicom_header(path: Path) -> DicomHeader:
-    """Frame count and PatientID without decoding pixels; the header's claims are checked against limits."""
-    import pydicom
+def _syntax(ds: Any) -> str:
+    return str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None) or "1.2.840.10008.1.2.1")
 
+
+def check_decoder(ds: Any, path: Path) -> None:
+    """A compressed file whose transfer syntax no installed pydicom plug-in decodes: one line naming the plug-in."""
+    syntax = _syntax(ds)
+    if syntax in NATIVE_SYNTAXES:
+        return
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import UID
+
+    name = UID(syntax).name or syntax
+    try:
+        decoder = get_decoder(UID(syntax))
+    except NotImplementedError:
+        raise UnreadableImageError(path, f"transfer syntax {name} ({syntax}) is not supported by pydicom") from None
+    if decoder.is_available:
+        return
+    install = next((pkg for prefix, pkg in PLUGINS if syntax.startswith(prefix)), "pylibjpeg python-gdcm")
+    raise UnreadableImageError(
+        path, f"pixel data compressed as {name}: no decoder installed here; install one: pip install {install}"
+    )
+
+
+def _text(value: object) -> str | None:
+    if value is None:
+        return None
+    s = str(value).strip()
+    return s or None
+
+
+def read_dicom_header(path: Path) -> DicomHeader:
+    """Frame count and the identity columns without decoding pixels; the geometry is checked against limits."""
     try:
         with _quiet_pydicom(path):
-            ds = pydicom.dcmread(str(path), stop_before_pixels=True)
+            ds = _dcmread(path, stop_before_pixels=True)
+            if "Rows" not in ds or "Columns" not in ds:
+                raise UnreadableImageError(path, f"DICOM file without pixel data ({_sop_class(ds)})")
             n = _check_geometry(ds, path)
-            pid_raw = ds.get("PatientID", None)
+            identity = {col: _text(ds.get(tag, None)) for tag, col in IDENTITY_TAGS.items()}
     except UnreadableImageError:
         raise
     except Exception as exc:  # pydicom parses untrusted bytes: any failure is this file's, reported in one line
         raise UnreadableImageError(path, f"not a readable DICOM file ({_brief(exc)})") from None
-    pid = str(pid_raw).strip() if pid_raw is not None and str(pid_raw).strip() else None
-    return DicomHeader(n_frames=n, patient_id=pid)
-
-
-def _window(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    return (np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    return DicomHeader(n_frames=n, patient_id=identity["patient_id"], identity=identity)
 
 
 def read_dicom_frames(path: Path, ct_window: tuple[float, float], only: int | None = None) -> list[np.ndarray]:
-    """Decode pixels to uint8 grayscale frames.
-
-    CT (Modality CT, or RescaleType HU) is windowed to `ct_window` after RescaleSlope/Intercept.
-    Other modalities use the file's own WindowCenter/Width, else 8-bit values as they are, else the
-    min/max of the whole clip (not per frame, so the frames of a clip stay comparable).
-    """
-    import pydicom
-
+    """Decode pixels to uint8 grayscale frames (Modality LUT, VOI LUT or the fallback window, MONOCHROME1)."""
     try:
         with _quiet_pydicom(path):
-            ds = pydicom.dcmread(str(path))
+            ds = _dcmread(path)
             n = _check_geometry(ds, path)
             _check_pixel_data_length(ds, n, path)
+            check_decoder(ds, path)
             pixels = ds.pixel_array
     except UnreadableImageError:
         raise
     except Exception as exc:  # pydicom and its decoders parse untrusted bytes: any failure is this file's
         raise UnreadableImageError(path, f"DICOM pixel data cannot be decoded ({_brief(exc)})") from None
     try:
-        return _frames_from(ds, pixels, n, ct_window, only, path)
+        with _quiet_pydicom(path):
+            return _frames_from(ds, pixels, n, ct_window, only, path)
     except UnreadableImageError:
         raise
-    except Exception as exc:  # header values of any shape drive the windowing: a bad one is the file's fault
+    except Exception as exc:  # header values of any shape drive the LUTs: a bad one is the file's fault
         raise UnreadableImageError(path, f"DICOM pixel values cannot be interpreted ({_brief(exc)})") from None
+
+
+def _has_voi(ds: Any) -> bool:
+    seq = ds.get("VOILUTSequence", None)
+    if seq and seq[0].get("LUTDescriptor", None) is not None and seq[0].get("LUTData", None) is not None:
+        return True
+    return ds.get("WindowCenter", None) is not None and ds.get("WindowWidth", None) is not None
+
+
+def _voi_to_uint8(values: np.ndarray, ds: Any) -> np.ndarray:
+    """pydicom's apply_voi_lut, then its output range to 0..255.
+
+    The output range of a VOI LUT Sequence is taken as its data's min..max; that of a window (LINEAR,
+    LINEAR_EXACT, SIGMOID) as the values pydicom gives far below and far above the window.
+    """
+    from pydicom.pixels import apply_voi_lut
+
+    seq = ds.get("VOILUTSequence", None)
+    uses_lut = bool(seq) and seq[0].get("LUTData", None) is not None and seq[0].get("LUTDescriptor", None) is not None
+    if uses_lut and np.issubdtype(values.dtype, np.floating) and np.all(np.mod(values, 1) == 0):
+        values = values.astype(np.int64)  # a LUT looks up whole stored values
+    out = np.asarray(apply_voi_lut(values, ds), dtype=np.float64)
+    if uses_lut:
+        lut = np.asarray(apply_voi_lut(np.arange(-(2**16), 2**16, dtype=np.int64), ds), dtype=np.float64)
+        lo, hi = float(lut.min()), float(lut.max())
+    else:
+        with np.errstate(over="ignore"):  # SIGMOID at the far ends
+            ends = np.asarray(apply_voi_lut(np.array([-1e30, 1e30]), ds), dtype=np.float64)
+        lo, hi = float(ends.min()), float(ends.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    return _window(out, lo, hi)
 
 
 def _frames_from(
     ds: Any, pixels: np.ndarray, n: int, ct_window: tuple[float, float], only: int | None, path: Path
 ) -> list[np.ndarray]:
-    """Decoded pixels -> uint8 frames: rescale, window (CT window, the file's, or the clip's range), invert."""
+    """Decoded pixels -> uint8 frames: Modality LUT, then VOI (the file's, the CT window, or the clip's range)."""
+    from pydicom.pixels import apply_modality_lut
+
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2"))
     is_colour = photometric in ("RGB", "YBR_FULL", "YBR_FULL_422") or (
         pixels.ndim >= 3 and pixels.shape[-1] == 3 and getattr(ds, "SamplesPerPixel", 1) == 3
@@ -164,47 +274,34 @@ def _frames_from(
         n = len(pixels)
     if only is not None and not 0 <= only < n:
         raise UnreadableImageError(path, f"frame {only} requested but the file has {n} frame(s)")
-    slope = float(getattr(ds, "RescaleSlope", 1) or 1)
-    intercept = float(getattr(ds, "RescaleIntercept", 0) or 0)
-    modality = str(getattr(ds, "Modality", ""))
-    rescale_type = str(getattr(ds, "RescaleType", ""))
-    is_ct = modality == "CT" or rescale_type.upper() == "HU"
-    values = pixels.astype(np.float32) * slope + intercept if not is_colour else pixels
     if is_colour:
-        lo = hi = None
-    elif is_ct:
-        lo, hi = ct_window
-    elif "WindowCenter" in ds and "WindowWidth" in ds:
-        centre, width = (_first(ds.WindowCenter), _first(ds.WindowWidth))
-        lo, hi = centre - width / 2, centre + max(width, 1.0) / 2
-    elif pixels.dtype == np.uint8:
-        lo, hi = 0.0, 255.0
-    else:  # one range for the whole clip, so its frames stay comparable
-        lo, hi = float(values.min()), float(values.max())
-        if hi <= lo:
-            hi = lo + 1.0
-    if only is not None:
-        values = values[only : only + 1]
-    frames = []
-    for frame in values:
-        if is_colour:
+        frames = []
+        for frame in pixels if only is None else pixels[only : only + 1]:
             if photometric.startswith("YBR"):
                 from pydicom.pixels import convert_color_space
 
                 frame = convert_color_space(frame, photometric, "RGB")
             frames.append(to_gray_uint8(frame))
-            continue
-        assert lo is not None and hi is not None  # set for every grey-level branch above
-        out = _window(frame, lo, hi)
-        if photometric == "MONOCHROME1":
-            out = 255 - out
-        frames.append(out)
-    return frames
+        return frames
+    values = apply_modality_lut(pixels, ds)
+    picked = values if only is None else values[only : only + 1]
+    if _has_voi(ds):
+        out = _voi_to_uint8(picked, ds)
+    else:
+        is_ct = str(getattr(ds, "Modality", "")) == "CT" or str(getattr(ds, "RescaleType", "")).upper() == "HU"
+        if is_ct:
+            lo, hi = ct_window
+        elif values.dtype == np.uint8:
+            lo, hi = 0.0, 255.0
+        else:  # one range for the whole clip, so its frames stay comparable
+            lo, hi = float(np.min(values)), float(np.max(values))
+            if hi <= lo:
+                hi = lo + 1.0
+        out = _window(np.asarray(picked, dtype=np.float64), lo, hi)
+    if photometric == "MONOCHROME1":
+        out = 255 - out
+    return list(out)
 
 
-def _first(value) -> float:
-    """WindowCenter/Width may be multi-valued; the first pair is the default view."""
-    try:
-        return float(value[0])
-    except TypeError:
-        return float(value)
+def _window(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return (np.clip((values - lo) / (hi - lo), 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)

@@ -19,21 +19,43 @@ IMAGE_SUFFIXES = RASTER_SUFFIXES | DICOM_SUFFIXES
 
 
 def is_dicom(path: Path) -> bool:
-    """DICOM by suffix, or by the 'DICM' magic at byte 128 for files without one."""
-    if path.suffix.lower() in DICOM_SUFFIXES:
+    """DICOM by content: '.dcm'/'.dicom', or any file without a raster suffix whose bytes are DICOM.
+
+    The bytes are DICOM when 'DICM' stands at offset 128 (the Part 10 preamble) or, for files written
+    without the preamble, when the file starts with a group 0x0002/0x0008 element and pydicom's forced
+    read of the header finds an image's attributes in it. PACS exports name files IM0001, 1.2.840..., so
+    the suffix says nothing.
+    """
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES:
         return True
-    if path.suffix == "":
-        try:
-            with open(path, "rb") as fh:
-                fh.seek(128)
-                return fh.read(4) == b"DICM"
-        except OSError:
-            return False
-    return False
+    if suffix in RASTER_SUFFIXES:
+        return False
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return False
+    if head[128:132] == b"DICM":
+        return True
+    return head[:2] in (b"\x02\x00", b"\x08\x00") and _forced_read_is_dicom(path)
+
+
+def _forced_read_is_dicom(path: Path) -> bool:
+    """A preamble-less file: DICOM when pydicom's forced header read finds an image's attributes."""
+    import pydicom
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(str(path), force=True, stop_before_pixels=True)
+            return "SOPClassUID" in ds and ("Rows" in ds or "Modality" in ds)
+    except Exception:  # any parse failure: not DICOM
+        return False
 
 
 def is_image_file(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_SUFFIXES or (path.suffix == "" and is_dicom(path))
+    return path.suffix.lower() in RASTER_SUFFIXES or is_dicom(path)
 
 
 def read_raster(path: Path) -> np.ndarray:

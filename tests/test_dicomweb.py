@@ -386,3 +386,29 @@ def test_thumbnail_cache(orthanc, tmp_path: Path) -> None:
         newest = small.get(src, refs[7])
         assert newest.is_file() and small.total_bytes() <= total // 2
     assert json.dumps(str(first))  # a path the UI can serve
+
+
+@needs_orthanc
+def test_compressed_instance_the_reader_cannot_decode_is_fetched_uncompressed(encoder, tmp_path: Path) -> None:
+    """Stored as JPEG-LS (lossless): without a local decoder the server is asked to transcode it once."""
+    from retrieval.pacs import SyncOptions
+    from retrieval.pipeline import embed_query_image
+
+    server = OrthancServer(tmp_path / "orthanc").start()
+    try:
+        ds = archive_datasets()[0]
+        orthanc_id = server.upload(to_bytes(ds))["ID"]
+        body = json.dumps({"Transcode": "1.2.840.10008.1.2.4.80", "Keep": ["SOPInstanceUID"], "Force": True})
+        jpeg_ls = server._request(f"/instances/{orthanc_id}/modify", data=body.encode(), method="POST")
+        server.delete_all()
+        server.upload(jpeg_ls)
+        with _source(server) as src:
+            uids = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+            assert b"1.2.840.10008.1.2.4.80" in src.fetch(*uids)[:1000]  # the server keeps it compressed
+            result, _ = _sync(src, Filters(), tmp_path / "idx", encoder, create=True, opts=SyncOptions(use_gpu=False))
+        assert (result.indexed, result.skipped) == (1, [])
+        local = write_archive(tmp_path / "local", [ds])[0]
+        _, want = embed_query_image(local, encoder)
+        np.testing.assert_allclose(open_index_dir(tmp_path / "idx", use_gpu=False).vectors.vectors, want, atol=1e-5)
+    finally:
+        server.stop()

@@ -280,8 +280,13 @@ class DicomWebSource:
     """QIDO-RS and WADO-RS against one server, with timeouts, retries and the given credentials."""
 
     def __init__(self, cfg: ServerConfig):
-        import requests
-        from dicomweb_client.api import DICOMwebClient
+        try:
+            import requests
+            from dicomweb_client.api import DICOMwebClient
+        except ImportError:
+            raise RetrieveError(
+                "--dicomweb needs the DICOMweb client: pip install 'retrieve[dicomweb]' (dicomweb-client)"
+            ) from None
         from requests.adapters import HTTPAdapter
         from urllib3.util.retry import Retry
 

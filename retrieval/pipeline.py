@@ -21,14 +21,15 @@ from indexer.search import Hit, filter_mask, search
 from indexer.store import VectorSet
 from indexer.streaming import StreamingBuild
 from retrieval.config import EncoderSpec, PreprocessConfig
-from retrieval.data.dataset import Skipped, load_dataset
+from retrieval.data.dataset import DatasetTable, Skipped, load_dataset
 from retrieval.data.imageio import read_frames
 from retrieval.data.preprocess import preprocess_frame, to_tensor
 from retrieval.embed import embed_rows, pick_device
 from retrieval.encoders.base import Encoder
 from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError, UnreadableImageError
-from retrieval.vote import Vote, knn_vote
+from retrieval.labels import join_labels
+from retrieval.vote import Vote, knn_vote, no_label_vote
 
 log = logging.getLogger(__name__)
 
@@ -82,9 +83,13 @@ def embed_dataset(
     workers: int | None = None,
     use_gpu: bool = True,
     progress: bool = True,
+    labels: str | Path | None = None,
 ) -> tuple[VectorSet, list[Skipped]]:
-    """Dataset folder or manifest -> VectorSet, with the files that were skipped (and why)."""
-    table = load_dataset(source)
+    """Dataset folder or manifest -> VectorSet, with the files that were skipped (and why).
+
+    `labels`: a CSV whose labels replace the dataset's (joined by path, sop_uid or accession).
+    """
+    table = _load_with_labels(source, labels)
     emb = embed_rows(table.rows, loaded.encoder, loaded.preprocess, batch_size, workers, pick_device(use_gpu), progress)
     skipped = table.skipped + emb.skipped
     if len(emb.rows) == 0:
@@ -92,6 +97,13 @@ def embed_dataset(
         raise RetrieveError(f"{source}: none of the {len(table.rows)} images could be read{first}")
     vs = VectorSet(with_content_hashes(emb.rows), emb.vectors, loaded.fingerprint, loaded.spec.to_dict())
     return vs, skipped
+
+
+def _load_with_labels(source: str | Path, labels: str | Path | None) -> DatasetTable:
+    table = load_dataset(source)
+    if labels is not None:
+        table.rows, _ = join_labels(table.rows, labels, table.root)
+    return table
 
 
 CONTENT_HASH = "content_sha256"  # of the image file's bytes: finds the very image, wherever it was copied
@@ -132,11 +144,14 @@ def build_index_streaming(
     overwrite: bool = False,
     resume: bool = False,
     chunk: int | None = None,
+    labels: str | Path | None = None,
 ) -> tuple[IndexManifest, list[Skipped], int]:
     """Dataset -> index folder, chunk by chunk: each embedded chunk is a part shard on disk at once, so
     `resume` after an interruption embeds only what is missing. Returns (manifest, skipped, resumed rows).
+
+    `labels`: a CSV whose labels replace the dataset's (joined by path, sop_uid or accession).
     """
-    table = load_dataset(source)
+    table = _load_with_labels(source, labels)
     skipped = list(table.skipped)
     fp, spec = loaded.fingerprint, loaded.spec.to_dict()
     chunk = chunk or STREAM_CHUNK
@@ -161,7 +176,8 @@ def build_index_streaming(
 def embed_frames(frames: list[np.ndarray], loaded: LoadedEncoder) -> np.ndarray:
     """Decoded uint8 grayscale frames -> L2-normalised vectors (the encoder's preprocessing applied)."""
     batch = torch.stack([to_tensor(preprocess_frame(f, loaded.preprocess)) for f in frames])
-    device = next(loaded.encoder.parameters()).device
+    first = next(iter([*loaded.encoder.parameters(), *loaded.encoder.buffers()]), None)
+    device = first.device if first is not None else torch.device("cpu")  # a parameter-free encoder runs on the CPU
     return loaded.encoder(batch.to(device)).float().cpu().numpy()
 
 
@@ -300,9 +316,16 @@ def _answer(
     if allowed is not None and not allowed.any():
         raise RetrieveError("no indexed image is left after --exclude-patient/--where")
     matched = None if allowed is None else int(allowed.sum())
+    labelled = has_labels(idx)
     out = []
     for name, hits in zip(names, search(idx, vectors, k, allowed)):
         rows = idx.fetch([h.row_id for h in hits])
         labels = [None if pd.isna(x) else str(x) for x in rows["label"]] if "label" in rows else [None] * len(hits)
-        out.append(QueryResult(name, hits, rows, knn_vote(labels, [h.score for h in hits], vote), matched))
+        v = knn_vote(labels, [h.score for h in hits], vote) if labelled else no_label_vote()
+        out.append(QueryResult(name, hits, rows, v, matched))
     return out
+
+
+def has_labels(idx: IndexDir) -> bool:
+    """Whether any indexed image has a label (from the manifest's label counts, nothing read)."""
+    return any(k != "(unlabelled)" for k in idx.manifest.labels)

@@ -60,8 +60,15 @@ def evaluate(
     """Leave-one-out by default; with masks, only `query_mask` rows query and only `gallery_mask` rows
     are candidates (a held-out fold against the training folds). `keep_per_query` adds each scored
     query's metrics, with its row number, as `per_query`."""
-    labels_text = rows["label"].astype("string")
+    labels_text = (
+        rows["label"].astype("string") if "label" in rows else pd.Series(pd.NA, index=rows.index, dtype="string")
+    )
     labelled = labels_text.notna().to_numpy() & (labels_text.fillna("") != "").to_numpy()
+    if not labelled.any():
+        raise RetrieveError(
+            "no labels: the index holds no labelled images, so there is nothing to evaluate against "
+            "(join labels with --labels CSV: a label column and a path, sop_uid or accession column)"
+        )
     if labelled.sum() < 2:
         raise RetrieveError("evaluation needs labels: fewer than two labelled images in the index")
     label_codes, classes = pd.factorize(labels_text.where(labelled, None), use_na_sentinel=True)

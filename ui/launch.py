@@ -62,11 +62,33 @@ def resolve_index(index: Path | None, demo_out: Path) -> Path:
     return index
 
 
-def launch(index: Path | None, port: int, demo_out: Path) -> int:
+def check_host(host: str, insecure_no_auth: bool) -> None:
+    """The browser shows patients' images and Streamlit has no access-token support: it listens on
+    loopback only, unless the operator passes --insecure-no-auth knowingly (an SSH tunnel or an
+    authenticating reverse proxy is the safe way to reach it from elsewhere)."""
+    from retrieval.errors import RetrieveError
+    from retrieval.server.auth import is_loopback
+
+    if not is_loopback(host) and not insecure_no_auth:
+        raise RetrieveError(
+            f"--host {host}: the browser has no access token (Streamlit cannot check one), so anyone who can "
+            "reach it would see patients' images; keep it on 127.0.0.1 and use an SSH tunnel or an "
+            "authenticating reverse proxy, or pass --insecure-no-auth knowingly (`retrieve serve` has tokens)"
+        )
+
+
+def launch(
+    index: Path | None, port: int, demo_out: Path, host: str = "127.0.0.1", insecure_no_auth: bool = False
+) -> int:
+    from retrieval.server.auth import is_loopback
+
+    check_host(host, insecure_no_auth)
     index = resolve_index(index, demo_out)
-    print(f"similar-case browser on http://localhost:{port} (index {index}); Ctrl+C to stop")
+    print(f"similar-case browser on http://{host}:{port} (index {index}); Ctrl+C to stop")
+    if not is_loopback(host):
+        print(f"warning: --insecure-no-auth: anyone who can reach {host}:{port} can see this index's images")
     try:
-        return subprocess.call(streamlit_command(index, port))
+        return subprocess.call(streamlit_command(index, port, host))
     except KeyboardInterrupt:
         return 0
 

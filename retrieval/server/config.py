@@ -1,0 +1,34 @@
+"""The server's settings: one frozen dataclass, filled by `retrieve serve` (the command line only overrides)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MAX_UPLOAD_MB = 50  # the browser's limit too (ui/backend.py MAX_UPLOAD_MB)
+DEFAULT_MAX_CONCURRENT = 32  # queries in flight (reading, waiting or running); more get 503
+MAX_K = 1000  # the most results one request may ask for
+THUMBNAIL_MAX_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    index: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    token: str | None = None  # the access token itself (read from the operator's env var or file); never logged
+    insecure_no_auth: bool = False
+    cors_origins: tuple[str, ...] = ()
+    data_root: Path | None = None
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
+    max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    use_gpu: bool = True
+
+    def __repr__(self) -> str:  # the token must never reach a log line through a repr
+        shown = "set" if self.token else None
+        return (
+            f"ServeConfig(index={self.index!s}, host={self.host}, port={self.port}, token={shown}, "
+            f"insecure_no_auth={self.insecure_no_auth}, cors_origins={self.cors_origins}, "
+            f"data_root={self.data_root}, max_upload_bytes={self.max_upload_bytes}, "
+            f"max_concurrent={self.max_concurrent})"
+        )

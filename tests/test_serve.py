@@ -1,0 +1,444 @@
+"""`retrieve serve`: the HTTP API driven over a real loopback socket (uvicorn + httpx): the same JSON as
+`retrieve query --json`, bad uploads, tokens, path traversal, bounded requests; the server answers
+/health after every bad request."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import io
+import json
+import logging
+import os
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from conftest import run_cli, write_dicom, write_png  # noqa: E402
+
+from retrieval.cli.main import main  # noqa: E402
+from retrieval.errors import RetrieveError  # noqa: E402
+from retrieval.results import item_json  # noqa: E402
+from retrieval.server.app import create_app  # noqa: E402
+from retrieval.server.auth import bearer_ok, check_exposure, is_loopback, read_token  # noqa: E402
+from retrieval.server.config import ServeConfig  # noqa: E402
+from retrieval.server.engine import Engine, Forbidden, load_engine  # noqa: E402
+from retrieval.server.guard import Guard  # noqa: E402
+from retrieval.server.run import running_server  # noqa: E402
+
+TOKEN = "test-token-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAX_UPLOAD = 1 << 20  # 1 MB for these tests: above every test image, below what we send to be refused
+
+
+def _noise(level: int, seed: int, size: int = 48) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.clip(rng.normal(level, 25, (size, size)), 0, 255).astype(np.uint8)
+
+
+def _png_bytes(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory) -> Path:
+    """data/{bright,dark}/*.png, a 3-frame DICOM clip, and a symlink out of data/ to outside/secret.png;
+    indexed with the small cnn5 encoder (seeded random init: no download, fast)."""
+    root = tmp_path_factory.mktemp("serve")
+    data = root / "data"
+    for i in range(4):
+        write_png(data / "bright" / f"b{i}.png", _noise(200, i))
+        write_png(data / "dark" / f"d{i}.png", _noise(50, 10 + i))
+    clip = np.stack([_noise(60, 20 + i).astype(np.uint16) * 200 for i in range(3)])
+    write_dicom(data / "dark" / "clip.dcm", clip, patient_id="PCLIP")
+    write_png(root / "outside" / "secret.png", _noise(120, 99))
+    (data / "bright" / "link.png").symlink_to(root / "outside" / "secret.png")
+    index = root / "index"
+    build = ["index", "build", str(data), "--index", str(index), "--encoder", "cnn5", "--image-size", "64", "--quiet"]
+    assert main(build) == 0
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(served) -> Engine:
+    return load_engine(served / "index", served / "data", use_gpu=False)
+
+
+@pytest.fixture(scope="module")
+def server(engine, served):
+    """A real uvicorn server on a free loopback port, with a token; an httpx client that sends it."""
+    cfg = ServeConfig(served / "index", token=TOKEN, data_root=served / "data", max_upload_bytes=MAX_UPLOAD)
+    with running_server(create_app(engine, cfg)) as url:
+        with httpx.Client(base_url=url, headers=AUTH, timeout=30) as client:
+            yield client
+
+
+def _base(client) -> str:
+    return str(client.base_url).rstrip("/")
+
+
+def assert_alive(client) -> None:
+    r = httpx.get(f"{_base(client)}/health", timeout=10)  # no token needed
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+
+
+def assert_clean_error(r, status: int, *needles: str) -> None:
+    """A JSON error with one line naming the problem, never a traceback."""
+    assert r.status_code == status, (r.status_code, r.text)
+    detail = r.json()["detail"]
+    assert isinstance(detail, str) and "\n" not in detail and "Traceback" not in detail
+    for n in needles:
+        assert n in detail, (n, detail)
+
+
+def _post(client, name: str, content: bytes, **fields):
+    data = {k: v for k, v in fields.items() if v is not None}
+    return client.post("/query", files={"file": (name, content, "application/octet-stream")}, data=data)
+
+
+# --- queries ------------------------------------------------------------------------------------------
+
+
+def test_query_answers_with_the_cli_json(server, served, capsys):
+    img = served / "data" / "bright" / "b1.png"
+    code, out, _ = run_cli(capsys, "query", img, "--index", served / "index", "--k", "5", "--json")
+    assert code == 0
+    cli = json.loads(out)
+    r = _post(server, "b1.png", img.read_bytes(), k="5")
+    assert r.status_code == 200, r.text
+    api = r.json()
+    assert api["query"] == "b1.png" and cli["query"] == str(img)
+    assert {**api, "query": None} == {**cli, "query": None}
+    assert [x["rank"] for x in api["results"]] == [1, 2, 3, 4, 5]
+    assert "bright/b1.png" not in [x["id"] for x in api["results"]]  # an indexed image is not its own answer
+    assert api["vote"]["label"] == "bright"
+    assert_alive(server)
+
+
+def test_include_self_keeps_the_indexed_image(server, served):
+    img = served / "data" / "bright" / "b2.png"
+    api = _post(server, "b2.png", img.read_bytes(), k="3", include_self="true").json()
+    assert api["results"][0]["id"] == "bright/b2.png"
+    assert api["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_multiframe_dicom_query_matches_the_cli(server, served, capsys):
+    clip = served / "data" / "dark" / "clip.dcm"
+    code, out, _ = run_cli(capsys, "query", clip, "--index", served / "index", "--k", "4", "--json")
+    assert code == 0
+    cli = json.loads(out)
+    r = _post(server, "clip.dcm", clip.read_bytes(), k="4")
+    assert r.status_code == 200, r.text
+    api = r.json()
+    assert isinstance(api, list) and len(api) == len(cli) == 3
+    assert [a["query"] for a in api] == [f"clip.dcm#{i}" for i in range(3)]
+    assert [{**a, "query": None} for a in api] == [{**c, "query": None} for c in cli]
+
+
+def test_filters(server, served):
+    img = (served / "data" / "dark" / "d0.png").read_bytes()
+    api = _post(server, "d0.png", img, k="3", where="label=bright").json()
+    assert api["matched"] >= 3 and {x["label"] for x in api["results"]} == {"bright"}
+    r = server.post(
+        "/query",
+        files={"file": ("d0.png", img)},
+        data={"k": "8", "exclude_patient": ["PCLIP"], "where": ["label=dark"]},
+    )
+    assert r.status_code == 200, r.text
+    assert all(x["patient_id"] != "PCLIP" for x in r.json()["results"])
+    assert_clean_error(_post(server, "d0.png", img, where="nosuch=1"), 400, "nosuch")
+    assert_alive(server)
+
+
+# --- bad input ----------------------------------------------------------------------------------------
+
+
+def _dicom_bytes(tmp_path: Path, **changes) -> bytes:
+    from pydicom import dcmread
+
+    path = write_dicom(tmp_path / "x.dcm", _noise(90, 5).astype(np.uint16))
+    ds = dcmread(path)
+    for key, value in changes.items():
+        if value is None:
+            delattr(ds, key)
+        else:
+            setattr(ds, key, value)
+    ds.save_as(path)
+    return path.read_bytes()
+
+
+def test_bad_uploads_get_clear_4xx_and_the_server_keeps_serving(server, served, tmp_path, monkeypatch):
+    png = (served / "data" / "dark" / "d1.png").read_bytes()
+    cases = [
+        (_post(server, "notes.png", b"just some text, not an image"), 415, "not a PNG, JPEG or DICOM"),
+        (_post(server, "empty.png", b""), 415, "empty.png"),
+        (_post(server, "cut.png", png[:60]), 422, "cut.png"),
+        (_post(server, "fake.jpg", b"\xff\xd8\xff" + b"\0" * 500), 422, "fake.jpg"),
+        (_post(server, "big.png", b"\x89PNG\r\n\x1a\n" + os.urandom(MAX_UPLOAD + 1)), 413, "over the limit"),
+        (_post(server, "nopixels.dcm", _dicom_bytes(tmp_path, PixelData=None)), 422, "pixel data"),
+        (_post(server, "huge.dcm", _dicom_bytes(tmp_path, Rows=60000, Columns=60000)), 413, "over the limit"),
+        (_post(server, "d1.png", png, k="0"), 422, "k"),
+        (_post(server, "d1.png", png, k="1000"), 400, "larger than the"),
+        (_post(server, "d1.png", png, k="ten"), 422, "k"),
+        (_post(server, "d1.png", png, vote="loudest"), 400, "vote"),
+        (server.post("/query", data={"k": "3"}), 422, "file"),
+        (server.post("/query", content=b"x" * 100, headers={"content-type": "text/plain"}), 422, "file"),
+    ]
+    for r, status, needle in cases:
+        assert_clean_error(r, status, needle)
+        assert_alive(server)
+    monkeypatch.setenv("RETRIEVE_MAX_PIXELS", "1000")  # 48 x 48 = 2304 pixels: read from the header, not decoded
+    assert_clean_error(_post(server, "d1.png", png), 413, "d1.png", "RETRIEVE_MAX_PIXELS")
+    assert_alive(server)
+
+
+def test_body_over_the_limit_is_refused_while_streaming(server):
+    """No Content-Length (chunked): the body is counted as it arrives and refused past the limit."""
+
+    def chunks():
+        for _ in range(40):
+            yield b"\0" * 65536  # 2.5 MB in all
+
+    r = server.post("/query", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert_clean_error(r, 413, "over the limit")
+    assert_alive(server)
+
+
+def test_bad_content_length_is_refused(server):
+    url = urlsplit(str(server.base_url))
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn.putrequest("POST", "/query")
+    conn.putheader("Authorization", AUTH["Authorization"])
+    conn.putheader("Content-Length", str(50 * MAX_UPLOAD))
+    conn.endheaders()  # declares 50 MB and sends none of it: refused by the header alone
+    r = conn.getresponse()
+    assert r.status == 413 and "over the limit" in json.loads(r.read())["detail"]
+    conn.close()
+    assert_alive(server)
+
+
+# --- tokens -------------------------------------------------------------------------------------------
+
+
+def test_every_endpoint_but_health_needs_the_token(server, caplog):
+    caplog.set_level(logging.DEBUG)
+    png = _png_bytes(_noise(100, 1))
+    wrong = [
+        {},
+        {"Authorization": "Bearer wrong-token-0123456789abcd"},
+        {"Authorization": f"Bearer {TOKEN}x"},
+        {"Authorization": f"Basic {TOKEN}"},
+        {"Authorization": TOKEN},
+        {"Authorization": "Bearer"},
+    ]
+    paths = ["/items/bright/b0.png", "/items/bright/b0.png/thumbnail", "/openapi.json", "/docs", "/query"]
+    with httpx.Client(base_url=_base(server), timeout=10) as anonymous:
+        for headers in wrong:
+            for path in paths:
+                if path == "/query":
+                    r = anonymous.post(path, headers=headers, files={"file": ("q.png", png)})
+                else:
+                    r = anonymous.get(path, headers=headers)
+                assert r.status_code == 401, (headers, path, r.status_code)
+                assert r.headers["www-authenticate"] == "Bearer"
+                assert r.json()["detail"] == "missing or wrong access token"
+        # refused before the body is read: a large upload without the token is 401, not 413
+        assert anonymous.post("/query", content=b"\0" * (3 * MAX_UPLOAD)).status_code == 401
+        assert anonymous.get("/health").status_code == 200
+    assert server.get("/openapi.json").status_code == 200
+    assert server.get("/items/bright/b0.png", headers={"Authorization": f"bearer {TOKEN}"}).status_code == 200
+    assert TOKEN not in caplog.text
+
+
+def test_token_rules(tmp_path, monkeypatch):
+    assert bearer_ok(f"Bearer {TOKEN}".encode(), TOKEN)
+    assert not bearer_ok(f"Bearer {TOKEN[:-1]}".encode(), TOKEN) and not bearer_ok(None, TOKEN)
+    monkeypatch.setenv("RETRIEVE_TEST_TOKEN", f"  {TOKEN}\n")
+    assert read_token("RETRIEVE_TEST_TOKEN", None) == TOKEN
+    monkeypatch.setenv("RETRIEVE_TEST_TOKEN", "short")
+    with pytest.raises(RetrieveError, match="at least 16"):
+        read_token("RETRIEVE_TEST_TOKEN", None)
+    with pytest.raises(RetrieveError, match="not set"):
+        read_token("RETRIEVE_NO_SUCH_VARIABLE", None)
+    f = tmp_path / "token"
+    f.write_text(TOKEN + "\n")
+    assert read_token(None, f) == TOKEN
+    assert read_token(None, None) is None
+    with pytest.raises(RetrieveError, match="cannot be read"):
+        read_token(None, tmp_path / "missing")
+    assert TOKEN not in repr(ServeConfig(Path("i"), token=TOKEN))
+
+
+def test_listening_beyond_loopback_needs_a_token_or_insecure():
+    for host in ("127.0.0.1", "localhost", "::1", "127.0.0.2"):
+        assert is_loopback(host)
+        check_exposure(host, None, False)
+    for host in ("0.0.0.0", "::", "192.168.1.5", "example.org"):
+        assert not is_loopback(host)
+        with pytest.raises(RetrieveError, match="access token"):
+            check_exposure(host, None, False)
+        check_exposure(host, TOKEN, False)
+        check_exposure(host, None, True)
+    with pytest.raises(RetrieveError, match="one or the other"):
+        check_exposure("0.0.0.0", TOKEN, True)
+
+
+def test_ui_beyond_loopback_needs_insecure_no_auth():
+    from ui.launch import check_host
+
+    check_host("127.0.0.1", False)
+    check_host("0.0.0.0", True)
+    with pytest.raises(RetrieveError, match="insecure-no-auth"):
+        check_host("0.0.0.0", False)
+
+
+# --- items and thumbnails -----------------------------------------------------------------------------
+
+
+def test_item_metadata_and_thumbnail(server, served):
+    r = server.get("/items/bright/b0.png")
+    assert r.status_code == 200
+    item = r.json()
+    assert item["id"] == "bright/b0.png" and item["label"] == "bright" and "vector" not in item
+    assert server.get("/items/bright%2Fb0.png").json() == item  # an encoded slash names the same item
+    t = server.get("/items/bright/b0.png/thumbnail", params={"size": 32})
+    assert t.status_code == 200 and t.headers["content-type"] == "image/png"
+    with Image.open(io.BytesIO(t.content)) as im:
+        assert max(im.size) == 32
+    frame = server.get("/items/dark/clip.dcm#1/thumbnail".replace("#", "%23"))
+    assert frame.status_code == 200 and frame.content.startswith(b"\x89PNG")
+    assert_clean_error(server.get("/items/bright/b0.png/thumbnail", params={"size": 5000}), 422, "size")
+    assert_clean_error(server.get("/items/no/such.png"), 404, "no item")
+
+
+def test_item_json_never_shows_person_names():
+    row = {
+        "id": "a",
+        "path": "/d/a.png",
+        "label": None,
+        "patient_id": "P1",
+        "PatientName": "DOE^JANE",
+        "patient_name": "Jane Doe",
+        "Patient's Name": "x",
+        "study_uid": "1.2",
+    }
+    out = item_json(row)
+    assert out == {"id": "a", "path": "/d/a.png", "label": None, "patient_id": "P1", "study_uid": "1.2"}
+
+
+def _raw_get(client, path: str) -> tuple[int, bytes]:
+    """A request line sent exactly as written (httpx would normalise ../ away)."""
+    url = urlsplit(str(client.base_url))
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    conn.request("GET", path, headers=AUTH)
+    r = conn.getresponse()
+    body = r.read()
+    conn.close()
+    return r.status, body
+
+
+def test_path_traversal_never_reads_outside_the_data_root(server, served):
+    secret = (served / "outside" / "secret.png").read_bytes()
+    secret_abs = str((served / "outside" / "secret.png").resolve())
+    attempts = [
+        "/items/../../../../etc/passwd",
+        "/items/../../../../etc/passwd/thumbnail",
+        "/items/..%2F..%2F..%2F..%2Fetc%2Fpasswd/thumbnail",
+        "/items/%2e%2e/%2e%2e/%2e%2e/etc/passwd/thumbnail",
+        "/items/%252e%252e%252fetc%252fpasswd/thumbnail",
+        "/items//etc/passwd/thumbnail",
+        "/items/%2Fetc%2Fpasswd/thumbnail",
+        "/items/bright/../../outside/secret.png/thumbnail",
+        f"/items/{secret_abs}/thumbnail",  # the id the index gave the symlink: its target, outside data/
+        f"/items/{secret_abs.replace('/', '%2F')}/thumbnail",
+        "/items/bright/b0.png/../../../outside/secret.png/thumbnail",
+    ]
+    for path in attempts:
+        status, body = _raw_get(server, path)
+        assert status in (400, 403, 404), (path, status)
+        assert b"root:" not in body and secret not in body and not body.startswith(b"\x89PNG"), path
+        assert_alive(server)
+
+
+def test_a_symlink_planted_after_indexing_is_refused(server, served):
+    victim = served / "data" / "bright" / "b3.png"
+    assert server.get("/items/bright/b3.png/thumbnail").status_code == 200
+    victim.unlink()
+    victim.symlink_to(served / "outside" / "secret.png")
+    r = server.get("/items/bright/b3.png/thumbnail")
+    assert_clean_error(r, 403, "outside the data root")
+    assert_alive(server)
+
+
+def test_locate_checks_the_resolved_path(engine, served):
+    assert engine.locate(str(served / "data" / "bright" / "b0.png")).is_file()
+    assert engine.locate("bright/b0.png").is_file()  # relative to the data root
+    for bad in (
+        "/etc/passwd",
+        "../outside/secret.png",
+        "bright/../../outside/secret.png",
+        str(served / "data" / ".." / "outside" / "secret.png"),
+    ):
+        with pytest.raises((Forbidden, RetrieveError)):
+            engine.locate(bad)
+
+
+def test_a_data_root_without_the_files_is_an_error(served, tmp_path):
+    with pytest.raises(RetrieveError, match="holds none of the indexed files"):
+        load_engine(served / "index", tmp_path, use_gpu=False)
+    with pytest.raises(RetrieveError, match="not a folder"):
+        load_engine(served / "index", tmp_path / "nope", use_gpu=False)
+
+
+# --- limits and CORS ----------------------------------------------------------------------------------
+
+
+def test_concurrent_queries_are_bounded():
+    """With every slot taken, the next query gets 503 at once; other paths are not slotted."""
+
+    async def scenario() -> tuple[int, int, int]:
+        entered, release = asyncio.Event(), asyncio.Event()
+
+        async def app(scope, receive, send):
+            while (await receive()).get("more_body"):
+                pass
+            if scope["path"] == "/query":
+                entered.set()
+                await release.wait()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"ok"})
+
+        transport = httpx.ASGITransport(app=Guard(app, token=None, max_body=1000, max_concurrent=1))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            first = asyncio.create_task(client.post("/query", content=b"a"))
+            await entered.wait()
+            second = await client.post("/query", content=b"b")
+            other = await client.get("/health")
+            release.set()
+            return (await first).status_code, second.status_code, other.status_code
+
+    assert asyncio.run(scenario()) == (200, 503, 200)
+
+
+def test_cors_is_off_unless_origins_are_named(engine, served):
+    from fastapi.testclient import TestClient
+
+    preflight = {"Origin": "https://viewer.example", "Access-Control-Request-Method": "POST"}
+    plain = TestClient(create_app(engine, ServeConfig(served / "index", data_root=served / "data")))
+    assert "access-control-allow-origin" not in plain.options("/query", headers=preflight).headers
+    assert "access-control-allow-origin" not in plain.get("/health", headers={"Origin": "https://x"}).headers
+    cfg = ServeConfig(served / "index", token=TOKEN, cors_origins=("https://viewer.example",))
+    named = TestClient(create_app(engine, cfg))
+    r = named.options("/query", headers=preflight)
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://viewer.example"
+    other = named.options("/query", headers={**preflight, "Origin": "https://evil.example"})
+    assert "access-control-allow-origin" not in other.headers
+    assert named.get("/items/bright/b0.png", headers={"Origin": "https://viewer.example"}).status_code == 401

@@ -15,7 +15,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -178,14 +178,28 @@ def _pixels(rng: np.random.Generator, frames: int, size: int, ct: bool) -> np.nd
     return np.asarray(out, dtype=np.uint16)
 
 
-def archive_datasets(size: int = 64, seed: int = 0, patient_names: bool = True) -> list:
-    """The ARCHIVE as pydicom datasets (Part-10, explicit VR little endian), in a fixed order."""
+def archive_datasets(size: int = 64, seed: int = 0, patient_names: bool = True, copies: int = 1) -> list:
+    """The ARCHIVE as pydicom datasets (Part-10, explicit VR little endian), in a fixed order.
+
+    `copies` > 1 repeats it with new patients and UIDs (the benchmark's larger archives).
+    """
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian
 
     rng = np.random.default_rng(seed)
     out = []
-    for s_no, series in enumerate(ARCHIVE):
+    described = [
+        (
+            c,
+            s_no + c * len(ARCHIVE),
+            replace(
+                series, patient_id=f"{series.patient_id}-{c}" if c else series.patient_id, study=series.study + 100 * c
+            ),
+        )
+        for c in range(copies)
+        for s_no, series in enumerate(ARCHIVE)
+    ]
+    for _, s_no, series in described:
         ct = series.modality == "CT"
         sop_class = (
             "1.2.840.10008.5.1.4.1.1.2"

@@ -109,6 +109,21 @@ def test_credentials_from_env_and_file(tmp_path: Path) -> None:
     assert "very-secret" not in str(err.value) and str(f) in str(err.value)
 
 
+def test_viewer_links_at_index_and_query_time() -> None:
+    from retrieval.data.dicomweb import relink, viewer_link
+
+    url = "https://pacs.example.org:8443/dicom-web"
+    assert viewer_link(DEFAULT_VIEWER, url, "1.2", "1.2.3", "1.2.3.4") == (
+        "https://pacs.example.org:8443/viewer?StudyInstanceUIDs=1.2"
+    )
+    hits = [{"source_url": url, "study_uid": "1.2", "series_uid": "1.2.3", "sop_uid": "1.2.3.4"}, {"path": "/a.png"}]
+    relink(hits, "{base}/studies/{study}/series/{series}/instances/{instance}")
+    assert hits[0]["viewer_url"] == f"{url}/studies/1.2/series/1.2.3/instances/1.2.3.4"
+    assert "viewer_url" not in hits[1]
+    with pytest.raises(RetrieveError, match="--viewer-url"):
+        viewer_link("{nope}", url, "1", "2", "3")
+
+
 def test_filters_and_dates() -> None:
     assert parse_date("2025-01-15") == "20250115" == parse_date("20250115")
     for bad in ("2025-13-01", "yesterday", "2025115"):

@@ -517,6 +517,16 @@ def viewer_link(template: str | None, cfg_url: str, study: str, series: str, sop
         ) from None
 
 
+def relink(hits: list[dict[str, Any]], template: str) -> list[dict[str, Any]]:
+    """Query-time links: each hit from a DICOMweb server gets `viewer_url` from `template` (others untouched)."""
+    for hit in hits:
+        url, study = hit.get("source_url"), hit.get("study_uid")
+        if url and study:
+            series, sop = hit.get("series_uid") or "", hit.get("sop_uid") or ""
+            hit["viewer_url"] = viewer_link(template, str(url), str(study), str(series), str(sop))
+    return hits
+
+
 # --- thumbnails of hits that are not on local disk ------------------------------------------------
 
 

@@ -22,6 +22,7 @@ import platform
 import secrets
 import subprocess
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -124,7 +125,8 @@ async def load_level(
     return out
 
 
-def start_server(index: Path, port: int, token: str, max_concurrent: int) -> subprocess.Popen:
+def start_server(index: Path, port: int, token: str, max_concurrent: int, log: Any) -> subprocess.Popen:
+    """`retrieve serve` in its own process; its output (one access-log line a request) goes to the file `log`."""
     cmd = [
         sys.executable,
         "-c",
@@ -143,15 +145,16 @@ def start_server(index: Path, port: int, token: str, max_concurrent: int) -> sub
         "--no-gpu",
     ]
     env = {**os.environ, TOKEN_ENV: token, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=ROOT)
+    return subprocess.Popen(cmd, env=env, stdout=log, stderr=log, cwd=ROOT)
 
 
-def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300.0) -> float:
+def wait_ready(url: str, proc: subprocess.Popen, log: Any, timeout: float = 300.0) -> float:
     t0 = time.perf_counter()
     while time.perf_counter() - t0 < timeout:
         if proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise SystemExit(f"retrieve serve exited with {proc.returncode}: {err[-2000:]}")
+            log.seek(0)
+            tail = log.read().decode(errors="replace")[-2000:]
+            raise SystemExit(f"retrieve serve exited with {proc.returncode} before answering: {tail}")
         try:
             if httpx.get(f"{url}/health", timeout=2).status_code == 200:
                 return time.perf_counter() - t0
@@ -202,10 +205,11 @@ def main() -> None:
     token = secrets.token_urlsafe(32)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = start_server(args.index, port, token, args.max_concurrent)
+    log = tempfile.TemporaryFile()
+    proc = start_server(args.index, port, token, args.max_concurrent, log)
     rows: list[dict[str, Any]] = [{"what": "library call, no HTTP (baseline)", **base}]
     try:
-        startup = wait_ready(url, proc)
+        startup = wait_ready(url, proc, log)
         print(f"server ready in {startup:.1f} s on {url}", flush=True)
         health = asyncio.run(load_level(url, token, images, 8, 500, args.max_seconds, args.k, "/health"))
         rows.append({"what": "GET /health (HTTP only, baseline)", **health})

@@ -428,6 +428,23 @@ def test_concurrent_queries_are_bounded():
     assert asyncio.run(scenario()) == (200, 503, 200)
 
 
+def test_a_body_that_trickles_in_is_cut_off():
+    async def scenario() -> httpx.Response:
+        async def app(scope, receive, send):  # never reached
+            raise AssertionError("the app ran")
+
+        async def slow():
+            yield b"a"
+            await asyncio.sleep(2)
+            yield b"b"
+
+        transport = httpx.ASGITransport(app=Guard(app, token=None, max_body=1000, max_concurrent=1, body_timeout=0.2))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return await client.post("/query", content=slow())
+
+    assert_clean_error(asyncio.run(scenario()), 408, "not received within")
+
+
 def test_cors_is_off_unless_origins_are_named(engine, served):
     from fastapi.testclient import TestClient
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MAX_UPLOAD_MB = 50  # the browser's limit too (ui/backend.py MAX_UPLOAD_MB)
-DEFAULT_MAX_CONCURRENT = 32  # queries in flight (reading, waiting or running); more get 503
+DEFAULT_MAX_CONCURRENT = 64  # queries in flight (reading, waiting or running); more get 503 at once
 MAX_K = 1000  # the most results one request may ask for
 THUMBNAIL_MAX_SIDE = 1024
 

@@ -3,8 +3,9 @@
 A pure ASGI middleware: a request without the token is answered 401 before its body is read; a body is
 refused by its Content-Length when that is over the limit, and otherwise counted while it streams in
 (into a spooled file: memory up to 1 MB, then disk) and refused the moment it passes the limit; only a
-whole, accepted body is handed to the route. Queries hold a slot from their first byte to their answer;
-when every slot is taken the next one gets 503 at once instead of a growing queue.
+whole, accepted body is handed to the route, and a body that trickles in for longer than a minute is
+refused (408), so slow clients cannot hold the query slots. Queries hold a slot from their first byte
+to their answer; when every slot is taken the next one gets 503 at once instead of a growing queue.
 """
 
 from __future__ import annotations
@@ -36,8 +37,11 @@ async def send_error(send: Send, status: int, detail: str, headers: list[tuple[b
 
 
 class Guard:
-    def __init__(self, app: ASGIApp, token: str | None, max_body: int, max_concurrent: int) -> None:
+    def __init__(
+        self, app: ASGIApp, token: str | None, max_body: int, max_concurrent: int, body_timeout: float = 60.0
+    ) -> None:
         self.app = app
+        self.body_timeout = body_timeout
         self.token = token
         self.max_body = max_body
         self.slots = asyncio.Semaphore(max_concurrent)
@@ -75,21 +79,18 @@ class Guard:
         return f"request body over the limit of {self.max_body / 2**20:.0f} MB"
 
     async def _forward(self, scope: Scope, receive: Receive, send: Send) -> None:
-        """Read the whole body (bounded), then run the app on it."""
+        """Read the whole body (bounded in size and time), then run the app on it."""
         with tempfile.SpooledTemporaryFile(max_size=1 << 20) as buf:
-            total = 0
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return
-                chunk = message.get("body", b"")
-                total += len(chunk)
-                if total > self.max_body:
-                    await send_error(send, 413, self._too_big())
-                    return
-                buf.write(chunk)
-                if not message.get("more_body", False):
-                    break
+            try:
+                total = await asyncio.wait_for(self._read_body(receive, buf), self.body_timeout)
+            except asyncio.TimeoutError:
+                await send_error(send, 408, f"request body not received within {self.body_timeout:.0f} s")
+                return
+            if total is None:  # the client went away
+                return
+            if total > self.max_body:
+                await send_error(send, 413, self._too_big())
+                return
             buf.seek(0)
             done = False
 
@@ -98,8 +99,22 @@ class Guard:
                 if done:
                     return await receive()  # after the body: wait for the client to go away
                 data = buf.read(CHUNK)
-                more = buf.tell() < total
-                done = not more
-                return {"type": "http.request", "body": data, "more_body": more}
+                done = buf.tell() >= total
+                return {"type": "http.request", "body": data, "more_body": not done}
 
             await self.app(scope, replay, send)
+
+    async def _read_body(self, receive: Receive, buf: Any) -> int | None:
+        """Body bytes into buf; stops counting as soon as the limit is passed. None: the client left."""
+        total = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body:
+                return total
+            buf.write(chunk)
+            if not message.get("more_body", False):
+                return total

@@ -9,20 +9,31 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from retrieval.errors import RetrieveError
 from retrieval.server.auth import check_exposure, is_loopback
 from retrieval.server.config import ServeConfig
 
 log = logging.getLogger(__name__)
 
+WEB_PACKAGES = {"fastapi", "uvicorn", "starlette", "multipart", "python_multipart"}  # the serve extra
+
 
 def serve(cfg: ServeConfig) -> None:
     """Blocks until Ctrl-C. Bad settings fail before the model is loaded."""
     check_exposure(cfg.host, cfg.token, cfg.insecure_no_auth)
-    import uvicorn
+    try:
+        import uvicorn
 
-    from retrieval.server.app import create_app
+        from retrieval.server.app import create_app
+    except ModuleNotFoundError as exc:
+        if exc.name not in WEB_PACKAGES:
+            raise
+        raise RetrieveError(
+            f"retrieve serve needs {exc.name}: pip install 'retrieve[serve]' (fastapi, uvicorn, python-multipart)"
+        ) from None
     from retrieval.server.engine import load_engine
 
+    _check_port(cfg.host, cfg.port)
     engine = load_engine(cfg.index, cfg.data_root, cfg.use_gpu)
     app = create_app(engine, cfg)
     if not is_loopback(cfg.host) and not cfg.token:
@@ -38,6 +49,23 @@ def serve(cfg: ServeConfig) -> None:
         timeout_keep_alive=5,
         proxy_headers=False,
     )
+
+
+def _check_port(host: str, port: int) -> None:
+    """A port that is taken (or a host that is not ours) fails now, in one line, not after the model loads."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise RetrieveError(f"--host {host}: not an address of this machine ({exc.strerror or exc})") from None
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(address)
+        except OSError as exc:
+            raise RetrieveError(f"--port {port}: cannot listen on {host}:{port} ({exc.strerror or exc})") from None
 
 
 def free_port(host: str = "127.0.0.1") -> int:

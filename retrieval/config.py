@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -103,3 +103,39 @@ def load_recipe(path: str | Path) -> RecipeConfig:
         )
     except TypeError as exc:
         raise RetrieveError(f"--config {p}: {exc}") from None
+
+
+@dataclass(frozen=True)
+class BuildSettings:
+    """What `index build` runs with: the recipe's sections, overridden by what the user gave explicitly."""
+
+    index: IndexConfig
+    encoder: EncoderSpec
+    preprocess: dict[str, Any]
+    batch_size: int
+
+
+def build_settings(
+    recipe_path: str | Path | None,
+    index: IndexConfig,
+    encoder: EncoderSpec,
+    preprocess: dict[str, Any],
+    batch_size: int,
+    *,
+    encoder_given: bool,
+    batch_size_given: bool,
+) -> BuildSettings:
+    """Merge a recipe with the command line: what the user gave explicitly wins (an 'auto' kind and unset
+    preprocessing keys count as not given); without a recipe, the command line's values are used as they are."""
+    if recipe_path is None:
+        return BuildSettings(index, encoder, preprocess, batch_size)
+    recipe = load_recipe(recipe_path)
+    kind = index.kind if index.kind != "auto" else recipe.index.kind
+    pre = {**recipe.preprocess.to_dict(), **{k: v for k, v in preprocess.items() if v is not None}}
+    pre["ct_window"] = tuple(pre["ct_window"])
+    return BuildSettings(
+        replace(recipe.index, kind=kind, gpu=index.gpu and recipe.index.gpu),
+        encoder if encoder_given else recipe.encoder,
+        pre,
+        batch_size if batch_size_given else recipe.batch_size,
+    )

@@ -19,4 +19,4 @@ def demo(
     """Generate synthetic liver ultrasound, index it, query it and evaluate it."""
     from retrieval.demo.run import run_demo
 
-    run_demo(out, encoder, weights, image_size, progress=not quiet)
+    run_demo(out, encoder, weights, image_size, progress=not quiet, say=print)

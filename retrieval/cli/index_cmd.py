@@ -38,30 +38,25 @@ def index_build(
     quiet: bool = opt.Quiet,
 ):
     """Embed DATA (or take --vectors) and build a FAISS index folder over cosine similarity."""
-    from dataclasses import replace
-
     from indexer.faiss_index import INDEX_KINDS
     from indexer.index_dir import build_index_dir, check_can_build
     from indexer.store import read_vectors
-    from retrieval.config import IndexConfig, load_recipe
+    from retrieval.config import IndexConfig, build_settings
     from retrieval.data.dataset import Skipped
     from retrieval.pipeline import build_index_streaming, load_encoder, report_skipped
 
     if kind != "auto" and kind not in INDEX_KINDS:
         raise RetrieveError(f"--kind {kind}: unknown; choose auto, {', '.join(INDEX_KINDS)}")
-    index_cfg = IndexConfig(kind=kind, gpu=gpu)
-    spec = opt.encoder_spec(encoder, weights, seed)
-    pre = opt.preprocess_overrides(image_size, crop_sector, resize, ct_window)
-    if config is not None:
-        recipe = load_recipe(config)
-        index_cfg = replace(
-            recipe.index, kind=kind if kind != "auto" else recipe.index.kind, gpu=gpu and recipe.index.gpu
-        )
-        if encoder == opt.Encoder.default and weights is None:
-            spec = recipe.encoder
-        pre = {**recipe.preprocess.to_dict(), **{k: v for k, v in pre.items() if v is not None}}
-        pre["ct_window"] = tuple(pre["ct_window"])
-        batch_size = recipe.batch_size if batch_size == opt.BatchSize.default else batch_size
+    settings = build_settings(
+        config,
+        IndexConfig(kind=kind, gpu=gpu),
+        opt.encoder_spec(encoder, weights, seed),
+        opt.preprocess_overrides(image_size, crop_sector, resize, ct_window),
+        batch_size,
+        encoder_given=encoder != opt.Encoder.default or weights is not None,
+        batch_size_given=batch_size != opt.BatchSize.default,
+    )
+    index_cfg, spec, pre, batch_size = settings.index, settings.encoder, settings.preprocess, settings.batch_size
     t0 = time.perf_counter()
     if vectors is not None:
         if data is not None:
@@ -122,32 +117,11 @@ def index_remove(
     where: list[str] = typer.Option([], "--where", help="every image with COLUMN=VALUE (repeatable: all must hold)"),
 ):
     """Remove images from an index without a rebuild (any kind); `index compact` reclaims the space."""
-    import numpy as np
-
     from indexer.index_dir import remove_from_index_dir
-    from indexer.search import candidate_mask, parse_where
+    from indexer.search import parse_where
+    from indexer.selection import row_selector
 
-    if not (ids or paths or patients or where):
-        raise RetrieveError("say what to remove: --id, --path, --patient or --where")
-    conditions = parse_where(where)
-    wanted_paths = {str(p) for p in paths} | {str(p.expanduser().resolve()) for p in paths}
-
-    def select(idx):
-        for col, value in conditions:
-            if col not in idx.columns:
-                raise RetrieveError(
-                    f"--where {col}={value}: unknown column '{col}' (columns: {', '.join(idx.columns)})"
-                )
-        cols = ["id", "path", "patient_id", *[c for c, _ in conditions]]
-        rows = idx.read_columns([c for c in dict.fromkeys(cols) if c in idx.columns])
-        mask = rows["id"].astype(str).isin(ids).to_numpy() | rows["path"].astype(str).isin(wanted_paths).to_numpy()
-        if patients and "patient_id" in rows:
-            mask |= rows["patient_id"].astype("string").isin(patients).fillna(False).to_numpy(dtype=bool)
-        if conditions:
-            matched = candidate_mask(rows, [], conditions)
-            mask |= np.ones(len(rows), dtype=bool) if matched is None else matched
-        return mask
-
+    select = row_selector(ids, paths, patients, parse_where(where))
     manifest, removed = remove_from_index_dir(index, select)
     later = " (HNSW: skipped by every search now, space reclaimed by `retrieve index compact`)"
     print(

@@ -48,14 +48,9 @@ def train(
     quiet: bool = opt.Quiet,
 ):
     """Train an encoder; the checkpoint loads straight into `embed` / `index build --encoder`."""
-    import pandas as pd
-
-    from retrieval.data.dataset import load_dataset
-    from retrieval.encoders.checkpoint import save_checkpoint
     from retrieval.pipeline import report_skipped
     from retrieval.training.config import load_train_config
-    from retrieval.training.trainer import train as run_training
-    from retrieval.training.trainer import write_training_log
+    from retrieval.training.run import train_to_checkpoint
 
     overrides = dict(
         method=method,
@@ -75,44 +70,20 @@ def train(
         clusters=clusters,
     )
     cfg = load_train_config(config, overrides)
-    table = load_dataset(data)
-    pairs_table = None
-    if pairs is not None:
-        if cfg.method not in ("siamese", "siamese-l1"):
-            raise RetrieveError(f"--pairs is for the siamese methods, not {cfg.method}")
-        if not pairs.is_file():
-            raise RetrieveError(f"--pairs {pairs}: file not found")
-        pairs_table = pd.read_csv(pairs)
-        base = pairs.resolve().parent
-        for col in ("path_a", "path_b"):
-            if col in pairs_table:
-                pairs_table[col] = [
-                    str((base / p).resolve()) if not Path(p).is_absolute() else p for p in pairs_table[col].astype(str)
-                ]
-    result = run_training(table.rows, cfg, pairs_table, progress=not quiet)
-    extra_tensors = result.model.loss.extra_tensors()
-    path = save_checkpoint(
-        result.encoder,
-        out,
-        result.encoder.default_preprocess,
-        extra={
-            "training": cfg.to_dict(),
-            "classes": result.classes,
-            "trained_on": {"data": str(Path(data).resolve()), "images": result.log["n_images"]},
-        },
-        extra_tensors=extra_tensors,
-    )
-    log_path, png_path = write_training_log(result.log, path)
-    report_skipped(table.skipped + result.skipped)
-    losses = [s["loss"] for s in result.log["steps"]]
+    done = train_to_checkpoint(data, cfg, out, pairs, progress=not quiet)
+    report_skipped(done.skipped)
+    losses = [s["loss"] for s in done.log["steps"]]
     print(
-        f"trained {cfg.method} on {result.log['n_images']} images: "
-        f"{len(losses)} steps in {result.log['seconds']:.1f} s, "
+        f"trained {cfg.method} on {done.log['n_images']} images: "
+        f"{len(losses)} steps in {done.log['seconds']:.1f} s, "
         f"loss {losses[0]:.4f} -> {losses[-1]:.4f}"
         if losses
         else "no steps were run"
     )
-    print(f"checkpoint -> {path} (use it as --encoder {path}); log -> {log_path}, {png_path}")
+    print(
+        f"checkpoint -> {done.checkpoint} (use it as --encoder {done.checkpoint}); "
+        f"log -> {done.log_json}, {done.loss_png}"
+    )
 
 
 def classify(

@@ -122,3 +122,14 @@ def load_checkpoint_extras(path: str | Path) -> tuple[dict[str, Any], dict[str, 
     meta = json.loads(meta_path.read_text())
     extras = {k[len(EXTRA_PREFIX) :]: v for k, v in load_file(str(weights_path)).items() if k.startswith(EXTRA_PREFIX)}
     return meta, extras
+
+
+def trained_on(encoder_name: str) -> dict[str, Any] | None:
+    """What a checkpoint encoder was trained on (its JSON's `trained_on`), or None for other encoders."""
+    if not encoder_name.endswith((".safetensors", ".json")):
+        return None
+    try:
+        found = json.loads(checkpoint_paths(encoder_name)[1].read_text()).get("trained_on")
+    except (OSError, json.JSONDecodeError):
+        return None
+    return found if isinstance(found, dict) else None

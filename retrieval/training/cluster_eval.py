@@ -6,46 +6,13 @@ Hungarian (one-to-one) accuracy from scipy's linear_sum_assignment."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
-import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, f1_score, normalized_mutual_info_score
 
-from retrieval.errors import RetrieveError
+from retrieval.encoders.cluster_head import ClusterHeadWeights, load_cluster_head
 
-
-@dataclass
-class ClusterHeadWeights:
-    """The softmax cluster head a clustering checkpoint stores: p = softmax((W v + b) / T) on the unit vector."""
-
-    weight: torch.Tensor
-    bias: torch.Tensor
-    temperature: float
-
-    @property
-    def clusters(self) -> int:
-        return int(self.weight.shape[0])
-
-    @torch.no_grad()
-    def probabilities(self, vectors: np.ndarray) -> np.ndarray:
-        v = torch.nn.functional.normalize(torch.as_tensor(np.asarray(vectors, dtype=np.float32)), dim=1)
-        if v.shape[1] != self.weight.shape[1]:
-            raise RetrieveError(f"vectors are {v.shape[1]}-d but the cluster head takes {self.weight.shape[1]}-d")
-        return torch.softmax((v @ self.weight.T + self.bias) / self.temperature, dim=1).numpy()
-
-
-def load_cluster_head(checkpoint: str, head: str = "cluster") -> ClusterHeadWeights:
-    """The cluster head (`cluster` or `overcluster`) of a checkpoint from `retrieve train --method pica|lsd|scan`."""
-    from retrieval.encoders.checkpoint import load_checkpoint_extras
-
-    meta, extras = load_checkpoint_extras(checkpoint)
-    if f"{head}.weight" not in extras:
-        what = "an over-clustering head" if head == "overcluster" else "a cluster head"
-        raise RetrieveError(f"checkpoint {checkpoint}: has no {what} (train one with --method pica, lsd or scan)")
-    temperature = float(meta.get("training", {}).get("cluster_temperature", 0.1))
-    return ClusterHeadWeights(extras[f"{head}.weight"].float(), extras[f"{head}.bias"].float(), temperature)
+__all__ = ["ClusterHeadWeights", "load_cluster_head", "match_clusters", "hungarian_accuracy", "cluster_scores"]
 
 
 def match_clusters(assign: np.ndarray, labels: np.ndarray, classes: list[str], clusters: int) -> dict[int, str]:

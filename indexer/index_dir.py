@@ -22,6 +22,7 @@ are read as they are and move to format 2 on their next write.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -95,6 +96,8 @@ class IndexManifest:
     shards: list[dict[str, Any]] = field(default_factory=list)  # {name, rows, id_min, id_max, size, sha256}
     index_file: dict[str, Any] = field(default_factory=dict)  # {name, size, sha256}
     removed: list[int] = field(default_factory=list)  # row ids removed but still in shards (until compact)
+    data_root: str | None = None  # where the indexed files were (absolute); rows keep paths relative to it
+    data_root_from_index: str | None = None  # the same folder relative to the index folder (moved together)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -579,6 +582,24 @@ def verify_index_dir(index_dir: str | Path) -> list[str]:
     except RetrieveError as exc:
         problems.append(str(exc))
     return problems
+
+
+def set_data_root(index_dir: str | Path, root: str | Path, lock: bool = True) -> str | None:
+    """Record the data root (absolute, and relative to the index folder) in one atomic manifest write.
+
+    Under the write lock, unless the caller holds it already (`lock=False`). Returns the previous root.
+    """
+    index_dir = Path(index_dir)
+    read_manifest(index_dir)
+    with write_lock(index_dir) if lock else contextlib.nullcontext():
+        m = read_manifest(index_dir)
+        old = m.data_root
+        m.data_root = str(Path(root).resolve())
+        m.data_root_from_index = Path(os.path.relpath(m.data_root, index_dir.resolve())).as_posix()
+        m.updated = _now()
+        with atomic_path(index_dir / MANIFEST) as tmp:
+            tmp.write_text(m.to_json(), encoding="utf-8")
+    return old
 
 
 def check_compatible(fingerprint: dict[str, Any], other: dict[str, Any], what: str) -> None:

@@ -16,19 +16,27 @@ import pandas as pd
 import torch
 
 from indexer.config import IndexConfig
-from indexer.index_dir import IndexDir, IndexManifest, check_compatible
+from indexer.index_dir import IndexDir, IndexManifest, check_compatible, read_manifest, set_data_root
 from indexer.search import Hit, filter_mask, search
 from indexer.store import VectorSet
 from indexer.streaming import StreamingBuild
+from retrieval.cases import CaseHit, aggregate, case_column, case_keys, check_aggregation
 from retrieval.config import EncoderSpec, PreprocessConfig
 from retrieval.data.dataset import DatasetTable, Skipped, load_dataset
 from retrieval.data.imageio import read_frames
 from retrieval.data.preprocess import preprocess_frame, to_tensor
 from retrieval.embed import embed_rows, pick_device
 from retrieval.encoders.base import Encoder
+from retrieval.encoders.cluster_head import (
+    ClusterHeadWeights,
+    has_cluster_head,
+    load_cluster_head,
+    with_cluster_columns,
+)
 from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError, UnreadableImageError
 from retrieval.labels import join_labels
+from retrieval.relocate import REL_PATH, resolve_data_root, resolve_paths, with_rel_paths
 from retrieval.vote import Vote, knn_vote, no_label_vote
 
 log = logging.getLogger(__name__)
@@ -40,6 +48,7 @@ class LoadedEncoder:
     encoder: Encoder
     preprocess: PreprocessConfig
     fingerprint: dict[str, Any]
+    cluster_head: ClusterHeadWeights | None = None  # a clustering checkpoint's head: cluster columns at index time
 
 
 def load_encoder(spec: EncoderSpec, preprocess_overrides: dict[str, Any] | None = None) -> LoadedEncoder:
@@ -54,7 +63,7 @@ def load_encoder(spec: EncoderSpec, preprocess_overrides: dict[str, Any] | None 
             spec.name,
             spec.seed,
         )
-    return LoadedEncoder(spec, enc, pre, enc.fingerprint(pre, spec.name))
+    return LoadedEncoder(spec, enc, pre, enc.fingerprint(pre, spec.name), _cluster_head(spec.name))
 
 
 def encoder_for_index(
@@ -64,9 +73,20 @@ def encoder_for_index(
     spec = requested or EncoderSpec(**spec_dict)
     pre = PreprocessConfig.from_dict(fingerprint["preprocess"])
     enc = create_encoder(spec.name, spec.weights, spec.seed)
-    loaded = LoadedEncoder(spec, enc, pre, enc.fingerprint(pre, spec.name))
+    loaded = LoadedEncoder(spec, enc, pre, enc.fingerprint(pre, spec.name), _cluster_head(spec.name))
     check_compatible(fingerprint, loaded.fingerprint, where)
     return loaded
+
+
+def _cluster_head(encoder_name: str) -> ClusterHeadWeights | None:
+    return load_cluster_head(encoder_name) if has_cluster_head(encoder_name) else None
+
+
+def annotate_rows(rows: pd.DataFrame, vectors: np.ndarray, loaded: LoadedEncoder) -> pd.DataFrame:
+    """Columns derived at embedding time: each file's content hash and, for a clustering checkpoint, each
+    image's cluster and its probability (so results, the browser and --where can use them)."""
+    rows = with_content_hashes(rows)
+    return rows if loaded.cluster_head is None else with_cluster_columns(rows, vectors, loaded.cluster_head)
 
 
 def report_skipped(skipped: list[Skipped], limit: int = 20) -> None:
@@ -95,7 +115,7 @@ def embed_dataset(
     if len(emb.rows) == 0:
         first = f"; first: {skipped[0]}" if skipped else ""
         raise RetrieveError(f"{source}: none of the {len(table.rows)} images could be read{first}")
-    vs = VectorSet(with_content_hashes(emb.rows), emb.vectors, loaded.fingerprint, loaded.spec.to_dict())
+    vs = VectorSet(annotate_rows(emb.rows, emb.vectors, loaded), emb.vectors, loaded.fingerprint, loaded.spec.to_dict())
     return vs, skipped
 
 
@@ -155,8 +175,9 @@ def build_index_streaming(
     skipped = list(table.skipped)
     fp, spec = loaded.fingerprint, loaded.spec.to_dict()
     chunk = chunk or STREAM_CHUNK
+    rows = with_rel_paths(table.rows, table.root)  # what makes the index relocatable
     with StreamingBuild(index_dir, fp, spec, cfg, overwrite, Path(source), resume) as build:
-        todo = build.pending(table.rows)
+        todo = build.pending(rows)
         device = pick_device(use_gpu)
         n_chunks = (len(todo) + chunk - 1) // chunk
         for j, start in enumerate(range(0, len(todo), chunk)):
@@ -164,11 +185,13 @@ def build_index_streaming(
             desc = f"embedding {j + 1}/{n_chunks}" if n_chunks > 1 else "embedding"
             emb = embed_rows(part, loaded.encoder, loaded.preprocess, batch_size, workers, device, progress, desc)
             skipped += emb.skipped
-            build.add(VectorSet(with_content_hashes(emb.rows), emb.vectors, fp, spec))
+            build.add(VectorSet(annotate_rows(emb.rows, emb.vectors, loaded), emb.vectors, fp, spec))
         if build.rows == 0:
             first = f"; first: {skipped[0]}" if skipped else ""
             raise RetrieveError(f"{source}: none of the {len(table.rows)} images could be read{first}")
-        manifest = build.finish()
+        build.finish()
+        set_data_root(index_dir, table.root, lock=False)  # the build holds the lock
+        manifest = read_manifest(index_dir)
     return manifest, skipped, build.resumed_rows
 
 
@@ -195,6 +218,8 @@ class QueryResult:
     rows: pd.DataFrame  # the index rows of the hits, in rank order
     vote: Vote
     matched: int | None = None  # indexed images the filters allowed (None: no filter)
+    group_by: str | None = None  # study/series/patient: each hit is a case (its best image, the case's score)
+    cases: list[CaseHit] | None = None  # with group_by: the cases, in rank order
 
     def to_dict(self) -> dict[str, Any]:
         results = []
@@ -207,9 +232,14 @@ class QueryResult:
                 "patient_id": _jsonable(row.get("patient_id")),
                 "score": round(hit.score, 6),
             }
+            if self.cases is not None:  # the case, and its best image's row below
+                case = self.cases[rank - 1]
+                core.update({"case": case.case, "images": case.images})
             extra = {str(k): _jsonable(v) for k, v in row.items() if k not in core and k != "vector"}
             results.append({**core, **extra})  # the engine's own fields can never be overwritten
         out: dict[str, Any] = {"query": self.query, "results": results, "vote": self.vote.to_dict()}
+        if self.group_by is not None:
+            out["group_by"] = self.group_by
         if self.matched is not None:
             out["matched"] = self.matched
         return out
@@ -247,16 +277,23 @@ def query_vectors(
     where: Sequence[tuple[str, str]] = (),
     vote: str = "majority",
     exclude_positions: Sequence[int] = (),
+    *,
+    group_by: str | None = None,
+    agg: str = "max",
+    data_root: str | Path | None = None,
 ) -> list[QueryResult]:
     """Search, then vote; `exclude_positions` leaves out given rows (an indexed case querying itself).
 
-    Only the filter columns and the rows of the results are read from the shards.
+    `group_by` (study, series, patient) answers with k cases instead of k images; `data_root` is where
+    the indexed files are now (default: where the index recorded them). Only the filter columns and the
+    rows of the results are read from the shards.
     """
-    allowed = filter_mask(idx, list(exclude_patients), list(where))
+    allowed = _allowed(idx, exclude_patients, where)
     if len(exclude_positions):
         allowed = np.ones(idx.count, dtype=bool) if allowed is None else allowed
         allowed[list(exclude_positions)] = False
-    return _answer(idx, names, vectors, k, allowed, vote)
+    root = resolve_data_root(idx, data_root)
+    return _answer(idx, names, vectors, k, allowed, vote, None, group_by, agg, root)
 
 
 def query_files(
@@ -268,32 +305,61 @@ def query_files(
     where: Sequence[tuple[str, str]] = (),
     vote: str = "majority",
     include_self: bool = False,
+    *,
+    group_by: str | None = None,
+    agg: str = "max",
+    data_root: str | Path | None = None,
 ) -> tuple[list[QueryResult], list[str]]:
-    """Query with image files; unreadable ones are reported, the others answered.
+    """Query with image files; unreadable ones are reported, the others answered in one batched search.
 
     Unless `include_self`, a query file that is itself in the index (same bytes, or the same path in
     an index without content hashes) is left out of its own results and vote, and so are the rows
     that share a near_dup_group with it.
     """
-    results: list[QueryResult] = []
     errors: list[str] = []
-    base = filter_mask(idx, list(exclude_patients), list(where))
-    identity = None if include_self else _identity_columns(idx)  # read once for every query file
+    allowed = _allowed(idx, exclude_patients, where)
+    root = resolve_data_root(idx, data_root)
+    identity = None if include_self else _identity_columns(idx, root)  # read once for every query file
+    names: list[str] = []
+    blocks: list[np.ndarray] = []
+    own: list[np.ndarray] = []
     for p in paths:
         try:
-            names, vecs = embed_query_image(p, loaded)
+            file_names, vecs = embed_query_image(p, loaded)
         except UnreadableImageError as exc:
             errors.append(str(exc))
             continue
-        own = None if identity is None else self_mask(identity, p)
-        allowed = base if own is None else (~own if base is None else base & ~own)
-        results += _answer(idx, names, vecs, k, allowed, vote)
-    return results, errors
+        mask = None if identity is None else self_mask(identity, p)
+        ids = idx.live_ids[mask] if mask is not None else np.zeros(0, dtype=np.int64)
+        names += file_names
+        blocks.append(vecs)
+        own += [ids] * len(file_names)
+    if not names:
+        return [], errors
+    vectors = np.vstack(blocks)
+    return _answer(idx, names, vectors, k, allowed, vote, own, group_by, agg, root), errors
 
 
-def _identity_columns(idx: IndexDir) -> pd.DataFrame:
+def _allowed(idx: IndexDir, exclude_patients: Sequence[str], where: Sequence[tuple[str, str]]) -> np.ndarray | None:
+    """The candidate mask of the filters; a patient id the index does not hold is an error, not a no-op."""
+    if exclude_patients:
+        known = (
+            set(idx.read_columns(["patient_id"])["patient_id"].dropna().astype(str))
+            if ("patient_id" in idx.columns)
+            else set()
+        )
+        unknown = [p for p in exclude_patients if p not in known]
+        if unknown:
+            raise RetrieveError(
+                f"--exclude-patient {unknown[0]}: no image of this patient id in the index, so nothing to leave out"
+            )
+    return filter_mask(idx, list(exclude_patients), list(where))
+
+
+def _identity_columns(idx: IndexDir, root: Path | None = None) -> pd.DataFrame:
     """The columns that tell an indexed image's identity (hash, path, near-duplicate group), live rows."""
-    return idx.read_columns([c for c in (CONTENT_HASH, "path", "near_dup_group") if c in idx.columns])
+    cols = [c for c in (CONTENT_HASH, "path", REL_PATH, "near_dup_group") if c in idx.columns]
+    return resolve_paths(idx.read_columns(cols), root)
 
 
 def self_mask(rows: pd.DataFrame, path: str | Path) -> np.ndarray | None:
@@ -310,20 +376,93 @@ def self_mask(rows: pd.DataFrame, path: str | Path) -> np.ndarray | None:
     return same if same.any() else None
 
 
+def _search_excluding(
+    idx: IndexDir, vectors: np.ndarray, depth: int, allowed: np.ndarray | None, own: list[np.ndarray]
+) -> list[list[Hit]]:
+    """`depth` allowed neighbours per query, none of its own rows: one FAISS batch, deep enough to drop them."""
+    extra = max((len(o) for o in own), default=0)
+    found = search(idx, vectors, min(depth + extra, idx.count), allowed)
+    out = []
+    for hits, mine in zip(found, own):
+        drop = set(mine.tolist())
+        out.append([h for h in hits if h.row_id not in drop][:depth])
+    return out
+
+
 def _answer(
-    idx: IndexDir, names: list[str], vectors: np.ndarray, k: int, allowed: np.ndarray | None, vote: str
+    idx: IndexDir,
+    names: list[str],
+    vectors: np.ndarray,
+    k: int,
+    allowed: np.ndarray | None,
+    vote: str,
+    own: list[np.ndarray] | None = None,
+    group_by: str | None = None,
+    agg: str = "max",
+    root: Path | None = None,
 ) -> list[QueryResult]:
     if allowed is not None and not allowed.any():
         raise RetrieveError("no indexed image is left after --exclude-patient/--where")
+    if k < 1:
+        raise RetrieveError(f"--k {k}: must be at least 1")
+    if k > idx.count:
+        raise RetrieveError(f"--k {k}: larger than the {idx.count} images in the index")
     matched = None if allowed is None else int(allowed.sum())
+    own = own if own is not None else [np.zeros(0, dtype=np.int64)] * len(names)
     labelled = has_labels(idx)
+    if group_by is not None:
+        return _answer_cases(idx, names, vectors, k, allowed, vote, own, group_by, agg, root, matched, labelled)
     out = []
-    for name, hits in zip(names, search(idx, vectors, k, allowed)):
-        rows = idx.fetch([h.row_id for h in hits])
-        labels = [None if pd.isna(x) else str(x) for x in rows["label"]] if "label" in rows else [None] * len(hits)
-        v = knn_vote(labels, [h.score for h in hits], vote) if labelled else no_label_vote()
-        out.append(QueryResult(name, hits, rows, v, matched))
+    for name, hits in zip(names, _search_excluding(idx, vectors, k, allowed, own)):
+        rows = resolve_paths(idx.fetch([h.row_id for h in hits]), root)
+        out.append(QueryResult(name, hits, rows, _vote(rows, [h.score for h in hits], vote, labelled), matched))
     return out
+
+
+def _vote(rows: pd.DataFrame, scores: list[float], vote: str, labelled: bool) -> Vote:
+    if not labelled:
+        return no_label_vote()
+    labels = [None if pd.isna(x) else str(x) for x in rows["label"]] if "label" in rows else [None] * len(rows)
+    return knn_vote(labels, scores, vote)
+
+
+def _answer_cases(
+    idx: IndexDir,
+    names: list[str],
+    vectors: np.ndarray,
+    k: int,
+    allowed: np.ndarray | None,
+    vote: str,
+    own: list[np.ndarray],
+    group_by: str,
+    agg: str,
+    root: Path | None,
+    matched: int | None,
+    labelled: bool,
+) -> list[QueryResult]:
+    """k cases per query: image neighbours searched ever deeper (x4) until k cases are among them."""
+    case_column(group_by)
+    check_aggregation(agg)
+    limit = idx.count if allowed is None else int(allowed.sum())
+    depth = min(limit, max(4 * k, k + 16))
+    pending = list(range(len(names)))
+    answers: dict[int, QueryResult] = {}
+    while pending:
+        found = _search_excluding(idx, vectors[pending], depth, allowed, [own[i] for i in pending])
+        deeper = []
+        for i, hits in zip(pending, found):
+            rows = idx.fetch([h.row_id for h in hits])
+            cases = aggregate(case_keys(rows, group_by), [h.score for h in hits], agg, k)
+            if len(cases) < k and len(hits) == depth and depth < limit:
+                deeper.append(i)
+                continue
+            best = [c.best for c in cases]
+            case_hits = [Hit(hits[c.best].position, c.score, hits[c.best].row_id) for c in cases]
+            best_rows = resolve_paths(rows.iloc[best].reset_index(drop=True), root)
+            v = _vote(best_rows, [c.score for c in cases], vote, labelled)
+            answers[i] = QueryResult(names[i], case_hits, best_rows, v, matched, group_by, cases)
+        pending, depth = deeper, min(limit, depth * 4)
+    return [answers[i] for i in range(len(names))]
 
 
 def has_labels(idx: IndexDir) -> bool:

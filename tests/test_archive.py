@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from conftest import assert_one_line_error, run_cli
@@ -143,3 +144,83 @@ def test_index_build_joins_labels(archive, tmp_path):
     # ACC1: 2 series of 3 + a 3-frame clip; ACC2: 3; ACC3: 2 series of 3 + MONOCHROME1; ACC4: 3 + VOI LUT
     assert manifest.labels == {"(unlabelled)": 1, "benign": 12, "malignant": 11}  # the bare file has no accession
     assert [s.path for s in skipped] == [str(files["report"].resolve())]
+
+
+# --- cases: image hits aggregated to studies, series or patients --------------------------------
+
+
+def _case_index(tmp_path):
+    """A hand-made index: cosine to the query e0 is set exactly per image.
+
+    study D: 30 images at 0.95..0.921 (they fill the first 30 image ranks); study A: 0.90, 0.50;
+    an image without a study: 0.85; study B: 0.80, 0.79, 0.78; study C: 0.70.
+    """
+    from indexer.config import IndexConfig
+    from indexer.index_dir import build_index_dir
+    from indexer.store import VectorSet
+
+    sims = [0.95 - 0.001 * j for j in range(30)] + [0.90, 0.50, 0.85, 0.80, 0.79, 0.78, 0.70]
+    studies = ["D"] * 30 + ["A", "A", None, "B", "B", "B", "C"]
+    labels = ["d"] * 30 + ["a", "a", "x", "b", "b", "b", "c"]
+    n = len(sims)
+    v = np.zeros((n, 8), np.float32)
+    v[:, 0] = sims
+    v[:, 1] = np.sqrt(1 - np.square(sims))
+    rows = pd.DataFrame(
+        {
+            "id": [f"im{j}" for j in range(n)],
+            "path": [f"/nowhere/im{j}" for j in range(n)],
+            "label": labels,
+            "patient_id": [f"P{s}" if s else "PX" for s in studies],
+            "frame_index": pd.array([None] * n, dtype="Int64"),
+            "study_uid": studies,
+        }
+    )
+    fp = {"encoder": "toy", "dim": 8, "preprocess": {}}
+    build_index_dir(tmp_path / "cases", VectorSet(rows, v, fp, {"name": "toy"}), IndexConfig(kind="flat", gpu=False))
+    return open_index_dir(tmp_path / "cases", use_gpu=False), rows, np.array(sims)
+
+
+def test_group_by_study_fetches_deep_enough_for_k_cases(tmp_path):
+    from retrieval.pipeline import query_vectors
+
+    idx, rows, sims = _case_index(tmp_path)
+    q = np.eye(8, dtype=np.float32)[:1]
+    (res,) = query_vectors(idx, ["q"], q, 3, group_by="study", agg="max")
+    assert [c.case for c in res.cases] == ["D", "A", "image:im32"]  # study D fills the first 30 image ranks
+    assert [round(h.score, 4) for h in res.hits] == [0.95, 0.90, 0.85]
+    assert res.rows["id"].tolist() == ["im0", "im30", "im32"]  # each case's best image
+    assert [c.images for c in res.cases][:2] == [30, 2]
+    d = res.to_dict()
+    assert d["group_by"] == "study" and [r["case"] for r in d["results"]] == ["D", "A", "image:im32"]
+    assert res.vote.votes == {"d": 1.0, "a": 1.0, "x": 1.0} and res.vote.label == "d"  # one vote per case
+
+
+def test_group_by_mean_matches_a_groupby(tmp_path):
+    from retrieval.pipeline import query_vectors
+
+    idx, rows, sims = _case_index(tmp_path)
+    q = np.eye(8, dtype=np.float32)[:1]
+    (res,) = query_vectors(idx, ["q"], q, 5, group_by="study", agg="mean")
+    # every image was searched (depth 20 -> 37), so the mean is over each study's images: an independent groupby
+    key = rows["study_uid"].fillna("image:" + rows["id"])
+    want = pd.Series(sims, index=rows.index).groupby(key).mean().sort_values(ascending=False)
+    assert [c.case for c in res.cases] == list(want.index[:5])
+    assert np.allclose([c.score for c in res.cases], want.to_numpy()[:5], atol=1e-5)
+    (by_patient,) = query_vectors(idx, ["q"], q, 2, group_by="patient")
+    assert [c.case for c in by_patient.cases] == ["PD", "PA"]
+    with pytest.raises(RetrieveError, match="--group-by"):
+        query_vectors(idx, ["q"], q, 2, group_by="visit")
+    with pytest.raises(RetrieveError, match="--agg"):
+        query_vectors(idx, ["q"], q, 2, group_by="study", agg="median")
+
+
+def test_unknown_excluded_patient_is_an_error(tmp_path):
+    from retrieval.pipeline import query_vectors
+
+    idx, rows, sims = _case_index(tmp_path)
+    q = np.eye(8, dtype=np.float32)[:1]
+    with pytest.raises(RetrieveError, match="--exclude-patient NOBODY: no image of this patient"):
+        query_vectors(idx, ["q"], q, 2, exclude_patients=["NOBODY"])
+    (res,) = query_vectors(idx, ["q"], q, 2, exclude_patients=["PD"])
+    assert res.rows["id"].tolist() == ["im30", "im32"]

@@ -1,0 +1,118 @@
+"""Relocatable indexes: paths relative to a recorded data root; data and index moved together or apart."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+from dicom_factory import make_pacs_tree
+
+from indexer.index_dir import open_index_dir, read_manifest
+from retrieval.errors import RetrieveError
+from retrieval.relocate import relocate_index, resolve_data_root
+
+ENC = ["--encoder", "intensity-stats", "--image-size", "48", "--quiet"]
+QUERY = "PAT002/STUDY1/SERIES1/IM0002"
+
+
+@pytest.fixture
+def moved(tmp_path):
+    """A folder holding a PACS tree and its index, built in place."""
+    from retrieval.cli.main import main
+
+    home = tmp_path / "site"
+    make_pacs_tree(home / "pacs")
+    assert main(["index", "build", str(home / "pacs"), "--index", str(home / "idx"), *ENC]) == 0
+    return home
+
+
+def _query(index, image, **kw):
+    from retrieval.pipeline import encoder_for_index, query_files
+
+    m = read_manifest(index)
+    loaded = encoder_for_index(m.fingerprint, m.encoder_spec, "test")
+    results, errors = query_files(open_index_dir(index, use_gpu=False), loaded, [str(image)], 4, **kw)
+    assert not errors
+    return results[0]
+
+
+def test_manifest_records_the_root_and_rows_relative_paths(moved):
+    m = read_manifest(moved / "idx")
+    assert m.data_root == str((moved / "pacs").resolve()) and m.data_root_from_index == "../pacs"
+    rows = open_index_dir(moved / "idx", use_gpu=False).rows
+    assert rows["rel_path"].notna().all() and not rows["rel_path"].str.startswith("/").any()
+    assert (rows["rel_path"] == rows["id"].str.replace(r"#\d+$", "", regex=True)).all()
+
+
+def test_data_and_index_moved_together_keep_working(moved, tmp_path):
+    before = _query(moved / "idx", moved / "pacs" / QUERY)
+    dest = tmp_path / "elsewhere" / "site2"
+    dest.parent.mkdir()
+    shutil.move(str(moved), str(dest))
+    assert not moved.exists()
+    after = _query(dest / "idx", dest / "pacs" / QUERY)
+    assert after.rows["id"].tolist() == before.rows["id"].tolist()
+    assert np.allclose([h.score for h in after.hits], [h.score for h in before.hits])
+    for p in after.rows["path"]:
+        assert p.startswith(str(dest.resolve() / "pacs")) and os.path.isfile(p)
+    # the query image itself (in the index) is still left out after the move
+    assert str((dest / "pacs" / QUERY).resolve()) not in after.rows["path"].tolist()
+
+
+def test_data_moved_alone_needs_data_root_or_relocate(moved, tmp_path, caplog):
+    new_home = tmp_path / "nas" / "archive"
+    new_home.parent.mkdir()
+    shutil.move(str(moved / "pacs"), str(new_home))
+    idx = open_index_dir(moved / "idx", use_gpu=False)
+    with caplog.at_level("WARNING"):
+        assert resolve_data_root(idx) == (moved / "pacs").resolve()  # recorded, no longer there
+    assert "no longer holds the indexed files" in caplog.text
+    res = _query(moved / "idx", new_home / QUERY, data_root=new_home)
+    assert all(p.startswith(str(new_home.resolve())) for p in res.rows["path"])
+    assert str((new_home / QUERY).resolve()) not in res.rows["path"].tolist()  # still not its own neighbour
+    with pytest.raises(RetrieveError, match="does not hold the indexed files"):
+        _query(moved / "idx", new_home / QUERY, data_root=tmp_path)
+    with pytest.raises(RetrieveError, match="no such folder"):
+        resolve_data_root(idx, tmp_path / "missing")
+    gen = read_manifest(moved / "idx").generation
+    with pytest.raises(RetrieveError, match="does not hold"):
+        relocate_index(moved / "idx", tmp_path)
+    old, new = relocate_index(moved / "idx", new_home)
+    assert old == str((moved / "pacs").resolve()) and new == new_home.resolve()
+    m = read_manifest(moved / "idx")
+    assert m.data_root == str(new_home.resolve()) and m.generation == gen and m.count == 24
+    res = _query(moved / "idx", new_home / QUERY)
+    assert all(p.startswith(str(new_home.resolve())) for p in res.rows["path"])
+
+
+def test_old_index_with_absolute_paths_keeps_working(tmp_path):
+    from indexer.config import IndexConfig
+    from indexer.index_dir import build_index_dir
+    from indexer.store import VectorSet
+    from retrieval.pipeline import query_vectors
+
+    v = np.eye(4, dtype=np.float32)
+    rows = pd.DataFrame(
+        {
+            "id": [f"{j}.png" for j in range(4)],
+            "path": [f"/old/place/{j}.png" for j in range(4)],
+            "label": list("abab"),
+            "patient_id": list("pqrs"),
+            "frame_index": pd.array([None] * 4, dtype="Int64"),
+        }
+    )
+    fp = {"encoder": "toy", "dim": 4, "preprocess": {}}
+    build_index_dir(tmp_path / "old", VectorSet(rows, v, fp, {"name": "toy"}), IndexConfig(kind="flat", gpu=False))
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    manifest.pop("data_root", None), manifest.pop("data_root_from_index", None)  # as an older version wrote it
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    idx = open_index_dir(tmp_path / "old", use_gpu=False)
+    assert resolve_data_root(idx) is None
+    (res,) = query_vectors(idx, ["q"], v[:1], 2)
+    assert res.rows["path"].tolist() == ["/old/place/0.png", "/old/place/1.png"]
+    with pytest.raises(RetrieveError, match="absolute paths"):
+        relocate_index(tmp_path / "old", tmp_path)

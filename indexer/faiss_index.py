@@ -1,13 +1,19 @@
-"""FAISS index kinds over cosine similarity (inner product on L2-normalised vectors).
+"""FAISS indexes over cosine similarity (inner product on L2-normalised vectors).
 
-Kinds: flat (exact), hnsw (graph), ivf (inverted lists), ivfpq (inverted lists + product
-quantisation). `auto` rule: exact `flat` below 100,000 vectors, `hnsw` below 1,000,000, `ivfpq` above.
+`--kind` is a named kind (flat, hnsw, ivf, ivfpq, auto: see indexer/kinds.py), each a shorthand for a
+`faiss.index_factory` string, or any factory string itself ("OPQ64,IVF4096,PQ64", "PCA256,HNSW32").
+Results are stable 64-bit row ids: IVF indexes hold ids natively, every other index is wrapped in
+`IndexIDMap2`. Indexes that cannot remove vectors (HNSW and anything built on it) get removals as a
+tombstone set applied with an IDSelector until `index compact`.
+
+GPU (faiss-gpu, the `[gpu]` extra): IVF k-means is trained on all GPUs, and flat and IVF indexes are
+copied to all GPUs for search; everything else, and every machine without a GPU, searches on the CPU.
+`search_device` says where an opened index searches.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -18,123 +24,144 @@ import numpy as np
 from indexer.atomic import atomic_path
 from indexer.config import IndexConfig
 from indexer.errors import RetrieveError
+from indexer.kinds import FLAT_MAX, HNSW_MAX, KINDS, REFINE, choose_kind, is_named, register_kind, resolve
 
 log = logging.getLogger(__name__)
 
-FLAT_MAX = 100_000
-HNSW_MAX = 1_000_000
-IndexBuilder = Callable[[int, int, IndexConfig], tuple[faiss.Index, dict[str, Any]]]
-INDEX_KINDS: dict[str, IndexBuilder] = {}
+__all__ = [
+    "FLAT_MAX",
+    "HNSW_MAX",
+    "INDEX_KINDS",
+    "build_index",
+    "check_kind",
+    "choose_kind",
+    "register_kind",
+    "search_device",
+]
+
+INDEX_KINDS = KINDS  # the named kinds (shorthands for factory strings)
+CHECK_DIM = 1280  # the dimension a factory string is checked against when the vectors' is not known yet
 
 
-def register_index(name: str) -> Callable[[IndexBuilder], IndexBuilder]:
-    def deco(fn: IndexBuilder) -> IndexBuilder:
-        INDEX_KINDS[name] = fn
-        return fn
-
-    return deco
-
-
-def choose_kind(n: int) -> str:
-    """The `auto` rule (documented in the README)."""
-    if n < FLAT_MAX:
-        return "flat"
-    if n < HNSW_MAX:
-        return "hnsw"
-    return "ivfpq"
+def _faiss_message(exc: BaseException) -> str:
+    """The useful part of a FAISS C++ error: after 'failed: ' or the last ': ' of its first line."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for marker in ("failed: ", "Error: "):
+        if marker in text:
+            return text.split(marker, 1)[1].strip()[:160]
+    return text.rsplit(": ", 1)[-1].strip()[:160]
 
 
-def _nlist(n: int, cfg: IndexConfig) -> int:
-    if cfg.ivf_nlist:
-        return max(1, min(cfg.ivf_nlist, n))
-    return max(1, min(int(4 * math.sqrt(n)), n // 39 or 1))
+def _factory(dim: int, factory: str, kind: str) -> faiss.Index:
+    """index_factory with the inner-product metric; a string FAISS rejects is a one-line error."""
+    if REFINE.search(factory):
+        raise RetrieveError(f"--kind {kind!r}: refinement stages (RFlat, Refine(...)) are not supported here")
+    try:
+        index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise RetrieveError(f"--kind {kind!r}: FAISS rejects it for {dim}-d vectors ({_faiss_message(exc)})") from None
+    if index.metric_type != faiss.METRIC_INNER_PRODUCT:
+        raise RetrieveError(f"--kind {kind!r}: this index ignores the inner-product metric (cosine); choose another")
+    if isinstance(index, faiss.IndexBinary):
+        raise RetrieveError(f"--kind {kind!r}: binary indexes are not supported")
+    return index
 
 
-@register_index("flat")
-def _flat(dim: int, n: int, cfg: IndexConfig):
-    return faiss.IndexFlatIP(dim), {}
+def check_kind(kind: str, dim: int | None = None) -> str:
+    """Check a --kind before any expensive work: a named kind, or a factory string FAISS accepts."""
+    kind = kind.strip()
+    if not kind:
+        raise RetrieveError(f"--kind: empty; choose auto, {', '.join(KINDS)} or a faiss.index_factory string")
+    if not is_named(kind):
+        _factory(dim or CHECK_DIM, kind, kind)
+    return kind
 
 
-@register_index("hnsw")
-def _hnsw(dim: int, n: int, cfg: IndexConfig):
-    index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
-    index.hnsw.efSearch = cfg.hnsw_ef_search
-    return index, {"hnsw_m": cfg.hnsw_m, "ef_search": cfg.hnsw_ef_search}
+def ivf_of(index: faiss.Index) -> Any:
+    """The IVF index inside (through id maps and pre-transforms), or None."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        return None
 
 
-@register_index("ivf")
-def _ivf(dim: int, n: int, cfg: IndexConfig):
-    nlist = _nlist(n, cfg)
-    index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-    index.nprobe = min(cfg.ivf_nprobe, nlist)
-    return index, {"nlist": nlist, "nprobe": index.nprobe}
+def _hnsw_of(index: faiss.Index) -> Any:
+    index = faiss.downcast_index(index)
+    while isinstance(index, (faiss.IndexIDMap, faiss.IndexPreTransform)):
+        index = faiss.downcast_index(index.index)
+    return index if isinstance(index, faiss.IndexHNSW) else None
 
 
-@register_index("ivfpq")
-def _ivfpq(dim: int, n: int, cfg: IndexConfig):
-    nlist = _nlist(n, cfg)
-    m = cfg.pq_m or max(d for d in range(1, min(64, dim) + 1) if dim % d == 0 and d <= max(1, dim // 8))
-    if dim % m:
-        raise RetrieveError(f"pq_m {m} must divide the vector dimension {dim}")
-    nbits = int(min(8, max(1, math.floor(math.log2(max(2, n // 4))))))
-    index = faiss.IndexIVFPQ(faiss.IndexFlatIP(dim), dim, nlist, m, nbits, faiss.METRIC_INNER_PRODUCT)
-    index.nprobe = min(cfg.ivf_nprobe, nlist)
-    return index, {"nlist": nlist, "nprobe": index.nprobe, "pq_m": m, "pq_nbits": nbits}
+def _can_remove(index: faiss.Index) -> bool:
+    try:
+        index.remove_ids(faiss.IDSelectorBatch(np.zeros(0, dtype=np.int64)))
+        return True
+    except RuntimeError:
+        return False
 
 
-def gpu_count() -> int:
-    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-
-
-_GPU_RESOURCES = None
-
-
-def to_gpu(index: faiss.Index) -> faiss.Index:
-    """Move to GPU 0 where FAISS was built with CUDA; HNSW has no GPU version and stays on the CPU."""
-    global _GPU_RESOURCES
-    if isinstance(index, faiss.IndexHNSW):
-        return index
-    if _GPU_RESOURCES is None:
-        _GPU_RESOURCES = faiss.StandardGpuResources()
-    return faiss.index_cpu_to_gpu(_GPU_RESOURCES, 0, index)
-
-
-def to_cpu(index: faiss.Index) -> faiss.Index:
-    return (
-        faiss.index_gpu_to_cpu(index) if hasattr(faiss, "index_gpu_to_cpu") and "Gpu" in type(index).__name__ else index
-    )
+def _apply_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    """Search settings from the manifest onto the index object (a tuned ParameterSpace string, nprobe, efSearch)."""
+    spec = params.get("search_params")
+    if spec:
+        try:
+            space: Any = faiss.ParameterSpace()  # the stubs know only the (int, double) overload
+            space.set_index_parameters(index, str(spec))
+        except RuntimeError as exc:
+            log.warning("search parameters %r not applied (%s)", spec, _faiss_message(exc))
+    ivf = ivf_of(index)
+    if ivf is not None and "nprobe" in params:
+        ivf.nprobe = min(int(params["nprobe"]), ivf.nlist)
+    hnsw = _hnsw_of(index)
+    if hnsw is not None and "ef_search" in params:
+        hnsw.hnsw.efSearch = int(params["ef_search"])
 
 
 def new_index(dim: int, n: int, kind: str, cfg: IndexConfig, use_gpu: bool) -> tuple[faiss.Index, str, dict[str, Any]]:
-    """An empty index of the kind (`auto` resolved for n vectors), keyed by 64-bit ids; (index, kind, params).
+    """An empty CPU index of the kind (`auto` resolved for n vectors), keyed by 64-bit ids; (index, kind, params).
 
-    IVF kinds hold ids natively; the others are wrapped in `IndexIDMap2`, so results are ids that
-    survive deletes.
+    `use_gpu` trains IVF k-means on the GPUs when there are any (see `fill_index`).
     """
-    resolved = choose_kind(n) if kind == "auto" else kind
-    if resolved not in INDEX_KINDS:
-        raise RetrieveError(f"--kind {kind}: unknown; choose auto, {', '.join(INDEX_KINDS)}")
-    index, params = INDEX_KINDS[resolved](dim, n, cfg)
-    if not isinstance(index, faiss.IndexIVF):
+    resolved, factory, params = resolve(check_kind(kind), dim, n, cfg)
+    index = _factory(dim, factory, kind)
+    if ivf_of(index) is None:
         index = faiss.IndexIDMap2(index)
-    on_gpu = use_gpu and gpu_count() > 0 and resolved != "hnsw"
-    if on_gpu:
-        index = to_gpu(index)
-    params["built_on"] = "gpu" if on_gpu else "cpu"
-    params["removal"] = "tombstone" if resolved == "hnsw" else "faiss"
+    params = {"factory": factory, **params}
+    _apply_params(index, params)
+    params["built_on"] = "gpu" if use_gpu and gpu_count() > 0 and ivf_of(index) is not None else "cpu"
+    params["removal"] = "faiss" if _can_remove(index) else "tombstone"
     return index, resolved, params
+
+
+def _train(index: faiss.Index, x: np.ndarray, on_gpu: bool) -> None:
+    ivf = ivf_of(index)
+    gpu_quantizer = None
+    if on_gpu and ivf is not None and gpu_count() > 0:
+        try:  # k-means assignment on all GPUs: the costly part of training an IVF index
+            gpu_quantizer = faiss.index_cpu_to_all_gpus(faiss.IndexFlatIP(ivf.d))
+            ivf.clustering_index = gpu_quantizer
+        except RuntimeError as exc:
+            log.info("training on CPU, the GPU refused (%s)", _faiss_message(exc))
+    try:
+        index.train(x)
+    except RuntimeError as exc:
+        raise RetrieveError(f"FAISS could not train this index on {len(x)} vectors ({_faiss_message(exc)})") from None
+    finally:
+        if gpu_quantizer is not None and ivf is not None:
+            ivf.clustering_index = None
 
 
 def fill_index(
     index: faiss.Index,
     batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
     sample: Callable[[], np.ndarray] | None = None,
+    use_gpu: bool = False,
 ) -> None:
     """Train on `sample()` when the kind needs it, then add (vectors, ids) batch by batch."""
     if not index.is_trained:
         if sample is None:
             raise ValueError("this index kind needs training vectors")
-        index.train(np.ascontiguousarray(sample(), dtype=np.float32))
+        _train(index, np.ascontiguousarray(sample(), dtype=np.float32), use_gpu)
     for vectors, ids in batches():
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
 
@@ -147,7 +174,7 @@ def build_index(
     index, resolved, params = new_index(dim, n, kind, cfg, use_gpu)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     keys = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
-    fill_index(index, lambda: [(x, keys)], sample=lambda: x)
+    fill_index(index, lambda: [(x, keys)], sample=lambda: x, use_gpu=use_gpu)
     return index, resolved, params
 
 
@@ -158,23 +185,89 @@ def inner(index: faiss.Index) -> faiss.Index:
 
 def has_ids(index: faiss.Index) -> bool:
     """Whether search results are stable ids (format 2) rather than row positions (format 1)."""
-    return isinstance(index, (faiss.IndexIDMap, faiss.IndexIVF))
+    index = faiss.downcast_index(index)
+    return isinstance(index, faiss.IndexIDMap) or ivf_of(index) is not None or "Gpu" in type(index).__name__
+
+
+def _level_parameters(index: faiss.Index, k: int, params: dict[str, Any]) -> Any:
+    """SearchParameters of the type the innermost searching index expects (FAISS checks the type)."""
+    index = faiss.downcast_index(index)
+    if isinstance(index, (faiss.IndexIDMap, faiss.IndexPreTransform)):  # both pass parameters through
+        return _level_parameters(index.index, k, params)
+    if isinstance(index, faiss.IndexIVF):
+        sp = faiss.SearchParametersIVF()
+        sp.nprobe = min(int(params.get("nprobe", index.nprobe)), index.nlist)
+        sp.max_codes = index.max_codes
+        return sp
+    if isinstance(index, faiss.IndexHNSW):
+        sp = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # in faiss, not in its stubs
+        sp.efSearch = max(int(params.get("ef_search", index.hnsw.efSearch)), k)
+        return sp
+    if isinstance(index, faiss.IndexPQ):
+        sp = faiss.SearchParametersPQ()  # type: ignore[attr-defined]
+        pq: Any = index
+        sp.search_type, sp.polysemous_ht = pq.search_type, pq.polysemous_ht
+        return sp
+    return faiss.SearchParameters()
 
 
 def search_parameters(index: faiss.Index, k: int, params: dict[str, Any], selector: Any = None) -> Any:
-    """SearchParameters for the kind: search depth at least k, and an IDSelector restricting candidates."""
-    core = inner(index)
-    if isinstance(core, faiss.IndexHNSW):
-        sp = faiss.SearchParametersHNSW()  # type: ignore[attr-defined]  # in faiss, not in its stubs
-        sp.efSearch = max(int(params.get("ef_search", 128)), k)
-    elif isinstance(core, faiss.IndexIVF):
-        sp = faiss.SearchParametersIVF()
-        sp.nprobe = int(params.get("nprobe", core.nprobe))
-    else:
-        sp = faiss.SearchParameters()
+    """SearchParameters for the index: search depth at least k, and an IDSelector restricting candidates."""
+    sp = _level_parameters(index, k, params)
     if selector is not None:
         sp.sel = selector
     return sp
+
+
+def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
+    _apply_params(index, params)
+
+
+# --- GPU ------------------------------------------------------------------------------------------
+
+
+def gpu_count() -> int:
+    """GPUs FAISS can use: 0 with faiss-cpu, or where no CUDA device is visible."""
+    try:
+        return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+    except RuntimeError:
+        return 0
+
+
+def gpu_capable(index: faiss.Index) -> bool:
+    """Flat and IVF indexes (possibly in an id map) have GPU versions; HNSW and pre-transforms do not."""
+    core = faiss.downcast_index(index)
+    if isinstance(core, faiss.IndexIDMap):
+        core = faiss.downcast_index(core.index)
+    return isinstance(core, (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer))
+
+
+def to_gpu(index: faiss.Index) -> faiss.Index:
+    """A copy of the index on all GPUs (replicated), or the index itself when it has no GPU version."""
+    if not gpu_capable(index) or gpu_count() == 0:
+        return index
+    return faiss.index_cpu_to_all_gpus(index)
+
+
+def to_cpu(index: faiss.Index) -> faiss.Index:
+    if hasattr(faiss, "index_gpu_to_cpu") and search_device(index) != "cpu":
+        return faiss.index_gpu_to_cpu(index)
+    return index
+
+
+def search_device(index_: faiss.Index) -> str:
+    """Where the index searches: "cpu", or "gpu:N" (GPU N), "gpu:0,1" (replicas on GPUs 0 and 1)."""
+    index: Any = faiss.downcast_index(index_)
+    name = type(index).__name__
+    if isinstance(index, faiss.IndexIDMap):
+        return search_device(index.index)
+    if name in ("IndexReplicas", "IndexShards") and index.count():
+        devices = [search_device(index.at(i)) for i in range(index.count())]
+        gpus = [d.split(":", 1)[1] for d in devices if d.startswith("gpu:")]
+        return "gpu:" + ",".join(gpus) if gpus else "cpu"
+    if name.startswith("Gpu"):
+        return f"gpu:{index.getDevice()}"
+    return "cpu"
 
 
 def save_index(index: faiss.Index, path: Path) -> None:
@@ -182,20 +275,29 @@ def save_index(index: faiss.Index, path: Path) -> None:
         faiss.write_index(to_cpu(index), str(tmp))
 
 
-def load_index(path: Path, use_gpu: bool, mmap: bool = False) -> faiss.Index:
-    """Read an index file; with `mmap` (readers on the CPU) the vectors stay in the file, memory-mapped,
-    so opening costs no time or memory whatever the size (a writer needs `mmap=False` to change it)."""
+def load_index(path: Path, use_gpu: bool, mmap: bool = False, params: dict[str, Any] | None = None) -> faiss.Index:
+    """Read an index file, with the manifest's search settings applied.
+
+    With `mmap` (readers on the CPU) the vectors stay in the file, memory-mapped, so opening costs no time
+    or memory whatever the size (a writer needs `mmap=False` to change it). With `use_gpu` and a GPU,
+    flat and IVF indexes are copied to all GPUs for search.
+    """
     if not path.is_file():
         raise RetrieveError(f"{path}: FAISS index file not found")
     on_gpu = use_gpu and gpu_count() > 0
-    flags = faiss.IO_FLAG_MMAP_IFC if mmap and not on_gpu else 0
+    flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
     try:
         index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise RetrieveError(f"{path}: not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from None
+    if params:
+        _apply_params(index, params)
     if on_gpu:
         try:
-            index = to_gpu(index)
+            gpu_index: Any = to_gpu(index)
+            if gpu_index is not index:
+                gpu_index.cpu_index = index  # filtered searches run here: GPU indexes take no IDSelector
+            index = gpu_index
         except RuntimeError as exc:  # e.g. an index type without GPU support
-            log.info("searching on CPU, the GPU refused this index (%s)", exc)
+            log.info("searching on CPU, the GPU refused this index (%s)", _faiss_message(exc))
     return index

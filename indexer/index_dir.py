@@ -45,7 +45,7 @@ from filelock import FileLock, Timeout
 from indexer.atomic import atomic_path, fsync_dir
 from indexer.config import IndexConfig
 from indexer.errors import EncoderMismatchError, IndexBusyError, RetrieveError
-from indexer.faiss_index import build_index, has_ids, load_index, save_index
+from indexer.faiss_index import build_index, has_ids, load_index, save_index, search_device
 from indexer.fingerprint import fingerprint_difference
 from indexer.shards import ROW_ID, Shard, ShardReader, write_shard
 from indexer.store import VectorSet
@@ -419,6 +419,7 @@ class IndexDir:
         self.path = path
         self.manifest = manifest
         self.index = index
+        self.search_device = search_device(index)  # "cpu" or "gpu:N"; set by each search to where it ran
         self.reader = ShardReader(manifest.shard_list(path))
         self.removed = np.asarray(sorted(manifest.removed), dtype=np.int64)
         self._live_ids: np.ndarray | None = None
@@ -514,7 +515,7 @@ def _load(index_dir: Path, manifest: IndexManifest, use_gpu: bool, deep: bool = 
     problems = file_problems(index_dir, manifest)
     if problems:
         raise RetrieveError(f"--index {index_dir}: damaged ({'; '.join(problems)}); rebuild it")
-    index = load_index(index_dir / manifest.index_name(), use_gpu, mmap=mmap)
+    index = load_index(index_dir / manifest.index_name(), use_gpu, mmap=mmap, params=manifest.params)
     stored = sum(s.rows for s in manifest.shard_list(index_dir))
     faiss_count = stored if manifest.params.get("removal") == "tombstone" else manifest.count
     if index.d != manifest.dim:

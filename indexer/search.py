@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from indexer.errors import RetrieveError
-from indexer.faiss_index import search_parameters
+from indexer.faiss_index import search_device, search_parameters
 from indexer.index_dir import IndexDir
 
 
@@ -97,10 +97,14 @@ def search(idx: IndexDir, queries: np.ndarray, k: int, allowed: np.ndarray | Non
     elif len(tombstones):
         selector = faiss.IDSelectorNot(faiss.IDSelectorBatch(tombstones))
     q = np.ascontiguousarray(queries, dtype=np.float32)
-    sp = search_parameters(idx.index, k, params, selector)
+    index = idx.index
+    if selector is not None and search_device(index) != "cpu":  # GPU indexes take no IDSelector
+        index = getattr(index, "cpu_index", index)
+    idx.search_device = search_device(index)
+    sp = search_parameters(index, k, params, selector)
     # faiss.contrib.torch_utils (imported by e.g. pytorch-metric-learning) swaps Index.search process-wide
     # for a version without `params`; the numpy original stays reachable as search_numpy
-    search_fn = getattr(idx.index, "search_numpy", idx.index.search)
+    search_fn = getattr(index, "search_numpy", index.search)
     scores, ids = search_fn(q, k, params=sp)
     results = []
     for qi, (srow, irow) in enumerate(zip(scores, ids)):

@@ -224,3 +224,43 @@ def test_unknown_excluded_patient_is_an_error(tmp_path):
         query_vectors(idx, ["q"], q, 2, exclude_patients=["NOBODY"])
     (res,) = query_vectors(idx, ["q"], q, 2, exclude_patients=["PD"])
     assert res.rows["id"].tolist() == ["im30", "im32"]
+
+
+# --- batch queries: a folder of query images -> one table ----------------------------------------
+
+
+def test_batch_query_of_a_folder_in_one_faiss_batch(archive, archive_index, tmp_path, monkeypatch):
+    import retrieval.pipeline as pipeline
+    from indexer.index_dir import read_manifest
+    from retrieval.batch import query_source, results_table, write_results
+
+    root, files = archive
+    m = read_manifest(archive_index)
+    loaded = pipeline.encoder_for_index(m.fingerprint, m.encoder_spec, "test")
+    idx = open_index_dir(archive_index, use_gpu=False)
+    calls = []
+    real = pipeline.search
+    monkeypatch.setattr(pipeline, "search", lambda *a, **kw: calls.append(len(a[1])) or real(*a, **kw))
+    answer = query_source(idx, loaded, root / "PAT003", 3, progress=False, use_gpu=False)
+    assert calls == [5]  # 3 stills, the VOI LUT image, the bare file: one search of 5 vectors
+    assert [s.path for s in answer.skipped] == [str(files["report"].resolve())]
+    # the same answers as querying file by file
+    single, _ = pipeline.query_files(idx, loaded, [str(files["voi"])], 3)
+    voi = next(r for r in answer.results if r.query.endswith("SERIES2/IM0001"))
+    assert voi.rows["id"].tolist() == single[0].rows["id"].tolist()
+    assert str(files["voi"].resolve()) not in voi.rows["path"].tolist()  # not its own neighbour
+    table = results_table(answer.results, answer.query_labels)
+    assert len(table) == 5 * 3 and table.groupby("query")["rank"].apply(list).map(lambda r: r == [1, 2, 3]).all()
+    assert {"query", "query_label", "rank", "score", "id", "path", "study_uid", "vote_label", "vote_note"} <= set(
+        table.columns
+    )
+    assert table["vote_note"].str.startswith("no labels").all()
+    for suffix in (".csv", ".parquet"):
+        out = write_results(table, tmp_path / f"r{suffix}")
+        back = pd.read_csv(out) if suffix == ".csv" else pd.read_parquet(out)
+        assert back["id"].tolist() == table["id"].tolist() and np.allclose(back["score"], table["score"])
+    with pytest.raises(RetrieveError, match="--out"):
+        write_results(table, tmp_path / "r.xlsx")
+    grouped = query_source(idx, loaded, root / "PAT003", 2, group_by="series", progress=False, use_gpu=False)
+    gt = results_table(grouped.results)
+    assert len(gt) == 10 and gt["case"].notna().all() and (gt.groupby("query")["case"].nunique() == 2).all()

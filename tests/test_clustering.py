@@ -226,3 +226,24 @@ def test_clusters_without_labels_give_sizes_and_sheets(tmp_path, demo_data):
     from PIL import Image
 
     assert [Image.open(p).size for p in sheets] == [(36, 36), (36, 36), (18, 18)]  # 2x2, 2x2, 1x1 tiles
+
+
+@pytest.mark.slow
+def test_index_built_with_cluster_checkpoint_stores_cluster_columns(cluster_index, demo_data, capsys):
+    """Each indexed image carries its cluster and that cluster's probability from the checkpoint's head,
+    and queries can filter on them."""
+    from indexer.index_dir import open_index_dir
+
+    ckpt, index = cluster_index
+    vs = open_index_dir(index, use_gpu=False).vectors
+    prob = load_cluster_head(str(ckpt)).probabilities(vs.vectors)
+    assert vs.rows["cluster"].tolist() == prob.argmax(1).tolist()
+    np.testing.assert_allclose(vs.rows["cluster_probability"], prob.max(1), atol=1e-4)
+    biggest = int(vs.rows["cluster"].value_counts().idxmax())
+    query = vs.rows["path"].iloc[0]
+    code, stdout, err = run_cli(capsys, "query", query, "--index", index, "--k", "3", "--where", f"cluster={biggest}")
+    assert code == 0, err
+    hits = json.loads(
+        run_cli(capsys, "query", query, "--index", index, "--k", "3", "--json", "--where", f"cluster={biggest}")[1]
+    )["results"]
+    assert hits and all(h["cluster"] == biggest for h in hits)

@@ -159,7 +159,7 @@ def test_simulation_loop_on_generated_data():
     settings = SimulationSettings(seeds=(0, 1), rounds=3, batch=5, head_steps=60, passes=5)
     res = simulate_active_learning(torch.as_tensor(views, dtype=torch.float32), labels, groups, settings)
     assert set(res["curves"]) == {"entropy", "mc-dropout", "random"}
-    for strategy, runs in res["curves"].items():
+    for runs in res["curves"].values():
         assert len(runs) == 2
         for points in runs:
             assert [p["labelled"] for p in points] == [6, 11, 16, 21]  # 2 per class, then 5 per round

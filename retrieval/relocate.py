@@ -124,3 +124,14 @@ def relocate_index(index_dir: str | Path, new_root: str | Path) -> tuple[str | N
     old = set_data_root(index_dir, root)
     log.info("--index %s: data root %s -> %s", index_dir, old, root)
     return old, root
+
+
+def rows_for_index(rows: pd.DataFrame, index_dir: str | Path) -> pd.DataFrame:
+    """Rows about to be added to an index, with rel_path against that index's data root (where it records one)."""
+    index_dir = Path(index_dir)
+    m = read_manifest(index_dir)
+    if m.data_root is None:
+        return rows
+    beside = (index_dir / m.data_root_from_index).resolve() if m.data_root_from_index else None
+    root = beside if beside is not None and beside.is_dir() else Path(m.data_root)
+    return with_rel_paths(rows, root)

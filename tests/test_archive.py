@@ -128,6 +128,12 @@ def test_evaluate_with_joined_labels(archive, archive_index, tmp_path):
     assert result["n_labelled"] == int(vs.rows["accession"].notna().sum())
     assert set(result["classes"]) == {"benign", "malignant"}
     assert 0.0 <= result["overall"]["map"] <= 1.0
+    # the library call of `retrieve eval --labels CSV`: the same figures
+    from retrieval.evaluation.evaluate import EvalSettings
+    from retrieval.evaluation.index_eval import evaluate_index
+
+    ev = evaluate_index(archive_index, EvalSettings(), progress=False, labels=by_acc)
+    assert ev.result["overall"] == result["overall"] and ev.rows["label"].notna().sum() == result["n_labelled"]
 
 
 def test_index_build_joins_labels(archive, tmp_path):

@@ -14,6 +14,8 @@ from indexer.index_dir import open_index_dir, read_manifest
 from retrieval.encoders.checkpoint import trained_on
 from retrieval.errors import RetrieveError
 from retrieval.evaluation.evaluate import EvalSettings, evaluate
+from retrieval.labels import join_labels
+from retrieval.relocate import resolve_data_root, resolve_paths
 from retrieval.vote import VOTE_WEIGHTINGS
 
 
@@ -27,7 +29,13 @@ class IndexEvaluation:
     encoder: str
 
 
-def evaluate_index(index: str | Path, settings: EvalSettings, progress: bool = True) -> IndexEvaluation:
+def evaluate_index(
+    index: str | Path,
+    settings: EvalSettings,
+    progress: bool = True,
+    labels: str | Path | None = None,
+    data_root: str | Path | None = None,
+) -> IndexEvaluation:
     """Every indexed image queries all the others (its own patient and near-duplicates left out by default).
 
     The result records the index, its encoder, the seconds taken and, for a trained checkpoint, what it was
@@ -37,9 +45,14 @@ def evaluate_index(index: str | Path, settings: EvalSettings, progress: bool = T
     if settings.k < 1:
         raise RetrieveError(f"--k {settings.k}: must be at least 1")
     m = read_manifest(index)
-    vs = open_index_dir(index, use_gpu=False).vectors
+    idx = open_index_dir(index, use_gpu=False)
+    vs = idx.vectors
+    rows = vs.rows
+    if labels is not None:  # labels joined from a CSV (by path under the data root, sop_uid or accession)
+        root = resolve_data_root(idx, data_root)
+        rows, _ = join_labels(resolve_paths(rows, root), labels, root)
     t0 = time.perf_counter()
-    result = evaluate(vs.rows, vs.vectors, settings, progress=progress)
+    result = evaluate(rows, vs.vectors, settings, progress=progress)
     encoder = str(m.fingerprint.get("encoder"))
     result["index"] = str(index)
     result["encoder"] = m.fingerprint.get("encoder")
@@ -47,4 +60,4 @@ def evaluate_index(index: str | Path, settings: EvalSettings, progress: bool = T
     trained = trained_on(str(m.encoder_spec.get("name", "")))
     if trained:
         result["encoder_trained_on"] = trained
-    return IndexEvaluation(result, vs.rows, vs.vectors, encoder)
+    return IndexEvaluation(result, rows, vs.vectors, encoder)

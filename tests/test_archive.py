@@ -270,3 +270,14 @@ def test_batch_query_of_a_folder_in_one_faiss_batch(archive, archive_index, tmp_
     grouped = query_source(idx, loaded, root / "PAT003", 2, group_by="series", progress=False, use_gpu=False)
     gt = results_table(grouped.results)
     assert len(gt) == 10 and gt["case"].notna().all() and (gt.groupby("query")["case"].nunique() == 2).all()
+
+
+def test_bad_archive_inputs_are_one_line_errors(archive, archive_index, capsys):
+    root, files = archive
+    code, out, err = run_cli(capsys, "query", files["report"], "--index", archive_index, "--k", "2")
+    assert code == 2
+    assert_one_line_error(err, "without pixel data")
+    q = files["PAT001/STUDY1/SERIES1/IM0001"]
+    code, out, err = run_cli(capsys, "query", q, "--index", archive_index, "--exclude-patient", "PAT404")
+    assert code == 2
+    assert_one_line_error(err, "--exclude-patient PAT404")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +29,7 @@ import torch
 
 from indexer.config import IndexConfig
 from indexer.index_dir import (
+    IndexDir,
     IndexManifest,
     add_to_index_dir,
     build_index_dir,
@@ -47,6 +49,7 @@ from retrieval.data.dicomweb import (
     InstanceUnavailable,
     RemoteInstance,
     ServerUnreachable,
+    instance_ref,
     viewer_link,
 )
 from retrieval.embed import embed_rows, pick_device
@@ -85,13 +88,14 @@ class SyncProgress:
 @dataclass(frozen=True)
 class SyncOptions:
     fetch_batch: int = 32  # instances fetched, then embedded together
+    fetch_workers: int = 4  # WADO-RS requests in flight at once
     commit_every: int | None = None  # None: one commit at the end; N: commit each N instances
     batch_size: int = 32  # encoder batch
     use_gpu: bool = True
     viewer_template: str | None = DEFAULT_VIEWER
 
     def __post_init__(self) -> None:
-        if self.fetch_batch < 1 or (self.commit_every is not None and self.commit_every < 1):
+        if self.fetch_batch < 1 or self.fetch_workers < 1 or (self.commit_every is not None and self.commit_every < 1):
             raise RetrieveError("--commit-every and the fetch batch must be at least 1")
 
 
@@ -102,6 +106,42 @@ def indexed_sop_uids(index_dir: str | Path) -> set[str]:
         return set()
     col = idx.read_columns(["sop_uid"])["sop_uid"]
     return {str(v) for v in col.dropna()}
+
+
+def embed_remote(
+    source: DicomWebSource, study: str, series: str, sop: str, loaded: LoadedEncoder
+) -> tuple[list[str], np.ndarray]:
+    """A query by reference: fetch one instance and embed all its frames -> (names, vectors).
+
+    Names are the instance's `dicomweb://` reference (with `#frame` for a cine). The instance is
+    decoded by the local reader; one stored in a syntax it cannot decode is fetched again transcoded.
+    """
+    from retrieval.pipeline import embed_query_image
+
+    ref = instance_ref(study, series, sop)
+    with tempfile.TemporaryDirectory(prefix="retrieve-dicomweb-") as tmp:
+        path = Path(tmp) / "instance.dcm"
+        path.write_bytes(source.fetch(study, series, sop))
+        try:
+            _, vectors = embed_query_image(path, loaded)
+        except UnreadableImageError as exc:
+            if _transfer_syntax(path) in NATIVE_SYNTAXES:
+                raise UnreadableImageError(ref, exc.reason) from None
+            path.write_bytes(source.fetch(study, series, sop, EXPLICIT_LE))
+            try:
+                _, vectors = embed_query_image(path, loaded)
+            except UnreadableImageError as again:
+                raise UnreadableImageError(ref, again.reason) from None
+    names = [ref] if len(vectors) == 1 else [f"{ref}#{i}" for i in range(len(vectors))]
+    return names, vectors
+
+
+def positions_of_instance(idx: IndexDir, sop: str) -> list[int]:
+    """Positions of an instance's rows in an opened index (to leave a case out of its own results)."""
+    if "sop_uid" not in idx.columns:
+        return []
+    col = idx.read_columns(["sop_uid"])["sop_uid"].astype("string")
+    return [int(i) for i in np.flatnonzero((col == sop).fillna(False).to_numpy(dtype=bool))]
 
 
 def sync_dicomweb(
@@ -150,17 +190,26 @@ def sync_dicomweb(
         batch = todo[start : start + opts.fetch_batch]
         with tempfile.TemporaryDirectory(prefix="retrieve-dicomweb-") as tmp:
             files: dict[str, tuple[Path, RemoteInstance]] = {}
-            for inst in batch:
+            with ThreadPoolExecutor(max_workers=opts.fetch_workers) as pool:  # requests overlap, results in order
+                futures = [
+                    pool.submit(_fetch_to, source, inst, Path(tmp) / f"{k:06d}.dcm", "*")
+                    for k, inst in enumerate(batch)
+                ]
                 try:
-                    path = _fetch_to(source, inst, Path(tmp) / f"{len(files):06d}.dcm", "*")
-                    files[str(path)] = (path, inst)
-                except ServerUnreachable as exc:
-                    raise ServerUnreachable(_stopped(str(exc), state.committed, create, manifest)) from None
-                except InstanceUnavailable as exc:
-                    skipped.append(Skipped(inst.ref, f"cannot be fetched ({exc})"))
-                state.fetched += 1
-                state.skipped = len(skipped)
-                yield _event(state, "fetched")
+                    for inst, future in zip(batch, futures):
+                        try:
+                            path = future.result()
+                            files[str(path)] = (path, inst)
+                        except ServerUnreachable as exc:
+                            raise ServerUnreachable(_stopped(str(exc), state.committed, create, manifest)) from None
+                        except InstanceUnavailable as exc:
+                            skipped.append(Skipped(inst.ref, f"cannot be fetched ({exc})"))
+                        state.fetched += 1
+                        state.skipped = len(skipped)
+                        yield _event(state, "fetched")
+                finally:
+                    for future in futures:
+                        future.cancel()
             vs, bad = _embed_fetched(files, loaded, opts, source.cfg.url, device)
             # stored compressed in a syntax this reader cannot decode: ask the server to transcode it, once
             again = _compressed_failures(files, bad, vs)

@@ -112,9 +112,10 @@ class OrthancServer:
         self.stop()
         raise RuntimeError(f"Orthanc did not answer on port {self.port} within {timeout} s")
 
-    def stop(self) -> None:
+    def stop(self, kill: bool = False) -> None:
+        """Shut Orthanc down (about 2 s), or `kill` it at once (for a server whose data is thrown away)."""
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
+            self.proc.kill() if kill else self.proc.terminate()
             try:
                 self.proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -134,7 +135,7 @@ class OrthancServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.stop(kill=True)
 
 
 # --- a generated archive ---------------------------------------------------------------------------

@@ -364,7 +364,7 @@ class DicomWebSource:
             ) from None
 
     def search(self, filters: Filters) -> list[RemoteInstance]:
-        """QIDO-RS: studies (UIDs, date) -> series (modality, body part) -> instances, in server order.
+        """QIDO-RS: studies (UIDs, date) -> their instances (modality, body part), in server order.
 
         The filters are sent to the server and checked again on what it answers, since servers differ
         in which attributes they match.
@@ -403,53 +403,42 @@ class DicomWebSource:
         )
 
     def _instances_of_study(self, study_uid: str, study: Mapping[str, Any], filters: Filters) -> list[RemoteInstance]:
-        series_filters: dict[str, Any] = {}
+        """One QIDO-RS request per study: its instances, with the series attributes the filters need."""
+        wanted: dict[str, Any] = {}
         if filters.modality:
-            series_filters["Modality"] = filters.modality
+            wanted["Modality"] = filters.modality
         if filters.body_part:
-            series_filters["BodyPartExamined"] = filters.body_part
-        series_list = self._call(
-            f"search for the series of study {study_uid}",
-            self.client.search_for_series,
+            wanted["BodyPartExamined"] = filters.body_part
+        instances = self._call(
+            f"search for the instances of study {study_uid}",
+            self.client.search_for_instances,
             study_instance_uid=study_uid,
-            search_filters=series_filters,
-            fields=[T_MODALITY, T_BODY_PART],
+            search_filters=wanted,
+            fields=[T_SERIES, T_MODALITY, T_BODY_PART, T_PATIENT_ID],
             get_remaining=True,
         )
         out = []
-        for series in series_list:
-            series_uid = _value(series, T_SERIES)
-            modality = _value(series, T_MODALITY)
-            body_part = _value(series, T_BODY_PART)
-            if series_uid is None:
+        for inst in instances:
+            sop, series_uid = _value(inst, T_SOP), _value(inst, T_SERIES)
+            modality, body_part = _value(inst, T_MODALITY), _value(inst, T_BODY_PART)
+            if sop is None or series_uid is None:
                 continue
             if filters.modality and (modality or "").upper() != filters.modality:
                 continue
             if filters.body_part and (body_part or "").upper() != filters.body_part:
                 continue
-            instances = self._call(
-                f"search for the instances of series {series_uid}",
-                self.client.search_for_instances,
-                study_instance_uid=study_uid,
-                series_instance_uid=series_uid,
-                get_remaining=True,
-            )
-            for inst in instances:
-                sop = _value(inst, T_SOP)
-                if sop is None:
-                    continue
-                out.append(
-                    RemoteInstance(
-                        study_uid=study_uid,
-                        series_uid=series_uid,
-                        sop_uid=sop,
-                        patient_id=_value(inst, T_PATIENT_ID) or _value(study, T_PATIENT_ID),
-                        modality=modality,
-                        body_part=body_part,
-                        study_date=_value(study, T_STUDY_DATE),
-                        accession=_value(study, T_ACCESSION),
-                    )
+            out.append(
+                RemoteInstance(
+                    study_uid=study_uid,
+                    series_uid=series_uid,
+                    sop_uid=sop,
+                    patient_id=_value(inst, T_PATIENT_ID) or _value(study, T_PATIENT_ID),
+                    modality=modality,
+                    body_part=body_part,
+                    study_date=_value(study, T_STUDY_DATE),
+                    accession=_value(study, T_ACCESSION),
                 )
+            )
         return out
 
     def fetch(self, study: str, series: str, sop: str, transfer_syntax: str = "*") -> bytes:

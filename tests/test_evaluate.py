@@ -152,3 +152,108 @@ def test_per_query_rows_match_sklearn(toy):
         y = rows.label.to_numpy()[g] == rows.label[q["row"]]
         assert q["ap"] == pytest.approx(average_precision_score(y, vectors[g] @ vectors[q["row"]]), abs=1e-6)
     assert "per_query" not in evaluate(rows, vectors, progress=False)
+
+
+def _reference_votes(rows, vectors, k, same_patient=True, near_dup=True):
+    """(true label, voted label) per query by plain loops: the gallery as in _reference_map, the k nearest vote."""
+    from retrieval.vote import knn_vote
+
+    y_true, y_pred = [], []
+    for q in range(len(rows)):
+        keep = [
+            g
+            for g in range(len(rows))
+            if g != q
+            and not (same_patient and rows.patient_id[g] == rows.patient_id[q])
+            and not (near_dup and rows.near_dup_group[q] and rows.near_dup_group[g] == rows.near_dup_group[q])
+        ]
+        s = np.array([float(vectors[q] @ vectors[g]) for g in keep])
+        top = [keep[j] for j in np.argsort(-s, kind="stable")[:k]]
+        y_true.append(rows.label[q])
+        y_pred.append(knn_vote([rows.label[g] for g in top], [float(vectors[q] @ vectors[g]) for g in top]).label)
+    return y_true, y_pred
+
+
+def test_vote_confusion_matches_sklearn(toy):
+    from sklearn.metrics import confusion_matrix
+
+    from retrieval.evaluation.report import confusion_tables
+
+    rows, vectors = toy
+    res = evaluate(rows, vectors, EvalSettings(k=5), progress=False)
+    y_true, y_pred = _reference_votes(rows, vectors, 5)
+    conf = res["vote_confusion"]
+    assert conf["labels"] == conf["columns"] == ["a", "b", "c"]
+    expected = confusion_matrix(y_true, y_pred, labels=["a", "b", "c"])
+    assert np.array_equal(np.array(conf["counts"]), expected)
+    assert np.trace(expected) / expected.sum() == pytest.approx(res["overall"]["knn_accuracy"])
+    counts, shares = confusion_tables(res)
+    assert np.array_equal(counts.to_numpy(), expected)
+    assert np.allclose(shares.to_numpy(), confusion_matrix(y_true, y_pred, labels=["a", "b", "c"], normalize="true"))
+
+
+def test_vote_confusion_counts_queries_without_a_vote():
+    from retrieval.evaluation.evaluate import vote_confusion
+
+    conf = vote_confusion(["b", "a", "a", "b"], ["b", None, "b", "b"])
+    assert conf["labels"] == ["a", "b"] and conf["columns"] == ["a", "b", "(no vote)"]
+    assert conf["counts"] == [[0, 1, 1], [0, 2, 0]]
+
+
+def test_chance_precision_is_the_mean_share_of_relevant_images(toy):
+    rows, vectors = toy
+    res = evaluate(rows, vectors, EvalSettings(exclude_same_patient=True, exclude_near_dup=True), progress=False)
+    shares = []
+    for q in range(len(rows)):
+        gallery = [
+            g
+            for g in range(len(rows))
+            if g != q
+            and rows.patient_id[g] != rows.patient_id[q]
+            and not (rows.near_dup_group[q] and rows.near_dup_group[g] == rows.near_dup_group[q])
+        ]
+        relevant = [rows.label[g] == rows.label[q] for g in gallery]
+        if any(relevant):
+            shares.append(np.mean(relevant))
+    assert res["pr_curve"]["chance_precision"] == pytest.approx(np.mean(shares), abs=1e-5)
+    # a useful encoder beats chance at low recall; the toy's clusters are separable enough for that
+    assert res["pr_curve"]["precision"][1] > res["pr_curve"]["chance_precision"]
+
+
+def test_report_writes_confusion_matrix_and_chance_line(toy, tmp_path):
+    from PIL import Image
+
+    from retrieval.evaluation.report import write_report
+
+    rows, vectors = toy
+    res = evaluate(rows, vectors, EvalSettings(k=5), progress=False)
+    paths = write_report(res, rows, vectors, tmp_path / "report", "toy", "test-encoder")
+    assert paths["confusion"] == tmp_path / "report" / "confusion.png"
+    with Image.open(paths["confusion"]) as im:
+        assert im.format == "PNG" and min(im.size) > 200
+    summary = paths["summary"].read_text()
+    assert "![kNN vote confusion matrix](confusion.png)" in summary
+    counts = np.array(res["vote_confusion"]["counts"])
+    first = f"| a | {counts[0, 0]} ({counts[0, 0] / counts[0].sum():.0%}) |"
+    assert first in summary
+
+
+def test_pr_plot_draws_the_chance_line(toy, tmp_path, monkeypatch):
+    from retrieval.evaluation import report
+
+    rows, vectors = toy
+    res = evaluate(rows, vectors, progress=False)
+    drawn = {}
+    plt = report._plt()
+    real_savefig = plt.Figure.savefig
+
+    def capture(fig, *args, **kwargs):
+        for line in fig.axes[0].get_lines():
+            drawn[line.get_label()] = line.get_ydata()
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", capture)
+    report.plot_pr_curve(res, tmp_path / "pr.png")
+    chance = [label for label in drawn if label.startswith("chance")]
+    assert len(chance) == 1 and "share of" in chance[0] and "relevant images" in chance[0]
+    assert np.allclose(drawn[chance[0]], res["pr_curve"]["chance_precision"])

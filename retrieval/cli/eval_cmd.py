@@ -13,7 +13,9 @@ from retrieval.cli import options as opt
 def evaluate_cmd(
     index: Path = typer.Option(..., "--index", "-i"),
     json_out: Path | None = typer.Option(None, "--json", help="write the full results as JSON"),
-    report: Path | None = typer.Option(None, "--report", help="folder for summary.md, pr_curve.png, embedding_map.png"),
+    report: Path | None = typer.Option(
+        None, "--report", help="folder for summary.md, pr_curve.png, confusion.png, embedding_map.png"
+    ),
     k: int = typer.Option(10, "--k", "-k", help="neighbours in the kNN vote"),
     vote: str = typer.Option("majority", "--vote", help="majority or similarity"),
     exclude_same_patient: bool = typer.Option(True, "--exclude-same-patient/--include-same-patient"),

@@ -47,6 +47,21 @@ def _group_codes(rows: pd.DataFrame, column: str) -> np.ndarray:
     return codes
 
 
+NO_VOTE = "(no vote)"
+
+
+def vote_confusion(y_true: list[str], y_pred: list[str | None]) -> dict[str, Any]:
+    """Counts of (true label, voted label): rows = true labels, columns = voted labels, both sorted;
+    a query whose neighbours cast no vote counts in a last '(no vote)' column."""
+    labels = sorted(set(y_true) | {p for p in y_pred if p is not None})
+    columns = labels + ([NO_VOTE] if any(p is None for p in y_pred) else [])
+    at = {lab: j for j, lab in enumerate(columns)}
+    counts = np.zeros((len(labels), len(columns)), dtype=np.int64)
+    for t, p in zip(y_true, y_pred):
+        counts[at[t], at[NO_VOTE if p is None else p]] += 1
+    return {"labels": labels, "columns": columns, "counts": counts.tolist()}
+
+
 def evaluate(
     rows: pd.DataFrame,
     vectors: np.ndarray,
@@ -81,6 +96,7 @@ def evaluate(
 
     per_query: list[dict[str, Any]] = []
     pr_curves = []
+    chance = []  # each scored query's share of relevant images in its gallery: a random ranking's precision
     no_relevant = 0
     empty_gallery = 0
     y_true, y_pred = [], []
@@ -121,6 +137,7 @@ def evaluate(
                 }
             )
             pr_curves.append(interpolated_pr(scores, relevant))
+            chance.append(float(relevant.mean()))
         bar.update(len(qs))
     bar.close()
     if not per_query:
@@ -183,7 +200,9 @@ def evaluate(
             "recall": PR_RECALL_LEVELS.round(3).tolist(),
             "precision": curves.mean(axis=0).round(5).tolist(),
             "per_class": by_class_curve,
+            "chance_precision": round(float(np.mean(chance)), 5),
         },
+        "vote_confusion": vote_confusion(y_true, y_pred),
     }
     if keep_per_query:
         result["per_query"] = pq.to_dict("records")

@@ -226,8 +226,39 @@ def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
 # --- GPU ------------------------------------------------------------------------------------------
 
 
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu12", "faiss-gpu-cu11")
+_warned_install = False
+
+
+def faiss_install_problem(installed: Iterable[str] | None = None) -> str | None:
+    """A warning when faiss-cpu and a GPU build are both installed: they overwrite one `faiss` module."""
+    if installed is None:
+        from importlib.metadata import PackageNotFoundError, version
+
+        installed = []
+        for name in FAISS_DISTRIBUTIONS:
+            try:
+                version(name)
+                installed.append(name)
+            except PackageNotFoundError:
+                pass
+    names = list(installed)
+    if "faiss-cpu" in names and len(names) > 1:
+        return (
+            f"{' and '.join(names)} are installed together and share one `faiss` module; keep one: "
+            "pip uninstall -y faiss-cpu faiss-gpu && pip install --no-deps faiss-gpu==1.15.1"
+        )
+    return None
+
+
 def gpu_count() -> int:
     """GPUs FAISS can use: 0 with faiss-cpu, or where no CUDA device is visible."""
+    global _warned_install
+    if not _warned_install:
+        _warned_install = True
+        problem = faiss_install_problem()
+        if problem:
+            log.warning("%s", problem)
     try:
         return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
     except RuntimeError:

@@ -7,7 +7,7 @@ import pytest
 
 from indexer.config import IndexConfig
 from indexer.errors import RetrieveError
-from indexer.faiss_index import INDEX_KINDS, build_index, check_kind, search_device
+from indexer.faiss_index import INDEX_KINDS, build_index, check_kind, faiss_install_problem, search_device
 from indexer.index_dir import build_index_dir, compact_index_dir, open_index_dir, remove_from_index_dir
 from indexer.search import search
 from indexer.store import VectorSet
@@ -145,3 +145,8 @@ def test_gpu_requested_without_gpu_searches_on_cpu(tmp_path):
     assert idx.search_device == "cpu"
     search(idx, vs.vectors[:3], k=5)
     assert idx.search_device == "cpu"
+
+
+def test_faiss_cpu_beside_a_gpu_build_is_reported():
+    assert "share one `faiss` module" in faiss_install_problem(["faiss-cpu", "faiss-gpu"])
+    assert faiss_install_problem(["faiss-gpu"]) is None and faiss_install_problem(["faiss-cpu"]) is None

@@ -1,5 +1,7 @@
-"""The Streamlit page under Streamlit's AppTest: controls, patient exclusion, case view, bad index."""
+"""The Streamlit page under Streamlit's AppTest: controls, patient exclusion, honest queries, label colours,
+upload limits, an index without labels, case view, bad index."""
 
+import json
 import re
 from pathlib import Path
 
@@ -7,7 +9,11 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 APP = str(Path(__file__).resolve().parents[1] / "ui" / "app.py")
-CARD = re.compile(r"\*\*#(\d+)\*\* · similarity \*\*([0-9.]+)\*\*  \nlabel \*\*(\S+)\*\* · patient (\S+)")
+# a result card: rank, similarity, label (coloured with :color[...]{foreground=...}; absent without labels), patient
+CARD = re.compile(
+    r"\*\*#(\d+)\*\* · similarity \*\*([0-9.]+)\*\*  \n"
+    r"(?:label (?::color\[)?\*\*(\S+?)\*\*(?:\]\{foreground='(#[0-9a-f]{6})'\})? · )?patient (\S+)"
+)
 
 
 def _app(monkeypatch, index) -> AppTest:
@@ -19,7 +25,41 @@ def _app(monkeypatch, index) -> AppTest:
 
 
 def _cards(at):
-    return [CARD.match(m.value).groups() for m in at.markdown if CARD.match(m.value)]
+    """(rank, similarity, label, patient) of each result card."""
+    out = []
+    for m in at.markdown:
+        hit = CARD.match(m.value)
+        if hit:
+            rank, score, label, _, patient = hit.groups()
+            out.append((rank, score, label, patient))
+    return out
+
+
+def _card_colours(at):
+    return {g[2]: g[3] for g in (CARD.match(m.value).groups() for m in at.markdown if CARD.match(m.value))}
+
+
+def _elements(at):
+    def walk(node, out):
+        for child in getattr(node, "children", {}).values():
+            out.append(child)
+            walk(child, out)
+        return out
+
+    return walk(at._tree, [])
+
+
+def _chart_colour_scales(at):
+    """The colour scale of every Vega-Lite chart (layers included) on the page."""
+    scales = []
+    for e in _elements(at):
+        if getattr(e, "type", None) == "vega_lite_chart":
+            spec = json.loads(e.proto.spec)
+            for part in [spec, *spec.get("layer", [])]:
+                scale = part.get("encoding", {}).get("color", {}).get("scale")
+                if scale:
+                    scales.append(scale)
+    return scales
 
 
 def test_start_page_shows_summary_and_asks_for_a_query(monkeypatch, demo_index):
@@ -92,3 +132,65 @@ def test_missing_and_foreign_index_are_messages(monkeypatch, tmp_path, demo_inde
     (copy / "manifest.json").write_text(json.dumps(m))
     at = _app(monkeypatch, copy)
     assert at.error and "Cannot open this index" in at.error[0].value and "weights differ" in at.error[0].value
+
+
+def test_labels_have_one_distinct_colour_in_every_chart(monkeypatch, demo_index):
+    from retrieval.evaluation.report import LABEL_PALETTE
+
+    at = _app(monkeypatch, demo_index)
+    at.radio(key="mode").set_value("Pick an indexed case").run()
+    expected = {"domain": ["mild", "moderate", "normal", "severe"], "range": list(LABEL_PALETTE[:4])}
+    scales = _chart_colour_scales(at)
+    assert len(scales) >= 3  # the vote bars, the map's points and its outlined neighbours
+    assert all(scale == expected for scale in scales)
+    colours = _card_colours(at)  # each card's label is written in its colour
+    assert colours and all(colours[lab] == LABEL_PALETTE[expected["domain"].index(lab)] for lab in colours)
+
+
+def test_query_leaves_itself_out_unless_asked(monkeypatch, demo_index):
+    at = _app(monkeypatch, demo_index)
+    at.radio(key="mode").set_value("Pick an indexed case").run()
+    at.text_input(key="case_search").set_value("SYN201_f1").run()
+    at.selectbox(key="case_choice").set_value("moderate/SYN201_f1.png").run()
+    at.checkbox(key="exclude_own").uncheck().run()
+    assert not at.checkbox(key="include_self").value  # off by default
+    ids = [c.value for c in at.caption if c.value.endswith(".png")]
+    assert "moderate/SYN201_f1.png" not in ids and float(_cards(at)[0][1]) < 0.9999
+    assert "SYN201" in [c[3] for c in _cards(at)]  # its own patient's other frames are allowed here
+    at.checkbox(key="include_self").check().run()
+    ids = [c.value for c in at.caption if c.value.endswith(".png")]
+    assert ids[0] == "moderate/SYN201_f1.png" and float(_cards(at)[0][1]) == 1.0
+
+
+def test_upload_widget_states_the_limits_it_applies(monkeypatch, demo_index):
+    from ui.backend import MAX_UPLOAD_MB
+
+    at = _app(monkeypatch, demo_index)
+    uploader = at.get("file_uploader")[0]
+    assert uploader.proto.max_upload_size_mb == MAX_UPLOAD_MB  # what the widget refuses
+    assert f"up to {MAX_UPLOAD_MB} MB, 64 megapixels per frame and 5,000 frames" in uploader.proto.label
+    monkeypatch.setenv("RETRIEVE_MAX_PIXELS", "4000000")
+    at = _app(monkeypatch, demo_index)
+    assert "4 megapixels per frame" in at.get("file_uploader")[0].proto.label
+
+
+@pytest.mark.slow
+def test_index_without_labels_shows_no_vote(monkeypatch, demo_data, tmp_path):
+    import shutil
+
+    from retrieval.cli.main import main
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for p in sorted(demo_data.rglob("*.png"))[:9]:
+        shutil.copy(p, flat / p.name)
+    index = tmp_path / "idx"
+    assert main(["index", "build", str(flat), "--index", str(index), "--encoder", "intensity-stats", "--quiet"]) == 0
+    at = _app(monkeypatch, index)
+    assert any(i.value.startswith("no labels") for i in at.sidebar.info)
+    assert "label" not in at.selectbox(key="filter_col").options
+    at.radio(key="mode").set_value("Pick an indexed case").run()
+    assert not any(m.value.startswith("### Suggested label") for m in at.markdown)
+    assert any(i.value.startswith("no labels") for i in at.main.info)
+    cards = _cards(at)
+    assert len(cards) == 8 and all(c[2] is None for c in cards)  # no label on the cards

@@ -6,7 +6,18 @@ import numpy as np
 import pytest
 
 from retrieval.errors import RetrieveError
-from ui.backend import decode_upload, find_cases, open_session, query_frame, query_indexed, summary
+from ui.backend import (
+    MAX_UPLOAD_MB,
+    decode_upload,
+    find_cases,
+    open_session,
+    query_frame,
+    query_indexed,
+    summary,
+    upload_digest,
+    upload_limit_mb,
+    upload_limit_text,
+)
 from ui.map2d import MAP_FILE, load_or_compute_map
 
 
@@ -15,18 +26,26 @@ def session(demo_index):
     return open_session(demo_index)
 
 
-def query_upload(session, name, data, k, exclude_patients=(), where=(), frame=0):
+def query_upload(session, name, data, k, exclude_patients=(), where=(), frame=0, include_self=False):
     """What the page does with an upload: decode it once, then query with the chosen frame."""
     frames = decode_upload(name, data)
     return query_frame(
-        session, name if len(frames) == 1 else f"{name}#{frame}", frames[frame], k, exclude_patients, where
+        session,
+        name if len(frames) == 1 else f"{name}#{frame}",
+        frames[frame],
+        k,
+        exclude_patients,
+        where,
+        digest=upload_digest(data),
+        include_self=include_self,
     )
 
 
 def test_upload_query(session, demo_data):
     data = (demo_data / "moderate" / "SYN200_f1.png").read_bytes()
-    ans = query_upload(session, "scan.png", data, k=4)
+    ans = query_upload(session, "scan.png", data, k=4, include_self=True)
     assert len(ans.result.hits) == 4 and ans.result.hits[0].score == pytest.approx(1, abs=1e-4)
+    assert ans.result.rows["id"].iloc[0] == "moderate/SYN200_f1.png"  # the very file, under another name
     assert ans.result.vote.label is not None and ans.seconds > 0
     filtered = query_upload(session, "scan.png", data, k=3, exclude_patients=["SYN200"], where=[("label", "severe")])
     assert all(r["label"] == "severe" and r["patient_id"] != "SYN200" for r in filtered.result.to_dict()["results"])
@@ -39,6 +58,99 @@ def test_bad_uploads_are_one_line_errors(session):
         query_upload(session, "fake.png", b"hello", k=3)
     with pytest.raises(RetrieveError, match="over the 50 MB limit"):
         query_upload(session, "big.png", b"0" * (51 * 2**20), k=3)
+    with pytest.raises(RetrieveError, match="over the 2 MB limit"):
+        decode_upload("big.png", b"0" * (3 * 2**20), max_mb=2)
+
+
+def test_upload_of_an_indexed_image_does_not_find_itself(session, demo_data):
+    """Honest queries: the uploaded file (same bytes, whatever its name) and its near-duplicates are left out
+    of the results and the vote by default; include_self keeps them."""
+    rows = session.rows
+    data = (demo_data / "severe" / "SYN301_f1.png").read_bytes()
+    digest = upload_digest(data)
+    assert (rows["content_sha256"] == digest).sum() == 1
+    own = set(rows.index[rows["content_sha256"] == digest])
+    if "near_dup_group" in rows:
+        groups = set(rows.loc[list(own), "near_dup_group"].dropna()) - {""}
+        own |= set(rows.index[rows["near_dup_group"].isin(groups)])
+    honest = query_upload(session, "query.png", data, k=len(rows) - len(own))
+    assert len(honest.result.hits) == len(rows) - len(own)
+    assert not own & {h.position for h in honest.result.hits}
+    assert honest.result.hits[0].score < 0.9999
+    kept = query_upload(session, "query.png", data, k=3, include_self=True)
+    assert kept.result.hits[0].position in own and kept.result.hits[0].score == pytest.approx(1, abs=1e-4)
+
+
+def test_upload_limits_agree_and_are_stated(monkeypatch):
+    from retrieval.server.config import DEFAULT_MAX_UPLOAD_MB
+
+    assert MAX_UPLOAD_MB == DEFAULT_MAX_UPLOAD_MB  # the browser and `retrieve serve` take the same files
+    assert upload_limit_mb(None) == MAX_UPLOAD_MB and upload_limit_mb(200) == MAX_UPLOAD_MB
+    assert upload_limit_mb(10) == 10  # a lower web-server limit is the real one
+    assert (
+        upload_limit_text(50) == "PNG, JPEG, BMP, TIFF or DICOM; up to 50 MB, 64 megapixels per frame and 5,000 frames"
+    )
+    monkeypatch.setenv("RETRIEVE_MAX_PIXELS", "1000")
+    monkeypatch.setenv("RETRIEVE_MAX_FRAMES", "7")
+    assert "0.001 megapixels per frame and 7 frames" in upload_limit_text(50)
+    # the stated pixel limit is the one the reader applies
+    from io import BytesIO
+
+    from PIL import Image
+
+    buf = BytesIO()
+    Image.new("L", (40, 30)).save(buf, format="PNG")
+    with pytest.raises(RetrieveError, match="40 x 30 pixels, over the limit of 1000"):
+        decode_upload("wide.png", buf.getvalue())
+
+
+def test_label_colours_are_distinct_and_fixed(session):
+    from retrieval.evaluation.report import LABEL_PALETTE, UNLABELLED, UNLABELLED_COLOUR, label_colours
+
+    for n in range(1, len(LABEL_PALETTE) + 1):
+        labels = [f"class {j:02d}" for j in range(n)]
+        colours = label_colours(labels)
+        assert len(set(colours.values())) == n and UNLABELLED_COLOUR not in colours.values()
+        assert label_colours(reversed(labels + labels)) == colours  # any order, repeats: the same mapping
+        assert list(colours) == sorted(labels) and list(colours.values()) == list(LABEL_PALETTE[:n])
+    assert label_colours(["benign", "malignant"]) == {"benign": LABEL_PALETTE[0], "malignant": LABEL_PALETTE[1]}
+    assert label_colours(["b", UNLABELLED, "a"])[UNLABELLED] == UNLABELLED_COLOUR
+    index_colours = session.label_colours()
+    assert list(index_colours) == ["mild", "moderate", "normal", "severe"]
+    assert len(set(index_colours.values())) == 4
+
+
+def test_suffixless_dicom_upload_is_read(session, tmp_path):
+    from conftest import write_dicom
+
+    img = np.random.default_rng(1).integers(0, 4000, (64, 64)).astype(np.uint16)
+    data = write_dicom(tmp_path / "IM0001", img).read_bytes()
+    assert len(decode_upload("IM0001", data)) == 1
+    with pytest.raises(RetrieveError, match="unsupported file type 'none'"):
+        decode_upload("IM0002", b"\0" * 200)
+
+
+@pytest.fixture(scope="module")
+def unlabelled_index(demo_data, tmp_path_factory):
+    """Nine of the demo images in one flat folder: no labels.csv, no class folders, so no labels."""
+    import shutil
+
+    from retrieval.cli.main import main
+
+    flat = tmp_path_factory.mktemp("flat")
+    for p in sorted(demo_data.rglob("*.png"))[:9]:
+        shutil.copy(p, flat / p.name)
+    index = tmp_path_factory.mktemp("flat_idx") / "idx"
+    assert main(["index", "build", str(flat), "--index", str(index), "--encoder", "intensity-stats", "--quiet"]) == 0
+    return index
+
+
+def test_index_without_labels_has_no_vote(unlabelled_index):
+    s = open_session(unlabelled_index)
+    assert not s.labelled and summary(s)["labels"] == {} and summary(s)["unlabelled"] == 9
+    ans = query_indexed(s, 0, k=3)
+    assert ans.result.vote.label is None and ans.result.vote.note.startswith("no labels")
+    assert len(ans.result.hits) == 3 and all(h.position != 0 for h in ans.result.hits)
 
 
 def test_indexed_case_never_returns_itself_or_its_patient(session):
@@ -51,13 +163,15 @@ def test_indexed_case_never_returns_itself_or_its_patient(session):
     own = query_indexed(session, 0, k=3, exclude_own_patient=False)
     assert all(h.position != 0 for h in own.result.hits)
     assert rows.patient_id[own.result.hits[0].position] == rows.patient_id[0]  # same patient's frames look alike
+    itself = query_indexed(session, 0, k=3, exclude_own_patient=False, include_self=True)
+    assert itself.result.hits[0].position == 0 and itself.result.hits[0].score == pytest.approx(1, abs=1e-4)
 
 
 def test_find_cases_and_summary(session):
     assert set(find_cases(session.rows, "syn30")["patient_id"]) == {"SYN300", "SYN301"}
     assert len(find_cases(session.rows, "nothing-like-this")) == 0
     s = summary(session)
-    assert s["cases"] == 24 and s["patients"] == 8 and s["labels"]["severe"] == 6
+    assert s["cases"] == 24 and s["patients"] == 8 and s["labels"]["severe"] == 6 and s["unlabelled"] == 0
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ import streamlit as st
 
 from retrieval.errors import RetrieveError
 from ui.backend import (
-    MAX_UPLOAD_MB,
     Answer,
     Session,
     decode_upload,
@@ -25,11 +24,14 @@ from ui.backend import (
     query_frame,
     query_indexed,
     summary,
+    upload_digest,
+    upload_limit_mb,
+    upload_limit_text,
 )
 from ui.map2d import load_or_compute_map
 
 DEFAULT_INDEX = Path("retrieve-demo") / "index"
-GRID_COLUMNS = 5
+CARD_WIDTH = 170  # px: result cards wrap to as many per row as fit (3 at 1024 px with the sidebar, 5 at 1400)
 THUMB_SIDE = 256
 QUERY_SIDE = 420
 DISCLAIMER = "This is a suggestion from similar past cases, not a diagnosis."
@@ -53,9 +55,19 @@ def thumbnail(path: str, frame: object, side: int | None) -> np.ndarray:
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
-def decoded_upload(name: str, data: bytes) -> list[np.ndarray]:
-    """Each uploaded file is decoded once, however often the page reruns."""
-    return decode_upload(name, data)
+def decoded_upload(name: str, data: bytes, max_mb: int) -> tuple[list[np.ndarray], str]:
+    """Each uploaded file is decoded (and hashed, to find it in the index) once, however often the page reruns."""
+    return decode_upload(name, data, max_mb), upload_digest(data)
+
+
+def label_scale(session: Session) -> alt.Scale:
+    """The label colours every chart shares: the index's labels, sorted, on one fixed palette."""
+    colours = session.label_colours()
+    return alt.Scale(domain=list(colours), range=list(colours.values()))
+
+
+def colour(session: Session) -> alt.Color:
+    return alt.Color("label:N", scale=label_scale(session), legend=None)
 
 
 @st.cache_data(show_spinner="Computing the embedding map (once per index) ...")
@@ -83,11 +95,19 @@ def sidebar(session: Session, index_dir: Path) -> dict:
         f"**{s['cases']} cases**, {s['patients']} patients  \nencoder `{s['encoder']}`  \n"
         f"{s['kind']} index, {s['dim']}-d  \nbuilt {s['created'][:19].replace('T', ' ')}  \n`{index_dir}`"
     )
-    st.sidebar.dataframe(
-        pd.DataFrame({"label": list(s["labels"]), "cases": list(s["labels"].values())}),
-        hide_index=True,
-        width="stretch",
-    )
+    if s["labels"]:
+        colours = session.label_colours()
+        st.sidebar.dataframe(
+            pd.DataFrame({"label": list(s["labels"]), "cases": list(s["labels"].values())}).style.map(
+                lambda lab: f"color: {colours.get(lab, 'inherit')}; font-weight: 600", subset=["label"]
+            ),
+            hide_index=True,
+            width="stretch",
+        )
+        if s["unlabelled"]:
+            st.sidebar.caption(f"{s['unlabelled']} images without a label")
+    else:
+        st.sidebar.info("no labels: this index holds no labelled images, so there is no vote")
     st.sidebar.header("Search settings")
     n = len(session.rows)
     k = st.sidebar.slider("number of similar cases (k)", 1, max(1, min(50, n - 1)), min(10, max(1, n - 1)), key="k")
@@ -104,7 +124,14 @@ def sidebar(session: Session, index_dir: Path) -> dict:
         key="exclude_own",
         help="for indexed cases: other images of the same patient are left out",
     )
-    filter_cols = ["(none)", "label"] + session.metadata_columns()
+    include_self = st.sidebar.checkbox(
+        "include the query itself and its near-duplicates",
+        value=False,
+        key="include_self",
+        help="off: a query image that is already in the index (the same file, or its near-duplicate group) "
+        "is left out of the results and the vote, so it cannot find itself",
+    )
+    filter_cols = ["(none)"] + (["label"] if session.labelled else []) + session.metadata_columns()
     col = st.sidebar.selectbox("filter candidates by", filter_cols, key="filter_col")
     where: list[tuple[str, str]] = []
     if col != "(none)":
@@ -112,13 +139,13 @@ def sidebar(session: Session, index_dir: Path) -> dict:
         chosen = st.sidebar.selectbox(f"{col} =", values, key="filter_value") if values else None
         if chosen is not None:
             where = [(col, chosen)]
-    return {"k": k, "vote": vote, "exclude_own": exclude_own, "where": where}
+    return {"k": k, "vote": vote, "exclude_own": exclude_own, "include_self": include_self, "where": where}
 
 
-def vote_panel(answer: Answer) -> None:
+def vote_panel(session: Session, answer: Answer) -> None:
     v = answer.result.vote
     if v.label is None:
-        st.info("No labelled neighbours to vote.")
+        st.info(v.note or "No labelled neighbours to vote.")
     else:
         st.markdown(f"### Suggested label: **{v.label}**")
         st.markdown(f"{v.confidence:.0%} of the votes of {len(answer.result.hits)} similar cases")
@@ -129,7 +156,7 @@ def vote_panel(answer: Answer) -> None:
             .encode(
                 x=alt.X("votes:Q", title="votes"),
                 y=alt.Y("label:N", sort="-x", title=None),
-                color=alt.Color("label:N", legend=None),
+                color=colour(session),
                 tooltip=["label", "votes"],
             )
             .properties(height=34 * len(votes) + 50),
@@ -155,18 +182,22 @@ def _use_as_query(case_id: str) -> None:
     _close_case()
 
 
-def result_grid(answer: Answer, meta_cols: list[str], key: str) -> None:
+def result_grid(session: Session, answer: Answer, key: str) -> None:
+    """Fixed-width cards in a wrapping row: as many per line as the window holds, never squeezed."""
     hits, rows = answer.result.hits, answer.result.rows.to_dict("records")
-    for start in range(0, len(hits), GRID_COLUMNS):
-        cols = st.columns(GRID_COLUMNS)
-        for j, (hit, row) in enumerate(zip(hits[start : start + GRID_COLUMNS], rows[start : start + GRID_COLUMNS])):
-            rank = start + j + 1
-            with cols[j].container(border=True):
+    meta_cols = session.metadata_columns()
+    colours = session.label_colours() if session.labelled else {}
+    with st.container(horizontal=True, gap="small"):
+        for rank, (hit, row) in enumerate(zip(hits, rows), start=1):
+            with st.container(border=True, width=CARD_WIDTH):
                 show_image(row, THUMB_SIDE)
-                st.markdown(
-                    f"**#{rank}** · similarity **{hit.score:.4f}**  \n"
-                    f"label **{text(row.get('label'))}** · patient {text(row.get('patient_id'))}"
-                )
+                label = text(row.get("label"))
+                shown = f":color[**{label}**]{{foreground='{colours[label]}'}}" if label in colours else f"**{label}**"
+                card = f"**#{rank}** · similarity **{hit.score:.4f}**  \n"
+                if session.labelled:
+                    card += f"label {shown} · "
+                st.markdown(card + f"patient {text(row.get('patient_id'))}")
+                st.caption(str(row.get("id")))
                 extra = ", ".join(f"{c}: {text(row.get(c))}" for c in meta_cols[:4])
                 if extra:
                     st.caption(extra)
@@ -182,7 +213,11 @@ def result_grid(answer: Answer, meta_cols: list[str], key: str) -> None:
 def embedding_map(index_dir: Path, mtime: float, session: Session, answer: Answer, query_position: int | None) -> None:
     points = get_map(str(index_dir), mtime).copy()
     rows = session.rows
-    points["label"] = rows["label"].astype("string").fillna("(unlabelled)").to_numpy()[points["position"]]
+    points["label"] = (
+        rows["label"].astype("string").fillna("(unlabelled)").to_numpy()[points["position"]]
+        if "label" in rows
+        else "(unlabelled)"
+    )
     points["patient"] = rows["patient_id"].astype("string").fillna("-").to_numpy()[points["position"]]
     neighbour_pos = {h.position: rank for rank, h in enumerate(answer.result.hits, start=1)}
     points["role"] = ["neighbour" if p in neighbour_pos else "collection" for p in points["position"]]
@@ -192,7 +227,11 @@ def embedding_map(index_dir: Path, mtime: float, session: Session, answer: Answe
         .encode(
             x=alt.X("x:Q", axis=None),
             y=alt.Y("y:Q", axis=None),
-            color=alt.Color("label:N"),
+            color=alt.Color(
+                "label:N",
+                scale=label_scale(session),
+                legend=alt.Legend(title="label", orient="bottom", columns=4),
+            ),
             tooltip=["id", "label", "patient"],
         )
     )
@@ -202,7 +241,7 @@ def embedding_map(index_dir: Path, mtime: float, session: Session, answer: Answe
         layers.append(
             alt.Chart(near)
             .mark_circle(size=140, stroke="black", strokeWidth=1.5)
-            .encode(x="x:Q", y="y:Q", color=alt.Color("label:N"), tooltip=["id", "label", "patient"])
+            .encode(x="x:Q", y="y:Q", color=colour(session), tooltip=["id", "label", "patient"])
         )
     if query_position is not None and (points["position"] == query_position).any():
         q = points[points["position"] == query_position].assign(what="query")
@@ -240,9 +279,9 @@ def case_view(
 ) -> None:
     """Side-by-side view of the query and one case, with that case's own neighbours."""
     row = session.rows.iloc[position].to_dict()
-    top = st.columns([1, 1, 4])
-    top[0].button("Back to results", key="back", on_click=_close_case)
-    top[1].button("Use as query", key="use-as-query", on_click=_use_as_query, args=(str(row["id"]),))
+    with st.container(horizontal=True, gap="small"):
+        st.button("Back to results", key="back", on_click=_close_case)
+        st.button("Use as query", key="use-as-query", on_click=_use_as_query, args=(str(row["id"]),))
     left, right = st.columns(2)
     with left:
         st.subheader("Query")
@@ -260,9 +299,15 @@ def case_view(
         )
     st.subheader("Its own similar cases")
     answer = query_indexed(
-        session, position, settings["k"], settings["exclude_own"], settings["where"], settings["vote"]
+        session,
+        position,
+        settings["k"],
+        settings["exclude_own"],
+        settings["where"],
+        settings["vote"],
+        settings["include_self"],
     )
-    result_grid(answer, session.metadata_columns(), key=f"case{position}")
+    result_grid(session, answer, key=f"case{position}")
 
 
 def main() -> None:
@@ -291,15 +336,28 @@ def main() -> None:
     query_position: int | None = None
     try:
         if mode == "Upload an image":
-            upload = st.file_uploader(f"PNG, JPEG, BMP, TIFF or DICOM, up to {MAX_UPLOAD_MB} MB", key="upload")
+            # the widget, the page's text and decode_upload enforce one limit (Streamlit's own
+            # server.maxUploadSize only when it is lower than ours)
+            max_mb = upload_limit_mb(st.get_option("server.maxUploadSize"))
+            upload = st.file_uploader(upload_limit_text(max_mb), key="upload", max_upload_size=max_mb)
             if upload is None:
                 st.info("Upload an image to see the most similar indexed cases.")
                 st.stop()
-            frames = decoded_upload(upload.name, upload.getvalue())
+            frames, digest = decoded_upload(upload.name, upload.getvalue(), max_mb)
             frame = st.slider("frame", 0, len(frames) - 1, 0, key="frame") if len(frames) > 1 else 0
             name = upload.name if len(frames) == 1 else f"{upload.name}#{frame}"
             query_image = frames[frame]
-            answer = query_frame(session, name, query_image, settings["k"], [], settings["where"], settings["vote"])
+            answer = query_frame(
+                session,
+                name,
+                query_image,
+                settings["k"],
+                [],
+                settings["where"],
+                settings["vote"],
+                digest=digest,
+                include_self=settings["include_self"],
+            )
         else:
             search = st.text_input("Find a case by id, path or patient", key="case_search")
             found = find_cases(session.rows, search)
@@ -311,7 +369,13 @@ def main() -> None:
             query_position = int(found.index[ids.index(choice)])
             query_row = session.rows.iloc[query_position].to_dict()
             answer = query_indexed(
-                session, query_position, settings["k"], settings["exclude_own"], settings["where"], settings["vote"]
+                session,
+                query_position,
+                settings["k"],
+                settings["exclude_own"],
+                settings["where"],
+                settings["vote"],
+                settings["include_self"],
             )
     except RetrieveError as exc:
         st.error(str(exc))
@@ -320,24 +384,23 @@ def main() -> None:
     if "open_case" in st.session_state:
         case_view(session, st.session_state["open_case"], settings, query_row, query_image)
         return
-    q_col, v_col = st.columns([1, 1])
+    q_col, v_col = st.columns([1, 1], gap="medium")
     with q_col:
         st.subheader("Query")
         if query_image is not None:
-            st.image(query_image, caption=answer.result.query, width=QUERY_SIDE)
+            st.image(query_image, caption=answer.result.query, width="stretch")
         else:
             assert query_row is not None  # an indexed case was picked
+            label = f" · label {text(query_row.get('label'))}" if session.labelled else ""
             show_image(
                 query_row,
                 QUERY_SIDE,
-                width=QUERY_SIDE,
-                caption=f"{query_row['id']} · label {text(query_row.get('label'))} "
-                f"· patient {text(query_row.get('patient_id'))}",
+                caption=f"{query_row['id']}{label} · patient {text(query_row.get('patient_id'))}",
             )
     with v_col:
-        vote_panel(answer)
+        vote_panel(session, answer)
     st.subheader(f"{len(answer.result.hits)} most similar cases")
-    result_grid(answer, session.metadata_columns(), key="results")
+    result_grid(session, answer, key="results")
     with st.expander("Embedding map of the collection", expanded=False):
         embedding_map(index_dir, mtime, session, answer, query_position)
 

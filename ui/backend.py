@@ -3,6 +3,7 @@ thumbnails, summary. The page (ui/app.py) only renders these and caches them."""
 
 from __future__ import annotations
 
+import hashlib
 import tempfile
 import time
 from collections.abc import Sequence
@@ -17,10 +18,21 @@ from PIL import Image
 from indexer.index_dir import IndexDir, open_index_dir, read_manifest
 from retrieval.data.dataset import CORE_COLUMNS
 from retrieval.data.imageio import IMAGE_SUFFIXES, read_frame, read_frames
+from retrieval.data.limits import limits
 from retrieval.errors import RetrieveError, UnreadableImageError
-from retrieval.pipeline import LoadedEncoder, QueryResult, embed_frames, encoder_for_index, query_vectors
+from retrieval.evaluation.report import UNLABELLED, label_colours
+from retrieval.pipeline import (
+    CONTENT_HASH,
+    LoadedEncoder,
+    QueryResult,
+    embed_frames,
+    encoder_for_index,
+    has_labels,
+    query_vectors,
+)
+from retrieval.relocate import REL_PATH
 
-MAX_UPLOAD_MB = 50
+MAX_UPLOAD_MB = 50  # the same as `retrieve serve` (retrieval/server/config.py DEFAULT_MAX_UPLOAD_MB)
 
 
 @dataclass
@@ -35,7 +47,18 @@ class Session:
         return self.idx.rows
 
     def metadata_columns(self) -> list[str]:
-        return [c for c in self.rows.columns if c not in CORE_COLUMNS]
+        return [c for c in self.rows.columns if c not in CORE_COLUMNS and c not in (CONTENT_HASH, REL_PATH)]
+
+    @property
+    def labelled(self) -> bool:
+        """Whether any indexed image has a label (an index without labels has no vote)."""
+        return has_labels(self.idx)
+
+    def label_colours(self) -> dict[str, str]:
+        """Every label of the index -> its colour (the fixed palette over the sorted labels), so a label
+        keeps its colour in every chart, whichever labels a query's neighbours happen to have."""
+        labels = self.rows["label"].astype("string").fillna(UNLABELLED) if "label" in self.rows else []
+        return label_colours(labels)
 
 
 def open_session(index_dir: str | Path) -> Session:
@@ -50,15 +73,36 @@ class Answer:
     seconds: float  # embedding (uploads) + search + vote
 
 
-def decode_upload(name: str, data: bytes) -> list[np.ndarray]:
-    """Check type and size, then decode an uploaded file once into its grayscale frames."""
+def upload_limit_mb(server_max_mb: int | None = None) -> int:
+    """The upload limit in MB: MAX_UPLOAD_MB, or the web server's own lower limit when it has one."""
+    return min(MAX_UPLOAD_MB, server_max_mb) if server_max_mb else MAX_UPLOAD_MB
+
+
+def upload_limit_text(max_mb: int = MAX_UPLOAD_MB) -> str:
+    """What the upload widget says: the file types and the limits decode_upload and the readers apply."""
+    lim = limits()
+    return (
+        f"PNG, JPEG, BMP, TIFF or DICOM; up to {max_mb} MB, {lim.max_pixels / 1e6:g} megapixels per frame "
+        f"and {lim.max_frames:,} frames"
+    )
+
+
+def is_dicom_bytes(data: bytes) -> bool:
+    return data[128:132] == b"DICM"
+
+
+def decode_upload(name: str, data: bytes, max_mb: int = MAX_UPLOAD_MB) -> list[np.ndarray]:
+    """Check type and size, then decode an uploaded file once into its grayscale frames (a DICOM file
+    is recognised by its content, as PACS exports have no suffix)."""
     suffix = Path(name).suffix.lower()
     if suffix not in IMAGE_SUFFIXES:
-        raise RetrieveError(
-            f"{name}: unsupported file type '{suffix or 'none'}' (upload PNG, JPEG, BMP, TIFF or DICOM)"
-        )
-    if len(data) > MAX_UPLOAD_MB * 1024 * 1024:
-        raise RetrieveError(f"{name}: {len(data) / 2**20:.0f} MB is over the {MAX_UPLOAD_MB} MB limit")
+        if not is_dicom_bytes(data):
+            raise RetrieveError(
+                f"{name}: unsupported file type '{suffix or 'none'}' (upload PNG, JPEG, BMP, TIFF or DICOM)"
+            )
+        suffix = ".dcm"
+    if len(data) > max_mb * 1024 * 1024:
+        raise RetrieveError(f"{name}: {len(data) / 2**20:.0f} MB is over the {max_mb} MB limit")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
@@ -66,6 +110,29 @@ def decode_upload(name: str, data: bytes) -> list[np.ndarray]:
             return read_frames(path)
         except UnreadableImageError as exc:
             raise RetrieveError(f"{name}: {exc.reason}") from None
+
+
+def own_positions(session: Session, digest: str | None = None, position: int | None = None) -> list[int]:
+    """The rows that are the query itself: the uploaded bytes' SHA-256 `digest` (the same file anywhere in
+    the index, every frame of it) or the indexed case at `position`, with the rows that share a
+    near_dup_group with any of them."""
+    rows = session.rows
+    same = np.zeros(len(rows), dtype=bool)
+    if digest is not None and CONTENT_HASH in rows:
+        same |= (rows[CONTENT_HASH] == digest).to_numpy(dtype=bool)
+    if position is not None:
+        same[position] = True
+        if CONTENT_HASH in rows and isinstance(rows[CONTENT_HASH].iloc[position], str):
+            same |= (rows[CONTENT_HASH] == rows[CONTENT_HASH].iloc[position]).to_numpy(dtype=bool)
+    if "near_dup_group" in rows and same.any():
+        groups = set(rows.loc[same, "near_dup_group"].dropna().astype(str)) - {""}
+        same |= rows["near_dup_group"].astype("string").isin(groups).fillna(False).to_numpy(dtype=bool)
+    return np.flatnonzero(same).tolist()
+
+
+def upload_digest(data: bytes) -> str:
+    """The SHA-256 of an upload's bytes, as the index's content_sha256 column records files."""
+    return hashlib.sha256(data).hexdigest()
 
 
 def query_frame(
@@ -76,12 +143,18 @@ def query_frame(
     exclude_patients: Sequence[str] = (),
     where: Sequence[tuple[str, str]] = (),
     vote: str = "majority",
+    digest: str | None = None,
+    include_self: bool = False,
 ) -> Answer:
-    """One decoded frame as the query: embed, search, vote."""
+    """One decoded frame as the query: embed, search, vote. Unless `include_self`, the uploaded file
+    itself (by its bytes' `digest`) and its near-duplicates are left out of the results and the vote."""
     t0 = time.perf_counter()
     vector = embed_frames([frame], session.encoder)
-    k = max(1, min(k, len(session.rows)))
-    res = query_vectors(session.idx, [name], vector, k, list(exclude_patients), list(where), vote)[0]
+    own = [] if include_self else own_positions(session, digest)
+    k = max(1, min(k, len(session.rows) - len(own)))
+    res = query_vectors(
+        session.idx, [name], vector, k, list(exclude_patients), list(where), vote, exclude_positions=own
+    )[0]
     return Answer(res, time.perf_counter() - t0)
 
 
@@ -92,13 +165,16 @@ def query_indexed(
     exclude_own_patient: bool = True,
     where: Sequence[tuple[str, str]] = (),
     vote: str = "majority",
+    include_self: bool = False,
 ) -> Answer:
-    """An indexed case as the query, from its stored vector; itself (and its patient) left out."""
+    """An indexed case as the query, from its stored vector; unless `include_self`, itself and its
+    near-duplicates (same file, same near_dup_group) left out, and its patient when asked."""
     t0 = time.perf_counter()
     row = session.rows.iloc[position]
     patient = row.get("patient_id")
     exclude = [str(patient)] if exclude_own_patient and isinstance(patient, str) and patient else []
-    k = max(1, min(k, len(session.rows) - 1))
+    own = [] if include_self else own_positions(session, position=position)
+    k = max(1, min(k, len(session.rows) - len(own)))
     res = query_vectors(
         session.idx,
         [str(row["id"])],
@@ -107,7 +183,7 @@ def query_indexed(
         exclude,
         list(where),
         vote,
-        exclude_positions=[position],
+        exclude_positions=own,
     )[0]
     return Answer(res, time.perf_counter() - t0)
 
@@ -139,7 +215,8 @@ def summary(session: Session) -> dict:
     m = session.idx.manifest
     return {
         "cases": m.count,
-        "labels": m.labels,
+        "labels": {k: v for k, v in m.labels.items() if k != UNLABELLED},
+        "unlabelled": m.labels.get(UNLABELLED, 0),
         "encoder": m.fingerprint.get("encoder"),
         "kind": m.kind,
         "dim": m.dim,

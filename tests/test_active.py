@@ -71,6 +71,11 @@ def test_suggest_labels_cli(demo_index, tmp_path, capsys):
     code, _, err = run_cli(capsys, "suggest-labels", "--index", demo_index, "--budget", "3", "--out", out)
     assert code == 2
     assert_one_line_error(err, "nothing to suggest")
+    code, _, err = run_cli(
+        capsys, "suggest-labels", "--index", demo_index, "--budget", "3", "--out", out, "--strategy", "bogus"
+    )
+    assert code == 2
+    assert_one_line_error(err, "--strategy bogus: choose one of entropy, mc-dropout, random")
 
 
 # --- MC-dropout (BALD) and the simulation --------------------------------------------------------------

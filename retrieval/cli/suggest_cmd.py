@@ -13,7 +13,10 @@ def suggest_labels(
     index: Path = typer.Option(..., "--index", "-i", help="index folder; images without a label form the pool"),
     budget: int = typer.Option(..., "--budget", help="how many images to suggest"),
     strategy: str = typer.Option(
-        "entropy", "--strategy", help="entropy (of the kNN vote among labelled images) or random"
+        "entropy",
+        "--strategy",
+        help="entropy (of the kNN vote among labelled images), mc-dropout (BALD from 20 dropout passes of a small "
+        "head trained on the labelled images' vectors) or random",
     ),
     k: int = typer.Option(10, "--k", help="neighbours in the kNN vote"),
     out: Path = typer.Option(..., "--out", "-o", help="CSV to write: the suggested images and an empty label column"),

@@ -20,7 +20,7 @@ from PIL import Image
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from conftest import run_cli, write_dicom, write_png  # noqa: E402
+from conftest import assert_one_line_error, run_cli, write_dicom, write_png  # noqa: E402
 
 from retrieval.cli.main import main  # noqa: E402
 from retrieval.errors import RetrieveError  # noqa: E402
@@ -459,3 +459,91 @@ def test_cors_is_off_unless_origins_are_named(engine, served):
     other = named.options("/query", headers={**preflight, "Origin": "https://evil.example"})
     assert "access-control-allow-origin" not in other.headers
     assert named.get("/items/bright/b0.png", headers={"Origin": "https://viewer.example"}).status_code == 401
+
+
+# --- the commands -------------------------------------------------------------------------------------
+
+
+def test_serve_command_refuses_unsafe_settings_in_one_line(served, capsys, monkeypatch):
+    index = served / "index"
+    monkeypatch.setenv("RETRIEVE_TEST_TOKEN", TOKEN)
+    bad = [
+        (["--host", "0.0.0.0"], "access token"),
+        (["--host", "0.0.0.0", "--token-env", "RETRIEVE_TEST_TOKEN", "--insecure-no-auth"], "one or the other"),
+        (["--token-env", "RETRIEVE_NO_SUCH_VARIABLE"], "not set"),
+        (["--cors-origin", "*"], "--cors-origin"),
+        (["--data-root", str(served / "nope")], "not a folder"),
+    ]
+    for extra, needle in bad:
+        code, _, err = run_cli(capsys, "serve", "--index", index, *extra)
+        assert code == 2, (extra, err)
+        assert_one_line_error(err, needle)
+
+
+def test_serve_command_refuses_a_taken_port(served, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        code, _, err = run_cli(capsys, "serve", "--index", served / "index", "--port", s.getsockname()[1])
+    assert code == 2
+    assert_one_line_error(err, "cannot listen")
+
+
+def test_ui_command_refuses_a_public_host_without_insecure(capsys, tmp_path):
+    code, _, err = run_cli(capsys, "ui", "--host", "0.0.0.0", "--demo-out", tmp_path)
+    assert code == 2
+    assert_one_line_error(err, "insecure-no-auth")
+
+
+@pytest.mark.slow
+def test_retrieve_serve_runs_as_a_process(served, tmp_path):
+    """The real command: starts, answers with the token, refuses without it, stops on SIGINT."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from retrieval.server.run import free_port
+
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-c",
+        "from retrieval.cli.main import main; main()",
+        "serve",
+        "--index",
+        str(served / "index"),
+        "--port",
+        str(port),
+        "--token-file",
+        str(token_file),
+        "--no-gpu",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, proc.stdout.read().decode() if proc.stdout else ""
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "retrieve serve did not start"
+            time.sleep(0.3)
+        img = (served / "data" / "dark" / "d2.png").read_bytes()
+        r = httpx.post(f"{url}/query", files={"file": ("d2.png", img)}, data={"k": "3"}, headers=AUTH, timeout=30)
+        assert r.status_code == 200 and len(r.json()["results"]) == 3
+        assert httpx.post(f"{url}/query", files={"file": ("d2.png", img)}, timeout=30).status_code == 401
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+    text = out.decode(errors="replace")
+    assert "Traceback" not in text and TOKEN not in text
+    assert "POST /query" in text  # the access log names requests, never their headers

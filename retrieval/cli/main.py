@@ -19,6 +19,7 @@ from retrieval.cli import (
     eval_cmd,
     index_cmd,
     query_cmd,
+    serve_cmd,
     suggest_cmd,
     train_cmd,
     ui_cmd,
@@ -46,6 +47,7 @@ index_app.command("compact")(index_cmd.index_compact)
 index_app.command("info")(index_cmd.index_info)
 index_app.command("verify")(index_cmd.index_verify)
 app.command("query")(query_cmd.query)
+app.command("serve")(serve_cmd.serve)
 app.command("eval")(eval_cmd.evaluate_cmd)
 app.command("train")(train_cmd.train)
 app.command("classify")(train_cmd.classify)

@@ -56,6 +56,7 @@ def query(
     from indexer.search import parse_where
     from retrieval.config import EncoderSpec
     from retrieval.pipeline import encoder_for_index, query_files
+    from retrieval.results import result_json
     from retrieval.vote import VOTE_WEIGHTINGS
 
     if vote not in VOTE_WEIGHTINGS:
@@ -75,7 +76,7 @@ def query(
     if results and results[0].matched is not None and results[0].matched < k:
         echo_err(f"note: only {results[0].matched} indexed images match the filters, so fewer than {k} results")
     if as_json:
-        payload = [r.to_dict() for r in results]
+        payload = [result_json(r) for r in results]  # the JSON `retrieve serve` answers with, too
         print(json.dumps(payload[0] if len(images) == 1 and len(payload) == 1 else payload, indent=2))
     else:
         for j, r in enumerate(results):

@@ -67,6 +67,78 @@ def test_upload_shows_k_cards_and_a_vote(page, demo_data):
     assert re.search(r"Suggested label: \w+", body) and "of the votes" in body and "not a diagnosis" in body
 
 
+FIRST_CARD = re.compile(r"#1 · similarity ([0-9.]+)\s+label (\S+) · patient (\S+)\s+(\S+)")
+
+
+def _first_card(page):
+    """(similarity, label, patient, case id) of the first result card."""
+    page.wait_for_function("document.body.innerText.includes('#10 · similarity')", timeout=60_000)
+    return FIRST_CARD.search(page.inner_text("[data-testid=stMain]")).groups()
+
+
+def test_indexed_image_uploaded_is_not_its_own_first_result(page, demo_data):
+    """Honest queries: an image already in the index, uploaded under another name, does not come back as
+    its own first result (nor vote for its own label); the 'include the query itself' toggle brings it back."""
+    query = demo_data / "moderate" / "SYN200_f1.png"
+    renamed = ARTIFACTS / "query-copy.png"
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    renamed.write_bytes(query.read_bytes())
+    upload_and_wait(page, renamed)
+    score, _, _, case = _first_card(page)
+    assert case != "moderate/SYN200_f1.png" and float(score) < 0.9999
+    assert "moderate/SYN200_f1.png" not in page.inner_text("[data-testid=stMain]")
+    page.get_by_text("include the query itself and its near-duplicates").click()
+    page.wait_for_function(
+        "document.querySelector('[data-testid=stMain]').innerText.includes('moderate/SYN200_f1.png')",
+        timeout=60_000,
+    )
+    score, label, patient, case = _first_card(page)
+    assert (case, label, patient) == ("moderate/SYN200_f1.png", "moderate", "SYN200") and float(score) > 0.9999
+
+
+OVERLAPS_JS = """() => {
+  const main = document.querySelector('[data-testid=stMain]');
+  // Streamlit's hover toolbars (fullscreen, chart menu) float over their element by design: not counted
+  const sel = 'img, [data-testid=stMarkdownContainer], [data-testid=stVegaLiteChart], button:not([kind=elementToolbar]), '
+            + '[data-testid=stCaptionContainer], [data-testid=stFileUploader]';
+  const els = [...main.querySelectorAll(sel)].filter(e => {
+    const r = e.getBoundingClientRect(); return r.width > 0 && r.height > 0; });
+  const name = e => e.tagName + ':' + (e.innerText || e.alt || '').trim().slice(0, 30);
+  const out = [];
+  for (const e of els) {
+    const r = e.getBoundingClientRect();
+    if (r.right > window.innerWidth + 1 || r.left < -1) out.push(['outside the window', name(e), r.left, r.right]);
+  }
+  for (let i = 0; i < els.length; i++) for (let j = i + 1; j < els.length; j++) {
+    const a = els[i], b = els[j];
+    if (a.contains(b) || b.contains(a)) continue;
+    const r = a.getBoundingClientRect(), s = b.getBoundingClientRect();
+    const w = Math.min(r.right, s.right) - Math.max(r.left, s.left);
+    const h = Math.min(r.bottom, s.bottom) - Math.max(r.top, s.top);
+    if (w > 2 && h > 2) out.push([name(a), name(b), w, h]);
+  }
+  return out;
+}"""
+
+
+def test_layout_at_1024_px_has_no_overlaps(browser, app_url, demo_data):
+    """At 1024 px wide (sidebar open) no image, chart, text or button overlaps another, none leaves the window."""
+    page = browser.new_page(viewport={"width": 1024, "height": 3000})
+    try:
+        page.goto(app_url, wait_until="domcontentloaded")
+        page.get_by_text("Query by").wait_for(timeout=120_000)
+        upload_and_wait(page, demo_data / "severe" / "SYN301_f1.png")
+        page.wait_for_function("document.body.innerText.includes('#10 · similarity')", timeout=60_000)
+        page.wait_for_function("document.querySelectorAll('[data-testid=stSkeleton]').length == 0", timeout=60_000)
+        page.wait_for_timeout(1500)  # charts and images settle
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "layout_1024.png"), full_page=True)
+        assert page.locator("[data-testid=stSidebar]").is_visible()
+        assert page.evaluate(OVERLAPS_JS) == []
+    finally:
+        page.close()
+
+
 def test_pick_indexed_case_excludes_its_patient(page):
     page.get_by_text("Pick an indexed case").click()
     box = page.get_by_label("Find a case by id, path or patient")

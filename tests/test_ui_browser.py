@@ -99,8 +99,8 @@ def test_indexed_image_uploaded_is_not_its_own_first_result(page, demo_data):
 OVERLAPS_JS = """() => {
   const main = document.querySelector('[data-testid=stMain]');
   // Streamlit's hover toolbars (fullscreen, chart menu) float over their element by design: not counted
-  const sel = 'img, [data-testid=stMarkdownContainer], [data-testid=stVegaLiteChart], button:not([kind=elementToolbar]), '
-            + '[data-testid=stCaptionContainer], [data-testid=stFileUploader]';
+  const sel = 'img, [data-testid=stMarkdownContainer], [data-testid=stVegaLiteChart], '
+            + 'button:not([kind=elementToolbar]), [data-testid=stCaptionContainer], [data-testid=stFileUploader]';
   const els = [...main.querySelectorAll(sel)].filter(e => {
     const r = e.getBoundingClientRect(); return r.width > 0 && r.height > 0; });
   const name = e => e.tagName + ':' + (e.innerText || e.alt || '').trim().slice(0, 30);

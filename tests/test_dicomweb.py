@@ -441,3 +441,63 @@ def test_compressed_instance_the_reader_cannot_decode_is_fetched_uncompressed(en
         np.testing.assert_allclose(open_index_dir(tmp_path / "idx", use_gpu=False).vectors.vectors, want, atol=1e-5)
     finally:
         server.stop(kill=True)
+
+
+# --- the command line ---------------------------------------------------------------------------
+
+
+@needs_orthanc
+@pytest.mark.slow
+def test_cli_build_sync_query(orthanc, tmp_path: Path, capsys, monkeypatch) -> None:
+    from conftest import FAST, run_cli
+
+    monkeypatch.setenv(USER_ENV, USER)
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    index = tmp_path / "idx"
+    url = orthanc.dicomweb
+    code, out, err = run_cli(
+        capsys, "index", "build", "--dicomweb", url, "--since", "2025-01-01", "--index", index, *FAST
+    )
+    assert code == 0, err
+    first = len(expected(since="20250101"))
+    assert f"fetched {first}, indexed {first}" in out
+    code, out, err = run_cli(capsys, "index", "add", "--dicomweb", url, "--index", index, "--quiet")
+    assert code == 0, err
+    assert f"fetched {len(expected()) - first}," in out and f"index now holds {sum(expected().values())}" in out
+    code, out, err = run_cli(capsys, "index", "add", "--dicomweb", url, "--since", "20250101", "--index", index, "-q")
+    assert code == 0 and "fetched 0," in out and "index unchanged" in out
+    local = write_archive(tmp_path / "local", archive_datasets())
+    code, out, err = run_cli(capsys, "query", local[0], "--index", index, "--json", "--include-self", "--k", "3")
+    assert code == 0, err
+    answer = json.loads(out)
+    top = (answer[0] if isinstance(answer, list) else answer)["results"][0]
+    assert top["sop_uid"] == local[0].stem and top["study_uid"] and top["series_uid"]
+    assert top["viewer_url"] == f"{orthanc.base}/viewer?StudyInstanceUIDs={top['study_uid']}"
+    assert PASSWORD not in out + err
+
+
+@needs_orthanc
+@pytest.mark.slow
+def test_cli_bad_url_and_server_down_exit_2(orthanc, tmp_path: Path, capsys, monkeypatch) -> None:
+    from conftest import assert_one_line_error, run_cli
+    from dicomweb_fixture import free_port
+
+    monkeypatch.setenv(USER_ENV, USER)
+    monkeypatch.setenv(PASSWORD_ENV, "Wr0ng-pass")
+    code, _, err = run_cli(capsys, "index", "build", "--dicomweb", "ftp://u:Wr0ng@host/x", "--index", tmp_path / "a")
+    assert code == 2
+    assert_one_line_error(err, "--dicomweb", "not an http")
+    code, _, err = run_cli(capsys, "index", "build", "--dicomweb", orthanc.dicomweb, "--index", tmp_path / "b", "-q")
+    assert code == 2
+    assert_one_line_error(err, "credentials were refused")
+    down = f"http://127.0.0.1:{free_port()}/dicom-web"
+    code, _, err = run_cli(capsys, "index", "build", "--dicomweb", down, "--index", tmp_path / "c", "-q")
+    assert code == 2
+    assert_one_line_error(err, "cannot reach the server")
+    code, _, err = run_cli(
+        capsys, "index", "add", "--dicomweb", down, "--since", "2025-02-30", "--index", tmp_path / "c"
+    )
+    assert code == 2
+    assert_one_line_error(err, "--since")
+    assert "Wr0ng" not in err
+    assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()

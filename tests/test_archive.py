@@ -281,3 +281,35 @@ def test_bad_archive_inputs_are_one_line_errors(archive, archive_index, capsys):
     code, out, err = run_cli(capsys, "query", q, "--index", archive_index, "--exclude-patient", "PAT404")
     assert code == 2
     assert_one_line_error(err, "--exclude-patient PAT404")
+
+
+# --- the command line: --labels, --group-by, a folder with --out, eval --labels --------------------
+
+
+def test_cli_archive_labels_cases_batch_and_eval(archive, archive_index, tmp_path, capsys):
+    root, files = archive
+    truth, by_acc = _label_csvs(root, files, tmp_path)
+    code, out, err = run_cli(capsys, "eval", "--index", archive_index, "--labels", by_acc, "--quiet", "--k", "3")
+    assert code == 0, err
+    assert "MAP" in out or "map" in out.lower()
+    labelled = tmp_path / "labelled"
+    code, out, err = run_cli(capsys, "index", "build", root, "--index", labelled, "--labels", by_acc, *ENC)
+    assert code == 0, err
+    assert "ACC-UNKNOWN" in err  # the CSV key that matches no image is reported
+    q = files["PAT002/STUDY1/SERIES1/IM0001"]
+    code, out, err = run_cli(capsys, "query", q, "--index", labelled, "--k", "2", "--group-by", "study", "--json")
+    assert code == 0, err
+    res = json.loads(out)
+    assert res["group_by"] == "study" and len({r["case"] for r in res["results"]}) == 2
+    assert res["vote"]["label"] in {"benign", "malignant"}
+    code, out, err = run_cli(capsys, "query", q, "--index", labelled, "--k", "2", "--group-by", "series")
+    assert code == 0 and "cases by series" in out and "vote:" in out
+    csv = tmp_path / "results.csv"
+    code, out, err = run_cli(capsys, "query", root / "PAT001", "--index", labelled, "--k", "2", "--out", csv, "--quiet")
+    assert code == 0, err
+    table = pd.read_csv(csv)
+    assert len(table) == 2 * 12 and set(table["rank"]) == {1, 2}  # 9 stills and a 3-frame clip: 12 queries
+    assert table["vote_label"].isin(["benign", "malignant"]).all()
+    code, out, err = run_cli(capsys, "query", q, "--index", labelled, "--group-by", "visit")
+    assert code == 2
+    assert_one_line_error(err, "--group-by visit")

@@ -116,3 +116,59 @@ def test_old_index_with_absolute_paths_keeps_working(tmp_path):
     assert res.rows["path"].tolist() == ["/old/place/0.png", "/old/place/1.png"]
     with pytest.raises(RetrieveError, match="absolute paths"):
         relocate_index(tmp_path / "old", tmp_path)
+
+
+def test_added_images_are_relocatable_too(moved, tmp_path, capsys):
+    from conftest import run_cli
+    from dicom_factory import make_dicom
+
+    make_dicom(moved / "pacs" / "PAT009" / "ST" / "SE" / "IM0001", np.full((48, 48), 900, np.uint16), "PAT009")
+    code, out, err = run_cli(capsys, "index", "add", moved / "pacs" / "PAT009", "--index", moved / "idx", "--quiet")
+    assert code == 0, err
+    rows = open_index_dir(moved / "idx", use_gpu=False).rows
+    # relative to the index's data root, not to the folder that was added
+    added = rows["patient_id"].astype("string").eq("PAT009").fillna(False).to_numpy(dtype=bool)
+    assert rows.loc[added, "rel_path"].tolist() == ["PAT009/ST/SE/IM0001"]
+    dest = tmp_path / "moved"
+    shutil.move(str(moved), str(dest))
+    res = _query(dest / "idx", dest / "pacs" / QUERY)
+    assert all(os.path.isfile(p) for p in res.rows["path"])
+
+
+def test_relocate_waits_for_the_write_lock(moved, monkeypatch):
+    from indexer.errors import IndexBusyError
+    from indexer.index_dir import write_lock
+
+    monkeypatch.setenv("RETRIEVE_LOCK_TIMEOUT", "0.2")
+    before = (moved / "idx" / "manifest.json").read_bytes()
+    with write_lock(moved / "idx"):
+        with pytest.raises(IndexBusyError, match="another process"):
+            relocate_index(moved / "idx", moved / "pacs")
+    assert (moved / "idx" / "manifest.json").read_bytes() == before  # nothing written while another writer held it
+
+
+def test_cli_data_root_and_relocate(moved, tmp_path, capsys):
+    from conftest import assert_one_line_error, run_cli
+
+    new_home = tmp_path / "nas"
+    shutil.move(str(moved / "pacs"), str(new_home))
+    q = new_home / QUERY
+    code, out, err = run_cli(
+        capsys, "query", q, "--index", moved / "idx", "--k", "2", "--data-root", tmp_path, "--json"
+    )
+    assert code == 2
+    assert_one_line_error(err, "--data-root", "does not hold the indexed files")
+    code, out, err = run_cli(
+        capsys, "query", q, "--index", moved / "idx", "--k", "2", "--data-root", new_home, "--json"
+    )
+    assert code == 0, err
+    assert all(os.path.isfile(r["path"]) for r in json.loads(out)["results"])
+    code, out, err = run_cli(capsys, "index", "relocate", "--index", moved / "idx", "--data-root", tmp_path)
+    assert code == 2
+    assert_one_line_error(err, "does not hold")
+    code, out, err = run_cli(capsys, "index", "relocate", "--index", moved / "idx", "--data-root", new_home)
+    assert code == 0, err
+    assert str(new_home.resolve()) in out
+    code, out, err = run_cli(capsys, "query", q, "--index", moved / "idx", "--k", "2", "--json")
+    assert code == 0, err
+    assert all(os.path.isfile(r["path"]) for r in json.loads(out)["results"])

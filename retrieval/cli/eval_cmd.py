@@ -21,13 +21,23 @@ def evaluate_cmd(
     exclude_same_patient: bool = typer.Option(True, "--exclude-same-patient/--include-same-patient"),
     exclude_near_dup: bool = typer.Option(True, "--exclude-near-dup/--include-near-dup"),
     quiet: bool = opt.Quiet,
+    labels: Path | None = typer.Option(
+        None, "--labels", help="CSV of labels joined by path, sop_uid or accession (an index built without labels)"
+    ),
+    data_root: Path | None = typer.Option(None, "--data-root", help="where the indexed files are now"),
 ):
     """Leave-one-out retrieval quality of an index: MAP, MRR, P@k, MAP@R, kNN vote accuracy."""
     from retrieval.evaluation.evaluate import EvalSettings
     from retrieval.evaluation.index_eval import evaluate_index
     from retrieval.evaluation.report import markdown_summary, write_report
 
-    ev = evaluate_index(index, EvalSettings(k, exclude_same_patient, exclude_near_dup, vote), progress=not quiet)
+    ev = evaluate_index(
+        index,
+        EvalSettings(k, exclude_same_patient, exclude_near_dup, vote),
+        progress=not quiet,
+        labels=labels,
+        data_root=data_root,
+    )
     result = ev.result
     print(markdown_summary(result, f"Retrieval evaluation of {index}", ev.encoder).split("\n![")[0].rstrip())
     trained = result.get("encoder_trained_on")

@@ -19,6 +19,7 @@ from retrieval.cli import (
     eval_cmd,
     index_cmd,
     query_cmd,
+    relocate_cmd,
     serve_cmd,
     suggest_cmd,
     train_cmd,
@@ -46,6 +47,7 @@ index_app.command("remove")(index_cmd.index_remove)
 index_app.command("compact")(index_cmd.index_compact)
 index_app.command("info")(index_cmd.index_info)
 index_app.command("verify")(index_cmd.index_verify)
+index_app.command("relocate")(relocate_cmd.index_relocate)
 app.command("query")(query_cmd.query)
 app.command("serve")(serve_cmd.serve)
 app.command("eval")(eval_cmd.evaluate_cmd)

@@ -46,6 +46,9 @@ def index_build(
     commit_every: int | None = pacs.CommitEvery,
     viewer_url: str | None = pacs.ViewerUrl,
     insecure: bool = pacs.Insecure,
+    labels: Path | None = typer.Option(
+        None, "--labels", help="CSV of labels joined by path, sop_uid or accession (replaces folder labels)"
+    ),
 ):
     """Embed DATA (or take --vectors, or index a PACS: --dicomweb) into a FAISS index over cosine similarity."""
     from indexer.faiss_index import INDEX_KINDS
@@ -94,8 +97,8 @@ def index_build(
     if vectors is not None:
         if data is not None:
             raise RetrieveError("give either DATA or --vectors, not both")
-        if resume:
-            raise RetrieveError("--resume continues embedding DATA; it does not apply to --vectors")
+        if resume or labels is not None:
+            raise RetrieveError("--resume and --labels apply to embedding DATA, not to --vectors")
         check_can_build(index, overwrite, data)
         manifest = build_index_dir(index, read_vectors(vectors), index_cfg, overwrite=overwrite)
         skipped: list[Skipped] = []
@@ -107,7 +110,7 @@ def index_build(
             check_can_build(index, overwrite, data)  # before the expensive embedding
         loaded = load_encoder(spec, pre)
         manifest, skipped, resumed = build_index_streaming(
-            data, loaded, index, index_cfg, batch_size, workers, gpu, not quiet, overwrite, resume
+            data, loaded, index, index_cfg, batch_size, workers, gpu, not quiet, overwrite, resume, labels=labels
         )
     report_skipped(skipped)
     print(
@@ -139,6 +142,7 @@ def index_add(
     """Append new images to an index with its own encoder, without a rebuild (--dicomweb: sync a PACS)."""
     from indexer.index_dir import add_to_index_dir, read_manifest
     from retrieval.pipeline import embed_dataset, encoder_for_index, report_skipped
+    from retrieval.relocate import rows_for_index
 
     if dicomweb is not None:
         if data is not None or replace:
@@ -165,6 +169,7 @@ def index_add(
     m = read_manifest(index)
     loaded = encoder_for_index(m.fingerprint, m.encoder_spec, f"--index {index}")
     vs, skipped = embed_dataset(data, loaded, batch_size, workers, gpu, not quiet)
+    vs.rows = rows_for_index(vs.rows, index)  # paths relative to the index's data root, so it stays relocatable
     manifest, added = add_to_index_dir(index, vs, replace=replace)
     report_skipped(skipped)
     print(

@@ -73,7 +73,12 @@ def check_kind(kind: str, dim: int | None = None) -> str:
     if not kind:
         raise RetrieveError(f"--kind: empty; choose auto, {', '.join(KINDS)} or a faiss.index_factory string")
     if not is_named(kind):
-        _factory(dim or CHECK_DIM, kind, kind)
+        try:
+            _factory(dim or CHECK_DIM, kind, kind)
+        except RetrieveError as exc:
+            # without the vectors' dimension only a string FAISS cannot parse is certainly wrong
+            if dim is not None or "could not parse" in str(exc) or "refinement" in str(exc):
+                raise
     return kind
 
 
@@ -271,6 +276,21 @@ def gpu_capable(index: faiss.Index) -> bool:
     if isinstance(core, faiss.IndexIDMap):
         core = faiss.downcast_index(core.index)
     return isinstance(core, (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexIVFPQ, faiss.IndexIVFScalarQuantizer))
+
+
+def planned_search_device(params: dict[str, Any], dim: int, use_gpu: bool = True) -> str:
+    """Where a query would search this index (from its manifest, without loading it): "cpu" or "gpu:0,1"."""
+    gpus = gpu_count() if use_gpu else 0
+    factory = params.get("factory")
+    if gpus == 0 or not factory:
+        return "cpu"
+    try:
+        index = faiss.index_factory(dim, str(factory), faiss.METRIC_INNER_PRODUCT)
+    except RuntimeError:
+        return "cpu"
+    if ivf_of(index) is None:
+        index = faiss.IndexIDMap2(index)
+    return "gpu:" + ",".join(str(g) for g in range(gpus)) if gpu_capable(index) else "cpu"
 
 
 def to_gpu(index: faiss.Index) -> faiss.Index:

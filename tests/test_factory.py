@@ -150,3 +150,17 @@ def test_gpu_requested_without_gpu_searches_on_cpu(tmp_path):
 def test_faiss_cpu_beside_a_gpu_build_is_reported():
     assert "share one `faiss` module" in faiss_install_problem(["faiss-cpu", "faiss-gpu"])
     assert faiss_install_problem(["faiss-gpu"]) is None and faiss_install_problem(["faiss-cpu"]) is None
+
+
+def test_planned_search_device(monkeypatch):
+    """Which indexes go to the GPUs (logic only: this machine has none, so everything says cpu here)."""
+    import indexer.faiss_index as fi
+
+    assert fi.planned_search_device({"factory": "IVF16,Flat"}, DIM) == "cpu"
+    monkeypatch.setattr(fi, "gpu_count", lambda: 2)
+    assert fi.planned_search_device({"factory": "IVF16,Flat"}, DIM) == "gpu:0,1"
+    assert fi.planned_search_device({"factory": "Flat"}, DIM) == "gpu:0,1"
+    assert fi.planned_search_device({"factory": "HNSW32"}, DIM) == "cpu"  # no GPU HNSW
+    assert fi.planned_search_device({"factory": "PCA16,IVF16,Flat"}, DIM) == "cpu"
+    assert fi.planned_search_device({"factory": "IVF16,Flat"}, DIM, use_gpu=False) == "cpu"
+    assert fi.planned_search_device({}, DIM) == "cpu"  # an index from before factory strings

@@ -154,3 +154,41 @@ def test_bad_arguments_and_concurrent_change(tmp_path, monkeypatch):
     after = json.loads((tmp_path / "ix" / "manifest.json").read_text())
     assert "tuned" not in after["params"] and after["count"] == 1010
     assert json.loads(before)["count"] == 1000
+
+
+def _vectors_file(tmp_path, n=2000):
+    from indexer.store import write_vectors
+
+    path = tmp_path / "v.parquet"
+    write_vectors(path, _vs(n))
+    return path
+
+
+def test_cli_kind_factory_string_tune_and_info(tmp_path, capsys):
+    from conftest import assert_one_line_error, run_cli
+
+    v = _vectors_file(tmp_path)
+    idx = tmp_path / "ix"
+    code, _, err = run_cli(capsys, "index", "build", "--vectors", v, "--index", idx, "--kind", "IVF32,Flat")
+    assert code == 0, err
+    before = {p.name: p.read_bytes() for p in idx.iterdir() if p.is_file()}
+    code, _, err = run_cli(
+        capsys, "index", "build", "--vectors", v, "--index", idx, "--kind", "IVF32,Bogus", "--overwrite"
+    )
+    assert code == 2
+    assert_one_line_error(err, "--kind", "FAISS rejects it")
+    assert {p.name: p.read_bytes() for p in idx.iterdir() if p.is_file()} == before
+    code, out, err = run_cli(capsys, "index", "tune", "--index", idx, "--recall", "0.9", "--sample", "200")
+    assert code == 0, err
+    assert "stored nprobe=" in out and "<- stored" in out
+    m = read_manifest(idx)
+    assert m.params["tuned"]["recall_target"] == 0.9 and "nprobe" in m.params
+    code, out, err = run_cli(capsys, "index", "info", "--index", idx, "--json")
+    assert code == 0, err
+    info = json.loads(out)
+    assert info["search_device"] == "cpu" and info["params"]["search_params"].startswith("nprobe=")
+    code, out, _ = run_cli(capsys, "index", "info", "--index", idx)
+    assert "search:    cpu" in out
+    code, _, err = run_cli(capsys, "index", "tune", "--index", idx, "--recall", "2")
+    assert code == 2
+    assert_one_line_error(err, "--recall")

@@ -9,7 +9,6 @@ from pathlib import Path
 import typer
 
 from retrieval.cli import options as opt
-from retrieval.cli import pacs_cmd as pacs
 from retrieval.cli.output import echo_err
 from retrieval.errors import RetrieveError
 
@@ -20,7 +19,9 @@ def index_build(
     vectors: Path | None = typer.Option(
         None, "--vectors", help="use vectors from `retrieve embed` instead of embedding DATA"
     ),
-    kind: str = typer.Option("auto", "--kind", help="auto, flat, hnsw, ivf or ivfpq"),
+    kind: str = typer.Option(
+        "auto", "--kind", help="auto, flat, hnsw, ivf, ivfpq or a faiss.index_factory string ('OPQ64,IVF4096,PQ64')"
+    ),
     config: Path | None = typer.Option(None, "--config", help="YAML recipe (encoder, preprocess, index sections)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index folder"),
     resume: bool = typer.Option(
@@ -37,29 +38,16 @@ def index_build(
     workers: int | None = opt.Workers,
     gpu: bool = opt.Gpu,
     quiet: bool = opt.Quiet,
-    dicomweb: str | None = pacs.Dicomweb,
-    study: list[str] = pacs.Study,
-    modality: str | None = pacs.Modality,
-    since: str | None = pacs.Since,
-    body_part: str | None = pacs.BodyPart,
-    dicomweb_auth: Path | None = pacs.Auth,
-    commit_every: int | None = pacs.CommitEvery,
-    viewer_url: str | None = pacs.ViewerUrl,
-    insecure: bool = pacs.Insecure,
-    labels: Path | None = typer.Option(
-        None, "--labels", help="CSV of labels joined by path, sop_uid or accession (replaces folder labels)"
-    ),
 ):
-    """Embed DATA (or take --vectors, or index a PACS: --dicomweb) into a FAISS index over cosine similarity."""
-    from indexer.faiss_index import INDEX_KINDS
+    """Embed DATA (or take --vectors) and build a FAISS index folder over cosine similarity."""
+    from indexer.faiss_index import check_kind
     from indexer.index_dir import build_index_dir, check_can_build
     from indexer.store import read_vectors
     from retrieval.config import IndexConfig, build_settings
     from retrieval.data.dataset import Skipped
     from retrieval.pipeline import build_index_streaming, load_encoder, report_skipped
 
-    if kind != "auto" and kind not in INDEX_KINDS:
-        raise RetrieveError(f"--kind {kind}: unknown; choose auto, {', '.join(INDEX_KINDS)}")
+    kind = check_kind(kind)  # a factory string FAISS rejects fails here, before any embedding
     settings = build_settings(
         config,
         IndexConfig(kind=kind, gpu=gpu),
@@ -71,34 +59,11 @@ def index_build(
     )
     index_cfg, spec, pre, batch_size = settings.index, settings.encoder, settings.preprocess, settings.batch_size
     t0 = time.perf_counter()
-    if dicomweb is not None:
-        if data is not None or vectors is not None or resume:
-            raise RetrieveError("--dicomweb indexes a server: leave out DATA, --vectors and --resume")
-        pacs.sync(
-            dicomweb,
-            index,
-            create=True,
-            studies=study,
-            modality=modality,
-            since=since,
-            body_part=body_part,
-            auth=dicomweb_auth,
-            commit_every=commit_every,
-            viewer_url=viewer_url,
-            insecure=insecure,
-            quiet=quiet,
-            batch_size=batch_size,
-            gpu=gpu,
-            load=lambda: load_encoder(spec, pre),
-            index_cfg=index_cfg,
-            overwrite=overwrite,
-        )
-        return
     if vectors is not None:
         if data is not None:
             raise RetrieveError("give either DATA or --vectors, not both")
-        if resume or labels is not None:
-            raise RetrieveError("--resume and --labels apply to embedding DATA, not to --vectors")
+        if resume:
+            raise RetrieveError("--resume continues embedding DATA; it does not apply to --vectors")
         check_can_build(index, overwrite, data)
         manifest = build_index_dir(index, read_vectors(vectors), index_cfg, overwrite=overwrite)
         skipped: list[Skipped] = []
@@ -110,7 +75,7 @@ def index_build(
             check_can_build(index, overwrite, data)  # before the expensive embedding
         loaded = load_encoder(spec, pre)
         manifest, skipped, resumed = build_index_streaming(
-            data, loaded, index, index_cfg, batch_size, workers, gpu, not quiet, overwrite, resume, labels=labels
+            data, loaded, index, index_cfg, batch_size, workers, gpu, not quiet, overwrite, resume
         )
     report_skipped(skipped)
     print(
@@ -122,54 +87,21 @@ def index_build(
 
 
 def index_add(
-    data: Path | None = typer.Argument(None, help="dataset folder or manifest with the new images"),
+    data: Path = typer.Argument(..., help="dataset folder or manifest with the new images"),
     index: Path = typer.Option(..., "--index", "-i"),
     batch_size: int = opt.BatchSize,
     workers: int | None = opt.Workers,
     gpu: bool = opt.Gpu,
     quiet: bool = opt.Quiet,
     replace: bool = typer.Option(False, "--replace", help="re-embed images already indexed and replace them"),
-    dicomweb: str | None = pacs.Dicomweb,
-    study: list[str] = pacs.Study,
-    modality: str | None = pacs.Modality,
-    since: str | None = pacs.Since,
-    body_part: str | None = pacs.BodyPart,
-    dicomweb_auth: Path | None = pacs.Auth,
-    commit_every: int | None = pacs.CommitEvery,
-    viewer_url: str | None = pacs.ViewerUrl,
-    insecure: bool = pacs.Insecure,
 ):
-    """Append new images to an index with its own encoder, without a rebuild (--dicomweb: sync a PACS)."""
+    """Append new images to an index with its own encoder, without a rebuild."""
     from indexer.index_dir import add_to_index_dir, read_manifest
     from retrieval.pipeline import embed_dataset, encoder_for_index, report_skipped
-    from retrieval.relocate import rows_for_index
 
-    if dicomweb is not None:
-        if data is not None or replace:
-            raise RetrieveError("--dicomweb syncs a server: leave out DATA and --replace")
-        pacs.sync(
-            dicomweb,
-            index,
-            create=False,
-            studies=study,
-            modality=modality,
-            since=since,
-            body_part=body_part,
-            auth=dicomweb_auth,
-            commit_every=commit_every,
-            viewer_url=viewer_url,
-            insecure=insecure,
-            quiet=quiet,
-            batch_size=batch_size,
-            gpu=gpu,
-        )
-        return
-    if data is None:
-        raise RetrieveError("missing DATA (a dataset folder or manifest) or --dicomweb URL")
     m = read_manifest(index)
     loaded = encoder_for_index(m.fingerprint, m.encoder_spec, f"--index {index}")
     vs, skipped = embed_dataset(data, loaded, batch_size, workers, gpu, not quiet)
-    vs.rows = rows_for_index(vs.rows, index)  # paths relative to the index's data root, so it stays relocatable
     manifest, added = add_to_index_dir(index, vs, replace=replace)
     report_skipped(skipped)
     print(
@@ -209,12 +141,14 @@ def index_compact(index: Path = typer.Option(..., "--index", "-i")):
 
 def index_info(index: Path = typer.Option(..., "--index", "-i"), as_json: bool = typer.Option(False, "--json")):
     """Print the index manifest and whether its files are intact (sizes; `index verify` checks content)."""
+    from indexer.faiss_index import planned_search_device
     from indexer.index_dir import file_problems, read_manifest
 
     m = read_manifest(index)
     problems = file_problems(Path(index), m)
+    device = planned_search_device(m.params, m.dim)
     if as_json:
-        print(json.dumps({**json.loads(m.to_json()), "problems": problems}, indent=2))
+        print(json.dumps({**json.loads(m.to_json()), "search_device": device, "problems": problems}, indent=2))
     else:
         fp = m.fingerprint
         weights = str(fp.get("weights_sha256", "?"))[:12]
@@ -222,6 +156,7 @@ def index_info(index: Path = typer.Option(..., "--index", "-i"), as_json: bool =
         print(f"images:    {m.count}  ({', '.join(f'{k} {v}' for k, v in m.labels.items())})")
         print(f"vectors:   {m.dim}-d, {m.metric}")
         print(f"kind:      {m.kind} {json.dumps(m.params)}")
+        print(f"search:    {device} (queries without --no-gpu)")
         print(
             f"encoder:   {fp.get('encoder')} (weights sha256 {weights}), preprocess {json.dumps(fp.get('preprocess'))}"
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 
 from retrieval.cli import options as opt
+from retrieval.cli import pacs_cmd as pacs
 from retrieval.cli.output import echo_err
 from retrieval.errors import RetrieveError
 
@@ -38,8 +39,20 @@ def index_build(
     workers: int | None = opt.Workers,
     gpu: bool = opt.Gpu,
     quiet: bool = opt.Quiet,
+    dicomweb: str | None = pacs.Dicomweb,
+    study: list[str] = pacs.Study,
+    modality: str | None = pacs.Modality,
+    since: str | None = pacs.Since,
+    body_part: str | None = pacs.BodyPart,
+    dicomweb_auth: Path | None = pacs.Auth,
+    commit_every: int | None = pacs.CommitEvery,
+    viewer_url: str | None = pacs.ViewerUrl,
+    insecure: bool = pacs.Insecure,
+    labels: Path | None = typer.Option(
+        None, "--labels", help="CSV of labels joined by path, sop_uid or accession (replaces folder labels)"
+    ),
 ):
-    """Embed DATA (or take --vectors) and build a FAISS index folder over cosine similarity."""
+    """Embed DATA (or take --vectors, or index a PACS: --dicomweb) into a FAISS index over cosine similarity."""
     from indexer.faiss_index import check_kind
     from indexer.index_dir import build_index_dir, check_can_build
     from indexer.store import read_vectors
@@ -59,11 +72,34 @@ def index_build(
     )
     index_cfg, spec, pre, batch_size = settings.index, settings.encoder, settings.preprocess, settings.batch_size
     t0 = time.perf_counter()
+    if dicomweb is not None:
+        if data is not None or vectors is not None or resume:
+            raise RetrieveError("--dicomweb indexes a server: leave out DATA, --vectors and --resume")
+        pacs.sync(
+            dicomweb,
+            index,
+            create=True,
+            studies=study,
+            modality=modality,
+            since=since,
+            body_part=body_part,
+            auth=dicomweb_auth,
+            commit_every=commit_every,
+            viewer_url=viewer_url,
+            insecure=insecure,
+            quiet=quiet,
+            batch_size=batch_size,
+            gpu=gpu,
+            load=lambda: load_encoder(spec, pre),
+            index_cfg=index_cfg,
+            overwrite=overwrite,
+        )
+        return
     if vectors is not None:
         if data is not None:
             raise RetrieveError("give either DATA or --vectors, not both")
-        if resume:
-            raise RetrieveError("--resume continues embedding DATA; it does not apply to --vectors")
+        if resume or labels is not None:
+            raise RetrieveError("--resume and --labels apply to embedding DATA, not to --vectors")
         check_can_build(index, overwrite, data)
         manifest = build_index_dir(index, read_vectors(vectors), index_cfg, overwrite=overwrite)
         skipped: list[Skipped] = []
@@ -75,7 +111,7 @@ def index_build(
             check_can_build(index, overwrite, data)  # before the expensive embedding
         loaded = load_encoder(spec, pre)
         manifest, skipped, resumed = build_index_streaming(
-            data, loaded, index, index_cfg, batch_size, workers, gpu, not quiet, overwrite, resume
+            data, loaded, index, index_cfg, batch_size, workers, gpu, not quiet, overwrite, resume, labels=labels
         )
     report_skipped(skipped)
     print(
@@ -87,21 +123,54 @@ def index_build(
 
 
 def index_add(
-    data: Path = typer.Argument(..., help="dataset folder or manifest with the new images"),
+    data: Path | None = typer.Argument(None, help="dataset folder or manifest with the new images"),
     index: Path = typer.Option(..., "--index", "-i"),
     batch_size: int = opt.BatchSize,
     workers: int | None = opt.Workers,
     gpu: bool = opt.Gpu,
     quiet: bool = opt.Quiet,
     replace: bool = typer.Option(False, "--replace", help="re-embed images already indexed and replace them"),
+    dicomweb: str | None = pacs.Dicomweb,
+    study: list[str] = pacs.Study,
+    modality: str | None = pacs.Modality,
+    since: str | None = pacs.Since,
+    body_part: str | None = pacs.BodyPart,
+    dicomweb_auth: Path | None = pacs.Auth,
+    commit_every: int | None = pacs.CommitEvery,
+    viewer_url: str | None = pacs.ViewerUrl,
+    insecure: bool = pacs.Insecure,
 ):
-    """Append new images to an index with its own encoder, without a rebuild."""
+    """Append new images to an index with its own encoder, without a rebuild (--dicomweb: sync a PACS)."""
     from indexer.index_dir import add_to_index_dir, read_manifest
     from retrieval.pipeline import embed_dataset, encoder_for_index, report_skipped
+    from retrieval.relocate import rows_for_index
 
+    if dicomweb is not None:
+        if data is not None or replace:
+            raise RetrieveError("--dicomweb syncs a server: leave out DATA and --replace")
+        pacs.sync(
+            dicomweb,
+            index,
+            create=False,
+            studies=study,
+            modality=modality,
+            since=since,
+            body_part=body_part,
+            auth=dicomweb_auth,
+            commit_every=commit_every,
+            viewer_url=viewer_url,
+            insecure=insecure,
+            quiet=quiet,
+            batch_size=batch_size,
+            gpu=gpu,
+        )
+        return
+    if data is None:
+        raise RetrieveError("missing DATA (a dataset folder or manifest) or --dicomweb URL")
     m = read_manifest(index)
     loaded = encoder_for_index(m.fingerprint, m.encoder_spec, f"--index {index}")
     vs, skipped = embed_dataset(data, loaded, batch_size, workers, gpu, not quiet)
+    vs.rows = rows_for_index(vs.rows, index)  # paths relative to the index's data root, so it stays relocatable
     manifest, added = add_to_index_dir(index, vs, replace=replace)
     report_skipped(skipped)
     print(

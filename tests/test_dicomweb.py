@@ -501,3 +501,81 @@ def test_cli_bad_url_and_server_down_exit_2(orthanc, tmp_path: Path, capsys, mon
     assert_one_line_error(err, "--since")
     assert "Wr0ng" not in err
     assert not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+
+
+class _FlakyProxy:
+    """A real HTTP server in front of Orthanc that answers 503 to the first `failures` requests."""
+
+    def __init__(self, target: str, failures: int):
+        import http.server
+        import threading
+        import urllib.request
+
+        outer = self
+        self.failures, self.seen = failures, 0
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (the http.server API)
+                outer.seen += 1
+                if outer.seen <= outer.failures:
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                req = urllib.request.Request(target + self.path, headers={"Accept": self.headers.get("Accept", "*/*")})
+                if self.headers.get("Authorization"):
+                    req.add_header("Authorization", self.headers["Authorization"])
+                with urllib.request.urlopen(req, timeout=30) as resp:
+                    body = resp.read()
+                    self.send_response(resp.status)
+                    self.send_header("Content-Type", resp.headers.get("Content-Type", "application/octet-stream"))
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@needs_orthanc
+def test_busy_answers_are_retried_with_backoff(orthanc) -> None:
+    import time
+
+    proxy = _FlakyProxy(orthanc.base, failures=2)
+    env = {USER_ENV: USER, PASSWORD_ENV: PASSWORD}
+    try:
+        with DicomWebSource(server_config(proxy.url + "/dicom-web", env=env, retries=3, backoff=0.2)) as src:
+            t = time.perf_counter()
+            found = src.search(Filters(modality="CT"))
+            waited = time.perf_counter() - t
+        assert sorted(r.sop_uid for r in found) == sorted(expected(modality="CT"))
+        assert proxy.seen > 2 and waited >= 0.2  # two 503s, then backoff before the retry that succeeds
+        proxy.seen, proxy.failures = 0, 10
+        with DicomWebSource(server_config(proxy.url + "/dicom-web", env=env, retries=2, backoff=0.01)) as src:
+            with pytest.raises(ServerUnreachable, match="HTTP 503"):
+                src.search(Filters())
+        assert proxy.seen == 3  # the first try and two retries
+    finally:
+        proxy.close()
+
+
+def test_a_server_that_never_answers_times_out() -> None:
+    import socket
+    import time
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}/dicom-web"
+        t = time.perf_counter()
+        with pytest.raises(ServerUnreachable, match="cannot reach the server"):
+            DicomWebSource(server_config(url, env={}, timeout=0.3, retries=1, backoff=0.01)).check()
+        assert time.perf_counter() - t < 5

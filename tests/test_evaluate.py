@@ -257,3 +257,26 @@ def test_pr_plot_draws_the_chance_line(toy, tmp_path, monkeypatch):
     chance = [label for label in drawn if label.startswith("chance")]
     assert len(chance) == 1 and "share of" in chance[0] and "relevant images" in chance[0]
     assert np.allclose(drawn[chance[0]], res["pr_curve"]["chance_precision"])
+
+
+@pytest.mark.slow
+def test_eval_cli_report_has_the_vote_confusion(tmp_path, capsys, demo_index):
+    """`retrieve eval --report` writes confusion.png and the table; the counts add up to the vote's accuracy."""
+    from conftest import run_cli
+    from PIL import Image
+
+    out_json, report = tmp_path / "eval.json", tmp_path / "report"
+    code, out, err = run_cli(capsys, "eval", "--index", demo_index, "--json", out_json, "--report", report, "--quiet")
+    assert code == 0, err
+    res = __import__("json").loads(out_json.read_text())
+    conf = res["vote_confusion"]
+    counts = np.array(conf["counts"])
+    assert conf["labels"] == ["mild", "moderate", "normal", "severe"]
+    assert counts.sum() == res["overall"]["n_vote_queries"] == 24
+    assert np.trace(counts) / counts.sum() == pytest.approx(res["overall"]["knn_accuracy"])
+    assert counts.sum(axis=1).tolist() == [6, 6, 6, 6]  # every labelled image queries once
+    # 4 grades x 2 patients x 3 frames, own patient left out: 3 relevant images in a gallery of 21
+    assert res["pr_curve"]["chance_precision"] == pytest.approx(3 / 21, abs=1e-5)
+    with Image.open(report / "confusion.png") as im:
+        assert im.format == "PNG"
+    assert "kNN vote confusion" in out and "confusion.png" in err + out

@@ -23,6 +23,7 @@ from retrieval.cli import (
     serve_cmd,
     suggest_cmd,
     train_cmd,
+    tune_cmd,
     ui_cmd,
 )
 from retrieval.cli.logs import setup_logging
@@ -48,6 +49,7 @@ index_app.command("compact")(index_cmd.index_compact)
 index_app.command("info")(index_cmd.index_info)
 index_app.command("verify")(index_cmd.index_verify)
 index_app.command("relocate")(relocate_cmd.index_relocate)
+index_app.command("tune")(tune_cmd.index_tune)
 app.command("query")(query_cmd.query)
 app.command("serve")(serve_cmd.serve)
 app.command("eval")(eval_cmd.evaluate_cmd)

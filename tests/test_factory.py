@@ -1,5 +1,7 @@
 """Any faiss.index_factory string as --kind: stable ids, filters, removal, compact; rejected strings change nothing."""
 
+import json
+
 import faiss
 import numpy as np
 import pandas as pd
@@ -164,3 +166,13 @@ def test_planned_search_device(monkeypatch):
     assert fi.planned_search_device({"factory": "PCA16,IVF16,Flat"}, DIM) == "cpu"
     assert fi.planned_search_device({"factory": "IVF16,Flat"}, DIM, use_gpu=False) == "cpu"
     assert fi.planned_search_device({}, DIM) == "cpu"  # an index from before factory strings
+
+
+@pytest.mark.slow
+def test_query_json_says_where_it_searched(capsys, demo_data, demo_index):
+    from conftest import run_cli
+
+    img = sorted((demo_data / "normal").iterdir())[0]
+    code, out, err = run_cli(capsys, "query", img, "--index", demo_index, "--k", "3", "--json")
+    assert code == 0, err
+    assert json.loads(out)["search_device"] == "cpu"  # no GPU here (the GPU path is untested)

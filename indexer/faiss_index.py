@@ -40,6 +40,9 @@ __all__ = [
 ]
 
 INDEX_KINDS = KINDS  # the named kinds (shorthands for factory strings)
+# FAISS's Python objects take no new attributes, so these hold the index itself (which also keeps its id unique)
+_TRAIN_ON_GPU: dict[int, faiss.Index] = {}  # new indexes whose IVF k-means runs on the GPUs
+_CPU_TWINS: dict[int, tuple[faiss.Index, faiss.Index]] = {}  # id(GPU index) -> (GPU index, its CPU original)
 CHECK_DIM = 1280  # the dimension a factory string is checked against when the vectors' is not known yet
 
 
@@ -134,6 +137,8 @@ def new_index(dim: int, n: int, kind: str, cfg: IndexConfig, use_gpu: bool) -> t
     params = {"factory": factory, **params}
     _apply_params(index, params)
     params["built_on"] = "gpu" if use_gpu and gpu_count() > 0 and ivf_of(index) is not None else "cpu"
+    if params["built_on"] == "gpu":
+        _TRAIN_ON_GPU[id(index)] = index  # read by fill_index (streaming builds call it without use_gpu)
     params["removal"] = "faiss" if _can_remove(index) else "tombstone"
     return index, resolved, params
 
@@ -160,13 +165,16 @@ def fill_index(
     index: faiss.Index,
     batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
     sample: Callable[[], np.ndarray] | None = None,
-    use_gpu: bool = False,
+    use_gpu: bool | None = None,
 ) -> None:
-    """Train on `sample()` when the kind needs it, then add (vectors, ids) batch by batch."""
+    """Train on `sample()` when the kind needs it (IVF k-means on the GPUs where `new_index` chose them),
+    then add (vectors, ids) batch by batch."""
     if not index.is_trained:
         if sample is None:
             raise ValueError("this index kind needs training vectors")
-        _train(index, np.ascontiguousarray(sample(), dtype=np.float32), use_gpu)
+        on_gpu = id(index) in _TRAIN_ON_GPU if use_gpu is None else use_gpu
+        _train(index, np.ascontiguousarray(sample(), dtype=np.float32), on_gpu)
+    _TRAIN_ON_GPU.pop(id(index), None)
     for vectors, ids in batches():
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
 
@@ -300,6 +308,12 @@ def to_gpu(index: faiss.Index) -> faiss.Index:
     return faiss.index_cpu_to_all_gpus(index)
 
 
+def cpu_twin(index: faiss.Index) -> faiss.Index:
+    """The CPU original of an index `load_index` put on the GPUs (the index itself otherwise)."""
+    pair = _CPU_TWINS.get(id(index))
+    return pair[1] if pair is not None and pair[0] is index else index
+
+
 def to_cpu(index: faiss.Index) -> faiss.Index:
     if hasattr(faiss, "index_gpu_to_cpu") and search_device(index) != "cpu":
         return faiss.index_gpu_to_cpu(index)
@@ -345,9 +359,9 @@ def load_index(path: Path, use_gpu: bool, mmap: bool = False, params: dict[str, 
         _apply_params(index, params)
     if on_gpu:
         try:
-            gpu_index: Any = to_gpu(index)
-            if gpu_index is not index:
-                gpu_index.cpu_index = index  # filtered searches run here: GPU indexes take no IDSelector
+            gpu_index = to_gpu(index)
+            if gpu_index is not index:  # filtered searches run on the CPU original: GPU indexes take no IDSelector
+                _CPU_TWINS[id(gpu_index)] = (gpu_index, index)
             index = gpu_index
         except RuntimeError as exc:  # e.g. an index type without GPU support
             log.info("searching on CPU, the GPU refused this index (%s)", _faiss_message(exc))

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from indexer.errors import RetrieveError
-from indexer.faiss_index import search_device, search_parameters
+from indexer.faiss_index import cpu_twin, search_device, search_parameters
 from indexer.index_dir import IndexDir
 
 
@@ -99,7 +99,7 @@ def search(idx: IndexDir, queries: np.ndarray, k: int, allowed: np.ndarray | Non
     q = np.ascontiguousarray(queries, dtype=np.float32)
     index = idx.index
     if selector is not None and search_device(index) != "cpu":  # GPU indexes take no IDSelector
-        index = getattr(index, "cpu_index", index)
+        index = cpu_twin(index)
     idx.search_device = search_device(index)
     sp = search_parameters(index, k, params, selector)
     # faiss.contrib.torch_utils (imported by e.g. pytorch-metric-learning) swaps Index.search process-wide

@@ -176,3 +176,32 @@ def test_query_json_says_where_it_searched(capsys, demo_data, demo_index):
     code, out, err = run_cli(capsys, "query", img, "--index", demo_index, "--k", "3", "--json")
     assert code == 0, err
     assert json.loads(out)["search_device"] == "cpu"  # no GPU here (the GPU path is untested)
+
+
+def test_gpu_plumbing_with_a_simulated_gpu(tmp_path, monkeypatch):
+    """The GPU code path's bookkeeping, with faiss's GPU cloner replaced by a CPU copy (no GPU here): IVF
+    k-means goes through the cloned quantizer, a streaming-style fill_index (no use_gpu) follows new_index's
+    choice, and a loaded "GPU" index keeps its CPU original for filtered searches."""
+    import indexer.faiss_index as fi
+
+    cloned = []
+
+    def fake_all_gpus(index, *a, **k):
+        cloned.append(type(faiss.downcast_index(index)).__name__)
+        return faiss.clone_index(index)
+
+    monkeypatch.setattr(fi, "gpu_count", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_all_gpus", fake_all_gpus)
+    x = clustered(2000)
+    index, _, params = fi.new_index(DIM, len(x), "IVF16,Flat", IndexConfig(), use_gpu=True)
+    assert params["built_on"] == "gpu"
+    fi.fill_index(index, lambda: [(x, np.arange(len(x)))], sample=lambda: x)  # as streaming.py calls it
+    assert cloned == ["IndexFlatIP"]  # the k-means assignment index went to the "GPUs"
+    assert faiss.extract_index_ivf(index).clustering_index is None and index.ntotal == 2000
+    path = tmp_path / "i.faiss"
+    fi.save_index(index, path)
+    loaded = fi.load_index(path, use_gpu=True, mmap=True)
+    assert cloned[-1] == "IndexIVFFlat" and fi.cpu_twin(loaded) is not loaded
+    assert fi.cpu_twin(fi.cpu_twin(loaded)) is fi.cpu_twin(loaded)
+    hnsw, _, params = fi.new_index(DIM, 100, "hnsw", IndexConfig(), use_gpu=True)
+    assert params["built_on"] == "cpu"  # no GPU HNSW

@@ -292,6 +292,11 @@ def test_credentials_refused_in_one_line(orthanc) -> None:
         DicomWebSource(server_config(orthanc.dicomweb, env={}, retries=0)).check()
     msg = str(err.value)
     assert "HTTP 401" in msg and USER_ENV in msg and "\n" not in msg
+    in_url = orthanc.dicomweb.replace("http://", f"http://{USER}:{PASSWORD}@")
+    cfg = server_config(in_url, env={}, retries=0)
+    assert cfg.url == orthanc.dicomweb and PASSWORD not in repr(cfg)
+    with DicomWebSource(cfg) as src:
+        src.check()  # user:password@ in the URL becomes basic authentication
     bad = {USER_ENV: USER, PASSWORD_ENV: "wrong-Pa55"}
     with pytest.raises(ServerUnreachable, match="credentials were refused") as err:
         DicomWebSource(server_config(orthanc.dicomweb, env=bad, retries=0)).check()

@@ -5,7 +5,9 @@ token) on a free 127.0.0.1 port and talks to nothing else. Bounded: at most --re
 level (or --total split over the levels) and --max-seconds per level. Every answer is checked (HTTP 200
 and k results); anything else counts as an error. Baselines measured in the same run: the same query
 as a direct library call in this process (encoder loaded once, no HTTP), and GET /health at 8 clients
-(HTTP alone, no model).
+(HTTP alone, no model). The server inherits this process's environment: set OMP_NUM_THREADS to give
+both the same torch threads (on a busy 2-core machine 2 threads spin against other jobs and one query
+can take 15x longer than with 1).
 
     python benchmarks/serve_load.py [--index retrieve-demo/index] [--images retrieve-demo/data]
         [--levels 1,8,32] [--requests 200 | --total 10000] [--max-seconds 600] [--out FILE.json]
@@ -65,6 +67,12 @@ def library_baseline(index: Path, files: list[Path], k: int, repeats: int) -> di
         if j:  # the first call warms up
             times.append(time.perf_counter() - t0)
     return summary(times, repeats, {}, sum(times), concurrency=1)
+
+
+def torch_threads() -> int:
+    import torch
+
+    return int(torch.get_num_threads())
 
 
 def summary(latencies: list[float], requests: int, errors: Counter, wall: float, concurrency: int) -> dict:
@@ -199,6 +207,7 @@ def main() -> None:
     images = [(p.name, p.read_bytes()) for p in files]
 
     t = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
     base = library_baseline(args.index, files, args.k, args.baseline_repeats)
     print(f"library baseline: p50 {base['p50_ms']} ms over {args.baseline_repeats} queries", flush=True)
 
@@ -242,6 +251,10 @@ def main() -> None:
         },
         "machine": {
             "cpus": os.cpu_count(),
+            "load_average_at_start": load_start,
+            "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+            "torch_threads": torch_threads(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "platform": platform.platform(),
             "python": platform.python_version(),
             "nice": os.nice(0),

@@ -29,16 +29,21 @@ def _without_names(d: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in d.items() if not is_person_name_column(k)}
 
 
-def result_json(result: QueryResult) -> dict[str, Any]:
-    """One query's answer: {"query", "results": [{rank, id, path, label, patient_id, score, ...}], "vote"}."""
+def result_json(result: QueryResult, search_device: str | None = None) -> dict[str, Any]:
+    """One query's answer: {"query", "results": [{rank, id, path, label, patient_id, score, ...}], "vote",
+    and "search_device" (cpu, gpu:N) where given}."""
     out = result.to_dict()
     out["results"] = [_without_names(r) for r in out["results"]]
+    if search_device is not None:
+        out["search_device"] = search_device
     return out
 
 
-def query_payload(results: list[QueryResult], n_inputs: int) -> dict[str, Any] | list[dict[str, Any]]:
+def query_payload(
+    results: list[QueryResult], n_inputs: int, search_device: str | None = None
+) -> dict[str, Any] | list[dict[str, Any]]:
     """What `retrieve query --json` prints: one object for one still image, else a list (one per frame/file)."""
-    payload = [result_json(r) for r in results]
+    payload = [result_json(r, search_device) for r in results]
     return payload[0] if n_inputs == 1 and len(payload) == 1 else payload
 
 

@@ -123,6 +123,40 @@ def test_query_answers_with_the_cli_json(server, served, capsys):
     assert_alive(server)
 
 
+def test_cases_and_a_moved_data_root_answer_as_the_cli(served, tmp_path, capsys):
+    """--group-by and --data-root: the server passes them to the same call, so the JSON stays the CLI's."""
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    moved = tmp_path / "moved"
+    shutil.copytree(served / "data", moved)
+    engine = load_engine(served / "index", moved, use_gpu=False)
+    client = TestClient(create_app(engine, ServeConfig(served / "index", data_root=moved)))
+    img = served / "data" / "dark" / "d3.png"
+    args = ["query", img, "--index", served / "index", "--k", "4", "--json", "--data-root", moved]
+    for extra, fields in (
+        ([], {}),
+        (["--group-by", "patient", "--agg", "mean"], {"group_by": "patient", "agg": "mean"}),
+    ):
+        code, out, _ = run_cli(capsys, *args, *extra)
+        assert code == 0
+        cli = json.loads(out)
+        r = client.post("/query", files={"file": ("d3.png", img.read_bytes())}, data={"k": "4", **fields})
+        assert r.status_code == 200, r.text
+        assert {**r.json(), "query": None} == {**cli, "query": None}
+        assert all(x["path"].startswith(str(moved.resolve())) for x in cli["results"])
+    assert client.get("/items/bright/b0.png").json()["path"] == str(moved.resolve() / "bright" / "b0.png")
+    (served / "data" / "bright" / "b0.png").rename(served / "data" / "bright" / "b0.moved")
+    try:  # the thumbnail is read from the data root given, not from where the index was built
+        assert client.get("/items/bright/b0.png/thumbnail").status_code == 200
+    finally:
+        (served / "data" / "bright" / "b0.moved").rename(served / "data" / "bright" / "b0.png")
+    assert_clean_error(
+        client.post("/query", files={"file": ("d3.png", img.read_bytes())}, data={"group_by": "ward"}), 400, "ward"
+    )
+
+
 def test_include_self_keeps_the_indexed_image(server, served):
     img = served / "data" / "bright" / "b2.png"
     api = _post(server, "b2.png", img.read_bytes(), k="3", include_self="true").json()
@@ -392,9 +426,9 @@ def test_locate_checks_the_resolved_path(engine, served):
 
 
 def test_a_data_root_without_the_files_is_an_error(served, tmp_path):
-    with pytest.raises(RetrieveError, match="holds none of the indexed files"):
+    with pytest.raises(RetrieveError, match="does not hold the indexed files"):
         load_engine(served / "index", tmp_path, use_gpu=False)
-    with pytest.raises(RetrieveError, match="not a folder"):
+    with pytest.raises(RetrieveError, match="no such folder"):
         load_engine(served / "index", tmp_path / "nope", use_gpu=False)
 
 
@@ -472,7 +506,7 @@ def test_serve_command_refuses_unsafe_settings_in_one_line(served, capsys, monke
         (["--host", "0.0.0.0", "--token-env", "RETRIEVE_TEST_TOKEN", "--insecure-no-auth"], "one or the other"),
         (["--token-env", "RETRIEVE_NO_SUCH_VARIABLE"], "not set"),
         (["--cors-origin", "*"], "--cors-origin"),
-        (["--data-root", str(served / "nope")], "not a folder"),
+        (["--data-root", str(served / "nope")], "no such folder"),
     ]
     for extra, needle in bad:
         code, _, err = run_cli(capsys, "serve", "--index", index, *extra)

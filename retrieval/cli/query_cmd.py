@@ -125,7 +125,7 @@ def query(
         write_results(table, out)
         print(f"{len(results)} queries, {len(table)} rows -> {out}")
     elif as_json:
-        payload = [{**result_json(r), "search_device": idx.search_device} for r in results]  # as `retrieve serve`
+        payload = [result_json(r, idx.search_device) for r in results]  # the JSON `retrieve serve` answers with
         print(
             json.dumps(payload[0] if len(images) == 1 and len(payload) == 1 and source is None else payload, indent=2)
         )

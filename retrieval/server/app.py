@@ -88,6 +88,8 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         exclude_patient: Annotated[list[str], Form(description="leave out this patient's images")] = [],  # noqa: B006
         include_self: Annotated[bool, Form(description="keep the query image itself if it is indexed")] = False,
         vote: Annotated[str, Form(description="majority or similarity")] = "majority",
+        group_by: Annotated[str | None, Form(description="answer with cases: study, series or patient")] = None,
+        agg: Annotated[str, Form(description="a case's score from its images': max or mean")] = "max",
     ) -> Any:
         name = clean_name(file.filename)
         kind = sniff_kind(file.file.read(132))
@@ -99,7 +101,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             with open(path, "wb") as out:
                 shutil.copyfileobj(file.file, out)
             check_header(path, kind, name)
-            return engine.query(path, name, k, exclude_patient, where, vote, include_self)
+            return engine.query(path, name, k, exclude_patient, where, vote, include_self, group_by or None, agg)
 
     @app.get("/items/{item_id:path}/thumbnail", summary="An indexed image as PNG", response_class=Response)
     def thumbnail(item_id: str, size: Annotated[int, Query(ge=16, le=THUMBNAIL_MAX_SIDE)] = 256) -> Response:

@@ -17,9 +17,11 @@ from PIL import Image
 
 from indexer.index_dir import IndexDir, open_index_dir, read_manifest
 from indexer.search import parse_where
+from retrieval.cases import case_column, check_aggregation
 from retrieval.data.imageio import read_frame
 from retrieval.errors import RetrieveError, UnreadableImageError
 from retrieval.pipeline import LoadedEncoder, encoder_for_index, query_files
+from retrieval.relocate import resolve_data_root, resolve_paths
 from retrieval.results import item_json, query_payload
 from retrieval.server.uploads import UploadError, unreadable
 from retrieval.vote import VOTE_WEIGHTINGS
@@ -40,9 +42,9 @@ class Engine:
     idx: IndexDir
     loaded: LoadedEncoder
     ids: dict[str, int]  # item id -> row id
-    original_root: Path  # the folder the indexed paths were recorded under
-    data_root: Path  # where those files are now (resolved); nothing outside it is ever read
+    data_root: Path  # where the indexed files are now (resolved); nothing outside it is ever read
     lock: threading.Lock  # one query at a time through the encoder and the shard readers
+    data_root_option: Path | None = None  # the operator's --data-root, passed on as `retrieve query` does
 
     @property
     def count(self) -> int:
@@ -57,42 +59,53 @@ class Engine:
         where: Sequence[str] = (),
         vote: str = "majority",
         include_self: bool = False,
+        group_by: str | None = None,
+        agg: str = "max",
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """The same call and the same JSON as `retrieve query --json` for this one file."""
         if vote not in VOTE_WEIGHTINGS:
             raise RetrieveError(f"vote {vote}: choose one of {', '.join(VOTE_WEIGHTINGS)}")
+        if group_by is not None:
+            case_column(group_by)
+        check_aggregation(agg)
         if k > self.count:
             raise RetrieveError(f"k {k}: larger than the {self.count} images in the index")
         conditions = parse_where(list(where))
         with self.lock:
             results, errors = query_files(
-                self.idx, self.loaded, [str(upload)], k, list(exclude_patients), conditions, vote, include_self
+                self.idx,
+                self.loaded,
+                [str(upload)],
+                k,
+                list(exclude_patients),
+                conditions,
+                vote,
+                include_self,
+                group_by=group_by,
+                agg=agg,
+                data_root=self.data_root_option,
             )
+            device = self.idx.search_device
         if errors:
             raise unreadable(errors[0], upload, name)
         named = [replace(r, query=r.query.replace(str(upload), name, 1)) for r in results]
-        return query_payload(named, 1)
+        return query_payload(named, 1, device)
 
     def row(self, item_id: str) -> dict[str, Any]:
+        """The item's row, its path where the file is now (under the data root, for a relocatable index)."""
         row_id = self.ids.get(item_id)
         if row_id is None:
             raise NotFound(f"no item {item_id!r} in the index")
         with self.lock:
             rows = self.idx.fetch([row_id])
-        return rows.to_dict("records")[0]
+        return resolve_paths(rows, self.data_root).to_dict("records")[0]
 
     def item(self, item_id: str) -> dict[str, Any]:
         return item_json(self.row(item_id))
 
     def locate(self, stored: str) -> Path:
         """An indexed path as a file under the data root; Forbidden for anything that would leave it."""
-        p = Path(stored)
-        if p.is_absolute() and not p.is_relative_to(self.data_root):
-            try:  # recorded under the original root, now under the data root (moved or mounted elsewhere)
-                p = p.relative_to(self.original_root)
-            except ValueError:
-                raise Forbidden("the item's file lies outside the data root") from None
-        target = self.data_root / p  # an absolute p replaces the root: it was checked to lie under it
+        target = self.data_root / stored  # an absolute path stays as it is; the resolved file is checked
         try:
             real = target.resolve(strict=True)  # symlinks followed: where the bytes really are
         except (OSError, RuntimeError):
@@ -117,10 +130,8 @@ class Engine:
         return out.getvalue()
 
 
-def _original_root(idx: IndexDir, paths: pd.Series) -> Path:
-    recorded = getattr(idx.manifest, "data_root", None)  # relocatable indexes record it
-    if recorded:
-        return Path(str(recorded))
+def _common_folder(idx: IndexDir, paths: pd.Series) -> Path:
+    """An index that records no data root (built before relocatable indexes): its files' common folder."""
     absolute = [str(Path(p).parent) for p in paths.astype(str).unique() if os.path.isabs(p)]
     return Path(os.path.commonpath(absolute)) if absolute else idx.path.parent
 
@@ -132,32 +143,13 @@ def load_engine(index: Path, data_root: Path | None = None, use_gpu: bool = True
     idx = open_index_dir(index, use_gpu=use_gpu)
     table = idx.read_columns(["id", "path"])
     ids = dict(zip(table["id"].astype(str), (int(i) for i in idx.live_ids)))
-    original = _original_root(idx, table["path"])
-    root = (data_root or original).expanduser().resolve()
-    if data_root is not None and not root.is_dir():
-        raise RetrieveError(f"--data-root {data_root}: not a folder")
+    recorded = resolve_data_root(idx, data_root)  # a given --data-root must hold the files (one-line error)
+    root = (recorded or _common_folder(idx, table["path"])).resolve()
     if root == Path(root.anchor):
         raise RetrieveError(
-            f"--index {index}: the indexed files share no folder below {root}; give --data-root, the folder "
-            "that holds them (the server reads no file outside it)"
+            f"--index {index}: the indexed files share no folder below {root}; rebuild the index from the "
+            "folder that holds them (the server reads no file outside its data root)"
         )
-    engine = Engine(idx, loaded, ids, original, root, threading.Lock())
-    _check_holds_files(engine, table["path"], data_root)
+    engine = Engine(idx, loaded, ids, root, threading.Lock(), data_root)
     log.info("serving %d images of %s; files read only under %s", idx.count, index, root)
     return engine
-
-
-def _check_holds_files(engine: Engine, paths: pd.Series, data_root: Path | None, sample: int = 20) -> None:
-    """A --data-root that holds none of a sample of the indexed files is a mistake: say so at start."""
-    picked = paths.astype(str).drop_duplicates().head(sample)
-    found = 0
-    for p in picked:
-        try:
-            engine.locate(p)
-            found += 1
-        except RetrieveError:
-            continue
-    if len(picked) and not found:
-        if data_root is not None:
-            raise RetrieveError(f"--data-root {data_root}: holds none of the indexed files (first: {picked.iloc[0]})")
-        log.warning("the data root %s holds none of the indexed files: no thumbnails (--data-root)", engine.data_root)

@@ -194,3 +194,10 @@ def test_index_without_labels_shows_no_vote(monkeypatch, demo_data, tmp_path):
     assert any(i.value.startswith("no labels") for i in at.main.info)
     cards = _cards(at)
     assert len(cards) == 8 and all(c[2] is None for c in cards)  # no label on the cards
+
+
+def test_data_root_that_does_not_hold_the_files_is_a_message(monkeypatch, tmp_path, demo_index):
+    monkeypatch.setenv("RETRIEVE_DATA_ROOT", str(tmp_path))
+    at = _app(monkeypatch, demo_index)
+    assert at.error and "Cannot open this index" in at.error[0].value
+    assert "does not hold the indexed files" in at.error[0].value

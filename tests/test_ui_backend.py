@@ -233,3 +233,24 @@ def test_retrieve_ui_refuses_a_missing_index(capsys, tmp_path):
     code, _, err = run_cli(capsys, "ui", "--index", tmp_path / "nowhere")
     assert code == 2
     assert_one_line_error(err, "nowhere")
+
+
+def test_data_moved_without_the_index(demo_index, demo_data, tmp_path):
+    """--data-root: the browser shows the files where they are now; a folder without them is an error."""
+    import shutil
+
+    from ui.backend import load_image
+
+    moved = tmp_path / "moved"
+    shutil.copytree(demo_data, moved)
+    s = open_session(demo_index, data_root=moved)
+    assert s.root == moved.resolve()
+    assert all(str(p).startswith(str(moved.resolve())) for p in s.rows["path"])
+    ans = query_indexed(s, 3, k=4)
+    paths = ans.result.rows["path"].astype(str).tolist()
+    assert len(paths) == 4 and all(p.startswith(str(moved.resolve())) for p in paths)
+    assert load_image(paths[0], None, 64).shape[0] <= 64
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RetrieveError, match="does not hold the indexed files"):
+        open_session(demo_index, data_root=empty)

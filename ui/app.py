@@ -44,9 +44,17 @@ def index_argument() -> Path:
     return Path(args.index or os.environ.get("RETRIEVE_INDEX") or DEFAULT_INDEX)
 
 
+def data_root_argument() -> str | None:
+    """Where the indexed files are now, when they moved without the index (`-- --data-root DIR`)."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--data-root", default=None)
+    args, _ = parser.parse_known_args(sys.argv[1:])
+    return args.data_root or os.environ.get("RETRIEVE_DATA_ROOT") or None
+
+
 @st.cache_resource(show_spinner="Loading the index and its encoder ...")
-def get_session(index_dir: str, manifest_mtime: float) -> Session:
-    return open_session(index_dir)
+def get_session(index_dir: str, data_root: str | None, manifest_mtime: float) -> Session:
+    return open_session(index_dir, data_root)
 
 
 @st.cache_data(show_spinner=False, max_entries=4096)
@@ -71,8 +79,8 @@ def colour(session: Session) -> alt.Color:
 
 
 @st.cache_data(show_spinner="Computing the embedding map (once per index) ...")
-def get_map(index_dir: str, manifest_mtime: float) -> pd.DataFrame:
-    return load_or_compute_map(get_session(index_dir, manifest_mtime).idx)
+def get_map(index_dir: str, data_root: str | None, manifest_mtime: float) -> pd.DataFrame:
+    return load_or_compute_map(get_session(index_dir, data_root, manifest_mtime).idx)
 
 
 def text(v: object) -> str:
@@ -211,7 +219,7 @@ def result_grid(session: Session, answer: Answer, key: str) -> None:
 
 
 def embedding_map(index_dir: Path, mtime: float, session: Session, answer: Answer, query_position: int | None) -> None:
-    points = get_map(str(index_dir), mtime).copy()
+    points = get_map(str(index_dir), data_root_argument(), mtime).copy()
     rows = session.rows
     points["label"] = (
         rows["label"].astype("string").fillna("(unlabelled)").to_numpy()[points["position"]]
@@ -323,7 +331,7 @@ def main() -> None:
         st.stop()
     mtime = manifest.stat().st_mtime
     try:
-        session = get_session(str(index_dir), mtime)
+        session = get_session(str(index_dir), data_root_argument(), mtime)
     except RetrieveError as exc:
         st.error(f"Cannot open this index: {exc}")
         st.stop()

@@ -8,6 +8,7 @@ import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -30,21 +31,24 @@ from retrieval.pipeline import (
     has_labels,
     query_vectors,
 )
-from retrieval.relocate import REL_PATH
+from retrieval.relocate import REL_PATH, resolve_data_root, resolve_paths
 
 MAX_UPLOAD_MB = 50  # the same as `retrieve serve` (retrieval/server/config.py DEFAULT_MAX_UPLOAD_MB)
 
 
 @dataclass
 class Session:
-    """An opened index with the encoder that made it (proved identical by its fingerprint)."""
+    """An opened index with the encoder that made it (proved identical by its fingerprint), and where its
+    files are now (`root`: the --data-root given, or found as relocate.resolve_data_root finds it)."""
 
     idx: IndexDir
     encoder: LoadedEncoder
+    root: Path | None = None
 
-    @property
+    @cached_property
     def rows(self) -> pd.DataFrame:
-        return self.idx.rows
+        """The indexed rows, each `path` where the file is now."""
+        return resolve_paths(self.idx.rows, self.root)
 
     def metadata_columns(self) -> list[str]:
         return [c for c in self.rows.columns if c not in CORE_COLUMNS and c not in (CONTENT_HASH, REL_PATH)]
@@ -61,10 +65,13 @@ class Session:
         return label_colours(labels)
 
 
-def open_session(index_dir: str | Path) -> Session:
+def open_session(index_dir: str | Path, data_root: str | Path | None = None) -> Session:
+    """`data_root`: where the indexed files are now, when they moved without the index (must hold them)."""
     manifest = read_manifest(Path(index_dir))
+    idx = open_index_dir(index_dir)
+    root = resolve_data_root(idx, data_root)
     loaded = encoder_for_index(manifest.fingerprint, manifest.encoder_spec, f"index {index_dir}")
-    return Session(open_index_dir(index_dir), loaded)
+    return Session(idx, loaded, root)
 
 
 @dataclass
@@ -153,7 +160,15 @@ def query_frame(
     own = [] if include_self else own_positions(session, digest)
     k = max(1, min(k, len(session.rows) - len(own)))
     res = query_vectors(
-        session.idx, [name], vector, k, list(exclude_patients), list(where), vote, exclude_positions=own
+        session.idx,
+        [name],
+        vector,
+        k,
+        list(exclude_patients),
+        list(where),
+        vote,
+        exclude_positions=own,
+        data_root=session.root,
     )[0]
     return Answer(res, time.perf_counter() - t0)
 
@@ -184,6 +199,7 @@ def query_indexed(
         list(where),
         vote,
         exclude_positions=own,
+        data_root=session.root,
     )[0]
     return Answer(res, time.perf_counter() - t0)
 

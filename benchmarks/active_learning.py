@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--start-per-class", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--batch", type=int, default=None, help="labels per round (default: 2%% of the pool)")
-    ap.add_argument("--head-steps", type=int, default=300)
+    ap.add_argument("--head-steps", type=int, default=150)
+    ap.add_argument("--pca-dims", type=int, default=128, help="PCA of the features the head sits on (0: none)")
     ap.add_argument("--passes", type=int, default=20)
     ap.add_argument("--preset", default="supcon-cpu", help="training preset whose backbone and views are used")
     ap.add_argument("--views", type=int, default=None, help="augmented views (default: the preset's)")
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         batch=args.batch,
         head_steps=args.head_steps,
         passes=args.passes,
+        pca_dims=args.pca_dims or None,
     )
     results = []
     for data in args.data:

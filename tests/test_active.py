@@ -161,7 +161,7 @@ def test_simulation_loop_on_generated_data():
     clean = np.concatenate([rng.normal(0, 1, (n_per, 16)) + c for c in centres])
     views = np.stack([clean, clean + rng.normal(0, 0.1, clean.shape)])
     groups = np.arange(len(labels)) // 2  # pairs of images share a patient
-    settings = SimulationSettings(seeds=(0, 1), rounds=3, batch=5, head_steps=60, passes=5)
+    settings = SimulationSettings(seeds=(0, 1), rounds=3, batch=5, head_steps=60, passes=5, pca_dims=8)
     res = simulate_active_learning(torch.as_tensor(views, dtype=torch.float32), labels, groups, settings)
     assert set(res["curves"]) == {"entropy", "mc-dropout", "random"}
     for runs in res["curves"].values():

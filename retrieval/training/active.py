@@ -201,7 +201,8 @@ class SimulationSettings:
     test_folds: int = 5  # the held-out set is one fold of a grouped, stratified k-fold split
     k: int = 10  # kNN vote (entropy strategy)
     passes: int = 20  # MC-dropout passes
-    head_steps: int = 300
+    head_steps: int = 150
+    pca_dims: int | None = 128  # the head sits on a PCA of the features, fitted on the pool's clean views
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -224,8 +225,22 @@ def retrieval_scores(queries: np.ndarray, q_labels: np.ndarray, gallery: np.ndar
     return {"map": float(np.mean(aps)), "mrr": float(np.mean(rrs)), "p@1": float(np.mean(p1))}
 
 
+def _reduce(features: torch.Tensor, pool: np.ndarray, dims: int | None, seed: int) -> tuple[torch.Tensor, np.ndarray]:
+    """Features (V, N, D) projected on the first `dims` principal axes of the pool's clean views (no labels
+    read; a 10x smaller head, which is what makes the simulation fit a busy 2-core CPU), and their view 0."""
+    feats = features if features.dim() == 3 else features.unsqueeze(0)
+    if dims is not None and dims < feats.shape[2]:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=min(dims, len(pool)), random_state=seed).fit(feats[0, pool].numpy())
+        flat = pca.transform(feats.reshape(-1, feats.shape[2]).numpy()).astype(np.float32)
+        feats = torch.as_tensor(flat).reshape(feats.shape[0], feats.shape[1], -1)
+    return feats, feats[0].numpy()
+
+
 def _acquire(
     strategy: str,
+    raw_clean: np.ndarray,
     clean: np.ndarray,
     pool: np.ndarray,
     labelled: np.ndarray,
@@ -243,7 +258,7 @@ def _acquire(
         sub = np.concatenate([pool[labelled[pool]], rest])
         mask = np.zeros(len(sub), bool)
         mask[: labelled[pool].sum()] = True
-        return vote_entropy(clean[sub], mask, labels[sub[mask]], settings.k)[~mask]
+        return vote_entropy(raw_clean[sub], mask, labels[sub[mask]], settings.k)[~mask]
     probs = mc_dropout_probs(head, torch.as_tensor(clean[rest]), settings.passes, seed)
     return mc_dropout_scores(probs)[0]
 
@@ -280,12 +295,14 @@ def _simulate(
     if len(classes) < 2:
         raise RetrieveError("active-learning simulation needs labels of at least two classes")
     feats = features if features.dim() == 3 else features.unsqueeze(0)
-    clean = feats[0].numpy()
+    raw_clean = feats[0].numpy()  # the kNN vote of `entropy` runs on the features as they are
     curves: dict[str, list[list[dict[str, float]]]] = {s: [] for s in settings.strategies}
     ceiling: list[dict[str, float]] = []
     t0 = time.perf_counter()
 
-    def score(head: DropoutHead, pool: np.ndarray, test: np.ndarray, labelled: np.ndarray) -> dict[str, float]:
+    def score(
+        head: DropoutHead, clean: np.ndarray, pool: np.ndarray, test: np.ndarray, labelled: np.ndarray
+    ) -> dict[str, float]:
         emb_test, emb_pool = head.embed(torch.as_tensor(clean[test])), head.embed(torch.as_tensor(clean[pool]))
         out = retrieval_scores(emb_test, labels[test], emb_pool, labels[pool])
         pred = head(torch.as_tensor(clean[test])).argmax(1).detach().numpy()
@@ -299,6 +316,7 @@ def _simulate(
     for seed in settings.seeds:
         split = StratifiedGroupKFold(n_splits=settings.test_folds, shuffle=True, random_state=seed)
         pool, test = next(split.split(np.zeros(len(labels)), labels, groups))
+        feats, clean = _reduce(features, pool, settings.pca_dims, seed)
         batch = settings.batch or max(1, math.ceil(0.02 * len(pool)))
         rng = np.random.default_rng(seed)
         start = np.zeros(len(labels), bool)
@@ -314,11 +332,13 @@ def _simulate(
                 head = train_dropout_head(
                     feats[:, lab], codes[lab], len(classes), seed=seed * 1000 + r, steps=settings.head_steps
                 )
-                points.append(score(head, pool, test, labelled))
+                points.append(score(head, clean, pool, test, labelled))
                 rest = pool[~labelled[pool]]
                 if r == settings.rounds or not len(rest):
                     break
-                gain = _acquire(strategy, clean, pool, labelled, labels, head, settings, srng, seed * 1000 + r)
+                gain = _acquire(
+                    strategy, raw_clean, clean, pool, labelled, labels, head, settings, srng, seed * 1000 + r
+                )
                 labelled[rest[np.argsort(-gain, kind="stable")[:batch]]] = True
             curves[strategy].append(points)
             log.info(
@@ -332,7 +352,7 @@ def _simulate(
         everything = np.zeros(len(labels), bool)
         everything[pool] = True
         head = train_dropout_head(feats[:, pool], codes[pool], len(classes), seed=seed, steps=settings.head_steps)
-        ceiling.append(score(head, pool, test, everything))
+        ceiling.append(score(head, clean, pool, test, everything))
     return {
         "settings": asdict(settings),
         "classes": classes.tolist(),

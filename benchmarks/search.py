@@ -141,11 +141,11 @@ def qps_at_target(points: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def run_faiss(method: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, tq: np.ndarray, tt: np.ndarray):
-    import faiss
 
     from indexer.config import IndexConfig
-    from indexer.faiss_index import build_index, inner, search_parameters
+    from indexer.faiss_index import build_index, search_parameters
     from indexer.kinds import choose_kind
+    from indexer.tune import parameter_space
 
     kind = choose_kind(len(x)) if method == "auto" else method
     t0 = clock()
@@ -164,8 +164,7 @@ def run_faiss(method: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, tq: 
     if method == "flat":
         default.update(sgemm(x, q))
     sweep = []
-    space = faiss.ParameterSpace()
-    space.initialize(inner(index))
+    space = parameter_space(index)  # as `index tune` sweeps it (the polysemous threshold ht left out)
     names = [space.combination_name(c) for c in range(space.n_combinations())]
     if resolved == "hnsw":
         names = [f"efSearch={ef}" for ef in EF_SWEEP]

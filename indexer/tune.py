@@ -3,7 +3,8 @@
 A held-out sample of the index's own live vectors serves as queries (each query's own row is left out
 of both the truth and the results). The truth is exact inner product over every live row, computed
 shard by shard (memory bounded by one shard). The index's search settings (nprobe, efSearch, and for
-factory strings every knob `faiss.ParameterSpace` knows, e.g. quantizer_efSearch, ht) are swept from
+factory strings every knob `faiss.ParameterSpace` knows, e.g. quantizer_efSearch, but not the polysemous
+threshold ht) are swept from
 cheap to dear; settings dominated by one that already reaches the recall are skipped. The cheapest
 setting (lowest measured ms/query) that reaches the recall is written into the manifest's params in one
 atomic write under the write lock; queries apply it when they open the index. Where no setting reaches
@@ -111,10 +112,31 @@ def measure(idx: IndexDir, queries: np.ndarray, query_ids: np.ndarray, truth: np
     return Setting("", hits / (k * len(queries)), ms)
 
 
+SKIPPED_KNOBS = ("ht",)  # the polysemous Hamming threshold: its low values filter out almost every true neighbour
+
+
+def parameter_space(index: Any) -> Any:
+    """faiss.ParameterSpace of the index (through an id map), without the polysemous threshold `ht`."""
+    space: Any = faiss.ParameterSpace()
+    space.initialize(inner(index))  # initialize does not look inside an id map (set_index_parameters does)
+    ranges = []
+    for i in range(space.parameter_ranges.size()):
+        pr = space.parameter_ranges.at(i)  # a copy: read its values while it lives
+        ranges.append((pr.name, faiss.vector_to_array(pr.values).copy()))
+    space.parameter_ranges.clear()
+    for name, values in ranges:
+        if name in SKIPPED_KNOBS:
+            continue
+        pr = faiss.ParameterRange()
+        pr.name = name
+        faiss.copy_array_to_vector(np.asarray(values, dtype=np.float64), pr.values)
+        space.parameter_ranges.push_back(pr)
+    return space
+
+
 def sweep(idx: IndexDir, queries: np.ndarray, query_ids: np.ndarray, truth: np.ndarray, k: int, target: float):
     """Every ParameterSpace setting from cheap to dear, skipping those dominated by one reaching the target."""
-    space: Any = faiss.ParameterSpace()
-    space.initialize(inner(idx.index))  # initialize does not look inside an id map (set_index_parameters does)
+    space = parameter_space(idx.index)
     n = space.n_combinations()
     tried: list[Setting] = []
     reaching: list[int] = []

@@ -121,6 +121,7 @@ def test_unreachable_recall_stores_the_best_and_says_so(tmp_path):
     result = tune_index_dir(tmp_path / "ix", recall=1.0, sample=200)
     assert not result.reached
     assert result.chosen.recall == max(s.recall for s in result.tried) < 1.0
+    assert result.chosen.recall > 0.1 and not any("ht=" in s.name for s in result.tried)  # ht left out
     assert read_manifest(tmp_path / "ix").params["tuned"]["reached"] is False
 
 

@@ -6,7 +6,7 @@ distribution but are not in the index. In each cell, each method runs in a proce
 (peak memory = that process's VmHWM, which includes the cell's data, loaded once):
 
 - sklearn:  NearestNeighbors(algorithm="brute", metric="cosine"), the baseline for QPS
-- flat, hnsw, ivf, ivfpq: our kinds (indexer.faiss_index.build_index) at their default settings
+- flat, hnsw, ivf, ivfsq, ivfpq: our kinds (indexer.faiss_index.build_index) at their default settings
 - auto:     our `auto` kind for N, then tuned to recall@10 >= 0.95 on 500 tuning queries (as
             `retrieve index tune --recall 0.95` does), measured on the separate evaluation queries;
             where auto resolves to hnsw it shares the hnsw build (same index, same process)
@@ -54,7 +54,7 @@ N_TUNE = 500
 N_SINGLE = 200
 TARGET = 0.95
 EF_SWEEP = [16, 32, 64, 128, 256, 512, 1024]
-METHODS = ["sklearn", "flat", "hnsw", "ivf", "ivfpq", "auto", "hnswlib"]
+METHODS = ["sklearn", "flat", "hnsw", "ivf", "ivfsq", "ivfpq", "auto", "hnswlib"]
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = time.process_time  # set per run (--clock): CPU seconds of the whole process, or wall-clock seconds
 

@@ -6,6 +6,7 @@ parameters it was chosen with:
     flat   -> "Flat"                      exact inner product
     hnsw   -> "HNSW{M}"                   graph; efSearch from the recipe
     ivf    -> "IVF{nlist},Flat"           inverted lists; nlist ~ 4 sqrt(N), nprobe from the recipe
+    ivfsq  -> "IVF{nlist},SQ8"            inverted lists + 8-bit scalar quantisation (1 byte a dimension)
     ivfpq  -> "IVF{nlist},PQ{m}x{nbits}np"  inverted lists + product quantisation
 
 Any other `--kind` is taken as a factory string as it is ("OPQ64,IVF4096,PQ64", "PCA256,HNSW32"),
@@ -68,6 +69,12 @@ def _hnsw(dim: int, n: int, cfg: IndexConfig) -> tuple[str, dict[str, Any]]:
 def _ivf(dim: int, n: int, cfg: IndexConfig) -> tuple[str, dict[str, Any]]:
     nlist = nlist_for(n, cfg)
     return f"IVF{nlist},Flat", {"nlist": nlist, "nprobe": min(cfg.ivf_nprobe, nlist)}
+
+
+@register_kind("ivfsq")
+def _ivfsq(dim: int, n: int, cfg: IndexConfig) -> tuple[str, dict[str, Any]]:
+    nlist = nlist_for(n, cfg)
+    return f"IVF{nlist},SQ8", {"nlist": nlist, "nprobe": min(cfg.ivf_nprobe, nlist)}
 
 
 def pq_m_for(dim: int, cfg: IndexConfig) -> int:

@@ -103,7 +103,9 @@ def test_named_kinds_are_factory_shorthands():
     assert params["factory"] == "IVF16,Flat" and isinstance(index, faiss.IndexIVFFlat) and index.nprobe == 4
     index, _, params = build_index(x, "ivfpq", IndexConfig(ivf_nlist=16, pq_m=8), use_gpu=False)
     assert params["factory"] == f"IVF16,PQ8x{params['pq_nbits']}np" and isinstance(index, faiss.IndexIVFPQ)
-    assert set(INDEX_KINDS) >= {"flat", "hnsw", "ivf", "ivfpq"}
+    index, _, params = build_index(x, "ivfsq", IndexConfig(ivf_nlist=16), use_gpu=False)
+    assert params["factory"] == "IVF16,SQ8" and isinstance(index, faiss.IndexIVFScalarQuantizer)
+    assert set(INDEX_KINDS) >= {"flat", "hnsw", "ivf", "ivfsq", "ivfpq"}
 
 
 @pytest.mark.parametrize(

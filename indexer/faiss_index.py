@@ -232,10 +232,6 @@ def search_parameters(index: faiss.Index, k: int, params: dict[str, Any], select
     return sp
 
 
-def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
-    _apply_params(index, params)
-
-
 # --- GPU ------------------------------------------------------------------------------------------
 
 

@@ -12,9 +12,11 @@ from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrieval import __version__
+from retrieval.data.dicomweb import InstanceUnavailable, ServerUnreachable
 from retrieval.errors import RetrieveError
 from retrieval.server.config import MAX_K, THUMBNAIL_MAX_SIDE, ServeConfig
 from retrieval.server.engine import Engine, Forbidden, NotFound
@@ -24,7 +26,9 @@ from retrieval.server.uploads import SUFFIX_BY_KIND, UploadError, check_header, 
 log = logging.getLogger(__name__)
 
 DESCRIPTION = """Similar-case retrieval over one index. POST /query with an image (PNG, JPEG or DICOM) returns the
-same JSON as `retrieve query --json`. With an access token, every endpoint but /health needs
+same JSON as `retrieve query --json`; POST /query-by-reference does the same for an instance on the index's PACS,
+named by its study, series and instance UIDs (a viewer's "cases like the one on screen"). With an access token,
+every endpoint but /health needs
 `Authorization: Bearer <token>`. The suggested label is a vote of similar cases, not a diagnosis."""
 
 
@@ -40,6 +44,21 @@ def _one_line(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+class ReferenceQuery(BaseModel):
+    """An instance on the PACS the index was synced from, and the options of POST /query."""
+
+    study: str = Field(description="StudyInstanceUID", min_length=1, max_length=64)
+    series: str = Field(description="SeriesInstanceUID", min_length=1, max_length=64)
+    instance: str = Field(description="SOPInstanceUID", min_length=1, max_length=64)
+    k: int = Field(10, ge=1, le=MAX_K, description="number of similar cases")
+    where: list[str] = Field([], description="only candidates with COLUMN=VALUE")
+    exclude_patient: list[str] = Field([], description="leave out these patients' images")
+    include_self: bool = Field(False, description="keep the instance itself if it is indexed")
+    vote: str = Field("majority", description="majority or similarity")
+    group_by: str | None = Field(None, description="answer with cases: study, series or patient")
+    agg: str = Field("max", description="a case's score from its images': max or mean")
+
+
 def _handlers(app: FastAPI) -> None:
     @app.exception_handler(UploadError)
     async def _upload(_: Request, exc: UploadError) -> JSONResponse:
@@ -52,6 +71,14 @@ def _handlers(app: FastAPI) -> None:
     @app.exception_handler(Forbidden)
     async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
         return _error(403, str(exc))
+
+    @app.exception_handler(InstanceUnavailable)
+    async def _not_on_pacs(_: Request, exc: InstanceUnavailable) -> JSONResponse:
+        return _error(404, f"not on the PACS: {exc}")
+
+    @app.exception_handler(ServerUnreachable)
+    async def _pacs_down(_: Request, exc: ServerUnreachable) -> JSONResponse:
+        return _error(502, str(exc))
 
     @app.exception_handler(RetrieveError)
     async def _bad(_: Request, exc: RetrieveError) -> JSONResponse:
@@ -102,6 +129,25 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
                 shutil.copyfileobj(file.file, out)
             check_header(path, kind, name)
             return engine.query(path, name, k, exclude_patient, where, vote, include_self, group_by or None, agg)
+
+    @app.post(
+        "/query-by-reference",
+        summary="Similar indexed cases for an instance on the index's PACS, by its UIDs (the JSON of POST /query)",
+        responses={404: {"description": "no such instance on the PACS"}, 502: {"description": "PACS unreachable"}},
+    )
+    def query_by_reference(body: ReferenceQuery) -> Any:
+        return engine.query_reference(
+            body.study,
+            body.series,
+            body.instance,
+            body.k,
+            body.exclude_patient,
+            body.where,
+            body.vote,
+            body.include_self,
+            body.group_by or None,
+            body.agg,
+        )
 
     @app.get("/items/{item_id:path}/thumbnail", summary="An indexed image as PNG", response_class=Response)
     def thumbnail(item_id: str, size: Annotated[int, Query(ge=16, le=THUMBNAIL_MAX_SIDE)] = 256) -> Response:

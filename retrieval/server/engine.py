@@ -6,21 +6,24 @@ from __future__ import annotations
 import io
 import logging
 import os
+import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image
 
 from indexer.index_dir import IndexDir, open_index_dir, read_manifest
 from indexer.search import parse_where
 from retrieval.cases import case_column, check_aggregation
+from retrieval.data.dicomweb import DicomWebSource, ThumbnailCache, instance_ref, parse_ref, server_config
 from retrieval.data.imageio import read_frame
 from retrieval.errors import RetrieveError, UnreadableImageError
-from retrieval.pipeline import LoadedEncoder, encoder_for_index, query_files
+from retrieval.pipeline import LoadedEncoder, encoder_for_index, query_files, query_vectors
 from retrieval.relocate import resolve_data_root, resolve_paths
 from retrieval.results import item_json, query_payload
 from retrieval.server.uploads import UploadError, unreadable
@@ -37,6 +40,20 @@ class Forbidden(RetrieveError):
     """A file outside the data root."""
 
 
+class NoPacs(RetrieveError):
+    """A query by reference to an instance the index does not hold, and the index knows no PACS to ask."""
+
+
+@dataclass(frozen=True)
+class PacsSettings:
+    """How the server talks to its index's PACS (credentials: the sync's env variables or file, never logged)."""
+
+    timeout: float = 10.0  # seconds per request: a query waits at most about timeout * (retries + 1)
+    retries: int = 1
+    thumbnail_cache: Path | None = None  # None: a temporary folder for the server's life
+    thumbnail_cache_bytes: int = 64 << 20
+
+
 @dataclass
 class Engine:
     idx: IndexDir
@@ -45,6 +62,11 @@ class Engine:
     data_root: Path  # where the indexed files are now (resolved); nothing outside it is ever read
     lock: threading.Lock  # one query at a time through the encoder and the shard readers
     data_root_option: Path | None = None  # the operator's --data-root, passed on as `retrieve query` does
+    pacs: PacsSettings = field(default_factory=PacsSettings)
+    _sources: dict[str, DicomWebSource] = field(default_factory=dict, repr=False)
+    _thumbs: dict[int, ThumbnailCache] = field(default_factory=dict, repr=False)
+    _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
+    _thumb_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def count(self) -> int:
@@ -63,13 +85,7 @@ class Engine:
         agg: str = "max",
     ) -> dict[str, Any] | list[dict[str, Any]]:
         """The same call and the same JSON as `retrieve query --json` for this one file."""
-        if vote not in VOTE_WEIGHTINGS:
-            raise RetrieveError(f"vote {vote}: choose one of {', '.join(VOTE_WEIGHTINGS)}")
-        if group_by is not None:
-            case_column(group_by)
-        check_aggregation(agg)
-        if k > self.count:
-            raise RetrieveError(f"k {k}: larger than the {self.count} images in the index")
+        self._check(k, vote, group_by, agg)
         conditions = parse_where(list(where))
         with self.lock:
             results, errors = query_files(
@@ -90,6 +106,120 @@ class Engine:
             raise unreadable(errors[0], upload, name)
         named = [replace(r, query=r.query.replace(str(upload), name, 1)) for r in results]
         return query_payload(named, 1, device)
+
+    def query_reference(
+        self,
+        study: str,
+        series: str,
+        sop: str,
+        k: int,
+        exclude_patients: Sequence[str] = (),
+        where: Sequence[str] = (),
+        vote: str = "majority",
+        include_self: bool = False,
+        group_by: str | None = None,
+        agg: str = "max",
+    ) -> dict[str, Any] | list[dict[str, Any]]:
+        """A query by reference: an indexed instance by its stored vectors (itself left out), any other
+        fetched from the index's PACS and embedded. The same JSON as `query`."""
+        from retrieval.pacs import embed_remote, positions_of_instance
+
+        ref = instance_ref(study, series, sop)
+        if parse_ref(ref) is None:
+            raise RetrieveError("study, series and instance must be DICOM UIDs (digits and dots)")
+        self._check(k, vote, group_by, agg)
+        conditions = parse_where(list(where))
+        with self.lock:
+            own = positions_of_instance(self.idx, sop)
+            if own:
+                own = self._in_frame_order(own)
+                names = [ref] if len(own) == 1 else [f"{ref}#{i}" for i in range(len(own))]
+                vectors = self.idx.vectors.vectors[own]
+            else:
+                names, vectors = embed_remote(self._source(), study, series, sop, self.loaded)
+            excluded = [] if include_self else self._with_near_duplicates(own)
+            results = query_vectors(
+                self.idx,
+                names,
+                vectors,
+                k,
+                list(exclude_patients),
+                conditions,
+                vote,
+                excluded,
+                group_by=group_by,
+                agg=agg,
+                data_root=self.data_root_option,
+            )
+            device = self.idx.search_device
+        return query_payload(results, 1, device)
+
+    def _check(self, k: int, vote: str, group_by: str | None, agg: str) -> None:
+        if vote not in VOTE_WEIGHTINGS:
+            raise RetrieveError(f"vote {vote}: choose one of {', '.join(VOTE_WEIGHTINGS)}")
+        if group_by is not None:
+            case_column(group_by)
+        check_aggregation(agg)
+        if k > self.count:
+            raise RetrieveError(f"k {k}: larger than the {self.count} images in the index")
+
+    def _in_frame_order(self, positions: list[int]) -> list[int]:
+        if len(positions) == 1 or "frame_index" not in self.idx.columns:
+            return positions
+        frames = self.idx.read_columns(["frame_index"])["frame_index"].to_numpy()
+        return sorted(positions, key=lambda p: (pd.isna(frames[p]), frames[p] if not pd.isna(frames[p]) else 0))
+
+    def _with_near_duplicates(self, positions: list[int]) -> list[int]:
+        """The instance's rows and the rows sharing a near_dup_group with them (as a query file leaves out)."""
+        if not positions or "near_dup_group" not in self.idx.columns:
+            return positions
+        groups = self.idx.read_columns(["near_dup_group"])["near_dup_group"].astype("string")
+        mine = set(groups.iloc[positions].dropna()) - {""}
+        if not mine:
+            return positions
+        more = np.flatnonzero(groups.isin(mine).fillna(False).to_numpy(dtype=bool))
+        return sorted(set(positions) | {int(p) for p in more})
+
+    def _pacs_url(self) -> str:
+        """The PACS the index was synced from (its rows' source_url); NoPacs when it records none."""
+        if "source_url" not in self.idx.columns:
+            raise NoPacs("this index was not built from a PACS (no source_url): query by reference needs one")
+        urls = sorted(set(self.idx.read_columns(["source_url"])["source_url"].dropna().astype(str)) - {""})
+        if not urls:
+            raise NoPacs("this index records no PACS (source_url): query by reference needs one")
+        if len(urls) > 1:
+            log.info("the index records %d PACS; asking the first, %s", len(urls), urls[0])
+        return urls[0]
+
+    def _source(self, url: str | None = None) -> DicomWebSource:
+        url = url or self._pacs_url()
+        source = self._sources.get(url)
+        if source is None:
+            cfg = server_config(url, timeout=self.pacs.timeout, retries=self.pacs.retries)
+            source = self._sources[url] = DicomWebSource(cfg)
+        return source
+
+    def _thumbnail_cache(self, size: int) -> ThumbnailCache:
+        cache = self._thumbs.get(size)
+        if cache is None:  # one folder and one byte limit for every size (each evicts over the whole folder)
+            folder = self.pacs.thumbnail_cache
+            if folder is None:
+                if self._tmp is None:
+                    self._tmp = tempfile.TemporaryDirectory(prefix="retrieve-thumbnails-")
+                folder = Path(self._tmp.name)
+            cache = self._thumbs[size] = ThumbnailCache(folder, self.pacs.thumbnail_cache_bytes, size)
+        return cache
+
+    def remote_thumbnail(self, row: dict[str, Any], max_side: int) -> bytes:
+        """A `dicomweb://` row's PNG: rendered by its PACS (or fetched and decoded), cached with a size limit."""
+        url = row.get("source_url")
+        if url is None or pd.isna(url) or not str(url):
+            raise NoPacs(f"item {row['id']}: its image is on a PACS the index does not record (no source_url)")
+        frame = row.get("frame_index")
+        f = None if frame is None or pd.isna(frame) else int(frame)
+        with self._thumb_lock:  # one writer of the cache folder at a time (queries go on meanwhile)
+            path = self._thumbnail_cache(max_side).get(self._source(str(url)), str(row["path"]), f)
+            return path.read_bytes()
 
     def row(self, item_id: str) -> dict[str, Any]:
         """The item's row, its path where the file is now (under the data root, for a relocatable index)."""
@@ -117,6 +247,8 @@ class Engine:
     def thumbnail(self, item_id: str, max_side: int) -> bytes:
         """The item's frame as a PNG whose longest side is at most max_side."""
         row = self.row(item_id)
+        if parse_ref(str(row["path"])) is not None:
+            return self.remote_thumbnail(row, max_side)
         path = self.locate(str(row["path"]))
         frame = row.get("frame_index")
         f = -1 if frame is None or pd.isna(frame) else int(frame)

@@ -5,6 +5,7 @@ PACS's faults as one-line HTTP errors."""
 from __future__ import annotations
 
 import io
+import logging
 import os
 from pathlib import Path
 from urllib.parse import quote
@@ -24,8 +25,8 @@ from retrieval.cli.main import main  # noqa: E402
 from retrieval.config import EncoderSpec  # noqa: E402
 from retrieval.data.dicomweb import PASSWORD_ENV, USER_ENV, DicomWebSource, Filters, server_config  # noqa: E402
 from retrieval.server.app import create_app  # noqa: E402
-from retrieval.server.config import ServeConfig  # noqa: E402
-from retrieval.server.engine import PacsSettings, load_engine  # noqa: E402
+from retrieval.server.config import PacsSettings, ServeConfig  # noqa: E402
+from retrieval.server.engine import load_engine  # noqa: E402
 from retrieval.server.run import running_server  # noqa: E402
 
 MISSING = orthanc_missing()
@@ -63,10 +64,10 @@ def pacs(tmp_path_factory):
                 sync_dicomweb(src, Filters(), root / "index", encoder, create=True, opts=SyncOptions(use_gpu=False))
             )
         assert events[-1].result.indexed == len(dss) - 1
-        engine = load_engine(root / "index", use_gpu=False)
-        engine.pacs = PacsSettings(
+        settings = PacsSettings(
             timeout=5, retries=0, thumbnail_cache=root / "thumbs", thumbnail_cache_bytes=CACHE_BYTES
         )
+        engine = load_engine(root / "index", use_gpu=False, pacs=settings)
         with running_server(create_app(engine, ServeConfig(root / "index"))) as url:
             with httpx.Client(base_url=url, timeout=60) as client:
                 yield server, client, dss, late, root
@@ -152,8 +153,16 @@ def test_unknown_instance_is_404_in_one_line(pacs) -> None:
     assert bad.status_code == 400 and "UID" in _one_line(bad)
 
 
-def test_pacs_stopped_is_502_and_the_server_keeps_answering(pacs) -> None:
+def test_openapi_lists_the_reference_query(pacs) -> None:
+    schema = pacs[1].get("/openapi.json").json()
+    body = schema["paths"]["/query-by-reference"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    fields = schema["components"]["schemas"][body["$ref"].rsplit("/", 1)[-1]]
+    assert {"study", "series", "instance"} <= set(fields["required"])
+
+
+def test_pacs_stopped_is_502_and_the_server_keeps_answering(pacs, caplog) -> None:
     server, client, dss, _, _ = pacs
+    caplog.set_level(logging.DEBUG)
     server.stop()
     try:
         unindexed = {"study": str(dss[0].StudyInstanceUID), "series": "1.2.3.4", "instance": "1.2.3.4.6"}
@@ -168,6 +177,7 @@ def test_pacs_stopped_is_502_and_the_server_keeps_answering(pacs) -> None:
     finally:
         server.start()
     assert _by_ref(client, dss[2], k=3).status_code == 200
+    assert PASSWORD not in caplog.text  # the PACS's credentials are never logged
 
 
 def test_no_pacs_known_is_400(tmp_path: Path) -> None:

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MAX_UPLOAD_MB = 50  # the browser's limit too (ui/backend.py MAX_UPLOAD_MB)
 DEFAULT_MAX_CONCURRENT = 64  # queries in flight (reading, waiting or running); more get 503 at once
 MAX_K = 1000  # the most results one request may ask for
 THUMBNAIL_MAX_SIDE = 1024
+
+
+@dataclass(frozen=True)
+class PacsSettings:
+    """How the server talks to its index's PACS (credentials: the sync's env variables or file, never logged)."""
+
+    timeout: float = 10.0  # seconds per request: a query waits at most about timeout * (retries + 1)
+    retries: int = 1
+    thumbnail_cache: Path | None = None  # None: a temporary folder for the server's life
+    thumbnail_cache_bytes: int = 64 << 20  # least recently used thumbnails go beyond this
 
 
 @dataclass(frozen=True)
@@ -23,6 +33,7 @@ class ServeConfig:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
     use_gpu: bool = True
+    pacs: PacsSettings = field(default_factory=PacsSettings)
 
     def __repr__(self) -> str:  # the token must never reach a log line through a repr
         shown = "set" if self.token else None
@@ -30,5 +41,5 @@ class ServeConfig:
             f"ServeConfig(index={self.index!s}, host={self.host}, port={self.port}, token={shown}, "
             f"insecure_no_auth={self.insecure_no_auth}, cors_origins={self.cors_origins}, "
             f"data_root={self.data_root}, max_upload_bytes={self.max_upload_bytes}, "
-            f"max_concurrent={self.max_concurrent})"
+            f"max_concurrent={self.max_concurrent}, pacs={self.pacs})"
         )

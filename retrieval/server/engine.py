@@ -26,6 +26,7 @@ from retrieval.errors import RetrieveError, UnreadableImageError
 from retrieval.pipeline import LoadedEncoder, encoder_for_index, query_files, query_vectors
 from retrieval.relocate import resolve_data_root, resolve_paths
 from retrieval.results import item_json, query_payload
+from retrieval.server.config import PacsSettings
 from retrieval.server.uploads import UploadError, unreadable
 from retrieval.vote import VOTE_WEIGHTINGS
 
@@ -42,16 +43,6 @@ class Forbidden(RetrieveError):
 
 class NoPacs(RetrieveError):
     """A query by reference to an instance the index does not hold, and the index knows no PACS to ask."""
-
-
-@dataclass(frozen=True)
-class PacsSettings:
-    """How the server talks to its index's PACS (credentials: the sync's env variables or file, never logged)."""
-
-    timeout: float = 10.0  # seconds per request: a query waits at most about timeout * (retries + 1)
-    retries: int = 1
-    thumbnail_cache: Path | None = None  # None: a temporary folder for the server's life
-    thumbnail_cache_bytes: int = 64 << 20
 
 
 @dataclass
@@ -268,7 +259,9 @@ def _common_folder(idx: IndexDir, paths: pd.Series) -> Path:
     return Path(os.path.commonpath(absolute)) if absolute else idx.path.parent
 
 
-def load_engine(index: Path, data_root: Path | None = None, use_gpu: bool = True) -> Engine:
+def load_engine(
+    index: Path, data_root: Path | None = None, use_gpu: bool = True, pacs: PacsSettings | None = None
+) -> Engine:
     """Load the encoder (checked against the index's fingerprint) and the index, once."""
     manifest = read_manifest(index)
     loaded = encoder_for_index(manifest.fingerprint, manifest.encoder_spec, f"--index {index}")
@@ -282,6 +275,6 @@ def load_engine(index: Path, data_root: Path | None = None, use_gpu: bool = True
             f"--index {index}: the indexed files share no folder below {root}; rebuild the index from the "
             "folder that holds them (the server reads no file outside its data root)"
         )
-    engine = Engine(idx, loaded, ids, root, threading.Lock(), data_root)
+    engine = Engine(idx, loaded, ids, root, threading.Lock(), data_root, pacs or PacsSettings())
     log.info("serving %d images of %s; files read only under %s", idx.count, index, root)
     return engine

@@ -34,7 +34,7 @@ def serve(cfg: ServeConfig) -> None:
     from retrieval.server.engine import load_engine
 
     _check_port(cfg.host, cfg.port)
-    engine = load_engine(cfg.index, cfg.data_root, cfg.use_gpu)
+    engine = load_engine(cfg.index, cfg.data_root, cfg.use_gpu, cfg.pacs)
     app = create_app(engine, cfg)
     if not is_loopback(cfg.host) and not cfg.token:
         log.warning("--insecure-no-auth: anyone who can reach %s:%d can read this index's images", cfg.host, cfg.port)

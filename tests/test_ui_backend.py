@@ -254,3 +254,16 @@ def test_data_moved_without_the_index(demo_index, demo_data, tmp_path):
     empty.mkdir()
     with pytest.raises(RetrieveError, match="does not hold the indexed files"):
         open_session(demo_index, data_root=empty)
+
+
+def test_streamlit_is_told_our_upload_limit_and_the_data_root(tmp_path):
+    """The web server refuses what the page would refuse (its default is 200 MB), and a moved data root
+    given to `retrieve ui --data-root` reaches the page as its own `--data-root` argument."""
+    from retrieval.data.limits import MAX_UPLOAD_MB
+    from ui.launch import streamlit_command
+
+    cmd = streamlit_command(tmp_path / "index", 8501, data_root=tmp_path / "moved")
+    assert cmd[cmd.index("--server.maxUploadSize") + 1] == str(MAX_UPLOAD_MB)
+    page_args = cmd[cmd.index("--") + 1 :]
+    assert page_args[page_args.index("--data-root") + 1] == str((tmp_path / "moved").resolve())
+    assert "--data-root" not in streamlit_command(tmp_path / "index", 8501)

@@ -19,7 +19,7 @@ from PIL import Image
 from indexer.index_dir import IndexDir, open_index_dir, read_manifest
 from retrieval.data.dataset import CORE_COLUMNS
 from retrieval.data.imageio import IMAGE_SUFFIXES, read_frame, read_frames
-from retrieval.data.limits import limits
+from retrieval.data.limits import MAX_UPLOAD_MB, limits
 from retrieval.errors import RetrieveError, UnreadableImageError
 from retrieval.evaluation.report import UNLABELLED, label_colours
 from retrieval.pipeline import (
@@ -32,8 +32,6 @@ from retrieval.pipeline import (
     query_vectors,
 )
 from retrieval.relocate import REL_PATH, resolve_data_root, resolve_paths
-
-MAX_UPLOAD_MB = 50  # the same as `retrieve serve` (retrieval/server/config.py DEFAULT_MAX_UPLOAD_MB)
 
 
 @dataclass

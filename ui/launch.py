@@ -21,7 +21,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def streamlit_command(index: Path, port: int, address: str = "localhost") -> list[str]:
+def streamlit_command(index: Path, port: int, address: str = "localhost", data_root: Path | None = None) -> list[str]:
+    """The Streamlit command line; its own upload limit is ours (retrieval.data.limits.MAX_UPLOAD_MB)."""
+    from retrieval.data.limits import MAX_UPLOAD_MB
+
     return [
         sys.executable,
         "-m",
@@ -40,9 +43,12 @@ def streamlit_command(index: Path, port: int, address: str = "localhost") -> lis
         "none",
         "--client.toolbarMode",
         "viewer",
+        "--server.maxUploadSize",
+        str(MAX_UPLOAD_MB),
         "--",
         "--index",
         str(Path(index).resolve()),
+        *(["--data-root", str(Path(data_root).resolve())] if data_root is not None else []),
     ]
 
 
@@ -78,7 +84,12 @@ def check_host(host: str, insecure_no_auth: bool) -> None:
 
 
 def launch(
-    index: Path | None, port: int, demo_out: Path, host: str = "127.0.0.1", insecure_no_auth: bool = False
+    index: Path | None,
+    port: int,
+    demo_out: Path,
+    host: str = "127.0.0.1",
+    insecure_no_auth: bool = False,
+    data_root: Path | None = None,
 ) -> int:
     from retrieval.server.auth import is_loopback
 
@@ -88,7 +99,7 @@ def launch(
     if not is_loopback(host):
         print(f"warning: --insecure-no-auth: anyone who can reach {host}:{port} can see this index's images")
     try:
-        return subprocess.call(streamlit_command(index, port, host))
+        return subprocess.call(streamlit_command(index, port, host, data_root))
     except KeyboardInterrupt:
         return 0
 

@@ -19,10 +19,13 @@ def ui_cmd(
         False, "--insecure-no-auth", help="listen beyond loopback although the browser cannot check a token"
     ),
     demo_out: Path = typer.Option(Path("retrieve-demo"), "--demo-out", help="where the demo index lives"),
+    data_root: Path | None = typer.Option(
+        None, "--data-root", help="where the indexed files are now, if they moved without the index"
+    ),
 ):
     """Open the similar-case browser (Streamlit) on an index."""
     from ui.launch import launch
 
-    code = launch(index, port, demo_out, host, insecure_no_auth)
+    code = launch(index, port, demo_out, host, insecure_no_auth, data_root)
     if code:
         raise typer.Exit(code)

@@ -13,6 +13,7 @@ from retrieval.errors import RetrieveError
 
 MAX_PIXELS_ENV = "RETRIEVE_MAX_PIXELS"
 MAX_FRAMES_ENV = "RETRIEVE_MAX_FRAMES"
+MAX_UPLOAD_MB = 50  # one uploaded file, in the browser (its web server is told the same) and `retrieve serve`
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,8 @@ parameters it was chosen with:
 
 Any other `--kind` is taken as a factory string as it is ("OPQ64,IVF4096,PQ64", "PCA256,HNSW32"),
 built with the inner-product metric (cosine on L2-normalised vectors). `auto`: exact `flat` below
-100,000 vectors, `hnsw` below 1,000,000, `ivfpq` above.
+100,000 vectors, `hnsw` below 1,000,000, `ivfsq` above (1 byte a dimension; IVF-PQ's recall was 0.22-0.66
+in docs/benchmarks/scale.md, so it is offered by name only).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ def choose_kind(n: int) -> str:
         return "flat"
     if n < HNSW_MAX:
         return "hnsw"
-    return "ivfpq"
+    return "ivfsq"  # not ivfpq: its codes lose the neighbours (recall 0.22-0.66, docs/benchmarks/scale.md)
 
 
 def nlist_for(n: int, cfg: IndexConfig) -> int:

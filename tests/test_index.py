@@ -75,7 +75,7 @@ def test_read_vectors_errors(tmp_path):
 
 def test_auto_rule():
     assert choose_kind(10) == "flat" and choose_kind(99_999) == "flat"
-    assert choose_kind(100_000) == "hnsw" and choose_kind(1_000_000) == "ivfpq"
+    assert choose_kind(100_000) == "hnsw" and choose_kind(1_000_000) == "ivfsq"
 
 
 @pytest.mark.parametrize("kind", sorted(INDEX_KINDS))

@@ -50,11 +50,12 @@ from retrieval.data.dicomweb import (
     RemoteInstance,
     ServerUnreachable,
     instance_ref,
+    relink,
     viewer_link,
 )
 from retrieval.embed import embed_rows, pick_device
 from retrieval.errors import RetrieveError, UnreadableImageError
-from retrieval.pipeline import LoadedEncoder, with_content_hashes
+from retrieval.pipeline import LoadedEncoder, QueryResult, with_content_hashes
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,27 @@ def embed_remote(
                 raise UnreadableImageError(ref, again.reason) from None
     names = [ref] if len(vectors) == 1 else [f"{ref}#{i}" for i in range(len(vectors))]
     return names, vectors
+
+
+def relink_results(results: list[QueryResult], template: str) -> None:
+    """Query-time viewer links: the rows of hits from a DICOMweb server get `viewer_url` from `template`.
+
+    Rows of local files (no `source_url`) are left as they are; an index without the link columns is untouched.
+    """
+    for res in results:
+        if "source_url" not in res.rows.columns or "study_uid" not in res.rows.columns:
+            continue
+        records = [{k: (None if _missing(v) else v) for k, v in r.items()} for r in res.rows.to_dict("records")]
+        hits = relink(records, template)
+        res.rows = res.rows.copy()
+        res.rows["viewer_url"] = [h.get("viewer_url") for h in hits]
+
+
+def _missing(v: object) -> bool:
+    try:
+        return bool(pd.isna(v))
+    except (TypeError, ValueError):  # arrays and other cells that are not one value
+        return False
 
 
 def positions_of_instance(idx: IndexDir, sop: str) -> list[int]:

@@ -67,6 +67,12 @@ def query(
     encoder: str | None = typer.Option(
         None, "--encoder", "-e", help="refuse unless the index was built with this encoder"
     ),
+    viewer_url: str | None = typer.Option(
+        None,
+        "--viewer-url",
+        help="for an index built from DICOMweb: rebuild each hit's viewer link from this template "
+        "({base} {origin} {study} {series} {instance}), instead of the one stored at indexing",
+    ),
     weights: str | None = opt.Weights,
     seed: int = opt.Seed,
     batch_size: int = opt.BatchSize,
@@ -80,6 +86,8 @@ def query(
     from retrieval.batch import OUT_SUFFIXES, is_query_source, query_source, results_table, write_results
     from retrieval.cases import case_column, check_aggregation
     from retrieval.config import EncoderSpec
+    from retrieval.data.dicomweb import check_viewer_template
+    from retrieval.pacs import relink_results
     from retrieval.pipeline import encoder_for_index, query_files, report_skipped
     from retrieval.results import result_json
     from retrieval.vote import VOTE_WEIGHTINGS
@@ -92,6 +100,8 @@ def query(
     if out is not None and out.suffix.lower() not in OUT_SUFFIXES:
         raise RetrieveError(f"--out {out}: give a .csv or .parquet file")
     conditions = parse_where(where)
+    if viewer_url is not None:
+        check_viewer_template(viewer_url)
     m = read_manifest(index)
     if k > m.count:
         raise RetrieveError(f"--k {k}: larger than the {m.count} images in the index")
@@ -116,6 +126,8 @@ def query(
             idx, loaded, [str(p) for p in images], k, exclude_patient, conditions, vote, include_self,
             group_by=group_by, agg=agg, data_root=data_root,
         )  # fmt: skip
+    if viewer_url is not None:
+        relink_results(results, viewer_url)
     for e in errors:
         echo_err(f"error: {e}")
     if results and results[0].matched is not None and results[0].matched < k:

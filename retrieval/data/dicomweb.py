@@ -506,6 +506,12 @@ def viewer_link(template: str | None, cfg_url: str, study: str, series: str, sop
         ) from None
 
 
+def check_viewer_template(template: str) -> str:
+    """The template itself, or a one-line error naming the bad placeholder (before any work is done)."""
+    viewer_link(template, "https://pacs.invalid/dicom-web", "1.2", "1.2.3", "1.2.3.4")
+    return template
+
+
 def relink(hits: list[dict[str, Any]], template: str) -> list[dict[str, Any]]:
     """Query-time links: each hit from a DICOMweb server gets `viewer_url` from `template` (others untouched)."""
     for hit in hits:

@@ -1,0 +1,99 @@
+"""The command line around a PACS: `query --viewer-url`, `serve`'s PACS flags and `embed --dicomweb`.
+
+The PACS is a real Orthanc server on loopback (tests/dicomweb_fixture.py); the tests that need it skip,
+saying why, where Orthanc is not installed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from conftest import FAST, assert_one_line_error, run_cli
+from dicomweb_fixture import archive_datasets, orthanc_missing, to_bytes, write_archive
+
+from retrieval.data.dicomweb import PASSWORD_ENV, USER_ENV
+from retrieval.pipeline import QueryResult
+from retrieval.vote import Vote
+
+MISSING = orthanc_missing()
+needs_orthanc = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
+USER, PASSWORD = "carol", "pw-Cli-5q"
+TEMPLATE = "https://viewer.example/v?s={study}&se={series}&i={instance}"
+
+
+def test_relink_results_rebuilds_links_of_remote_rows_only() -> None:
+    from retrieval.pacs import relink_results
+
+    rows = pd.DataFrame(
+        {
+            "id": ["a", "b"],
+            "path": ["dicomweb://x", "local/b.png"],
+            "source_url": ["https://pacs.example/dicom-web", None],
+            "study_uid": ["1.2", None],
+            "series_uid": ["1.2.3", None],
+            "sop_uid": ["1.2.3.4", None],
+            "viewer_url": ["https://old.example/1.2", None],
+        }
+    )
+    res = QueryResult("q", [], rows, Vote(None, 0.0))
+    relink_results([res], TEMPLATE)
+    assert res.rows["viewer_url"][0] == "https://viewer.example/v?s=1.2&se=1.2.3&i=1.2.3.4"
+    assert pd.isna(res.rows["viewer_url"][1])  # a local file has no viewer link
+    assert rows["viewer_url"][0] == "https://old.example/1.2"  # the caller's frame is not changed
+    local = QueryResult("q", [], pd.DataFrame({"id": ["c"], "path": ["c.png"]}), Vote(None, 0.0))
+    relink_results([local], TEMPLATE)
+    assert "viewer_url" not in local.rows.columns
+
+
+# --- against Orthanc ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pacs(tmp_path_factory):
+    """Orthanc with the generated archive, and an index built from it with `index build --dicomweb`."""
+    from _pytest.monkeypatch import MonkeyPatch
+    from dicomweb_fixture import OrthancServer
+
+    from retrieval.cli.main import main
+
+    if MISSING:
+        pytest.skip(MISSING)
+    root = tmp_path_factory.mktemp("pacs-cli")
+    server = OrthancServer(root / "orthanc", {USER: PASSWORD}).start()
+    mp = MonkeyPatch()
+    try:
+        for ds in archive_datasets():
+            server.upload(to_bytes(ds))
+        mp.setenv(USER_ENV, USER)
+        mp.setenv(PASSWORD_ENV, PASSWORD)
+        code = main(["index", "build", "--dicomweb", server.dicomweb, "--index", str(root / "index"), *FAST])
+        assert code == 0
+        yield server, root
+    finally:
+        mp.undo()
+        server.stop(kill=True)
+
+
+@needs_orthanc
+@pytest.mark.slow
+def test_query_viewer_url_rebuilds_links_at_query_time(pacs, tmp_path: Path, capsys, monkeypatch) -> None:
+    server, root = pacs
+    local = write_archive(tmp_path / "local", archive_datasets())
+    args = ["query", local[0], "--index", root / "index", "--json", "--include-self", "--k", "3"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    stored = json.loads(out)["results"]
+    assert stored[0]["viewer_url"] == f"{server.base}/viewer?StudyInstanceUIDs={stored[0]['study_uid']}"
+    code, out, err = run_cli(capsys, *args, "--viewer-url", TEMPLATE)
+    assert code == 0, err
+    hits = json.loads(out)["results"]
+    assert [h["id"] for h in hits] == [h["id"] for h in stored]
+    for h in hits:
+        assert h["viewer_url"] == TEMPLATE.format(study=h["study_uid"], series=h["series_uid"], instance=h["sop_uid"])
+    code, out, err = run_cli(capsys, *args, "--viewer-url", "https://v.example/{study}/{nope}")
+    assert code == 2 and out == ""
+    assert_one_line_error(err, "--viewer-url", "nope")
+    assert PASSWORD not in out + err

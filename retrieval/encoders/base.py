@@ -24,7 +24,14 @@ def build_head(in_dim: int, head_dims: list[int]) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-ARCH_EXTRAS = ("in_chans", "mean", "std", "head_dims")  # fields Encoder adds to a backbone's arch
+ARCH_EXTRAS = ("in_chans", "mean", "std", "head_dims", "concat_weight")  # fields Encoder adds to a backbone's arch
+
+
+def concat_vectors(head: torch.Tensor, features: torch.Tensor, weight: float) -> torch.Tensor:
+    """`vectors_from: concat`: [w * head/|head|, (1 - w^2)^0.5 * f/|f|], a unit vector whose cosine
+    similarity is w^2 * cos(heads) + (1 - w^2) * cos(backbone features)."""
+    h, f = F.normalize(head, dim=1), F.normalize(features, dim=1)
+    return F.normalize(torch.cat([weight * h, (1.0 - weight**2) ** 0.5 * f], dim=1), dim=1)
 
 
 class Encoder(nn.Module):
@@ -48,6 +55,7 @@ class Encoder(nn.Module):
         head_dims: list[int] | None = None,
         default_preprocess: PreprocessConfig | None = None,
         source: str = "random init",
+        concat_weight: float | None = None,
     ):
         super().__init__()
         self.backbone = backbone
@@ -55,7 +63,11 @@ class Encoder(nn.Module):
         self.feature_dim = feature_dim
         self.head_dims = list(head_dims or [])
         self.head = build_head(feature_dim, self.head_dims) if self.head_dims else nn.Identity()
+        # concat_weight set: the vector is the head's output joined to the backbone features (concat_vectors)
+        self.concat_weight = None if concat_weight is None else float(concat_weight)
         self.arch = {**arch, "in_chans": in_chans, "mean": list(mean), "std": list(std), "head_dims": self.head_dims}
+        if self.concat_weight is not None:
+            self.arch["concat_weight"] = self.concat_weight
         self.default_preprocess = default_preprocess or PreprocessConfig()
         self.source = source
         # per-channel normalisation of the grey image replicated to in_chans channels
@@ -73,7 +85,8 @@ class Encoder(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.head_dims[-1] if self.head_dims else self.feature_dim
+        out = self.head_dims[-1] if self.head_dims else self.feature_dim
+        return out + self.feature_dim if self.concat_weight is not None else out
 
     def normalise_input(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[1] == 1 and self.in_chans != 1:
@@ -85,7 +98,10 @@ class Encoder(nn.Module):
         return self.backbone(self.normalise_input(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.head(self.features(x)), dim=1)
+        f = self.features(x)
+        if self.concat_weight is not None:
+            return concat_vectors(self.head(f), f, self.concat_weight)
+        return F.normalize(self.head(f), dim=1)
 
     def weights_sha256(self) -> str:
         """Hash of every parameter and buffer, so two encoders with equal hashes give equal vectors."""

@@ -101,6 +101,7 @@ def load_checkpoint(path: str | Path) -> Encoder:
         head_dims=arch.get("head_dims") or [],
         default_preprocess=PreprocessConfig.from_dict(meta.get("preprocess", {})),
         source=f"checkpoint {weights_path}",
+        concat_weight=arch.get("concat_weight"),
     )
     try:
         state = {k: v for k, v in load_file(str(weights_path)).items() if not k.startswith(EXTRA_PREFIX)}

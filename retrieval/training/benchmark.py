@@ -31,6 +31,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 from retrieval.config import PreprocessConfig
 from retrieval.data.dataset import load_dataset
 from retrieval.embed import embed_rows, pick_device
+from retrieval.encoders.base import concat_vectors
 from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError
 from retrieval.evaluation.evaluate import EvalSettings, evaluate
@@ -288,7 +289,8 @@ class FoldFitter:
             res = train(train_rows, cfg, progress=False, features=cache[:, tr])
             with torch.no_grad():
                 head = res.encoder.head(cache[0])
-                vec = head.numpy() if cfg.vectors_from == "head" else cache[0].numpy()
+                chosen = {"head": head, "backbone": cache[0]}.get(cfg.vectors_from)
+                vec = (chosen if chosen is not None else concat_vectors(head, cache[0], cfg.concat_weight)).numpy()
         else:
             res = train(train_rows, cfg, progress=self.progress)
             vec = embed_rows(self.rows, res.encoder, res.encoder.default_preprocess, progress=False).vectors

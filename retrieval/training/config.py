@@ -13,6 +13,7 @@ from retrieval.training.losses import LOSSES
 
 METHODS = tuple(LOSSES)
 LABEL_FREE = tuple(name for name, loss in LOSSES.items() if not loss.needs_labels)
+VECTORS_FROM = ("head", "backbone", "concat")
 
 
 @dataclass
@@ -36,7 +37,8 @@ class TrainConfig:
     balanced: bool = False  # class-balanced sampling
     augment_gain: bool = True  # random gain (brightness) in the views; off where brightness is the finding (steatosis)
     augment: dict[str, Any] = field(default_factory=dict)  # AugmentConfig fields to change, e.g. {rotation_deg: 5}
-    vectors_from: str = "head"  # "head": the projection is the vector; "backbone": f(x)
+    vectors_from: str = "head"  # "head": the projection is the vector; "backbone": f(x); "concat": both, weighted
+    concat_weight: float = 0.5**0.5  # concat: [w * head, (1 - w^2)^0.5 * f(x)/|f(x)|], each part unit (0.5**0.5: equal)
     clusters: int = 10  # pica / lsd / scan: K, the softmax cluster head's size
     overclusters: int = 0  # an over-clustering head (K_over > K) trained jointly; 0: none
     cluster_weight: float = 2.0  # lambda, weight of the cluster-size term (paper 004: 2)
@@ -54,8 +56,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise RetrieveError(f"--method {self.method}: choose one of {', '.join(METHODS)}")
-        if self.vectors_from not in ("head", "backbone"):
-            raise RetrieveError(f"vectors_from {self.vectors_from!r}: choose head or backbone")
+        if self.vectors_from not in VECTORS_FROM:
+            raise RetrieveError(f"vectors_from {self.vectors_from!r}: choose one of {', '.join(VECTORS_FROM)}")
+        if not 0.0 <= self.concat_weight <= 1.0:
+            raise RetrieveError(f"concat_weight {self.concat_weight}: must lie in [0, 1]")
         if not 0.0 <= self.beta <= 1.0:
             raise RetrieveError(f"--beta {self.beta}: must lie in [0, 1]")
         if self.epochs < 1 or self.batch_size < 2:

@@ -222,7 +222,10 @@ def train(
     bar.close()
     log["seconds"] = round(time.perf_counter() - t0, 2)
     model.eval()
-    final = encoder if cfg.vectors_from == "head" else attach_head(encoder, [])
+    final = encoder if cfg.vectors_from != "backbone" else attach_head(encoder, [])
+    if cfg.vectors_from == "concat":  # the checkpoint's arch carries the weight, so it rebuilds the same vectors
+        final.concat_weight = float(cfg.concat_weight)
+        final.arch["concat_weight"] = final.concat_weight
     for p in final.parameters():
         p.requires_grad_(True)
     return TrainResult(final.cpu().eval(), model.cpu().eval(), classes, log, skipped)

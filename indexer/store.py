@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from indexer.atomic import atomic_path
 from indexer.errors import RetrieveError
+from indexer.fingerprint import fingerprint_difference
 
 VECTOR_COLUMN = "vector"
 FINGERPRINT_KEY = b"retrieve.fingerprint"
@@ -93,7 +94,10 @@ def write_vectors(path: str | Path, vs: VectorSet) -> Path:
 
 
 def read_vectors(path: str | Path) -> VectorSet:
+    """A vectors file from `retrieve embed`, or a folder of shards from `retrieve embed --engine ray`."""
     path = Path(path)
+    if path.is_dir():
+        return read_vector_folder(path)
     if not path.is_file():
         raise RetrieveError(f"{path}: vectors file not found")
     try:
@@ -128,3 +132,20 @@ def read_vectors(path: str | Path) -> VectorSet:
         fingerprint=fingerprint,
         encoder_spec=encoder_spec,
     )
+
+
+def read_vector_folder(folder: Path) -> VectorSet:
+    """Every *.parquet shard of a folder, in name order, as one VectorSet; all from the same encoder."""
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        raise RetrieveError(f"{folder}: folder without vector shards (*.parquet)")
+    parts = [read_vectors(f) for f in files]
+    for f, vs in zip(files[1:], parts[1:]):
+        diff = fingerprint_difference(parts[0].fingerprint, vs.fingerprint)
+        if diff:
+            raise RetrieveError(
+                f"{folder}: shards from different encoders ({files[0].name} vs {f.name}: {diff}); "
+                "embed them again with one encoder"
+            )
+    rows = pd.concat([vs.rows.drop(columns=["row_id"], errors="ignore") for vs in parts], ignore_index=True)
+    return VectorSet(rows, np.vstack([vs.vectors for vs in parts]), parts[0].fingerprint, parts[0].encoder_spec)

@@ -18,7 +18,7 @@ def index_build(
     data: Path | None = typer.Argument(None, help="dataset folder or manifest (omit with --vectors)"),
     index: Path = typer.Option(..., "--index", "-i", help="index folder to create"),
     vectors: Path | None = typer.Option(
-        None, "--vectors", help="use vectors from `retrieve embed` instead of embedding DATA"
+        None, "--vectors", help="vectors from `retrieve embed` (a file, or a shard folder) instead of embedding DATA"
     ),
     kind: str = typer.Option(
         "auto", "--kind", help="auto, flat, hnsw, ivf, ivfpq or a faiss.index_factory string ('OPQ64,IVF4096,PQ64')"

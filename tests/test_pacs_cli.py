@@ -48,6 +48,55 @@ def test_relink_results_rebuilds_links_of_remote_rows_only() -> None:
     assert "viewer_url" not in local.rows.columns
 
 
+def _served_config(monkeypatch, capsys, index: Path, *extra: str):
+    """Run `retrieve serve` up to the server's start; returns (exit code, its ServeConfig or None, stderr)."""
+    import retrieval.server.run as run
+
+    seen = []
+    monkeypatch.setattr(run, "serve", seen.append)
+    code, _, err = run_cli(capsys, "serve", "--index", index, *extra)
+    return code, (seen[0] if seen else None), err
+
+
+def test_serve_pacs_flags_reach_the_config(tmp_path: Path, monkeypatch, capsys) -> None:
+    from retrieval.server.config import PacsSettings
+
+    code, cfg, err = _served_config(monkeypatch, capsys, tmp_path / "idx")
+    assert code == 0, err
+    assert cfg.pacs == PacsSettings()  # no flag: the defaults
+    thumbs = tmp_path / "thumbs"
+    code, cfg, err = _served_config(
+        monkeypatch, capsys, tmp_path / "idx",
+        "--pacs-timeout", "2.5", "--pacs-retries", "0", "--thumbnail-cache", thumbs,
+        "--thumbnail-cache-mb", "3", "--viewer-url", TEMPLATE,
+    )  # fmt: skip
+    assert code == 0, err
+    assert cfg.pacs == PacsSettings(
+        timeout=2.5, retries=0, thumbnail_cache=thumbs, thumbnail_cache_bytes=3 << 20, viewer_template=TEMPLATE
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        (["--viewer-url", "https://v.example/{study}/{nope}"], "--viewer-url"),
+        (["--pacs-timeout", "0"], "--pacs-timeout"),
+        (["--thumbnail-cache-mb", "-1"], "--thumbnail-cache-mb"),
+    ],
+)
+def test_serve_bad_pacs_flags_are_one_line_errors(tmp_path: Path, monkeypatch, capsys, extra, needle) -> None:
+    code, cfg, err = _served_config(monkeypatch, capsys, tmp_path / "idx", *extra)
+    assert code == 2 and cfg is None
+    assert_one_line_error(err, needle)
+
+
+def test_serve_thumbnail_cache_that_is_a_file_is_refused(tmp_path: Path, monkeypatch, capsys) -> None:
+    (tmp_path / "f").write_text("x")
+    code, cfg, err = _served_config(monkeypatch, capsys, tmp_path / "idx", "--thumbnail-cache", tmp_path / "f")
+    assert code == 2 and cfg is None
+    assert_one_line_error(err, "--thumbnail-cache")
+
+
 # --- against Orthanc ---------------------------------------------------------------------------------
 
 
@@ -97,3 +146,24 @@ def test_query_viewer_url_rebuilds_links_at_query_time(pacs, tmp_path: Path, cap
     assert code == 2 and out == ""
     assert_one_line_error(err, "--viewer-url", "nope")
     assert PASSWORD not in out + err
+
+
+@needs_orthanc
+@pytest.mark.slow
+def test_server_viewer_template_rebuilds_links(pacs, monkeypatch) -> None:
+    from retrieval.server.config import PacsSettings
+    from retrieval.server.engine import load_engine
+
+    server, root = pacs
+    ds = archive_datasets()[0]
+    ref = (str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID))
+    monkeypatch.setenv(USER_ENV, USER)
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    stored = load_engine(root / "index", use_gpu=False).query_reference(*ref, k=3)
+    settings = PacsSettings(viewer_template=TEMPLATE)
+    relinked = load_engine(root / "index", use_gpu=False, pacs=settings).query_reference(*ref, k=3)
+    assert isinstance(stored, dict) and isinstance(relinked, dict)
+    assert [h["id"] for h in stored["results"]] == [h["id"] for h in relinked["results"]]
+    for before, h in zip(stored["results"], relinked["results"]):
+        assert before["viewer_url"].startswith(server.base)
+        assert h["viewer_url"] == TEMPLATE.format(study=h["study_uid"], series=h["series_uid"], instance=h["sop_uid"])

@@ -9,7 +9,7 @@ import typer
 
 from retrieval.cli import options as opt
 from retrieval.errors import RetrieveError
-from retrieval.server.config import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_UPLOAD_MB, ServeConfig
+from retrieval.server.config import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_UPLOAD_MB, PacsSettings, ServeConfig
 
 ORIGIN = re.compile(r"^https?://[^/\s?#]+$")
 
@@ -37,14 +37,43 @@ def serve(
     max_concurrent: int = typer.Option(
         DEFAULT_MAX_CONCURRENT, "--max-concurrent", min=1, help="queries in flight; more are answered 503"
     ),
+    pacs_timeout: float = typer.Option(
+        PacsSettings.timeout, "--pacs-timeout", help="seconds per request to the index's PACS (DICOMweb)"
+    ),
+    pacs_retries: int = typer.Option(
+        PacsSettings.retries, "--pacs-retries", min=0, help="retries of a failed PACS request, with backoff"
+    ),
+    thumbnail_cache: Path | None = typer.Option(
+        None, "--thumbnail-cache", help="folder for thumbnails of PACS images (default: a temporary one)"
+    ),
+    thumbnail_cache_mb: float = typer.Option(
+        PacsSettings.thumbnail_cache_bytes / (1 << 20),
+        "--thumbnail-cache-mb",
+        help="size limit of the thumbnail cache; least recently used thumbnails go beyond it",
+    ),
+    viewer_url: str | None = typer.Option(
+        None,
+        "--viewer-url",
+        help="rebuild the viewer link of PACS hits from this template ({base} {origin} {study} {series} {instance}); "
+        "default: the link stored at indexing",
+    ),
     gpu: bool = opt.Gpu,
 ):
     """Serve the index over HTTP (FastAPI): POST /query, GET /items/{id}, /items/{id}/thumbnail, /health, /docs."""
+    from retrieval.data.dicomweb import check_viewer_template
     from retrieval.server.auth import read_token
 
     for origin in cors_origin:
         if not ORIGIN.match(origin):
             raise RetrieveError(f"--cors-origin {origin!r}: expected scheme://host[:port], e.g. https://viewer.example")
+    if pacs_timeout <= 0:
+        raise RetrieveError(f"--pacs-timeout {pacs_timeout}: give a positive number of seconds")
+    if thumbnail_cache_mb <= 0:
+        raise RetrieveError(f"--thumbnail-cache-mb {thumbnail_cache_mb}: give a positive size")
+    if thumbnail_cache is not None and thumbnail_cache.exists() and not thumbnail_cache.is_dir():
+        raise RetrieveError(f"--thumbnail-cache {thumbnail_cache}: is a file; give a folder")
+    if viewer_url is not None:
+        check_viewer_template(viewer_url)
     cfg = ServeConfig(
         index=index,
         host=host,
@@ -56,6 +85,13 @@ def serve(
         max_upload_bytes=max_upload_mb * 1024 * 1024,
         max_concurrent=max_concurrent,
         use_gpu=gpu,
+        pacs=PacsSettings(
+            timeout=pacs_timeout,
+            retries=pacs_retries,
+            thumbnail_cache=thumbnail_cache,
+            thumbnail_cache_bytes=int(thumbnail_cache_mb * (1 << 20)),
+            viewer_template=viewer_url,
+        ),
     )
     from retrieval.server.run import serve as run_server
 

@@ -19,6 +19,7 @@ class PacsSettings:
     retries: int = 1
     thumbnail_cache: Path | None = None  # None: a temporary folder for the server's life
     thumbnail_cache_bytes: int = 64 << 20  # least recently used thumbnails go beyond this
+    viewer_template: str | None = None  # None: the viewer links stored at indexing; else rebuilt at query time
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from retrieval.cases import case_column, check_aggregation
 from retrieval.data.dicomweb import DicomWebSource, ThumbnailCache, instance_ref, parse_ref, server_config
 from retrieval.data.imageio import read_frame
 from retrieval.errors import RetrieveError, UnreadableImageError
-from retrieval.pipeline import LoadedEncoder, encoder_for_index, query_files, query_vectors
+from retrieval.pipeline import LoadedEncoder, QueryResult, encoder_for_index, query_files, query_vectors
 from retrieval.relocate import resolve_data_root, resolve_paths
 from retrieval.results import item_json, query_payload
 from retrieval.server.config import PacsSettings
@@ -96,7 +96,7 @@ class Engine:
         if errors:
             raise unreadable(errors[0], upload, name)
         named = [replace(r, query=r.query.replace(str(upload), name, 1)) for r in results]
-        return query_payload(named, 1, device)
+        return query_payload(self._relinked(named), 1, device)
 
     def query_reference(
         self,
@@ -143,7 +143,14 @@ class Engine:
                 data_root=self.data_root_option,
             )
             device = self.idx.search_device
-        return query_payload(results, 1, device)
+        return query_payload(self._relinked(results), 1, device)
+
+    def _relinked(self, results: list[QueryResult]) -> list[QueryResult]:
+        if self.pacs.viewer_template is not None:
+            from retrieval.pacs import relink_results
+
+            relink_results(results, self.pacs.viewer_template)
+        return results
 
     def _check(self, k: int, vote: str, group_by: str | None, agg: str) -> None:
         if vote not in VOTE_WEIGHTINGS:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +72,7 @@ class SyncResult:
     rows: int  # index rows they gave (a row per frame)
     skipped: list[Skipped] = field(default_factory=list)
     manifest: IndexManifest | None = None  # None: nothing was written
+    vectors: VectorSet | None = None  # embed_dicomweb: the vectors (same rows and columns a sync indexes)
 
 
 @dataclass
@@ -210,45 +211,10 @@ def sync_dicomweb(
     device = pick_device(opts.use_gpu)
     for start in range(0, len(todo), opts.fetch_batch):
         batch = todo[start : start + opts.fetch_batch]
-        with tempfile.TemporaryDirectory(prefix="retrieve-dicomweb-") as tmp:
-            files: dict[str, tuple[Path, RemoteInstance]] = {}
-            with ThreadPoolExecutor(max_workers=opts.fetch_workers) as pool:  # requests overlap, results in order
-                futures = [
-                    pool.submit(_fetch_to, source, inst, Path(tmp) / f"{k:06d}.dcm", "*")
-                    for k, inst in enumerate(batch)
-                ]
-                try:
-                    for inst, future in zip(batch, futures):
-                        try:
-                            path = future.result()
-                            files[str(path)] = (path, inst)
-                        except ServerUnreachable as exc:
-                            raise ServerUnreachable(_stopped(str(exc), state.committed, create, manifest)) from None
-                        except InstanceUnavailable as exc:
-                            skipped.append(Skipped(inst.ref, f"cannot be fetched ({exc})"))
-                        state.fetched += 1
-                        state.skipped = len(skipped)
-                        yield _event(state, "fetched")
-                finally:
-                    for future in futures:
-                        future.cancel()
-            vs, bad = _embed_fetched(files, loaded, opts, source.cfg.url, device)
-            # stored compressed in a syntax this reader cannot decode: ask the server to transcode it, once
-            again = _compressed_failures(files, bad, vs)
-            if again:
-                bad = [b for b in bad if b.path not in again]
-                refetched: dict[str, tuple[Path, RemoteInstance]] = {}
-                for inst in again.values():
-                    try:
-                        path = _fetch_to(source, inst, Path(tmp) / f"le-{len(refetched):06d}.dcm", EXPLICIT_LE)
-                        refetched[str(path)] = (path, inst)
-                    except ServerUnreachable as exc:
-                        raise ServerUnreachable(_stopped(str(exc), state.committed, create, manifest)) from None
-                    except InstanceUnavailable as exc:
-                        bad.append(Skipped(inst.ref, f"cannot be fetched uncompressed ({exc})"))
-                vs2, bad2 = _embed_fetched(refetched, loaded, opts, source.cfg.url, device)
-                vs, bad = _merge(vs, vs2), bad + bad2
-            skipped += bad
+        try:
+            vs = yield from _fetch_and_embed(source, batch, loaded, opts, device, state, skipped)
+        except ServerUnreachable as exc:
+            raise ServerUnreachable(_stopped(str(exc), state.committed, create, manifest)) from None
         if vs is not None:
             pending.append(vs)
             n_new = vs.rows["sop_uid"].nunique()
@@ -276,6 +242,96 @@ def sync_dicomweb(
     done = _event(state, "done")
     done.result = result
     yield done
+
+
+def embed_dicomweb(
+    source: DicomWebSource, filters: Filters, loaded: LoadedEncoder, opts: SyncOptions | None = None
+) -> Iterator[SyncProgress]:
+    """Search, fetch and embed every matching instance, writing no index; yields progress, the last event
+    with the result, whose `vectors` are the rows and vectors a sync of the same instances would index."""
+    opts = opts or SyncOptions()
+    source.check()
+    todo = list({r.sop_uid: r for r in source.search(filters)}.values())
+    state = SyncProgress("searched", found=len(todo), todo=len(todo))
+    log.info("%s: %d instance(s) match", source.cfg.url, len(todo))
+    yield state
+    skipped: list[Skipped] = []
+    parts: list[VectorSet | None] = []
+    device = pick_device(opts.use_gpu)
+    for start in range(0, len(todo), opts.fetch_batch):
+        try:
+            vs = yield from _fetch_and_embed(
+                source, todo[start : start + opts.fetch_batch], loaded, opts, device, state, skipped
+            )
+        except ServerUnreachable as exc:
+            raise ServerUnreachable(f"{exc}; nothing was written") from None
+        parts.append(vs)
+        if vs is not None:
+            state.indexed += vs.rows["sop_uid"].nunique()
+        state.skipped = len(skipped)
+        yield _event(state, "indexed")
+    merged: VectorSet | None = None
+    for vs in parts:
+        merged = _merge(merged, vs)
+    if merged is None:
+        first = f"; first: {skipped[0]}" if skipped else ""
+        what = f"none of the {len(todo)} instance(s) could be embedded" if todo else "no instance matches the filters"
+        raise RetrieveError(f"--dicomweb {source.cfg.url}: {what}{first}")
+    result = SyncResult(len(todo), 0, state.fetched, state.indexed, len(merged), skipped, vectors=merged)
+    done = _event(state, "done")
+    done.result = result
+    yield done
+
+
+def _fetch_and_embed(
+    source: DicomWebSource,
+    batch: list[RemoteInstance],
+    loaded: LoadedEncoder,
+    opts: SyncOptions,
+    device: torch.device,
+    state: SyncProgress,
+    skipped: list[Skipped],
+) -> Generator[SyncProgress, None, VectorSet | None]:
+    """Fetch a batch of instances (requests overlap) and embed them; yields "fetched" events, returns the vectors.
+
+    Instances that cannot be fetched or decoded are appended to `skipped`; a server that cannot be reached
+    raises ServerUnreachable (the caller says what that leaves).
+    """
+    with tempfile.TemporaryDirectory(prefix="retrieve-dicomweb-") as tmp:
+        files: dict[str, tuple[Path, RemoteInstance]] = {}
+        with ThreadPoolExecutor(max_workers=opts.fetch_workers) as pool:  # requests overlap, results in order
+            futures = [
+                pool.submit(_fetch_to, source, inst, Path(tmp) / f"{k:06d}.dcm", "*") for k, inst in enumerate(batch)
+            ]
+            try:
+                for inst, future in zip(batch, futures):
+                    try:
+                        path = future.result()
+                        files[str(path)] = (path, inst)
+                    except InstanceUnavailable as exc:
+                        skipped.append(Skipped(inst.ref, f"cannot be fetched ({exc})"))
+                    state.fetched += 1
+                    state.skipped = len(skipped)
+                    yield _event(state, "fetched")
+            finally:
+                for future in futures:
+                    future.cancel()
+        vs, bad = _embed_fetched(files, loaded, opts, source.cfg.url, device)
+        # stored compressed in a syntax this reader cannot decode: ask the server to transcode it, once
+        again = _compressed_failures(files, bad, vs)
+        if again:
+            bad = [b for b in bad if b.path not in again]
+            refetched: dict[str, tuple[Path, RemoteInstance]] = {}
+            for inst in again.values():
+                try:
+                    path = _fetch_to(source, inst, Path(tmp) / f"le-{len(refetched):06d}.dcm", EXPLICIT_LE)
+                    refetched[str(path)] = (path, inst)
+                except InstanceUnavailable as exc:
+                    bad.append(Skipped(inst.ref, f"cannot be fetched uncompressed ({exc})"))
+            vs2, bad2 = _embed_fetched(refetched, loaded, opts, source.cfg.url, device)
+            vs, bad = _merge(vs, vs2), bad + bad2
+        skipped += bad
+    return vs
 
 
 def _fetch_to(source: DicomWebSource, inst: RemoteInstance, path: Path, transfer_syntax: str) -> Path:

@@ -167,3 +167,62 @@ def test_server_viewer_template_rebuilds_links(pacs, monkeypatch) -> None:
     for before, h in zip(stored["results"], relinked["results"]):
         assert before["viewer_url"].startswith(server.base)
         assert h["viewer_url"] == TEMPLATE.format(study=h["study_uid"], series=h["series_uid"], instance=h["sop_uid"])
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--out", "v.parquet"], "--dicomweb"),  # neither DATA nor --dicomweb
+        (["data", "--dicomweb", "http://127.0.0.1:9/dicom-web", "--out", "v.parquet"], "--dicomweb"),  # both
+        (["data", "--since", "2025-01-01", "--out", "v.parquet"], "need --dicomweb"),
+        (["--dicomweb", "http://127.0.0.1:9/dicom-web", "--engine", "ray", "--out", "v.parquet"], "--engine ray"),
+    ],
+)
+def test_embed_source_options_are_one_line_errors(tmp_path: Path, capsys, monkeypatch, args, needle) -> None:
+    monkeypatch.chdir(tmp_path)
+    code, out, err = run_cli(capsys, "embed", *args)
+    assert code == 2 and out == ""
+    assert_one_line_error(err, needle)
+    assert not (tmp_path / "v.parquet").exists()
+
+
+@needs_orthanc
+@pytest.mark.slow
+def test_embed_dicomweb_equals_what_the_sync_indexes(pacs, tmp_path: Path, capsys, monkeypatch) -> None:
+    import numpy as np
+
+    from indexer.index_dir import open_index_dir
+    from indexer.store import read_vectors
+    from retrieval.pacs import IDENTITY_COLUMNS, LINK_COLUMNS
+
+    server, root = pacs
+    monkeypatch.setenv(USER_ENV, USER)
+    monkeypatch.setenv(PASSWORD_ENV, PASSWORD)
+    out_file = tmp_path / "pacs.parquet"
+    code, out, err = run_cli(capsys, "embed", "--dicomweb", server.dicomweb, "--out", out_file, *FAST)
+    assert code == 0, err
+    n_instances = len(archive_datasets())
+    assert f"fetched {n_instances}, embedded {n_instances}" in out
+    assert PASSWORD not in out + err
+    vs = read_vectors(out_file)
+    stored = open_index_dir(root / "index", use_gpu=False).vectors
+    assert len(vs) == len(stored) == sum(int(getattr(d, "NumberOfFrames", 1)) for d in archive_datasets())
+    assert vs.fingerprint == stored.fingerprint
+    mine = vs.rows.set_index("id")
+    theirs = stored.rows.set_index("id").loc[mine.index]
+    for col in ["path", "frame_index", *IDENTITY_COLUMNS, *LINK_COLUMNS]:
+        assert (
+            mine[col].astype("string").fillna("<NA>").tolist() == theirs[col].astype("string").fillna("<NA>").tolist()
+        )
+    order = stored.rows.reset_index().set_index("id").loc[mine.index, "index"].to_numpy()
+    np.testing.assert_allclose(vs.vectors, stored.vectors[order], atol=1e-5)
+    # the vectors file builds an index of its own, which answers with the PACS identity columns
+    code, out, err = run_cli(capsys, "index", "build", "--vectors", out_file, "--index", tmp_path / "idx", "--quiet")
+    assert code == 0, err
+    local = write_archive(tmp_path / "local", archive_datasets())
+    code, out, err = run_cli(
+        capsys, "query", local[0], "--index", tmp_path / "idx", "--json", "--include-self", "--k", "2"
+    )
+    assert code == 0, err
+    top = json.loads(out)["results"][0]
+    assert top["sop_uid"] == local[0].stem and top["viewer_url"].startswith(server.base)

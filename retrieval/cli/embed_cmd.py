@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from retrieval.cli import options as opt
+from retrieval.cli import pacs_cmd as pacs
 from retrieval.errors import RetrieveError
+
+if TYPE_CHECKING:
+    from retrieval.pipeline import LoadedEncoder
 
 
 def embed(
-    data: Path = typer.Argument(..., help="dataset folder (class sub-folders) or manifest CSV/Parquet"),
+    data: Path | None = typer.Argument(
+        None, help="dataset folder (class sub-folders) or manifest CSV/Parquet (or --dicomweb URL)"
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="vectors Parquet file to write (--engine ray: a shard folder)"),
     encoder: str = opt.Encoder,
     weights: str | None = opt.Weights,
@@ -28,13 +35,40 @@ def embed(
     engine: str = typer.Option("local", "--engine", help="local (this process) or ray (a pool of Ray actors)"),
     address: str | None = typer.Option(None, "--address", help="--engine ray: cluster to join (ray://host:10001)"),
     actors: int = typer.Option(2, "--actors", help="--engine ray: encoder actors (one GPU each where there are GPUs)"),
+    dicomweb: str | None = pacs.Dicomweb,
+    study: list[str] = pacs.Study,
+    modality: str | None = pacs.Modality,
+    since: str | None = pacs.Since,
+    body_part: str | None = pacs.BodyPart,
+    dicomweb_auth: Path | None = pacs.Auth,
+    viewer_url: str | None = pacs.ViewerUrl,
+    insecure: bool = pacs.Insecure,
 ):
-    """Embed every image of DATA into a Parquet vectors file."""
+    """Embed every image of DATA (or of a PACS, with --dicomweb) into a Parquet vectors file."""
     from indexer.store import write_vectors
     from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
 
     if engine not in ("local", "ray"):
         raise RetrieveError(f"--engine {engine}: use local or ray")
+    if (data is None) == (dicomweb is None):
+        raise RetrieveError("give DATA (a folder or manifest) or --dicomweb URL, one of them")
+    if dicomweb is None and (study or modality or since or body_part or dicomweb_auth or viewer_url or insecure):
+        raise RetrieveError("--study, --modality, --since, --body-part, --dicomweb-auth, --viewer-url: need --dicomweb")
+    if dicomweb is not None:
+        if engine != "local":
+            raise RetrieveError(f"--dicomweb with --engine {engine}: a PACS is embedded in this process")
+        if out.is_dir():
+            raise RetrieveError(f"--out {out}: is a folder; give the path of a .parquet file to write")
+        loaded = load_encoder(
+            opt.encoder_spec(encoder, weights, seed),
+            opt.preprocess_overrides(image_size, crop_sector, resize, ct_window),
+        )
+        _embed_pacs(
+            dicomweb, out, loaded, encoder, studies=study, modality=modality, since=since, body_part=body_part,
+            auth=dicomweb_auth, viewer_url=viewer_url, insecure=insecure, batch_size=batch_size, gpu=gpu, quiet=quiet,
+        )  # fmt: skip
+        return
+    assert data is not None
     if engine == "ray":
         from retrieval.pipeline import report_skipped
         from retrieval.ray_engine import embed_with_ray
@@ -64,4 +98,65 @@ def embed(
     print(
         f"embedded {len(vs)} images ({vs.dim}-d, {encoder}) in {time.perf_counter() - t0:.1f} s -> {out}"
         + (f"; skipped {len(skipped)}" if skipped else "")
+    )
+
+
+def _embed_pacs(
+    url: str,
+    out: Path,
+    loaded: LoadedEncoder,
+    encoder: str,
+    *,
+    studies: list[str],
+    modality: str | None,
+    since: str | None,
+    body_part: str | None,
+    auth: Path | None,
+    viewer_url: str | None,
+    insecure: bool,
+    batch_size: int,
+    gpu: bool,
+    quiet: bool,
+) -> None:
+    """`embed --dicomweb`: fetch and embed the matching instances (retrieval.pacs), write the vectors, show progress."""
+    import os
+    import sys
+
+    from tqdm import tqdm
+
+    from indexer.store import write_vectors
+    from retrieval.cli.output import echo_err
+    from retrieval.data.dicomweb import DEFAULT_VIEWER, VIEWER_ENV, DicomWebSource, Filters, server_config
+    from retrieval.pacs import SyncOptions, embed_dicomweb
+    from retrieval.pipeline import report_skipped
+
+    filters = Filters(tuple(studies), modality, since, body_part)
+    template = viewer_url or os.environ.get(VIEWER_ENV) or DEFAULT_VIEWER
+    cfg = server_config(url, auth_file=auth, verify=not insecure)
+    if insecure:
+        echo_err(f"warning: --insecure: the TLS certificate of {cfg.url} is not verified")
+    opts = SyncOptions(batch_size=batch_size, use_gpu=gpu, viewer_template=template)
+    t0 = time.perf_counter()
+    bar = None
+    result = None
+    with DicomWebSource(cfg) as source:
+        try:
+            for ev in embed_dicomweb(source, filters, loaded, opts):
+                if ev.stage == "searched" and not quiet and ev.todo:
+                    bar = tqdm(total=ev.todo, desc="fetched", unit="inst", file=sys.stderr, leave=False)
+                elif bar is not None and ev.stage in ("fetched", "indexed"):
+                    bar.update(ev.fetched - bar.n)
+                    bar.set_postfix(embedded=ev.indexed, skipped=ev.skipped)
+                result = ev.result or result
+        finally:
+            if bar is not None:
+                bar.close()
+    assert result is not None and result.vectors is not None
+    write_vectors(out, result.vectors)
+    report_skipped(result.skipped)
+    print(
+        f"{cfg.url}: {result.found} instance(s) match; fetched {result.fetched}, embedded {result.indexed} "
+        f"({len(result.vectors)} images, {result.vectors.dim}-d, {encoder}) in {time.perf_counter() - t0:.1f} s"
+        + (f"; skipped {len(result.skipped)}" if result.skipped else "")
+        + f" -> {out}"
     )

@@ -1,7 +1,9 @@
 """Index a PACS: search a DICOMweb server, fetch the instances the index lacks, embed them, commit.
 
 `sync_dicomweb` is a generator of progress events (the front end shows them); its last event holds
-the result. The SOP instance UID is an instance's identity: a sync fetches only the instances whose
+the result. `embed_dicomweb` does the same search, fetch and embedding (the same rows and vectors) into a
+vectors file's VectorSet instead of an index (`retrieve embed --dicomweb`). The SOP instance UID is an
+instance's identity: a sync fetches only the instances whose
 `sop_uid` the index does not hold yet, so running it again fetches nothing new, and a sync with
 `--since` is an incremental one. Fetched instances are written to a temporary folder and decoded by
 the same reader as local DICOM files (multi-frame cine included: a row per frame).

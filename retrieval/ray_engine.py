@@ -106,7 +106,9 @@ def embed_with_ray(
         gpus = int(ray.cluster_resources().get("GPU", 0)) if use_gpu else 0
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True
-        ds = ray.data.from_pandas(table.rows.reset_index(drop=True))
+        rows = table.rows.reset_index(drop=True)
+        step = max(1, min(batch_size * 4, -(-len(rows) // actors)))  # blocks: work for every actor
+        ds = ray.data.from_pandas([rows.iloc[i : i + step] for i in range(0, len(rows), step)])
         ds = ds.map_batches(
             _EncoderActor,
             fn_constructor_args=(spec.to_dict(), overrides, batch_size, gpus > 0),

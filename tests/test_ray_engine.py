@@ -118,3 +118,14 @@ def test_unknown_engine_is_a_one_line_error(tmp_path, capsys, demo_data):
     code, _, err = run_cli(capsys, "embed", demo_data, "--out", tmp_path / "v.parquet", "--engine", "spark", *CNN5)
     assert code == 2
     assert_one_line_error(err, "--engine spark")
+
+
+def test_ray_engine_refuses_an_out_folder_that_is_not_empty(tmp_path, capsys, demo_data):
+    pytest.importorskip("ray", reason="ray is not installed (pip install 'retrieve[ray]')")
+    out = tmp_path / "shards"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "embed", demo_data, "--out", out, "--engine", "ray", *CNN5)
+    assert code == 2
+    assert_one_line_error(err, "not an empty folder")
+    assert (out / "keep.txt").read_text() == "mine"

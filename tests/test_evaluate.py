@@ -220,6 +220,7 @@ def test_chance_precision_is_the_mean_share_of_relevant_images(toy):
     assert res["pr_curve"]["precision"][1] > res["pr_curve"]["chance_precision"]
 
 
+@pytest.mark.slow
 def test_report_writes_confusion_matrix_and_chance_line(toy, tmp_path):
     from PIL import Image
 

@@ -45,6 +45,7 @@ def test_hit_returns_the_stored_tensor_and_equals_a_direct_computation(case):
     torch.testing.assert_close(first, direct)
 
 
+@pytest.mark.slow
 def test_any_changed_input_is_a_miss(case):
     rows, images, enc, root = case
     _call(rows, images, enc, root)

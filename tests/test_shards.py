@@ -157,6 +157,7 @@ def test_cli_remove_compact_and_info(tmp_path, capsys):
     assert code == 2 and "unknown column 'colour'" in err
 
 
+@pytest.mark.slow
 def test_filtered_search_survives_faiss_torch_utils(tmp_path):
     """pytorch-metric-learning imports faiss.contrib.torch_utils, which replaces Index.search process-wide."""
     import subprocess

@@ -13,6 +13,8 @@ import pytest
 from ui.screenshot import CHROMIUM, launch_chromium, upload_and_wait
 
 ARTIFACTS = Path(os.environ.get("RETRIEVE_TEST_ARTIFACTS", Path(__file__).resolve().parents[1] / "test-artifacts"))
+pytestmark = pytest.mark.slow  # a Streamlit server and a real Chromium per module: seconds per test
+
 CARD = re.compile(r"#(\d+) · similarity ([0-9.]+)\s*label (\S+) · patient (\S+)")
 
 

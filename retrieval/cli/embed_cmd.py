@@ -119,39 +119,18 @@ def _embed_pacs(
     quiet: bool,
 ) -> None:
     """`embed --dicomweb`: fetch and embed the matching instances (retrieval.pacs), write the vectors, show progress."""
-    import os
-    import sys
-
-    from tqdm import tqdm
-
     from indexer.store import write_vectors
-    from retrieval.cli.output import echo_err
-    from retrieval.data.dicomweb import DEFAULT_VIEWER, VIEWER_ENV, DicomWebSource, Filters, server_config
-    from retrieval.pacs import SyncOptions, embed_dicomweb
+    from retrieval.cli.pacs_cmd import connection, follow
+    from retrieval.data.dicomweb import DicomWebSource, Filters
+    from retrieval.pacs import embed_dicomweb
     from retrieval.pipeline import report_skipped
 
     filters = Filters(tuple(studies), modality, since, body_part)
-    template = viewer_url or os.environ.get(VIEWER_ENV) or DEFAULT_VIEWER
-    cfg = server_config(url, auth_file=auth, verify=not insecure)
-    if insecure:
-        echo_err(f"warning: --insecure: the TLS certificate of {cfg.url} is not verified")
-    opts = SyncOptions(batch_size=batch_size, use_gpu=gpu, viewer_template=template)
+    cfg, opts = connection(url, auth, insecure, viewer_url, batch_size, gpu)
     t0 = time.perf_counter()
-    bar = None
-    result = None
     with DicomWebSource(cfg) as source:
-        try:
-            for ev in embed_dicomweb(source, filters, loaded, opts):
-                if ev.stage == "searched" and not quiet and ev.todo:
-                    bar = tqdm(total=ev.todo, desc="fetched", unit="inst", file=sys.stderr, leave=False)
-                elif bar is not None and ev.stage in ("fetched", "indexed"):
-                    bar.update(ev.fetched - bar.n)
-                    bar.set_postfix(embedded=ev.indexed, skipped=ev.skipped)
-                result = ev.result or result
-        finally:
-            if bar is not None:
-                bar.close()
-    assert result is not None and result.vectors is not None
+        result = follow(embed_dicomweb(source, filters, loaded, opts), quiet, done="embedded")
+    assert result.vectors is not None
     write_vectors(out, result.vectors)
     report_skipped(result.skipped)
     print(

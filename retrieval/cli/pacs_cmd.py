@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import typer
 
@@ -14,6 +14,8 @@ from retrieval.cli.output import echo_err
 
 if TYPE_CHECKING:
     from indexer.config import IndexConfig
+    from retrieval.pacs import SyncOptions as SyncOptionsT
+    from retrieval.pacs import SyncProgress, SyncResult
     from retrieval.pipeline import LoadedEncoder
 
 Dicomweb = typer.Option(
@@ -42,6 +44,44 @@ ViewerUrl = typer.Option(
 Insecure = typer.Option(False, "--insecure", help="with --dicomweb: do not verify the server's TLS certificate")
 
 
+def connection(
+    url: str, auth: Path | None, insecure: bool, viewer_url: str | None, batch_size: int, gpu: bool, **sync: Any
+) -> tuple[Any, SyncOptionsT]:
+    """The server's configuration and the sync options (viewer template from the option, the environment or
+    OHIF's); warns once when TLS verification is off. Extra keywords go to SyncOptions."""
+    import os
+
+    from retrieval.data.dicomweb import DEFAULT_VIEWER, VIEWER_ENV, server_config
+    from retrieval.pacs import SyncOptions
+
+    cfg = server_config(url, auth_file=auth, verify=not insecure)
+    if insecure:
+        echo_err(f"warning: --insecure: the TLS certificate of {cfg.url} is not verified")
+    template = viewer_url or os.environ.get(VIEWER_ENV) or DEFAULT_VIEWER
+    return cfg, SyncOptions(batch_size=batch_size, use_gpu=gpu, viewer_template=template, **sync)
+
+
+def follow(events: Iterable[SyncProgress], quiet: bool, done: str = "indexed") -> SyncResult:
+    """Show a progress bar of instances fetched (and `done`) while the library works; its final result."""
+    from tqdm import tqdm
+
+    bar = None
+    result = None
+    try:
+        for ev in events:
+            if ev.stage == "searched" and not quiet and ev.todo:
+                bar = tqdm(total=ev.todo, desc="fetched", unit="inst", file=sys.stderr, leave=False)
+            elif bar is not None and ev.stage in ("fetched", "indexed"):
+                bar.update(ev.fetched - bar.n)
+                bar.set_postfix({done: ev.indexed, "skipped": ev.skipped})
+            result = ev.result or result
+    finally:
+        if bar is not None:
+            bar.close()
+    assert result is not None
+    return result
+
+
 def sync(
     url: str,
     index: Path,
@@ -63,28 +103,18 @@ def sync(
     overwrite: bool = False,
 ) -> None:
     """Index a DICOMweb server (build: `load` gives the encoder; add: the index's own), showing progress."""
-    import os
-
-    from tqdm import tqdm
-
     from indexer.index_dir import check_can_build, read_manifest
-    from retrieval.data.dicomweb import DEFAULT_VIEWER, VIEWER_ENV, DicomWebSource, Filters, server_config
-    from retrieval.pacs import SyncOptions, sync_dicomweb
+    from retrieval.data.dicomweb import DicomWebSource, Filters
+    from retrieval.pacs import sync_dicomweb
     from retrieval.pipeline import encoder_for_index, report_skipped
 
     filters = Filters(tuple(studies), modality, since, body_part)
-    template = viewer_url or os.environ.get(VIEWER_ENV) or DEFAULT_VIEWER
-    cfg = server_config(url, auth_file=auth, verify=not insecure)
-    if insecure:
-        echo_err(f"warning: --insecure: the TLS certificate of {cfg.url} is not verified")
-    opts = SyncOptions(commit_every=commit_every, batch_size=batch_size, use_gpu=gpu, viewer_template=template)
+    cfg, opts = connection(url, auth, insecure, viewer_url, batch_size, gpu, commit_every=commit_every)
     if create:
         check_can_build(index, overwrite)
     else:
         m = read_manifest(index)
     t0 = time.perf_counter()
-    bar = None
-    result = None
     with DicomWebSource(cfg) as source:
         source.check()  # before the encoder is loaded: a wrong URL or password costs nothing
         if create:
@@ -92,18 +122,7 @@ def sync(
             loaded = load()
         else:
             loaded = encoder_for_index(m.fingerprint, m.encoder_spec, f"--index {index}")
-        try:
-            for ev in sync_dicomweb(source, filters, index, loaded, create, index_cfg, overwrite, opts):
-                if ev.stage == "searched" and not quiet and ev.todo:
-                    bar = tqdm(total=ev.todo, desc="fetched", unit="inst", file=sys.stderr, leave=False)
-                elif bar is not None and ev.stage in ("fetched", "indexed"):
-                    bar.update(ev.fetched - bar.n)
-                    bar.set_postfix(indexed=ev.indexed, skipped=ev.skipped)
-                result = ev.result or result
-        finally:
-            if bar is not None:
-                bar.close()
-    assert result is not None
+        result = follow(sync_dicomweb(source, filters, index, loaded, create, index_cfg, overwrite, opts), quiet)
     report_skipped(result.skipped)
     holds = f"; index now holds {result.manifest.count}" if result.manifest is not None else "; index unchanged"
     print(

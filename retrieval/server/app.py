@@ -64,25 +64,19 @@ def _handlers(app: FastAPI) -> None:
     async def _upload(_: Request, exc: UploadError) -> JSONResponse:
         return _error(exc.status, str(exc))
 
-    @app.exception_handler(NotFound)
-    async def _missing(_: Request, exc: NotFound) -> JSONResponse:
-        return _error(404, str(exc))
+    statuses: list[tuple[type[Exception], int, str]] = [  # the library's errors as HTTP answers
+        (NotFound, 404, ""),
+        (Forbidden, 403, ""),
+        (InstanceUnavailable, 404, "not on the PACS: "),
+        (ServerUnreachable, 502, ""),
+        (RetrieveError, 400, ""),
+    ]
+    for kind, status, prefix in statuses:
 
-    @app.exception_handler(Forbidden)
-    async def _forbidden(_: Request, exc: Forbidden) -> JSONResponse:
-        return _error(403, str(exc))
+        async def _answer(_: Request, exc: Exception, status: int = status, prefix: str = prefix) -> JSONResponse:
+            return _error(status, f"{prefix}{exc}")
 
-    @app.exception_handler(InstanceUnavailable)
-    async def _not_on_pacs(_: Request, exc: InstanceUnavailable) -> JSONResponse:
-        return _error(404, f"not on the PACS: {exc}")
-
-    @app.exception_handler(ServerUnreachable)
-    async def _pacs_down(_: Request, exc: ServerUnreachable) -> JSONResponse:
-        return _error(502, str(exc))
-
-    @app.exception_handler(RetrieveError)
-    async def _bad(_: Request, exc: RetrieveError) -> JSONResponse:
-        return _error(400, str(exc))
+        app.add_exception_handler(kind, _answer)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -125,7 +125,9 @@ class Engine:
             if own:
                 own = self._in_frame_order(own)
                 names = [ref] if len(own) == 1 else [f"{ref}#{i}" for i in range(len(own))]
-                vectors = self.idx.vectors.vectors[own]
+                stored = self.idx.reader.fetch(self.idx.live_ids[own].tolist(), vectors=True)[1]  # its rows only
+                assert stored is not None
+                vectors = stored
             else:
                 names, vectors = embed_remote(self._source(), study, series, sop, self.loaded)
             excluded = [] if include_self else self._with_near_duplicates(own)

@@ -30,7 +30,8 @@ from retrieval.config import PreprocessConfig  # noqa: E402
 from retrieval.data.dataset import load_dataset  # noqa: E402
 from retrieval.embed import pick_device  # noqa: E402
 from retrieval.evaluation.evaluate import EvalSettings, evaluate  # noqa: E402
-from retrieval.training.benchmark import FoldFitter, make_folds, resolve_method_config  # noqa: E402
+from retrieval.training.benchmark import FoldFitter, resolve_method_config  # noqa: E402
+from retrieval.training.folds import make_folds  # noqa: E402
 from retrieval.training.trainer import load_image_tensors  # noqa: E402
 
 

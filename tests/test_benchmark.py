@@ -4,7 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from retrieval.training.benchmark import group_ids, linear_probe, make_folds, patient_average, run_benchmark
+from retrieval.training.benchmark import run_benchmark
+from retrieval.training.folds import group_ids, make_folds
+from retrieval.training.scoring import linear_probe, patient_average
 
 
 @pytest.fixture(autouse=True)
@@ -119,6 +121,7 @@ def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
     """Every candidate is fitted on inner-train rows and scored on inner-validation rows, both inside
     the training folds; the held-out fold is touched only by the final fit's scoring."""
     import retrieval.training.benchmark as bm
+    import retrieval.training.scoring as scoring
 
     calls = []
     real_evaluate = bm.evaluate
@@ -133,7 +136,8 @@ def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
 
     demo_data = tmp_path / "d"
     generate_demo_dataset(demo_data, n_per_grade=4, frames=2, size=64, seed=2)
-    monkeypatch.setattr(bm, "evaluate", spy)
+    monkeypatch.setattr(bm, "evaluate", spy)  # the inner selection's scores
+    monkeypatch.setattr(scoring, "evaluate", spy)  # every fold's score (score_fold)
     res = bm.run_benchmark(
         demo_data,
         ["supervised"],
@@ -148,7 +152,7 @@ def test_nested_selection_uses_only_training_folds(tmp_path, monkeypatch):
     from retrieval.data.dataset import load_dataset
 
     rows = load_dataset(demo_data).rows
-    splits = bm.make_folds(rows, 2, 0)
+    splits = make_folds(rows, 2, 0)
     method_calls = calls[-(2 * 3) :]  # per fold: 2 candidates + 1 final (after the 3 baselines' calls)
     for f, (_tr, te) in enumerate(splits):
         for q, g in method_calls[3 * f : 3 * f + 2]:
@@ -174,7 +178,7 @@ def test_methods_on_random_init_backbones_get_that_backbone_at_init_as_baseline(
         "random-cnn5-32px",
         "simclr",
     }
-    from retrieval.training.benchmark import markdown_table
+    from retrieval.training.benchmark_report import markdown_table
 
     assert "| random-cnn5-32px (baseline) |" in markdown_table(res)
     # a head on frozen random-init features is compared with those features; ImageNet features get no such row
@@ -280,7 +284,7 @@ def test_benchmark_cli_reads_yaml_values_and_candidate_lists(demo_data, tmp_path
 def test_clustering_methods_scored_next_to_kmeans(demo_data, monkeypatch):
     """pica/lsd get K = classes, never see a label, and their held-out clusters sit next to k-means baselines."""
     import retrieval.training.benchmark as bm
-    from retrieval.training.benchmark import markdown_table
+    from retrieval.training.benchmark_report import markdown_table
 
     seen = []
     real_train = bm.train

@@ -10,8 +10,8 @@ from conftest import assert_one_line_error, run_cli
 
 from retrieval.data.dataset import load_dataset
 from retrieval.errors import RetrieveError
-from retrieval.training.benchmark import keep_label_fraction
 from retrieval.training.config import TrainConfig
+from retrieval.training.folds import keep_label_fraction
 from retrieval.training.losses import fixmatch_loss
 from retrieval.training.trainer import train
 

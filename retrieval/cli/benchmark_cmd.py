@@ -52,7 +52,8 @@ def benchmark(
     quiet: bool = opt.Quiet,
 ):
     """Grouped k-fold comparison of training methods against raw-pixel, random-init and ImageNet baselines."""
-    from retrieval.training.benchmark import markdown_table, run_benchmark, write_outputs
+    from retrieval.training.benchmark import run_benchmark
+    from retrieval.training.benchmark_report import markdown_table, write_outputs
 
     names = [m.strip() for m in methods.split(",") if m.strip()]
     overrides = {"epochs": epochs} if epochs else {}

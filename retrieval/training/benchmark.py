@@ -9,11 +9,13 @@ ImageNet EfficientNet-Lite0 features, and each random-init backbone a method tra
 trains a head on (frozen), untouched. The split can be repeated with other seeds (`repeats`). Nothing
 is tuned on the held-out fold: every method runs with its preset as written, or chooses options on an
 inner split (`select`).
+
+This module resolves the methods and runs the protocol; `folds` makes the splits, `scoring` scores a
+fold, `benchmark_report` summarises and writes the results.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from importlib.resources import files
@@ -24,9 +26,6 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from sklearn.linear_model import LogisticRegression
-from sklearn.metrics import balanced_accuracy_score, roc_auc_score
-from sklearn.model_selection import StratifiedGroupKFold
 
 from retrieval.config import PreprocessConfig
 from retrieval.data.dataset import load_dataset
@@ -35,110 +34,15 @@ from retrieval.encoders.base import concat_vectors
 from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError
 from retrieval.evaluation.evaluate import EvalSettings, evaluate
-from retrieval.training.cluster_eval import CLUSTER_KEYS, fold_cluster_scores, kmeans_assign, summarise_clusters
+from retrieval.training.benchmark_report import summarise_folds
+from retrieval.training.cluster_eval import fold_cluster_scores, kmeans_assign, summarise_clusters
 from retrieval.training.config import METHODS, TrainConfig, load_train_config
 from retrieval.training.feature_cache import features_with_cache
+from retrieval.training.folds import group_ids, inner_split, keep_label_fraction, make_folds
+from retrieval.training.scoring import score_fold
 from retrieval.training.trainer import load_image_tensors, train
 
 PRESETS = Path(str(files("retrieval") / "presets" / "train"))  # shipped in the wheel (package data)
-BASELINES = ("raw-pixels", "random-resnet18", "imagenet-effnet-lite0")
-RETRIEVAL_KEYS = ("map", "mrr", "p@1", "map@r", "knn_accuracy", "knn_balanced_accuracy")
-PROBE_KEYS = ("probe_auc", "probe_balanced_accuracy", "probe_patient_auc", "probe_patient_balanced_accuracy")
-
-
-def is_baseline(name: str) -> bool:
-    """The fixed baselines, and `random-<encoder>-<size>px`: a method's random-init backbone, untouched."""
-    return name in BASELINES or name.startswith("random-")
-
-
-def group_ids(rows: pd.DataFrame) -> np.ndarray:
-    """Union of patient_id and near_dup_group links (union-find); ungrouped images stand alone."""
-    parent = list(range(len(rows)))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    for col in ("patient_id", "near_dup_group"):
-        if col not in rows:
-            continue
-        first: dict[str, int] = {}
-        for i, v in enumerate(rows[col].astype("string").fillna("").str.strip()):
-            if v:
-                if v in first:
-                    parent[find(i)] = find(first[v])
-                else:
-                    first[v] = i
-    return np.array([find(i) for i in range(len(rows))])
-
-
-def make_folds(rows: pd.DataFrame, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    labels = rows["label"].astype(str).to_numpy()
-    groups = group_ids(rows)
-    if len(np.unique(groups)) < k:
-        raise RetrieveError(f"--folds {k}: only {len(np.unique(groups))} patient/near-duplicate groups")
-    splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [(tr, te) for tr, te in splitter.split(np.zeros(len(rows)), labels, groups)]
-
-
-def _auc_and_bacc(y: np.ndarray, prob: np.ndarray, classes: np.ndarray) -> tuple[float, float]:
-    """AUC (binary, or macro one-vs-rest when every class is present) and balanced accuracy of argmax."""
-    if len(classes) == 2:
-        auc = roc_auc_score(y == classes[1], prob[:, 1]) if len(set(y)) == 2 else float("nan")
-    else:
-        auc = (
-            roc_auc_score(y, prob, multi_class="ovr", labels=list(classes)) if set(classes) <= set(y) else float("nan")
-        )
-    return float(auc), float(balanced_accuracy_score(y, classes[prob.argmax(1)]))
-
-
-def patient_average(prob: np.ndarray, labels: np.ndarray, patients: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """Mean predicted probabilities per patient (paper 001), with each patient's label; None when a
-    patient id is missing or a patient holds images of more than one label."""
-    ids = pd.Series(patients, dtype=object)
-    if ids.isna().any() or (ids.astype(str).str.strip() == "").any():
-        return None
-    by_patient = pd.Series(labels).groupby(ids.to_numpy(), sort=False)
-    if (by_patient.nunique() > 1).any():
-        return None
-    return pd.DataFrame(prob).groupby(ids.to_numpy(), sort=False).mean().to_numpy(), by_patient.first().to_numpy()
-
-
-def linear_probe(
-    vectors: np.ndarray,
-    labels: np.ndarray,
-    train_idx: np.ndarray,
-    test_idx: np.ndarray,
-    patients: np.ndarray | None = None,
-) -> dict[str, float]:
-    """Logistic regression on standardised frozen vectors: AUC (macro one-vs-rest) and balanced accuracy
-    per image and, where `patients` gives one label per patient, on predictions averaged per patient."""
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
-    pipe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=3000, C=1.0))
-    pipe.fit(vectors[train_idx], labels[train_idx])
-    classes = pipe[-1].classes_
-    prob = pipe.predict_proba(vectors[test_idx])
-    auc, bacc = _auc_and_bacc(labels[test_idx], prob, classes)
-    out = {
-        "probe_auc": auc,
-        "probe_balanced_accuracy": bacc,
-        "probe_patient_auc": float("nan"),
-        "probe_patient_balanced_accuracy": float("nan"),
-    }
-    per_patient = (
-        None
-        if patients is None
-        else patient_average(prob, labels[test_idx], np.asarray(patients, dtype=object)[test_idx])
-    )
-    if per_patient is not None:
-        out["probe_patient_auc"], out["probe_patient_balanced_accuracy"] = _auc_and_bacc(
-            per_patient[1], per_patient[0], classes
-        )
-    return out
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -151,31 +55,12 @@ def raw_pixel_vectors(images: torch.Tensor, side: int = 32) -> np.ndarray:
     return _unit((x - x.mean(1, keepdim=True)).numpy())
 
 
-def score_fold(rows: pd.DataFrame, vectors: np.ndarray, tr: np.ndarray, te: np.ndarray, k: int) -> dict[str, float]:
-    test = np.zeros(len(rows), bool)
-    test[te] = True
-    res = evaluate(rows, vectors, EvalSettings(k=k), progress=False, query_mask=test, gallery_mask=~test)
-    out = {key: res["overall"][key] for key in RETRIEVAL_KEYS}
-    patients = rows["patient_id"].to_numpy(dtype=object) if "patient_id" in rows else None
-    out.update(linear_probe(vectors, rows["label"].astype(str).to_numpy(), tr, te, patients))
-    return out
-
-
 def candidate_grid(select: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination of the candidate values, e.g. {"augment_gain": [true, false]} -> 2 settings."""
     import itertools
 
     keys = sorted(select)
     return [dict(zip(keys, values)) for values in itertools.product(*(select[k] for k in keys))] or [{}]
-
-
-def inner_split(rows: pd.DataFrame, tr: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """One grouped, stratified split of the training folds: about 3/4 inner-train, 1/4 validation."""
-    sub = rows.iloc[tr].reset_index(drop=True)
-    n_groups = len(np.unique(group_ids(sub)))
-    k = 4 if n_groups >= 8 else 2
-    itr, iva = make_folds(sub, k, seed + 1000)[0]
-    return tr[itr], tr[iva]
 
 
 def resolve_method_config(method: str, preset_dir: Path = PRESETS) -> TrainConfig:
@@ -185,30 +70,6 @@ def resolve_method_config(method: str, preset_dir: Path = PRESETS) -> TrainConfi
     if not cpu.is_file():
         raise RetrieveError(f"--methods {method}: its preset {cpu} is missing (a broken install?)")
     return load_train_config(cpu, {"method": method})
-
-
-def keep_label_fraction(rows: pd.DataFrame, fraction: float, seed: int) -> pd.DataFrame:
-    """The rows with all labels blanked but those of a random, stratified `fraction` of the patients: the
-    few-labels setting of semi-supervised methods, simulated on a labelled archive. Whole groups (patient
-    and near-duplicate group, as the folds) are labelled or not; per class (a group's most frequent label),
-    groups are taken in a seeded random order whenever one brings that class's labelled images closer to
-    `fraction` of its images, and at least one group per class is taken."""
-    rng = np.random.default_rng(seed)
-    labels = rows["label"].astype(str).to_numpy()
-    groups = group_ids(rows)
-    by_group = pd.DataFrame({"g": groups, "y": labels}).groupby("g")["y"]
-    major = by_group.agg(lambda y: y.value_counts().sort_index().idxmax())  # ties: the first label by name
-    sizes = by_group.size()
-    chosen: list[int] = []
-    for cls in sorted(set(labels)):
-        target, taken = fraction * float((labels == cls).sum()), 0
-        for g in rng.permutation(major.index[major == cls].to_numpy()):
-            if not taken or abs(taken + sizes[g] - target) < abs(taken - target):
-                chosen.append(g)
-                taken += int(sizes[g])
-    out = rows.copy()
-    out["label"] = out["label"].astype("string").where(np.isin(groups, chosen), pd.NA)
-    return out
 
 
 def parse_method_spec(spec: str) -> tuple[str, float | None]:
@@ -482,123 +343,3 @@ def run_benchmark(
         "device": str(device),
         "torch": torch.__version__,
     }
-
-
-def summarise_folds(runs: list[dict[str, float]], folds: int) -> dict[str, dict[str, float | None]]:
-    """Mean and standard deviation over every fold of every repeat (None where a metric never applies);
-    with repeats, also the standard deviation of the repeats' means (how much the split alone moves it)."""
-    out: dict[str, dict[str, float | None]] = {}
-    for key in RETRIEVAL_KEYS + PROBE_KEYS:
-        vals = np.array([r[key] for r in runs], dtype=float)
-        ok = vals[~np.isnan(vals)]
-        entry: dict[str, float | None] = {
-            "mean": float(ok.mean()) if len(ok) else None,
-            "std": float(ok.std()) if len(ok) else None,
-        }
-        if len(vals) > folds and len(ok) == len(vals):
-            entry["repeat_std"] = float(vals.reshape(-1, folds).mean(1).std())
-        out[key] = entry
-    return out
-
-
-def _cell(stat: dict[str, float | None]) -> str:
-    return "-" if stat["mean"] is None else f"{stat['mean']:.3f} ± {stat['std']:.3f}"
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN (a metric that does not apply to a fold) becomes null, so the file is strict JSON."""
-    if isinstance(obj, float) and np.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
-def cluster_table(result: dict[str, Any]) -> list[str]:
-    """Markdown lines for the clustering scores on held-out folds (none when no clustering method ran)."""
-    summary = result.get("clustering", {}).get("summary", {})
-    if not summary:
-        return []
-    lines = [
-        "",
-        "Clusters on the held-out folds (K = classes; clusters matched to labels on the training folds):",
-        "",
-        "| clustering | NMI | ARI | Hungarian acc | weighted F1 |",
-        "|---|---|---|---|---|",
-    ]
-    for name, s in summary.items():
-        lines.append(f"| {name} | " + " | ".join(_cell(s[k]) for k in CLUSTER_KEYS) + " |")
-    return lines
-
-
-def markdown_table(result: dict[str, Any]) -> str:
-    name = Path(result["dataset"]).name
-    repeats = result.get("repeats", 1)
-    split = f"{result['folds']} folds" + (f" x {repeats} repeats" if repeats > 1 else "")
-    lines = [
-        f"### {name} ({result['images']} images, {result['groups']} groups, {split}, "
-        f"wall {result['wall_s'] / 60:.1f} min)",
-        "",
-        "| method | MAP | MRR | P@1 | MAP@R | kNN acc | kNN bal. acc | probe AUC | probe bal. acc "
-        "| probe AUC per patient | probe bal. acc per patient |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    chosen = result.get("selection", {}).get("chosen_per_fold", {})
-    for method, s in result["summary"].items():
-        cells = [_cell(s[k]) for k in RETRIEVAL_KEYS + PROBE_KEYS]
-        kind = " (baseline)" if is_baseline(method) else ""
-        lines.append(f"| {method}{kind} | " + " | ".join(cells) + " |")
-    lines += cluster_table(result)
-    fractions = {
-        m: float(np.mean([r["labelled_fraction"] for r in runs]))
-        for m, runs in result.get("per_fold", {}).items()
-        if runs and "labelled_fraction" in runs[0]
-    }
-    if fractions:
-        lines += [
-            "",
-            "Share of the training rows that kept a label (whole patient groups, mean over folds): "
-            + ", ".join(f"{m} {v:.3f}" for m, v in fractions.items())
-            + ".",
-        ]
-    if repeats > 1:
-        spread = ", ".join(
-            f"{m} {s['map']['repeat_std']:.3f}"
-            for m, s in result["summary"].items()
-            if s["map"].get("repeat_std") is not None
-        )
-        lines += [
-            "",
-            f"Mean ± std over all {result['folds'] * repeats} folds. "
-            f"Std of the {repeats} repeats' MAP means: {spread}.",
-        ]
-    if chosen:
-        lines += [
-            "",
-            "Selected per fold on an inner validation split of the training folds "
-            f"(candidates {result['selection']['candidates']}):",
-        ]
-        for method, picks in chosen.items():
-            lines.append(
-                f"- {method}: "
-                + "; ".join(
-                    ", ".join(f"{k}={v}" for k, v in p.items() if k != "inner_val_map")
-                    + f" (inner MAP {p['inner_val_map']})"
-                    for p in picks
-                )
-            )
-    return "\n".join(lines) + "\n"
-
-
-def write_outputs(results: list[dict[str, Any]], out_dir: Path) -> tuple[Path, Path]:
-    from indexer.atomic import atomic_path
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    js, md = out_dir / "benchmark.json", out_dir / "benchmark.md"
-    with atomic_path(js) as tmp:
-        tmp.write_text(json.dumps(_json_safe(results), indent=2, allow_nan=False))
-    with atomic_path(md) as tmp:
-        tmp.write_text("\n".join(markdown_table(r) for r in results))
-    return js, md

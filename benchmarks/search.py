@@ -24,7 +24,12 @@ shape (numpy float32 matmul, queries x vectors.T) timed in the same process.
 
     nice -n 10 python benchmarks/search.py [--large] [--dims 256,1280] [--data random,clustered]
         [--methods sklearn,flat,hnsw,ivf,ivfpq,auto,hnswlib] [--budget 1800] [--threads 1] [--clock cpu|wall]
-        [--out benchmarks/results/search.json]
+        [--sklearn-queries 300] [--out benchmarks/results/search.json]
+
+IVF kinds train on at most 100,000 vectors evenly drawn (indexer.streaming.TRAIN_SAMPLE), as a streaming
+`index build` does. A sweep stops at recall 0.999, or past 0.95 once deeper settings stop gaining.
+--sklearn-queries measures scikit-learn on that many of the evaluation queries (its brute force at 1M
+costs seconds a query; QPS needs only a few hundred).
 
 --budget bounds the whole run in seconds: cells not started in time are listed as skipped, and each
 method process is stopped after --cell-timeout seconds.
@@ -54,6 +59,7 @@ N_TUNE = 500
 N_SINGLE = 200
 TARGET = 0.95
 EF_SWEEP = [16, 32, 64, 128, 256, 512, 1024]
+SWEEP_STEP_S = 60.0  # a sweep stops past the target once one setting takes this long
 METHODS = ["sklearn", "flat", "hnsw", "ivf", "ivfsq", "ivfpq", "auto", "hnswlib"]
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 clock = time.process_time  # set per run (--clock): CPU seconds of the whole process, or wall-clock seconds
@@ -77,11 +83,12 @@ def make_data(n: int, d: int, kind: str, seed: int) -> np.ndarray:
 
 def exact_topk(x: np.ndarray, q: np.ndarray, k: int) -> np.ndarray:
     out = np.empty((len(q), k), dtype=np.int64)
-    for s in range(0, len(q), 250):
-        sims = q[s : s + 250] @ x.T
+    step = int(min(250, max(1, 2**24 // len(x))))  # at most 64 MB of similarities at once (64 queries at 1M)
+    for s in range(0, len(q), step):
+        sims = q[s : s + step] @ x.T
         top = np.argpartition(-sims, k, axis=1)[:, :k]
         order = np.argsort(-np.take_along_axis(sims, top, axis=1), axis=1)
-        out[s : s + 250] = np.take_along_axis(top, order, axis=1)
+        out[s : s + step] = np.take_along_axis(top, order, axis=1)
     return out
 
 
@@ -108,6 +115,7 @@ def timed_search(fn, q: np.ndarray) -> tuple[np.ndarray, float]:
 
 
 def latency(fn, q: np.ndarray) -> tuple[float, float]:
+    """p50 and p99 ms of one query at a time, over the given queries."""
     times = []
     for i in range(len(q)):
         t0 = clock()
@@ -116,7 +124,9 @@ def latency(fn, q: np.ndarray) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
-def measure(fn, q: np.ndarray, truth: np.ndarray, one_thread_single: bool = False) -> dict[str, float]:
+def measure(
+    fn, q: np.ndarray, truth: np.ndarray, one_thread_single: bool = False, n_single: int = N_SINGLE
+) -> dict[str, float]:
     """Batched QPS and recall on all queries; single-query latency (FAISS on one OpenMP thread, as a server
     answering concurrent queries would run it: a team of threads per query only waits on a loaded machine)."""
     fn(q[:10])  # warm up
@@ -126,10 +136,10 @@ def measure(fn, q: np.ndarray, truth: np.ndarray, one_thread_single: bool = Fals
 
         before = faiss.omp_get_max_threads()
         faiss.omp_set_num_threads(1)
-    p50, p99 = latency(fn, q[:N_SINGLE])
+    p50, p99 = latency(fn, q[:n_single])
     if one_thread_single:
         faiss.omp_set_num_threads(before)
-    return {"qps": len(q) / t, "p50_ms": p50, "p99_ms": p99, "recall": recall(ids, truth)}
+    return {"qps": len(q) / t, "p50_ms": p50, "p99_ms": p99, "recall": recall(ids, truth), "queries": len(q)}
 
 
 def qps_at_target(points: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -143,13 +153,17 @@ def qps_at_target(points: list[dict[str, Any]]) -> dict[str, Any] | None:
 def run_faiss(method: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, tq: np.ndarray, tt: np.ndarray):
 
     from indexer.config import IndexConfig
-    from indexer.faiss_index import build_index, search_parameters
+    from indexer.faiss_index import fill_index, new_index, search_parameters
     from indexer.kinds import choose_kind
+    from indexer.streaming import TRAIN_SAMPLE
     from indexer.tune import parameter_space
 
     kind = choose_kind(len(x)) if method == "auto" else method
     t0 = clock()
-    index, resolved, params = build_index(x, kind, IndexConfig(gpu=False), use_gpu=False)
+    index, resolved, params = new_index(x.shape[1], len(x), kind, IndexConfig(gpu=False), use_gpu=False)
+    step = -(-len(x) // TRAIN_SAMPLE)  # IVF k-means on at most TRAIN_SAMPLE vectors, as a streaming build trains
+    ids = np.arange(len(x), dtype=np.int64)
+    fill_index(index, lambda: [(x, ids)], sample=lambda: x[::step], use_gpu=False)
     build_s = clock() - t0
 
     def searcher(prm: dict[str, Any]):
@@ -160,25 +174,24 @@ def run_faiss(method: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, tq: 
 
     rows = []
     base = {"build_s": build_s, "factory": params.get("factory")}
-    default = {**base, **measure(searcher(params), q, truth, True), "setting": _setting(params)}
-    if method == "flat":
-        default.update(sgemm(x, q))
-    sweep = []
     space = parameter_space(index)  # as `index tune` sweeps it (the polysemous threshold ht left out)
     names = [space.combination_name(c) for c in range(space.n_combinations())]
     if resolved == "hnsw":
         names = [f"efSearch={ef}" for ef in EF_SWEEP]
-    for name in names[:16]:
-        if name:
-            space.set_index_parameters(index, name)
-        fn = searcher({})
-        ids, t = timed_search(fn, q)
-        sweep.append({"setting": name, "qps": len(q) / t, "recall": recall(ids, truth)})
-        if sweep[-1]["recall"] >= 0.999:
-            break
-    default["sweep"] = sweep
-    default["at_target"] = qps_at_target(sweep)
-    if method != "auto":
+    if method != "auto":  # auto reports its tuned setting only
+        default = {**base, **measure(searcher(params), q, truth, True), "setting": _setting(params)}
+        if method == "flat":
+            default.update(sgemm(x, q))
+        sweep = []
+        for name in names[:16]:
+            if name:
+                space.set_index_parameters(index, name)
+            found, t = timed_search(searcher({}), q)
+            sweep.append({"setting": name, "qps": len(q) / t, "recall": recall(found, truth)})
+            if sweep_done(sweep, t):
+                break
+        default["sweep"] = sweep
+        default["at_target"] = qps_at_target(sweep)
         rows.append({"method": method, **default})
     if method == "auto" or (method == "hnsw" and choose_kind(len(x)) == "hnsw"):
         # auto: tuned like `index tune --recall 0.95`, on the tuning queries; evaluated on the others
@@ -199,6 +212,17 @@ def run_faiss(method: str, x: np.ndarray, q: np.ndarray, truth: np.ndarray, tq: 
     return rows
 
 
+def sweep_done(sweep: list[dict[str, Any]], seconds: float) -> bool:
+    """Stop a sweep (settings cheap to dear) at recall 0.999; past the target, once two deeper settings gained
+    less than 0.002 together (quantised codes cap the recall below 1) or one setting took over SWEEP_STEP_S."""
+    last = sweep[-1]["recall"]
+    if last >= 0.999:
+        return True
+    if last >= TARGET and (seconds > SWEEP_STEP_S or (len(sweep) >= 3 and last - sweep[-3]["recall"] < 0.002)):
+        return True
+    return False
+
+
 def _setting(params: dict[str, Any]) -> str:
     keys = [k for k in ("nlist", "nprobe", "hnsw_m", "ef_search", "pq_m", "pq_nbits") if k in params]
     return ", ".join(f"{k}={params[k]}" for k in keys) or "exact"
@@ -217,14 +241,20 @@ def sgemm(x: np.ndarray, q: np.ndarray) -> dict[str, float]:
     return {"sgemm_gflops": flops / best / 1e9, "sgemm_qps": len(q) / best}
 
 
-def run_sklearn(x: np.ndarray, q: np.ndarray, truth: np.ndarray):
+def run_sklearn(x: np.ndarray, q: np.ndarray, truth: np.ndarray, queries: int = 0):
+    """scikit-learn's brute force; with `queries`, measured on the first `queries` evaluation queries only
+    (its QPS does not depend on which; single-query latency on a fifth of them)."""
     from sklearn.neighbors import NearestNeighbors
 
     t0 = clock()
     nn = NearestNeighbors(n_neighbors=K, algorithm="brute", metric="cosine").fit(x)
     build_s = clock() - t0
-    res = measure(lambda qq: nn.kneighbors(qq, K, return_distance=False), q, truth)
-    return [{"method": "sklearn", "build_s": build_s, "setting": "brute, cosine", **res}]
+    if queries:
+        q, truth = q[:queries], truth[:queries]
+    single = min(N_SINGLE, max(1, len(q) // 5)) if queries else N_SINGLE
+    res = measure(lambda qq: nn.kneighbors(qq, K, return_distance=False), q, truth, n_single=single)
+    setting = f"brute, cosine ({len(q)} queries)" if queries else "brute, cosine"
+    return [{"method": "sklearn", "build_s": build_s, "setting": setting, **res}]
 
 
 def run_hnswlib(x: np.ndarray, q: np.ndarray, truth: np.ndarray, threads: int):
@@ -265,7 +295,7 @@ def child(spec: dict[str, Any]) -> None:
     tq, tt = np.load(folder / "tq.npy"), np.load(folder / "tt.npy")
     method = spec["method"]
     if method == "sklearn":
-        rows = run_sklearn(x, q, truth)
+        rows = run_sklearn(x, q, truth, spec.get("sklearn_queries", 0))
     elif method == "hnswlib":
         rows = run_hnswlib(x, q, truth, spec["threads"])
     else:
@@ -302,6 +332,7 @@ def run_cell(n: int, d: int, data: str, methods: list[str], args, deadline: floa
                 rows.append({**cell, "method": method, "skipped": "run budget spent"})
                 continue
             spec = {"folder": str(folder), "method": method, "threads": args.threads, "clock": args.clock}
+            spec["sklearn_queries"] = args.sklearn_queries
             cmd = [sys.executable, __file__, "--child", json.dumps(spec)]
             threads = str(args.threads)  # BLAS (scikit-learn, numpy) and OpenMP (FAISS) alike
             env = {
@@ -406,6 +437,12 @@ def main() -> None:
         "wall: elapsed seconds",
     )
     ap.add_argument("--budget", type=float, default=1800.0, help="seconds for the whole run")
+    ap.add_argument(
+        "--sklearn-queries",
+        type=int,
+        default=0,
+        help="measure scikit-learn on this many of the evaluation queries (0: all; its QPS needs a few hundred)",
+    )
     ap.add_argument("--cell-timeout", type=float, default=600.0, help="seconds for one method in one cell")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "search.json")
     args = ap.parse_args()

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from indexer.atomic import atomic_path
 from indexer.config import IndexConfig
@@ -41,13 +43,14 @@ from indexer.index_dir import (
     new_manifest,
     write_lock,
 )
-from indexer.shards import Shard, ShardReader, write_shard
-from indexer.store import VectorSet
+from indexer.shards import ROW_ID, Shard, ShardReader, write_shard
+from indexer.store import FINGERPRINT_KEY, SPEC_KEY, VECTOR_COLUMN, VectorSet, vectors_from_table
 
 log = logging.getLogger(__name__)
 
 STATE = "build.json"
 TRAIN_SAMPLE = 100_000  # vectors that train an IVF quantiser
+CHUNK_BYTES = 64 * 2**20  # vectors read at once by build_from_vectors (16,384 rows at 1280-d)
 
 
 class StreamingBuild:
@@ -202,3 +205,68 @@ class StreamingBuild:
             step = max(1, int(round(1 / take)))
             out.append(vecs[::step])
         return np.vstack(out)
+
+
+def _vector_file_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(fingerprint, encoder spec, dim) of a vectors file from its Parquet schema alone; one-line errors."""
+    try:
+        schema = pq.read_schema(path)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise RetrieveError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
+    meta = schema.metadata or {}
+    if VECTOR_COLUMN not in schema.names or FINGERPRINT_KEY not in meta:
+        raise RetrieveError(f"{path}: not a vectors file written by `retrieve embed` (no vector column or fingerprint)")
+    vtype = schema.field(VECTOR_COLUMN).type
+    if not pa.types.is_fixed_size_list(vtype) or not pa.types.is_floating(vtype.value_type):
+        raise RetrieveError(f"{path}: column '{VECTOR_COLUMN}' must be fixed_size_list<float> without nulls")
+    dim = vtype.list_size
+    try:
+        fingerprint = json.loads(meta[FINGERPRINT_KEY])
+        spec = json.loads(meta.get(SPEC_KEY, b"{}"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RetrieveError(f"{path}: damaged encoder fingerprint in the Parquet metadata") from None
+    if not isinstance(fingerprint, dict) or fingerprint.get("dim") not in (None, dim):
+        raise RetrieveError(f"{path}: vectors are {dim}-d but their encoder fingerprint does not say so")
+    missing = [c for c in ("id", "path") if c not in schema.names]
+    if missing:
+        raise RetrieveError(f"{path}: vectors file without the column(s) {', '.join(missing)}")
+    return fingerprint, spec, dim
+
+
+def build_from_vectors(
+    index_dir: str | Path, vectors: str | Path, cfg: IndexConfig, overwrite: bool = False
+) -> IndexManifest:
+    """`index build --vectors FILE|FOLDER` without reading the store whole: every Parquet file is read a
+    chunk (CHUNK_BYTES of vectors) at a time into a part shard, then FAISS is trained on a sample and
+    filled shard by shard (`StreamingBuild.finish`). Peak memory: the FAISS index, one shard, the sample."""
+    vectors = Path(vectors)
+    if vectors.is_dir():
+        files = sorted(vectors.glob("*.parquet"))
+        if not files:
+            raise RetrieveError(f"{vectors}: folder without vector shards (*.parquet)")
+    elif vectors.is_file():
+        files = [vectors]
+    else:
+        raise RetrieveError(f"{vectors}: vectors file not found")
+    metas = [_vector_file_meta(f) for f in files]  # every file checked before anything is written
+    fingerprint, spec, dim = metas[0]
+    for f, (fp, _, d) in zip(files[1:], metas[1:]):
+        diff = fingerprint_difference(fingerprint, fp) or (f"dim {dim} vs {d}" if d != dim else None)
+        if diff:
+            raise RetrieveError(
+                f"{vectors}: shards from different encoders ({files[0].name} vs {f.name}: {diff}); "
+                "embed them again with one encoder"
+            )
+    fingerprint = {**fingerprint, "dim": dim}
+    chunk = max(1, CHUNK_BYTES // (4 * dim))
+    with StreamingBuild(index_dir, fingerprint, spec, cfg, overwrite=overwrite) as build:
+        for f in files:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk):
+                table = pa.Table.from_batches([batch])
+                vecs = vectors_from_table(table, f)
+                rows = table.drop_columns([c for c in (VECTOR_COLUMN, ROW_ID) if c in table.column_names])
+                frame = rows.to_pandas()
+                if "frame_index" in frame.columns:
+                    frame["frame_index"] = frame["frame_index"].astype("Int64")
+                build.add(VectorSet(frame, vecs, fingerprint, spec))
+        return build.finish()

@@ -1,0 +1,245 @@
+"""`index build --vectors FOLDER` at archive scale: peak memory and time, next to the FAISS index's own size.
+
+Issue 12: "Peak memory must not grow with N beyond the FAISS index itself". For each cell (N vectors of
+d dims) a Parquet shard folder is written in 50,000-row shards (the layout `retrieve embed --engine ray`
+writes and `index build --vectors FOLDER` reads: indexer.shards.write_shard, `row_id`, the vector as
+fixed_size_list<float32>, an encoder fingerprint), generated shard by shard so that this process stays
+small. Vectors are clustered unit vectors (1,000 centres, noise 0.5, as benchmarks/search.py). Then,
+for each kind and method, one process builds an index from the folder:
+
+- cli:    `retrieve index build --vectors FOLDER --index OUT --kind KIND` (the CLI as it is)
+- stream: indexer.streaming.build_from_vectors(OUT, FOLDER, IndexConfig(kind=KIND)): the folder read
+          a chunk at a time into part shards, FAISS trained on a sample and filled shard by shard
+
+Measured per process: wall and CPU seconds (user + sys of the child), peak RSS (the process's own VmHWM,
+read as it exits: ru_maxrss would include this benchmark's memory at the fork), the FAISS file's size,
+and overhead = peak RSS - FAISS file size: what must not grow with N. The baseline is the same method at
+the smallest N of the run (a process's fixed cost: imports, the interpreter).
+
+    nice -n 10 python benchmarks/bench_build.py --cells "100000x256:flat,auto,hnsw;1000000x256:flat,auto:stream" \\
+        [--methods cli,stream] [--timeout 1800] [--work DIR] [--out benchmarks/results/build.json]
+
+Every child runs with one thread (OMP/BLAS); run the benchmark itself under `nice`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from indexer.shards import write_shard  # noqa: E402
+from indexer.store import VectorSet  # noqa: E402
+
+SHARD = 50_000  # rows per generated shard
+METHODS = ("cli", "stream")
+MB = 2**20
+
+PROBE = (
+    "import atexit, sys\n"
+    "def _peak():\n"
+    "    for line in open('/proc/self/status'):\n"
+    "        if line.startswith('VmHWM:'):\n"
+    "            sys.stderr.write('peak_kb=' + line.split()[1] + '\\n')\n"
+    "atexit.register(_peak)\n"
+    "if sys.argv[1] == 'cli':\n"
+    "    from retrieval.cli.main import main\n"
+    "    sys.exit(main(['index', 'build', '--vectors', sys.argv[2], '--index', sys.argv[3], '--kind', sys.argv[4]]))\n"
+    "from indexer.config import IndexConfig\n"
+    "from indexer.streaming import build_from_vectors\n"
+    "build_from_vectors(sys.argv[3], sys.argv[2], IndexConfig(kind=sys.argv[4], gpu=False))\n"
+)
+
+
+def parse_cells(text: str, methods: list[str] | None = None) -> list[tuple[int, int, list[str], list[str]]]:
+    """'100000x256:flat,auto;1000000x256:auto:stream' -> [(100000, 256, ['flat', 'auto'], methods),
+    (1000000, 256, ['auto'], ['stream'])]: N x d : kinds [: methods of this cell, else `methods`]."""
+    cells = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        size, _, rest = part.partition(":")
+        kinds, _, only = rest.partition(":")
+        n, _, d = size.lower().partition("x")
+        if not n or not d or not kinds:
+            raise SystemExit(f"--cells: {part!r} is not NxD:kind[,kind...][:method[,method...]]")
+        chosen = [m for m in only.split(",") if m] or list(methods or METHODS)
+        cells.append((int(float(n)), int(d), [k for k in kinds.split(",") if k], chosen))
+    return cells
+
+
+def fingerprint(d: int) -> dict[str, Any]:
+    return {"encoder": "bench-clustered", "arch": "bench", "weights_sha256": None, "dim": d, "preprocess": {}}
+
+
+def write_folder(folder: Path, n: int, d: int, seed: int = 1, shard: int = SHARD) -> int:
+    """n clustered unit vectors of d dims as Parquet shards of `shard` rows; returns the bytes written.
+
+    Generated shard by shard: this process holds one shard at a time, never the n vectors."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(12345 + d).standard_normal((1000, d), dtype=np.float32)
+    fp, spec = fingerprint(d), {"name": "bench-clustered"}
+    for k, start in enumerate(range(0, n, shard)):
+        m = min(shard, n - start)
+        block = centres[rng.integers(0, 1000, m)] + 0.5 * rng.standard_normal((m, d), dtype=np.float32)
+        block /= np.linalg.norm(block, axis=1, keepdims=True)
+        j = np.arange(start, start + m)
+        rows = pd.DataFrame(
+            {
+                "id": [f"case{i:07d}.png" for i in j],
+                "path": [f"archive/case{i:07d}.png" for i in j],
+                "label": np.array(["normal", "mild", "moderate", "severe"])[j % 4],
+                "patient_id": [f"P{i // 6:07d}" for i in j],
+            }
+        )
+        write_shard(folder / f"part-{k:05d}.parquet", VectorSet(rows, block, fp, spec), j.astype(np.int64))
+    return sum(p.stat().st_size for p in folder.glob("*.parquet"))
+
+
+def index_file_bytes(index: Path) -> int:
+    """Bytes of the FAISS file the index's manifest names."""
+    manifest = json.loads((index / "manifest.json").read_text())
+    return (index / manifest["index_file"]["name"]).stat().st_size
+
+
+def run_build(method: str, folder: Path, index: Path, kind: str, timeout: float) -> dict[str, Any]:
+    """One build process: wall s, CPU s, peak RSS MB (its own VmHWM), FAISS file MB; or why it did not finish."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-c", PROBE, method, str(folder), str(index), kind]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t0 = time.perf_counter()
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, check=False)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"over {timeout:.0f} s"}
+    wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if out.returncode != 0:
+        lines = [ln for ln in out.stderr.splitlines() if ln.strip() and not ln.startswith("peak_kb=")]
+        return {"skipped": f"failed (exit {out.returncode}): {(lines or ['?'])[-1][:200]}"}
+    peaks = [int(ln.split("=")[1]) for ln in out.stderr.splitlines() if ln.startswith("peak_kb=")]
+    manifest = json.loads((index / "manifest.json").read_text())
+    return {
+        "wall_s": wall,
+        "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+        "peak_mb": peaks[-1] / 1024 if peaks else float("nan"),
+        "index_mb": index_file_bytes(index) / MB,
+        "resolved": manifest.get("kind"),
+        "factory": (manifest.get("params") or {}).get("factory"),
+        "shards": len(manifest.get("shards") or []),
+    }
+
+
+def add_overheads(rows: list[dict[str, Any]]) -> None:
+    """overhead = peak - FAISS file; growth = overhead - the same (method, kind)'s overhead at the smallest N."""
+    for r in rows:
+        if "peak_mb" in r:
+            r["overhead_mb"] = r["peak_mb"] - r["index_mb"]
+    base: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in sorted((r for r in rows if "overhead_mb" in r), key=lambda r: (r["n"], r["d"])):
+        key = (r["method"], r["kind"])
+        if key not in base:
+            base[key] = r
+        b = base[key]
+        r["overhead_growth_mb"] = r["overhead_mb"] - b["overhead_mb"]
+        r["growth_vs"] = f"{b['n']}x{b['d']}"
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    head = (
+        "| N | d | vectors MB | method | kind | built as | wall s | CPU s | peak RSS MB | FAISS file MB "
+        "| overhead MB (peak - file) | overhead growth MB |"
+    )
+    lines = [head, "|" + "|".join(["---"] * 12) + "|"]
+    for r in rows:
+        cell = f"| {r['n']:,} | {r['d']} | {r['vectors_mb']:.0f} | {r['method']} | {r['kind']} |"
+        if "skipped" in r:
+            lines.append(cell + f" not run: {r['skipped']} |" + " |" * 6)
+            continue
+        growth = (
+            f"{r['overhead_growth_mb']:+.0f} (vs {r['growth_vs']})" if r["growth_vs"] != f"{r['n']}x{r['d']}" else "-"
+        )
+        lines.append(
+            cell + f" {r['factory']} | {r['wall_s']:.1f} | {r['cpu_s']:.1f} | {r['peak_mb']:.0f} | {r['index_mb']:.0f} "
+            f"| {r['overhead_mb']:.0f} | {growth} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--cells",
+        default="10000x256:flat;100000x256:flat,auto,hnsw;100000x1280:flat,auto;1000000x256:flat;1000000x256:auto:stream",
+        help="N x d : kinds [: methods]; cells separated by ';' (the vectors of one size are written once)",
+    )
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for one build process")
+    ap.add_argument("--work", type=Path, default=None, help="folder for the vectors and indexes (a temporary one)")
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "build.json")
+    args = ap.parse_args(argv)
+    cells = parse_cells(args.cells, [m for m in args.methods.split(",") if m])
+    bad = sorted({m for cell in cells for m in cell[3] if m not in METHODS})
+    if bad:
+        raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    t_start = time.time()
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-build-", dir=args.work) as tmp:
+        work = Path(tmp)
+        for n, d, kinds, methods in cells:
+            folder = work / f"vectors-{n}x{d}"  # kept for later cells of the same size
+            if folder.is_dir():
+                shards_bytes = sum(p.stat().st_size for p in folder.glob("*.parquet"))
+            else:
+                t0 = time.perf_counter()
+                shards_bytes = write_folder(folder, n, d)
+                gen_s = time.perf_counter() - t0
+                print(
+                    f"cell {n}x{d}: {shards_bytes / MB:.0f} MB of shards in {gen_s:.0f} s", file=sys.stderr, flush=True
+                )
+            for kind in kinds:
+                for method in methods:
+                    index = work / f"index-{n}x{d}-{kind}-{method}"
+                    r = {"n": n, "d": d, "kind": kind, "method": method, "vectors_mb": n * d * 4 / MB}
+                    r["shards_mb"] = shards_bytes / MB
+                    r.update(run_build(method, folder, index, kind, args.timeout))
+                    rows.append(r)
+                    shutil.rmtree(index, ignore_errors=True)
+                    brief = (
+                        r.get("skipped")
+                        or f"peak {r['peak_mb']:.0f} MB, file {r['index_mb']:.0f} MB, {r['wall_s']:.0f} s"
+                    )
+                    print(f"  {n}x{d} {kind} {method}: {brief}", file=sys.stderr, flush=True)
+    add_overheads(rows)
+    report = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": 1},
+        "load_avg_at_end": os.getloadavg(),
+        "seconds": time.time() - t_start,
+        "rows": rows,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=1))
+    md = table(rows) + "\n"
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"results -> {args.out}")
+
+
+if __name__ == "__main__":
+    main()

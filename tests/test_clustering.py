@@ -247,3 +247,100 @@ def test_index_built_with_cluster_checkpoint_stores_cluster_columns(cluster_inde
         run_cli(capsys, "query", query, "--index", index, "--k", "3", "--json", "--where", f"cluster={biggest}")[1]
     )["results"]
     assert hits and all(h["cluster"] == biggest for h in hits)
+
+
+def test_self_label_loss_against_numpy():
+    """SCAN's self-labelling: confident rows of the weak view (p_max > 0.99) are pseudo-labels; class-balanced
+    cross-entropy of the strong view, computed directly with numpy."""
+    from retrieval.training.losses.selflabel import self_label_loss
+
+    weak = torch.tensor([[9.0, 0.0, 0.0], [0.0, 8.0, 0.0], [1.0, 0.5, 0.0], [7.0, 0.0, 1.0], [0.0, 0.0, 0.5]])
+    strong = torch.tensor([[2.0, 1.0, 0.0], [0.5, 0.1, 0.3], [0.0, 3.0, 0.0], [1.0, 1.0, 1.0], [0.2, 0.0, 0.9]])
+    w, s = weak.numpy().astype(np.float64), strong.numpy().astype(np.float64)
+    pw = np.exp(w) / np.exp(w).sum(1, keepdims=True)
+    keep = pw.max(1) > 0.99  # rows 0, 1, 3
+    assert keep.tolist() == [True, True, False, True, False]
+    target = pw.argmax(1)[keep]  # 0, 1, 0
+    logp = s[keep] - np.log(np.exp(s[keep]).sum(1, keepdims=True))
+    nll = -logp[np.arange(len(target)), target]
+    weight = {0: 3 / 2, 1: 3 / 1}  # 1 / share of the confident rows
+    wt = np.array([weight[t] for t in target])
+    expected = (wt * nll).sum() / wt.sum()
+    loss, n = self_label_loss(weak, strong, 0.99)
+    assert n == 3 and loss.item() == pytest.approx(expected, abs=1e-6)
+    plain, _ = self_label_loss(weak, strong, 0.99, balance=False)
+    assert plain.item() == pytest.approx(nll.mean(), abs=1e-6)
+    none, n0 = self_label_loss(torch.zeros(4, 3), strong[:4].requires_grad_(), 0.99)
+    assert n0 == 0 and none.item() == 0.0 and none.requires_grad
+
+
+def test_self_label_loss_goes_down_in_a_few_steps():
+    from retrieval.training.losses.clustering import ClusterHead
+    from retrieval.training.losses.selflabel import self_label_loss
+
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.eye(4)[:3] * 3
+    z = torch.cat([c + 0.3 * torch.randn(20, 4, generator=gen) for c in centres])
+    head = ClusterHead(4, 3, temperature=0.1)
+    head.init_from_kmeans(z, seed=0)
+    opt = torch.optim.Adam(head.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(20):
+        strong = z + 0.5 * torch.randn(z.shape, generator=gen)
+        loss, n = self_label_loss(head.logits(z).detach(), head.logits(strong), 0.99)
+        assert n > 0
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert np.mean(losses[-5:]) < np.mean(losses[:5])
+
+
+def test_kmeans_init_gives_the_nearest_centre():
+    from sklearn.cluster import KMeans
+
+    from retrieval.training.losses.clustering import ClusterHead
+
+    z = torch.randn(40, 5, generator=torch.Generator().manual_seed(1))
+    head = ClusterHead(5, 4)
+    head.init_from_kmeans(z, seed=0)
+    unit = torch.nn.functional.normalize(z, dim=1).numpy()
+    km = KMeans(n_clusters=4, n_init=10, random_state=0).fit(unit)
+    assert head(z).argmax(1).tolist() == km.labels_.tolist()  # k-means' own assignment
+    # vectors crowded into a narrow cone (as a random projection's are) still give a confident head
+    crowded = torch.ones(40, 5) * 10 + z
+    head.init_from_kmeans(crowded, seed=0)
+    km = KMeans(n_clusters=4, n_init=10, random_state=0).fit(torch.nn.functional.normalize(crowded, dim=1).numpy())
+    assert head(crowded).argmax(1).tolist() == km.labels_.tolist()
+    assert head(crowded).max(1).values.mean() > 0.9
+
+
+@pytest.mark.parametrize("method", ["scan", "lsd"])
+@pytest.mark.slow
+def test_self_labelling_stage_trains_after_the_cluster_stage(unlabelled, method):
+    """kmeans init, then the method's loss, then self-labelling for the last epochs; labels never read."""
+    cfg = TrainConfig(
+        method=method,
+        encoder="cnn5",
+        image_size=32,
+        batch_size=12,
+        lr=1e-3,
+        epochs=6,
+        self_label_epochs=3,
+        self_label_threshold=0.5,
+        freeze_backbone=True,
+        frozen_views=2,
+        clusters=3,
+        neighbours=3,
+        cluster_init="kmeans",
+    )
+    res = train(unlabelled, cfg, progress=False)
+    loss = res.model.loss
+    steps = len(res.log["steps"])
+    assert steps == 6 * math.ceil(len(unlabelled) / 12)
+    assert len(loss.confident) == steps // 2 and max(loss.confident) > 0
+    assert np.isfinite([s["loss"] for s in res.log["steps"]]).all()
+    with pytest.raises(RetrieveError, match="self_label_epochs"):
+        TrainConfig(method=method, epochs=5, self_label_epochs=5)
+    with pytest.raises(RetrieveError, match="cluster_init"):
+        TrainConfig(method=method, cluster_init="spectral")

@@ -46,6 +46,9 @@ class TrainConfig:
     cluster_temperature: float = 0.1  # the cluster head's softmax(W v / T) on the unit vector
     neighbours: int = 20  # scan: mined nearest neighbours per image (SCAN: 20)
     entropy_weight: float = 5.0  # scan: weight of the entropy term (SCAN: 5)
+    self_label_epochs: int = 0  # pica / lsd / scan: the last E of `epochs` are SCAN's self-labelling step
+    self_label_threshold: float = 0.99  # self-labelling: confidence for a pseudo-label (SCAN: 0.99)
+    cluster_init: str = "random"  # pica / lsd / scan: "kmeans" starts the cluster heads from k-means centres
     fixmatch_threshold: float = 0.95  # fixmatch: tau, confidence for a pseudo-label (paper: 0.95)
     unlabelled_ratio: int = 7  # fixmatch: mu, unlabelled rows per labelled row in a step (paper: 7)
     unlabelled_weight: float = 1.0  # fixmatch: lambda_u (paper: 1)
@@ -72,6 +75,12 @@ class TrainConfig:
             raise RetrieveError(f"--clusters {self.clusters}: at least 2 clusters are needed")
         if self.overclusters and self.overclusters <= self.clusters:
             raise RetrieveError(f"overclusters {self.overclusters}: must exceed clusters ({self.clusters}), or be 0")
+        if not 0 <= self.self_label_epochs < self.epochs:
+            raise RetrieveError(f"self_label_epochs {self.self_label_epochs}: must lie in [0, epochs {self.epochs})")
+        if not 0.0 < self.self_label_threshold < 1.0:
+            raise RetrieveError(f"self_label_threshold {self.self_label_threshold}: must lie in (0, 1)")
+        if self.cluster_init not in ("random", "kmeans"):
+            raise RetrieveError(f"cluster_init {self.cluster_init!r}: choose random or kmeans")
         if self.dirichlet_alpha < 1.0:
             raise RetrieveError(f"dirichlet_alpha {self.dirichlet_alpha}: must be at least 1 (1 + eps)")
         self.head_dims = [int(d) for d in self.head_dims]

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from retrieval.training.losses.base import Batch, LossContext, MethodLoss
+from retrieval.training.losses.selflabel import self_label_loss
 
 EPS = 1e-8
 
@@ -24,8 +25,30 @@ class ClusterHead(nn.Module):
         self.linear = nn.Linear(in_dim, clusters)
         self.temperature = temperature
 
+    def logits(self, z: torch.Tensor) -> torch.Tensor:
+        return self.linear(F.normalize(z, dim=1)) / self.temperature
+
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return F.softmax(self.linear(F.normalize(z, dim=1)) / self.temperature, dim=1)
+        return F.softmax(self.logits(z), dim=1)
+
+    @torch.no_grad()
+    def init_from_kmeans(self, z: torch.Tensor, seed: int, spread: float = 5.0) -> None:
+        """Start from k-means: scikit-learn KMeans (10 restarts) on the unit vectors `z`, centres c_k. The
+        logits s (u . c_k - |c_k|^2 / 2) / T rank the clusters as the squared distances |u - c_k|^2 do, so
+        the head's argmax is k-means' own assignment; s scales them to a spread (std of a row's logits about
+        their mean, over the rows) of `spread`, so the head starts confident even where the vectors crowd
+        into a narrow cone (a random projection's do)."""
+        from sklearn.cluster import KMeans
+
+        unit = F.normalize(z.float(), dim=1).cpu()
+        km = KMeans(n_clusters=self.linear.out_features, n_init=10, random_state=seed).fit(unit.numpy())
+        centres = torch.as_tensor(km.cluster_centers_, dtype=torch.float32)
+        bias = -0.5 * (centres**2).sum(1)
+        scores = unit @ centres.T + bias
+        std = float((scores - scores.mean(1, keepdim=True)).std())
+        scale = self.temperature * spread / max(std, 1e-12)
+        self.linear.weight.copy_((scale * centres).to(self.linear.weight.device))
+        self.linear.bias.copy_((scale * bias).to(self.linear.bias.device))
 
 
 def pui_matrix(p_hat: torch.Tensor, p_tilde: torch.Tensor) -> torch.Tensor:
@@ -60,7 +83,11 @@ def dirichlet_prior(p: torch.Tensor, alpha: float) -> torch.Tensor:
 
 class ClusterLoss(MethodLoss):
     """Base of the clustering methods: a K-cluster head and, optionally, an over-clustering head
-    (K_over > K) trained jointly with the same loss. No labels are read."""
+    (K_over > K) trained jointly with the same loss. No labels are read.
+
+    `cluster_init: kmeans` starts each head from k-means on the initial vectors of the clean training
+    images. With `self_label_epochs` E > 0 the last E of the run's epochs are SCAN's self-labelling step
+    on the K head (`selflabel.self_label_loss`) instead of the method's own loss."""
 
     needs_labels = False
 
@@ -72,9 +99,41 @@ class ClusterLoss(MethodLoss):
         self.overcluster = (
             ClusterHead(ctx.encoder.dim, cfg.overclusters, cfg.cluster_temperature) if cfg.overclusters else None
         )
+        if cfg.cluster_init == "kmeans":
+            if ctx.clean_features is None:
+                raise ValueError("cluster_init kmeans needs the clean features of the training images")
+            with torch.no_grad():
+                z = ctx.encoder.head(ctx.clean_features())
+            for head in self.heads():
+                head.init_from_kmeans(z, cfg.seed)
+        steps_per_epoch = max(1, math.ceil(len(ctx.codes) / cfg.batch_size))
+        self.self_label_from = (cfg.epochs - cfg.self_label_epochs) * steps_per_epoch if cfg.self_label_epochs else None
+        self.self_label_threshold = cfg.self_label_threshold
+        self.steps_seen = 0
+        self.confident: list[int] = []  # confident rows per self-labelling step (how many pseudo-labels it had)
 
     def heads(self) -> list[ClusterHead]:
         return [self.cluster] + ([self.overcluster] if self.overcluster is not None else [])
+
+    def forward(self, batch: Batch) -> torch.Tensor:
+        if self.training:
+            self.steps_seen += 1
+        if self.self_label_from is not None and self.steps_seen > self.self_label_from:
+            return self.self_label(batch)
+        return self.cluster_loss(batch)
+
+    def cluster_loss(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - every method defines it
+        raise NotImplementedError
+
+    def self_label(self, batch: Batch) -> torch.Tensor:
+        """SCAN's self-labelling on the K head: weak view = the clean rows, strong view = an augmented one."""
+        if batch.clean is None:
+            raise ValueError("self-labelling needs the clean (weak) view of the batch")
+        with torch.no_grad():
+            weak = self.cluster.logits(batch.project(batch.clean(batch.idx)))
+        loss, n = self_label_loss(weak, self.cluster.logits(batch.embed()), self.self_label_threshold)
+        self.confident.append(n)
+        return loss
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"cluster.{k}": v for k, v in self.cluster.linear.state_dict().items()}
@@ -89,7 +148,7 @@ class PUIClusterLoss(ClusterLoss):
     def prior(self, p: torch.Tensor) -> torch.Tensor:  # pragma: no cover - PICA and LSD define it
         raise NotImplementedError
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def cluster_loss(self, batch: Batch) -> torch.Tensor:
         z_tilde = batch.embed()
         z_hat = batch.embed()
         loss = z_tilde.new_zeros(())

@@ -2,7 +2,8 @@
 neighbours should fall in the same cluster; L = -mean log <p_i, p_j> + w (log K - H(mean p)).
 
 Neighbours (20 by default) are mined once, by cosine similarity of the backbone features of the clean
-training images (the pretext features). The self-labelling step of SCAN is not included."""
+training images (the pretext features). SCAN's self-labelling step follows when `self_label_epochs` > 0
+(`selflabel.py`, run by the `ClusterLoss` base: the last epochs of the run)."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ class SCANLoss(ClusterLoss):
         self.register_buffer("neighbours", mine_neighbours(ctx.clean_features().cpu(), ctx.cfg.neighbours))
         self.gen = ctx.gen
 
-    def forward(self, batch: Batch) -> torch.Tensor:
+    def cluster_loss(self, batch: Batch) -> torch.Tensor:
         nb = self.neighbours.cpu()[torch.as_tensor(batch.idx)]
         pick = torch.randint(nb.shape[1], (len(nb),), generator=self.gen)
         partners = nb[torch.arange(len(nb)), pick].numpy()

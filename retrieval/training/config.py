@@ -52,6 +52,10 @@ class TrainConfig:
     fixmatch_threshold: float = 0.95  # fixmatch: tau, confidence for a pseudo-label (paper: 0.95)
     unlabelled_ratio: int = 7  # fixmatch: mu, unlabelled rows per labelled row in a step (paper: 7)
     unlabelled_weight: float = 1.0  # fixmatch: lambda_u (paper: 1)
+    fixmatch_align: bool = False  # fixmatch: distribution alignment of the weak view's probabilities (ReMixMatch)
+    fixmatch_thresholds: str = "fixed"  # fixmatch: "fixed" tau, or "flex" (FlexMatch's per-class curriculum)
+    fixmatch_multilabel: str = "two-head"  # fixmatch on `a|b` labels: "one-head" (sigmoid) or "two-head" (paper 004)
+    fixmatch_val_fraction: float = 0.2  # fixmatch on `a|b` labels: labelled share held out to pick class thresholds
     label_fraction: float = 1.0  # benchmark only: keep this stratified fraction of the training labels
     max_steps: int | None = None  # stop early (tests, smoke runs)
     device: str = "auto"
@@ -69,6 +73,12 @@ class TrainConfig:
             raise RetrieveError("epochs must be >= 1 and batch_size >= 2")
         if self.is_clustering and self.vectors_from != "head":
             raise RetrieveError(f"--method {self.method}: vectors_from must be head (the cluster head sits on it)")
+        if self.fixmatch_thresholds not in ("fixed", "flex"):
+            raise RetrieveError(f"fixmatch_thresholds {self.fixmatch_thresholds!r}: choose fixed or flex")
+        if self.fixmatch_multilabel not in ("one-head", "two-head"):
+            raise RetrieveError(f"fixmatch_multilabel {self.fixmatch_multilabel!r}: choose one-head or two-head")
+        if not 0.0 < self.fixmatch_val_fraction < 1.0:
+            raise RetrieveError(f"fixmatch_val_fraction {self.fixmatch_val_fraction}: must lie in (0, 1)")
         if not 0.0 < self.label_fraction <= 1.0:
             raise RetrieveError(f"label_fraction {self.label_fraction}: must lie in (0, 1]")
         if self.clusters < 2:

@@ -178,7 +178,7 @@ def train(
         def clean_rows(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
             return encoder.features(pixels[torch.as_tensor(rows_idx)].float().div_(255).to(device))
 
-    ctx = LossContext(cfg, encoder, len(classes), codes, gen, cfg.freeze_backbone, pair_rows, clean)
+    ctx = LossContext(cfg, encoder, len(classes), codes, gen, cfg.freeze_backbone, pair_rows, clean, classes)
     model = TrainModel(encoder, LOSSES[cfg.method](ctx)).to(device)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -222,6 +222,8 @@ def train(
     bar.close()
     log["seconds"] = round(time.perf_counter() - t0, 2)
     model.eval()
+    with torch.no_grad():
+        log.update(model.loss.finish(model.project))
     final = encoder if cfg.vectors_from != "backbone" else attach_head(encoder, [])
     if cfg.vectors_from == "concat":  # the checkpoint's arch carries the weight, so it rebuilds the same vectors
         final.concat_weight = float(cfg.concat_weight)

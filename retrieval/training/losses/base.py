@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ class LossContext:
     frozen: bool
     pairs: np.ndarray | None = None  # (M, 3) row indices a, b and same (a pairs file)
     clean_features: Callable[[], torch.Tensor] | None = None  # backbone features of every row, no augmentation
+    classes: list[str] | None = None  # the class name of each code (multi-label rows: `a|b`)
 
 
 @dataclass
@@ -62,6 +63,10 @@ class MethodLoss(nn.Module):
 
     def forward(self, batch: Batch) -> torch.Tensor:  # pragma: no cover - every subclass defines it
         raise NotImplementedError
+
+    def finish(self, project: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
+        """Called once after the last step, in eval mode; what it returns joins the training log."""
+        return {}
 
     def extra_tensors(self) -> dict[str, torch.Tensor]:
         """Trained tensors a checkpoint keeps beside the encoder (e.g. a similarity or cluster head)."""

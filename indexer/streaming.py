@@ -20,6 +20,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -28,7 +29,7 @@ import pyarrow.parquet as pq
 from indexer.atomic import atomic_path
 from indexer.config import IndexConfig
 from indexer.errors import RetrieveError
-from indexer.faiss_index import fill_index, new_index
+from indexer.faiss_index import fill_index, inner, new_index
 from indexer.fingerprint import fingerprint_difference
 from indexer.index_dir import (
     MANIFEST,
@@ -180,6 +181,7 @@ class StreamingBuild:
         dim = int(self.fingerprint.get("dim") or 0)
         reader = self._reader()
         index, kind, params = new_index(dim, n, self.cfg.kind, self.cfg, self.cfg.gpu)
+        _presize(index, n)
 
         def batches():
             for s in range(len(self.parts)):
@@ -188,12 +190,26 @@ class StreamingBuild:
                 yield vecs, reader.shard_ids(s)
 
         fill_index(index, batches, sample=lambda: self._train_sample(reader, n))
-        labels, _ = reader.read(columns=["label"])
-        manifest = new_manifest(self.dir, n, dim, kind, params, self.fingerprint, self.spec, labels)
+        manifest = new_manifest(self.dir, n, dim, kind, params, self.fingerprint, self.spec, self._labels(reader))
         manifest.shards = list(self.parts)
         _commit(self.dir, manifest, index, _tag(manifest))
         (self.dir / STATE).unlink(missing_ok=True)
         return manifest
+
+    def _labels(self, reader: ShardReader) -> pd.DataFrame:
+        """A `label` column with the counts of every part's labels, its strings shared (8 bytes a row)."""
+        counts: dict[Any, int] = {}
+        for s in range(len(self.parts)):
+            rows, _ = reader.read_shard(s, columns=["label"])
+            if "label" in rows:
+                for label, c in rows["label"].value_counts(dropna=False).items():
+                    key = None if pd.isna(label) else label
+                    counts[key] = counts.get(key, 0) + int(c)
+        if not counts:
+            return pd.DataFrame()
+        keys = np.empty(len(counts), dtype=object)
+        keys[:] = list(counts)
+        return pd.DataFrame({"label": np.repeat(keys, list(counts.values()))})
 
     def _train_sample(self, reader: ShardReader, n: int) -> np.ndarray:
         """Up to TRAIN_SAMPLE vectors drawn evenly from every part."""
@@ -205,6 +221,17 @@ class StreamingBuild:
             step = max(1, int(round(1 / take)))
             out.append(vecs[::step])
         return np.vstack(out)
+
+
+def _presize(index: Any, n: int) -> None:
+    """Room for n vectors in a flat store (Flat, HNSW's vectors) before adding: FAISS grows it by resizing
+    a std::vector, which copies the whole store at each doubling (up to twice the index at the peak)."""
+    store = inner(index)
+    if isinstance(store, faiss.IndexHNSW):
+        store = faiss.downcast_index(store.storage)
+    if isinstance(store, faiss.IndexFlatCodes) and store.ntotal == 0:
+        store.codes.resize(n * store.code_size)  # capacity for n: the memory the index will hold anyway
+        store.codes.resize(0)  # size 0 again; the capacity stays
 
 
 def _vector_file_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:

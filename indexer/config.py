@@ -16,3 +16,4 @@ class IndexConfig:
     ivf_nlist: int | None = None  # None: 4 * sqrt(N), bounded so each list gets >= 39 training points
     ivf_nprobe: int = 16
     pq_m: int | None = None  # None: a divisor of the dimension near dim / 16
+    on_disk: bool = False  # IVF lists in a memory-mapped lists file of their own (indexer/ondisk.py)

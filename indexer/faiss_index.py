@@ -25,6 +25,7 @@ from indexer.atomic import atomic_path
 from indexer.config import IndexConfig
 from indexer.errors import RetrieveError
 from indexer.kinds import FLAT_MAX, HNSW_MAX, KINDS, REFINE, choose_kind, is_named, register_kind, resolve
+from indexer.ondisk import ON_DISK, READ_FLAGS, check_on_disk, fill_on_disk, map_lists
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ __all__ = [
     "INDEX_KINDS",
     "build_index",
     "check_kind",
+    "check_on_disk_kind",
     "choose_kind",
     "register_kind",
     "search_device",
@@ -43,6 +45,7 @@ INDEX_KINDS = KINDS  # the named kinds (shorthands for factory strings)
 # FAISS's Python objects take no new attributes, so these hold the index itself (which also keeps its id unique)
 _TRAIN_ON_GPU: dict[int, faiss.Index] = {}  # new indexes whose IVF k-means runs on the GPUs
 _CPU_TWINS: dict[int, tuple[faiss.Index, faiss.Index]] = {}  # id(GPU index) -> (GPU index, its CPU original)
+_LISTS_ON_DISK: dict[int, faiss.Index] = {}  # new indexes whose lists go into a lists file (indexer/ondisk.py)
 CHECK_DIM = 1280  # the dimension a factory string is checked against when the vectors' is not known yet
 
 
@@ -83,6 +86,17 @@ def check_kind(kind: str, dim: int | None = None) -> str:
             if dim is not None or "could not parse" in str(exc) or "refinement" in str(exc):
                 raise
     return kind
+
+
+def check_on_disk_kind(kind: str) -> None:
+    """`--on-disk` before any expensive work: the kind must be an IVF whose lists FAISS can put on disk."""
+    name = "ivfsq" if kind == "auto" else kind
+    factory = KINDS[name](CHECK_DIM, FLAT_MAX, IndexConfig())[0] if is_named(name) else name
+    try:
+        index = _factory(CHECK_DIM, factory, kind)
+    except RetrieveError:
+        return  # depends on the vectors' dimension: `new_index` checks again with it
+    check_on_disk(index, kind)
 
 
 def ivf_of(index: faiss.Index) -> Any:
@@ -128,10 +142,15 @@ def _apply_params(index: faiss.Index, params: dict[str, Any]) -> None:
 def new_index(dim: int, n: int, kind: str, cfg: IndexConfig, use_gpu: bool) -> tuple[faiss.Index, str, dict[str, Any]]:
     """An empty CPU index of the kind (`auto` resolved for n vectors), keyed by 64-bit ids; (index, kind, params).
 
-    `use_gpu` trains IVF k-means on the GPUs when there are any (see `fill_index`).
+    `use_gpu` trains IVF k-means on the GPUs when there are any (see `fill_index`). `cfg.on_disk` (IVF kinds;
+    `auto` means ivfsq then) keeps the lists in a lists file, removals as tombstones (indexer/ondisk.py).
     """
+    on_disk = cfg.on_disk
+    kind = "ivfsq" if on_disk and kind == "auto" else kind
     resolved, factory, params = resolve(check_kind(kind), dim, n, cfg)
     index = _factory(dim, factory, kind)
+    if on_disk:
+        check_on_disk(index, kind)
     if ivf_of(index) is None:
         index = faiss.IndexIDMap2(index)
     params = {"factory": factory, **params}
@@ -140,6 +159,9 @@ def new_index(dim: int, n: int, kind: str, cfg: IndexConfig, use_gpu: bool) -> t
     if params["built_on"] == "gpu":
         _TRAIN_ON_GPU[id(index)] = index  # read by fill_index (streaming builds call it without use_gpu)
     params["removal"] = "faiss" if _can_remove(index) else "tombstone"
+    if on_disk:  # FAISS would remove by rewriting the committed lists file in place: tombstones until compact
+        params["lists"], params["removal"] = ON_DISK, "tombstone"
+        _LISTS_ON_DISK[id(index)] = index
     return index, resolved, params
 
 
@@ -166,15 +188,20 @@ def fill_index(
     batches: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
     sample: Callable[[], np.ndarray] | None = None,
     use_gpu: bool | None = None,
+    folder: Path | None = None,
 ) -> None:
     """Train on `sample()` when the kind needs it (IVF k-means on the GPUs where `new_index` chose them),
-    then add (vectors, ids) batch by batch."""
+    then add (vectors, ids) batch by batch. An index `new_index` made for on-disk lists, given the index
+    `folder` (whose write lock the caller holds), is filled through part files merged into a lists file there."""
     if not index.is_trained:
         if sample is None:
             raise ValueError("this index kind needs training vectors")
         on_gpu = id(index) in _TRAIN_ON_GPU if use_gpu is None else use_gpu
         _train(index, np.ascontiguousarray(sample(), dtype=np.float32), on_gpu)
     _TRAIN_ON_GPU.pop(id(index), None)
+    if _LISTS_ON_DISK.pop(id(index), None) is not None and folder is not None:
+        fill_on_disk(index, batches, folder)
+        return
     for vectors, ids in batches():
         index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
 
@@ -286,7 +313,7 @@ def planned_search_device(params: dict[str, Any], dim: int, use_gpu: bool = True
     """Where a query would search this index (from its manifest, without loading it): "cpu" or "gpu:0,1"."""
     gpus = gpu_count() if use_gpu else 0
     factory = params.get("factory")
-    if gpus == 0 or not factory:
+    if gpus == 0 or not factory or params.get("lists") == ON_DISK:  # on-disk lists are searched where they lie
         return "cpu"
     try:
         index = faiss.index_factory(dim, str(factory), faiss.METRIC_INNER_PRODUCT)
@@ -336,8 +363,13 @@ def save_index(index: faiss.Index, path: Path) -> None:
         faiss.write_index(to_cpu(index), str(tmp))
 
 
-def load_index(path: Path, use_gpu: bool, mmap: bool = False, params: dict[str, Any] | None = None) -> faiss.Index:
+def load_index(
+    path: Path, use_gpu: bool, mmap: bool = False, params: dict[str, Any] | None = None, lists: Path | None = None
+) -> faiss.Index:
     """Read an index file, with the manifest's search settings applied.
+
+    `lists`: the lists file of an on-disk IVF (indexer/ondisk.py), mapped read-only for readers and writers
+    alike (writers never change it in place); such an index stays on the CPU.
 
     With `mmap` (readers on the CPU) the vectors stay in the file, memory-mapped, so opening costs no time
     or memory whatever the size (a writer needs `mmap=False` to change it). With `use_gpu` and a GPU,
@@ -345,12 +377,14 @@ def load_index(path: Path, use_gpu: bool, mmap: bool = False, params: dict[str, 
     """
     if not path.is_file():
         raise RetrieveError(f"{path}: FAISS index file not found")
-    on_gpu = use_gpu and gpu_count() > 0
-    flags = faiss.IO_FLAG_MMAP_IFC if mmap else 0
+    on_gpu = use_gpu and gpu_count() > 0 and lists is None
+    flags = READ_FLAGS if lists is not None else faiss.IO_FLAG_MMAP_IFC if mmap else 0
     try:
         index = faiss.read_index(str(path), flags)
     except RuntimeError as exc:
         raise RetrieveError(f"{path}: not a readable FAISS index ({str(exc).splitlines()[0][:120]})") from None
+    if lists is not None:
+        map_lists(index, lists)
     if params:
         _apply_params(index, params)
     if on_gpu:

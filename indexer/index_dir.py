@@ -8,6 +8,7 @@ Layout (format 2):
     DIR/shard-000001-ab12cd.parquet    rows with a stable int64 row_id and their vectors
     DIR/shard-000002-9f00e1.parquet    (`index add` appends a shard; existing shards are never rewritten)
     DIR/index-000002-9f00e1.faiss      FAISS over the vectors, keyed by row_id (IndexIDMap2 or IVF ids)
+    DIR/lists-0a1b2c3d4e5f.ivfdata     an on-disk IVF's lists, memory-mapped (`--on-disk`, indexer/ondisk.py)
     DIR/.lock                      held by writers (build, add, remove, compact)
     DIR/.retrieve-index            marks the folder as ours, even before its first commit
 
@@ -47,6 +48,7 @@ from indexer.config import IndexConfig
 from indexer.errors import EncoderMismatchError, IndexBusyError, RetrieveError
 from indexer.faiss_index import build_index, has_ids, load_index, save_index, search_device
 from indexer.fingerprint import fingerprint_difference
+from indexer.ondisk import ON_DISK, add_vectors, lists_on_disk, to_disk
 from indexer.shards import ROW_ID, Shard, ShardReader, write_shard
 from indexer.store import VectorSet
 
@@ -57,7 +59,9 @@ LOCK = ".lock"
 MARKER = ".retrieve-index"
 FORMAT = 2
 LEGACY_FILES = {"vectors": "vectors.parquet", "index": "index.faiss"}
-VERSIONED = re.compile(r"^(shard-\d{6}-[0-9a-f]{6}(-\d{4})?\.parquet|index-\d{6}-[0-9a-f]{6}\.faiss)$")
+VERSIONED = re.compile(
+    r"^(shard-\d{6}-[0-9a-f]{6}(-\d{4})?\.parquet|index-\d{6}-[0-9a-f]{6}\.faiss|lists-[0-9a-f]{12}\.ivfdata)$"
+)
 STALE_TMP = re.compile(r"^\.(shard-|index-|part-|vectors|manifest\.json|build\.json|\.retrieve-index).*\.tmp$")
 PART = re.compile(r"^part-[0-9a-f]{8}-\d{5}\.parquet$")  # shards of a streaming build (indexer/streaming.py)
 SHARD_ROWS = 100_000  # rows per shard when a build writes many
@@ -95,6 +99,7 @@ class IndexManifest:
     next_id: int = 0
     shards: list[dict[str, Any]] = field(default_factory=list)  # {name, rows, id_min, id_max, size, sha256}
     index_file: dict[str, Any] = field(default_factory=dict)  # {name, size, sha256}
+    lists_file: dict[str, Any] = field(default_factory=dict)  # {name, size, sha256} of on-disk IVF lists, if any
     removed: list[int] = field(default_factory=list)  # row ids removed but still in shards (until compact)
     data_root: str | None = None  # where the indexed files were (absolute); rows keep paths relative to it
     data_root_from_index: str | None = None  # the same folder relative to the index folder (moved together)
@@ -119,7 +124,8 @@ class IndexManifest:
     def file_names(self) -> list[str]:
         if self.legacy:
             return list(LEGACY_FILES.values())
-        return [str(sh["name"]) for sh in self.shards] + [self.index_name()]
+        lists = [str(self.lists_file["name"])] if self.lists_file else []
+        return [str(sh["name"]) for sh in self.shards] + [self.index_name()] + lists
 
 
 def _now() -> str:
@@ -248,9 +254,17 @@ def _commit(index_dir: Path, manifest: IndexManifest, index: faiss.Index | None,
     The caller holds the write lock and has written any new shards.
     """
     if index is not None:
+        if manifest.params.get("lists") == ON_DISK and lists_on_disk(index) is None:
+            to_disk(index, index_dir)  # built in memory (build, compact): its lists into a new lists file
         index_path = index_dir / f"index-{tag}.faiss"
         save_index(index, index_path)
         manifest.index_file = {"name": index_path.name, **_describe(index_path)}
+        lists = lists_on_disk(index)
+        lists_path = index_dir / str(lists.filename) if lists is not None else None
+        if lists_path is None:
+            manifest.lists_file = {}
+        elif manifest.lists_file.get("name") != lists_path.name:  # a new lists file (an unchanged one is kept)
+            manifest.lists_file = {"name": lists_path.name, **_describe(lists_path)}
     manifest.format = FORMAT
     with atomic_path(index_dir / MANIFEST) as tmp:
         tmp.write_text(manifest.to_json(), encoding="utf-8")
@@ -491,6 +505,8 @@ def file_problems(index_dir: Path, m: IndexManifest, checksums: bool = False) ->
     expected = {str(sh["name"]): sh for sh in m.shards}
     if m.index_file:
         expected[str(m.index_file["name"])] = m.index_file
+    if m.lists_file:
+        expected[str(m.lists_file["name"])] = m.lists_file
     for name in m.file_names():
         path = index_dir / name
         if not path.is_file():
@@ -515,7 +531,8 @@ def _load(index_dir: Path, manifest: IndexManifest, use_gpu: bool, deep: bool = 
     problems = file_problems(index_dir, manifest)
     if problems:
         raise RetrieveError(f"--index {index_dir}: damaged ({'; '.join(problems)}); rebuild it")
-    index = load_index(index_dir / manifest.index_name(), use_gpu, mmap=mmap, params=manifest.params)
+    lists = index_dir / str(manifest.lists_file["name"]) if manifest.lists_file else None
+    index = load_index(index_dir / manifest.index_name(), use_gpu, mmap=mmap, params=manifest.params, lists=lists)
     stored = sum(s.rows for s in manifest.shard_list(index_dir))
     faiss_count = stored if manifest.params.get("removal") == "tombstone" else manifest.count
     if index.d != manifest.dim:
@@ -670,7 +687,7 @@ def add_to_index_dir(index_dir: str | Path, new: VectorSet, replace: bool = Fals
             _remove_ids(idx, replaced_ids)
         first = m.next_id
         ids = np.arange(first, first + len(rows), dtype=np.int64)
-        idx.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), ids)
+        add_vectors(idx.index, vectors, ids, index_dir)  # on-disk lists: a new lists file, the old one untouched
         added = VectorSet(rows, vectors, m.fingerprint, m.encoder_spec)
         m.shards = m.shards + _write_shards(index_dir, added, first, tag)
         m.next_id = first + len(rows)
@@ -754,4 +771,6 @@ def _config_params(params: dict[str, Any]) -> dict[str, Any]:
     out = {field: params[key] for key, field in names.items() if key in params}
     if "pq_m" in params:
         out["pq_m"] = params["pq_m"]
+    if params.get("lists") == ON_DISK:
+        out["on_disk"] = True
     return out

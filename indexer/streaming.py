@@ -189,7 +189,7 @@ class StreamingBuild:
                 assert vecs is not None
                 yield vecs, reader.shard_ids(s)
 
-        fill_index(index, batches, sample=lambda: self._train_sample(reader, n))
+        fill_index(index, batches, sample=lambda: self._train_sample(reader, n), folder=self.dir)
         manifest = new_manifest(self.dir, n, dim, kind, params, self.fingerprint, self.spec, self._labels(reader))
         manifest.shards = list(self.parts)
         _commit(self.dir, manifest, index, _tag(manifest))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import typer
@@ -25,6 +26,9 @@ def index_build(
     ),
     config: Path | None = typer.Option(None, "--config", help="YAML recipe (encoder, preprocess, index sections)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index folder"),
+    on_disk: bool = typer.Option(
+        False, "--on-disk", help="IVF kinds: lists in a memory-mapped file of their own, built shard by shard"
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="continue an interrupted build, embedding only what is missing"
     ),
@@ -53,7 +57,7 @@ def index_build(
     ),
 ):
     """Embed DATA (or take --vectors, or index a PACS: --dicomweb) into a FAISS index over cosine similarity."""
-    from indexer.faiss_index import check_kind
+    from indexer.faiss_index import check_kind, check_on_disk_kind
     from indexer.index_dir import build_index_dir, check_can_build
     from indexer.store import read_vectors
     from retrieval.config import IndexConfig, build_settings
@@ -61,6 +65,8 @@ def index_build(
     from retrieval.pipeline import build_index_streaming, load_encoder, report_skipped
 
     kind = check_kind(kind)  # a factory string FAISS rejects fails here, before any embedding
+    if on_disk:
+        check_on_disk_kind(kind)
     settings = build_settings(
         config,
         IndexConfig(kind=kind, gpu=gpu),
@@ -71,6 +77,8 @@ def index_build(
         batch_size_given=batch_size != opt.BatchSize.default,
     )
     index_cfg, spec, pre, batch_size = settings.index, settings.encoder, settings.preprocess, settings.batch_size
+    if on_disk:
+        index_cfg = replace(index_cfg, on_disk=True)
     t0 = time.perf_counter()
     if dicomweb is not None:
         if data is not None or vectors is not None or resume:
@@ -226,6 +234,9 @@ def index_info(index: Path = typer.Option(..., "--index", "-i"), as_json: bool =
         print(f"vectors:   {m.dim}-d, {m.metric}")
         print(f"kind:      {m.kind} {json.dumps(m.params)}")
         print(f"search:    {device} (queries without --no-gpu)")
+        if m.lists_file:
+            mb = int(m.lists_file.get("size", 0)) / 2**20
+            print(f"lists:     on disk, {m.lists_file['name']} ({mb:.1f} MB), memory-mapped by queries")
         print(
             f"encoder:   {fp.get('encoder')} (weights sha256 {weights}), preprocess {json.dumps(fp.get('preprocess'))}"
         )

@@ -307,12 +307,12 @@ def test_kmeans_init_gives_the_nearest_centre():
     unit = torch.nn.functional.normalize(z, dim=1).numpy()
     km = KMeans(n_clusters=4, n_init=10, random_state=0).fit(unit)
     assert head(z).argmax(1).tolist() == km.labels_.tolist()  # k-means' own assignment
-    # vectors crowded into a narrow cone (as a random projection's are) still give a confident head
+    # vectors crowded into a narrow cone (as a random projection's are): the same argmax, weights kept short
     crowded = torch.ones(40, 5) * 10 + z
     head.init_from_kmeans(crowded, seed=0)
     km = KMeans(n_clusters=4, n_init=10, random_state=0).fit(torch.nn.functional.normalize(crowded, dim=1).numpy())
     assert head(crowded).argmax(1).tolist() == km.labels_.tolist()
-    assert head(crowded).max(1).values.mean() > 0.9
+    assert head.linear.weight.norm(dim=1).max() <= 1.0 + 1e-6
 
 
 @pytest.mark.parametrize("method", ["scan", "lsd"])

@@ -32,12 +32,13 @@ class ClusterHead(nn.Module):
         return F.softmax(self.logits(z), dim=1)
 
     @torch.no_grad()
-    def init_from_kmeans(self, z: torch.Tensor, seed: int, spread: float = 5.0) -> None:
+    def init_from_kmeans(self, z: torch.Tensor, seed: int, spread: float = 5.0, max_norm: float = 1.0) -> None:
         """Start from k-means: scikit-learn KMeans (10 restarts) on the unit vectors `z`, centres c_k. The
         logits s (u . c_k - |c_k|^2 / 2) / T rank the clusters as the squared distances |u - c_k|^2 do, so
         the head's argmax is k-means' own assignment; s scales them to a spread (std of a row's logits about
-        their mean, over the rows) of `spread`, so the head starts confident even where the vectors crowd
-        into a narrow cone (a random projection's do)."""
+        their mean, over the rows) of `spread`, but no weight row longer than `max_norm`: where the vectors
+        crowd into a narrow cone (a random projection's do) a sharp start collapses at the first step, as the
+        projection under the head moves every vector at once, so there the head starts soft."""
         from sklearn.cluster import KMeans
 
         unit = F.normalize(z.float(), dim=1).cpu()
@@ -46,7 +47,7 @@ class ClusterHead(nn.Module):
         bias = -0.5 * (centres**2).sum(1)
         scores = unit @ centres.T + bias
         std = float((scores - scores.mean(1, keepdim=True)).std())
-        scale = self.temperature * spread / max(std, 1e-12)
+        scale = min(self.temperature * spread / max(std, 1e-12), max_norm / float(centres.norm(dim=1).max()))
         self.linear.weight.copy_((scale * centres).to(self.linear.weight.device))
         self.linear.bias.copy_((scale * bias).to(self.linear.bias.device))
 

@@ -1,7 +1,9 @@
-"""A writer process for the reliability tests: `python worker.py build|add|overwrite DIR N START [--slow]`.
+"""A writer process for the reliability tests: `python worker.py ACTION DIR N START`.
 
-It prints `ready` once imported, then writes N random 64-d vectors (ids START..START+N-1) and
-prints `done`. Only the indexer layer is imported, so a process starts in about a second.
+It prints `ready` once imported, then does ACTION and prints `done`. build, add, overwrite, stream and
+resume write N random 64-d vectors (ids START..START+N-1); remove takes out the rows with row ids
+START..START+N-1; compact rewrites the index without its removed rows (N, START unused). Only the
+indexer layer is imported, so a process starts in about a second.
 """
 
 from __future__ import annotations
@@ -15,7 +17,12 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from indexer.config import IndexConfig  # noqa: E402
-from indexer.index_dir import add_to_index_dir, build_index_dir  # noqa: E402
+from indexer.index_dir import (  # noqa: E402
+    add_to_index_dir,
+    build_index_dir,
+    compact_index_dir,
+    remove_from_index_dir,
+)
 from indexer.store import VectorSet  # noqa: E402
 from indexer.streaming import StreamingBuild  # noqa: E402
 
@@ -39,6 +46,13 @@ def vectors(n: int, start: int) -> VectorSet:
     return VectorSet(rows, v, FP, {"name": "toy", "weights": None, "seed": 0})
 
 
+def config(kind: str) -> IndexConfig:
+    """The index kinds the kill test rotates through: exact (FAISS removes at once) and on-disk IVF (tombstones)."""
+    if kind == "ivf-disk":
+        return IndexConfig(kind="ivf", gpu=False, on_disk=True)
+    return IndexConfig(kind=kind, gpu=False)
+
+
 def stream(folder: Path, vs: VectorSet, resume: bool, chunk: int = 2_000) -> None:
     """A streaming build in chunks, as `index build` runs one (resumable)."""
     with StreamingBuild(folder, FP, vs.encoder_spec, IndexConfig(kind="flat", gpu=False), resume=resume) as build:
@@ -53,6 +67,15 @@ def stream(folder: Path, vs: VectorSet, resume: bool, chunk: int = 2_000) -> Non
 
 def main() -> None:
     action, folder, n, start = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+    if action in ("remove", "compact"):
+        print("ready", flush=True)
+        if action == "remove":
+            gone = np.arange(start, start + n, dtype=np.int64)
+            remove_from_index_dir(folder, lambda idx: np.isin(idx.live_ids, gone))
+        else:
+            compact_index_dir(folder)
+        print("done", flush=True)
+        return
     vs = vectors(n, start)
     print("ready", flush=True)
     if action == "build":

@@ -1,11 +1,12 @@
 """Active learning: the kNN-vote entropy against a loop, the suggestion order, the CLI and bad input."""
 
 import math
+import re
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import assert_one_line_error, run_cli
+from conftest import FAST, assert_one_line_error, run_cli
 
 from retrieval.errors import RetrieveError
 from retrieval.training.active import suggest_labels, vote_entropy
@@ -173,3 +174,221 @@ def test_simulation_loop_on_generated_data():
     assert res["summary"]["all_labels"]["balanced_accuracy"] > 0.9  # well-separated blobs, every label
     with pytest.raises(RetrieveError, match="--strategies"):
         simulate_active_learning(torch.as_tensor(views), labels, groups, SimulationSettings(strategies=("bogus",)))
+
+
+# --- batches spread over patients and over k-means clusters ----------------------------------------------
+
+
+def _round_robin_loop(scores, groups, n):
+    """Oracle: repeatedly take the best remaining row among the groups with the fewest picks so far."""
+    picks, count, left = [], {}, list(range(len(scores)))
+    while left and len(picks) < n:
+        fewest = min(count.get(groups[i], 0) for i in left)
+        best = max((i for i in left if count.get(groups[i], 0) == fewest), key=lambda i: (scores[i], -i))
+        picks.append(best)
+        left.remove(best)
+        count[groups[best]] = count.get(groups[best], 0) + 1
+    return picks
+
+
+def test_spread_over_groups_by_hand_and_against_a_loop():
+    from retrieval.training.active import spread_over_groups
+
+    scores = np.array([0.9, 0.8, 0.7, 0.6, 0.5])
+    groups = np.array(["A", "A", "B", "A", "C"])
+    # by hand: A's best (0), B's (2), C's (4), then A's second (1) and third (3)
+    assert spread_over_groups(scores, groups, 3).tolist() == [0, 2, 4]
+    assert spread_over_groups(scores, groups, 5).tolist() == [0, 2, 4, 1, 3]
+    assert spread_over_groups(scores, np.arange(5), 2).tolist() == [0, 1]  # one row per group: plain top-n
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        s = rng.integers(0, 4, 15).astype(float)  # many ties: they keep the rows' order
+        g = rng.integers(0, 5, 15)
+        for n in (1, 4, 7, 15):
+            assert spread_over_groups(s, g, n).tolist() == _round_robin_loop(s, g, n)
+
+
+def test_top_per_cluster_by_hand():
+    from retrieval.training.active import pick_batch, top_per_cluster
+
+    # three tight bundles of directions (x, y, z axes); the scores say which row of each is best
+    v = np.array([[1, 0.01, 0], [1, 0, 0.02], [1, 0.02, 0.01], [0, 1, 0.01], [0.01, 1, 0], [0, 0.02, 1], [0.01, 0, 1]])
+    s = np.array([0.5, 0.9, 0.8, 0.3, 0.7, 0.6, 0.2])
+    # plain top-3 takes rows 1, 2, 4 (two from the x bundle); one per cluster: 1 (x), 4 (y), 5 (z)
+    assert pick_batch(s, 3).tolist() == [1, 2, 4]
+    assert top_per_cluster(s, v * 5, 3).tolist() == [1, 4, 5]  # unit vectors: the scale does not matter
+    assert pick_batch(s, 3, "kmeans", vectors=v).tolist() == [1, 4, 5]
+    assert top_per_cluster(s, v, 7).tolist() == [1, 2, 4, 5, 0, 3, 6]  # no more rows than places: all, best first
+    with pytest.raises(RetrieveError, match="--spread bogus"):
+        pick_batch(s, 3, "bogus")
+
+
+def test_strategy_names():
+    from retrieval.training.active import parse_strategy
+
+    assert parse_strategy("entropy") == ("entropy", "none")
+    assert parse_strategy("entropy+patients") == ("entropy", "patients")
+    assert parse_strategy("random+kmeans") == ("random", "kmeans")
+    for bad in ("bogus", "entropy+bogus"):
+        with pytest.raises(RetrieveError, match=re.escape(f"--strategies {bad}:")):
+            parse_strategy(bad)
+
+
+def test_suggest_labels_spread_over_patients():
+    # a's near (1, 0), b's near (0, 1); unlabelled: three frames of patient P and one of Q between the classes
+    # (equal entropy: ties keep the rows' order), one of R deep in a
+    vectors = np.array([[1, 0.05], [1, -0.05], [0.05, 1], [-0.05, 1], [1, 1], [1, 1.01], [1, 0.99], [1, 1.02], [1, 0]])
+    rows = _rows(["a", "a", "b", "b", None, None, None, None, None])
+    rows["patient_id"] = ["A", "A", "B", "B", "P", "P", "P", "Q", "R"]
+    plain = suggest_labels(rows, vectors, 2, "entropy", k=2)
+    assert plain["patient_id"].tolist() == ["P", "P"]
+    spread = suggest_labels(rows, vectors, 3, "entropy", k=2, spread="patients")
+    assert spread["path"].tolist() == ["p4.png", "p7.png", "p8.png"]  # P's first frame, Q, then R
+    assert spread["score"].tolist() == pytest.approx([math.log(2), math.log(2), 0.0], abs=1e-4)
+    with pytest.raises(RetrieveError, match="--spread sideways"):
+        suggest_labels(rows, vectors, 2, spread="sideways")
+
+
+def test_simulation_batches_respect_the_spread():
+    import torch
+
+    from retrieval.training.active import SimulationSettings, simulate_active_learning
+
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b"], 30)
+    clean = np.concatenate([rng.normal(0, 1, (30, 8)) + 3, rng.normal(0, 1, (30, 8)) - 3])
+    groups = np.arange(60) // 3  # three frames per patient
+    settings = SimulationSettings(
+        strategies=("entropy+patients", "entropy+kmeans"), seeds=(0,), rounds=2, batch=4, head_steps=20, passes=3
+    )
+    res = simulate_active_learning(torch.as_tensor(clean[None], dtype=torch.float32), labels, groups, settings)
+    for runs in res["curves"].values():
+        assert [p["labelled"] for p in runs[0]] == [4, 8, 12]
+
+
+# --- MC-dropout through a checkpoint's head (`--head CKPT`) ------------------------------------------------
+
+
+def test_head_dropout_probs_against_numpy():
+    import torch
+
+    from retrieval.encoders.base import build_head
+    from retrieval.training.active import head_bald_scores, head_dropout_probs
+
+    torch.manual_seed(0)
+    head = build_head(6, [5, 3])  # Linear(6, 5), ReLU, Linear(5, 3)
+    x = torch.randn(7, 6)
+    labelled = np.array([True, True, True, False, False, True, False])
+    codes = np.array([0, 1, 0, 1])  # classes of rows 0, 1, 2, 5
+    masks = torch.tensor([[2.0, 0, 2, 2, 0], [0, 2, 2, 0, 2]])
+    got = head_dropout_probs(head, x, labelled, codes, 2, masks, temperature=0.5)
+    w1, b1 = head[0].weight.detach().numpy(), head[0].bias.detach().numpy()
+    w2, b2 = head[2].weight.detach().numpy(), head[2].bias.detach().numpy()
+    xs = x.numpy()
+    for t, m in enumerate(masks.numpy()):
+        for i in range(7):
+
+            def out(r, m=m):
+                z = (np.maximum(w1 @ xs[r] + b1, 0) * m) @ w2.T + b2
+                return z / np.linalg.norm(z)
+
+            protos = []
+            for c in (0, 1):
+                mean = np.mean([out(r) for r, cr in zip([0, 1, 2, 5], codes) if cr == c], axis=0)
+                protos.append(mean / np.linalg.norm(mean))
+            logits = np.array([out(i) @ p for p in protos]) / 0.5
+            want = np.exp(logits) / np.exp(logits).sum()
+            np.testing.assert_allclose(got[t, i], want, rtol=1e-5, atol=1e-6)
+    # without dropout every pass is the same network: BALD is zero
+    flat = head_bald_scores(head, x, labelled, np.array(["a", "b", "a", "b"]), passes=4, rate=0.0)
+    np.testing.assert_allclose(flat, 0.0, atol=1e-6)
+    assert (head_bald_scores(head, x, labelled, np.array(["a", "b", "a", "b"]), passes=8, rate=0.5) > 1e-6).any()
+
+
+def _half_labelled_index(tmp_path, demo_data):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(demo_data, data)
+    manifest = pd.read_csv(data / "labels.csv", dtype=str)
+    manifest.loc[manifest.index % 2 == 1, "label"] = None
+    manifest.to_csv(data / "labels.csv", index=False)
+    index = tmp_path / "idx"
+    from retrieval.cli.main import main
+
+    assert main(["index", "build", str(data), "--index", str(index), *FAST]) == 0
+    return data, index
+
+
+@pytest.mark.slow
+def test_suggest_labels_with_a_trained_head(demo_data, tmp_path, capsys):
+    import torch
+
+    from retrieval.config import PreprocessConfig
+    from retrieval.data.dataset import load_dataset
+    from retrieval.encoders.checkpoint import save_checkpoint
+    from retrieval.encoders.registry import create_encoder
+    from retrieval.training.active import head_bald_scores
+    from retrieval.training.trainer import attach_head, load_image_tensors
+
+    data, index = _half_labelled_index(tmp_path, demo_data)
+    torch.manual_seed(0)
+    backbone = create_encoder("imagenet-effnet-lite0")
+    ckpt = save_checkpoint(attach_head(backbone, [32, 8]), tmp_path / "head", extra={"training": {"temperature": 0.2}})
+    out = tmp_path / "todo.csv"
+    code, text, err = run_cli(
+        capsys, "suggest-labels", "--index", index, "--budget", "4", "--strategy", "mc-dropout", "--head", ckpt,
+        "--out", out, "--seed", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    got = pd.read_csv(out)
+    assert len(got) == 4 and got["label"].isna().all() and "4 image(s) to label" in text
+    # the same BALD from features computed here, in the index's row order
+    from indexer.index_dir import open_index_dir
+
+    rows = open_index_dir(index, use_gpu=False).vectors.rows
+    pre = PreprocessConfig(image_size=64)
+    with torch.no_grad():
+        feats = backbone.features(load_image_tensors(rows, pre)[0].float().div(255))
+    lab = rows["label"].notna().to_numpy()
+    want = head_bald_scores(
+        _ckpt_head(ckpt), feats, lab,
+        rows["label"][lab].to_numpy(dtype=str), temperature=0.2, seed=2,
+    )  # fmt: skip
+    pool = np.flatnonzero(~lab)
+    best = pool[np.argsort(-want[pool], kind="stable")[:4]]
+    assert got["path"].tolist() == rows["path"].iloc[best].tolist()
+    np.testing.assert_allclose(got["score"], np.round(want[best], 4), atol=2e-4)
+    assert len(load_dataset(data).rows) == len(rows)
+
+
+def _ckpt_head(ckpt):
+    from retrieval.encoders.checkpoint import load_checkpoint
+
+    return load_checkpoint(ckpt).head
+
+
+@pytest.mark.slow
+def test_suggest_labels_head_bad_input(demo_data, tmp_path, capsys):
+    from retrieval.encoders.checkpoint import save_checkpoint
+    from retrieval.encoders.registry import create_encoder
+    from retrieval.training.trainer import attach_head
+
+    _, index = _half_labelled_index(tmp_path, demo_data)
+    other = save_checkpoint(attach_head(create_encoder("cnn5"), [8]), tmp_path / "cnn5")
+    out = tmp_path / "todo.csv"
+    base = ["suggest-labels", "--index", index, "--budget", "2", "--out", out]
+    code, _, err = run_cli(capsys, *base, "--strategy", "mc-dropout", "--head", other)
+    assert code == 2
+    assert_one_line_error(err, f"--head {other}", "neither this checkpoint nor its backbone")
+    no_head = save_checkpoint(create_encoder("imagenet-effnet-lite0"), tmp_path / "plain")
+    code, _, err = run_cli(capsys, *base, "--strategy", "mc-dropout", "--head", no_head)
+    assert code == 2
+    assert_one_line_error(err, "has no projection head")
+    code, _, err = run_cli(capsys, *base, "--strategy", "entropy", "--head", other)
+    assert code == 2
+    assert_one_line_error(err, "--head is for --strategy mc-dropout")
+    code, _, err = run_cli(capsys, *base, "--spread", "patients")
+    assert code == 0, err
+    assert pd.read_csv(out)["patient_id"].nunique() == 2
+    assert not any(out.parent.glob("*.tmp"))

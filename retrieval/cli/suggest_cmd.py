@@ -18,22 +18,36 @@ def suggest_labels(
         help="entropy (of the kNN vote among labelled images), mc-dropout (BALD from 20 dropout passes of a small "
         "head trained on the labelled images' vectors) or random",
     ),
+    spread: str = typer.Option(
+        "none",
+        "--spread",
+        help="none; patients (at most one image per patient while other patients remain); kmeans (the best image "
+        "of each of BUDGET k-means clusters of the unlabelled images)",
+    ),
+    head: Path | None = typer.Option(
+        None,
+        "--head",
+        help="mc-dropout only: a checkpoint from `retrieve train` whose projection head gives the dropout passes "
+        "(instead of training a head here); the index must be built with it or with its backbone",
+    ),
+    data_root: Path | None = typer.Option(
+        None, "--data-root", help="where the indexed files are now (--head reads them again for backbone features)"
+    ),
     k: int = typer.Option(10, "--k", help="neighbours in the kNN vote"),
     out: Path = typer.Option(..., "--out", "-o", help="CSV to write: the suggested images and an empty label column"),
     seed: int = typer.Option(0, "--seed"),
 ):
     """The unlabelled images whose labels would help most, as a CSV a person fills in (paper 002, M9)."""
     from indexer.atomic import atomic_path
-    from indexer.index_dir import open_index_dir
-    from retrieval.training.active import suggest_labels as suggest
+    from retrieval.training.active import suggest_for_index
 
     if k < 1:
         raise RetrieveError(f"--k {k}: must be at least 1")
-    vs = open_index_dir(index, use_gpu=False).vectors
-    table = suggest(vs.rows, vs.vectors, budget, strategy, k, seed)
+    table = suggest_for_index(index, budget, strategy, k, seed, spread, head, data_root, progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
     print(
-        f"{len(table)} image(s) to label ({strategy}) -> {out}; fill in the label column and add them to the manifest"
+        f"{len(table)} image(s) to label ({strategy}{'' if spread == 'none' else ', spread over ' + spread}) -> "
+        f"{out}; fill in the label column and add them to the manifest"
     )

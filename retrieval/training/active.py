@@ -8,6 +8,12 @@ its dropout kept on (the mutual information between the prediction and the head'
 the passes disagree); `random`, the baseline to beat. baal implements these acquisition functions too,
 but it pulls in Jupyter and ~70 other packages; the formulas are a few lines here, tested against a
 direct computation.
+
+A batch taken straight from the top of the scores can be one patient's near-duplicate frames (they score
+alike). Two ways to spread it (`spread`, or `STRATEGY+SPREAD` in the simulation): `patients`, at most one
+image per patient while other patients remain (round robin in score order), and `kmeans`, the best-scored
+image of each of `budget` k-means clusters of the unlabelled images' unit vectors (diverse mini-batch
+active learning, Zhdanov 2019, without its weighting).
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import logging
 import math
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,11 +33,13 @@ import pandas as pd
 import torch
 from torch import nn
 
+from retrieval.encoders.base import Encoder
 from retrieval.errors import RetrieveError
 
 log = logging.getLogger(__name__)
 
 STRATEGIES = ("entropy", "mc-dropout", "random")
+SPREADS = ("none", "patients", "kmeans")
 
 
 def entropy_nats(p: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -137,6 +146,70 @@ def bald_scores(
         return mc_dropout_scores(mc_dropout_probs(head, x, passes, seed))[0]
 
 
+# --- MC-dropout through a trained head (`suggest-labels --head CKPT`) -------------------------------------
+
+
+def head_dropout_probs(
+    head: nn.Module,
+    features: torch.Tensor,
+    labelled: np.ndarray,
+    codes: np.ndarray,
+    n_classes: int,
+    masks: torch.Tensor,
+    temperature: float = 0.1,
+) -> np.ndarray:
+    """Class probabilities (T, N, C) from T thinned copies of a checkpoint's projection head (Linear/ReLU
+    layers): pass t multiplies the input of the head's last Linear layer by `masks[t]` (kept units scaled
+    by 1 / keep rate, one mask for every row: one sampled network per pass), normalises the output, and
+    scores each class by the cosine to the mean of its labelled rows' outputs (normalised) over `temperature`.
+    `labelled` is a boolean mask over the rows and `codes` the class codes of the rows it marks."""
+    layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
+    last = max(i for i, m in enumerate(layers) if isinstance(m, nn.Linear))
+    lab_idx = torch.as_tensor(np.flatnonzero(labelled))
+    codes_t = torch.as_tensor(np.asarray(codes), dtype=torch.long)
+    out = []
+    with torch.no_grad():
+        x = features.float()
+        for m in layers[:last]:
+            x = m(x)
+        for mask in masks:
+            z = torch.nn.functional.normalize(layers[last](x * mask), dim=1)
+            for m in layers[last + 1 :]:
+                z = m(z)
+            protos = torch.zeros(n_classes, z.shape[1]).index_add_(0, codes_t, z[lab_idx])
+            protos = torch.nn.functional.normalize(protos, dim=1)
+            out.append(torch.softmax(z @ protos.T / temperature, dim=1).numpy())
+    return np.stack(out)
+
+
+def dropout_masks(width: int, passes: int, rate: float, seed: int) -> torch.Tensor:
+    """(passes, width) inverted-dropout masks: 0 with probability `rate`, else 1 / (1 - rate); seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    keep = (torch.rand(passes, width, generator=gen) >= rate).float()
+    return keep / (1.0 - rate)
+
+
+def head_bald_scores(
+    head: nn.Module,
+    features: torch.Tensor,
+    labelled: np.ndarray,
+    labels: np.ndarray,
+    passes: int = 20,
+    rate: float = 0.5,
+    temperature: float = 0.1,
+    seed: int = 0,
+) -> np.ndarray:
+    """BALD of every row from `passes` dropout-thinned copies of a trained projection head (head_dropout_probs)."""
+    classes, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
+    layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
+    linears = [m for m in layers if isinstance(m, nn.Linear)]
+    if not linears:
+        raise RetrieveError("--head: the checkpoint has no projection head (train one with head_dims)")
+    masks = dropout_masks(linears[-1].in_features, passes, rate, seed)
+    probs = head_dropout_probs(head, features, labelled, codes, len(classes), masks, temperature)
+    return mc_dropout_scores(probs)[0]
+
+
 def vote_entropy(vectors: np.ndarray, labelled: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
     """Entropy (nats) of the majority vote of each row's k most similar labelled rows (cosine, itself
     excluded); `labelled` is a boolean mask and `labels` the labels of the rows it marks."""
@@ -154,12 +227,96 @@ def vote_entropy(vectors: np.ndarray, labelled: np.ndarray, labels: np.ndarray, 
         return -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
 
 
+def spread_over_groups(scores: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
+    """Positions of `n` rows, highest score first but at most one per group while other groups remain: each
+    group's best row (groups in the order of their best scores), then each group's second best, and so on.
+    Equal scores keep the rows' order."""
+    scores, groups = np.asarray(scores, dtype=np.float64), np.asarray(groups)
+    order = np.argsort(-scores, kind="stable")
+    seen: dict[Any, int] = {}
+    turn = np.empty(len(order), dtype=np.int64)  # 0 for a group's best row, 1 for its second, ...
+    for j, i in enumerate(order):
+        turn[j] = seen.get(groups[i], 0)
+        seen[groups[i]] = turn[j] + 1
+    return order[np.lexsort((np.arange(len(order)), turn))][:n]
+
+
+def top_per_cluster(scores: np.ndarray, vectors: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """Positions of the best-scored row of each of `n` k-means clusters of the rows' unit vectors (scikit-learn
+    KMeans, k-means++ start, 3 restarts, seeded), best first; every row when there are no more than `n`."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) <= n:
+        return np.argsort(-scores, kind="stable")
+    from sklearn.cluster import KMeans
+
+    v = np.asarray(vectors, dtype=np.float64)
+    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    with warnings.catch_warnings():  # duplicate points: fewer distinct clusters than asked is handled below
+        warnings.simplefilter("ignore")
+        assign = KMeans(n_clusters=n, n_init=3, random_state=seed).fit_predict(v)
+    best = [members[np.argmax(scores[members])] for c in range(n) if len(members := np.flatnonzero(assign == c))]
+    best_arr = np.array(best, dtype=np.int64)
+    return best_arr[np.argsort(-scores[best_arr], kind="stable")]
+
+
+def pick_batch(
+    scores: np.ndarray,
+    n: int,
+    spread: str = "none",
+    groups: np.ndarray | None = None,
+    vectors: np.ndarray | None = None,
+    seed: int = 0,
+) -> np.ndarray:
+    """Positions of the `n` rows to label next among candidates with these scores (higher: sooner)."""
+    if spread == "none":
+        return np.argsort(-np.asarray(scores), kind="stable")[:n]
+    if spread == "patients":
+        if groups is None:
+            raise RetrieveError("--spread patients needs the images' patients (a patient_id column)")
+        return spread_over_groups(scores, groups, n)
+    if spread == "kmeans":
+        if vectors is None:
+            raise RetrieveError("--spread kmeans needs the images' vectors")
+        return top_per_cluster(scores, vectors, n, seed)
+    raise RetrieveError(f"--spread {spread}: choose one of {', '.join(SPREADS)}")
+
+
+def parse_strategy(name: str) -> tuple[str, str]:
+    """`entropy` -> (entropy, none); `entropy+patients` -> (entropy, patients)."""
+    base, _, spread = name.partition("+")
+    if base not in STRATEGIES or (spread or "none") not in SPREADS:
+        raise RetrieveError(
+            f"--strategies {name}: choose from {', '.join(STRATEGIES)}, each optionally +{'|+'.join(SPREADS[1:])}"
+        )
+    return base, spread or "none"
+
+
+def patient_groups(rows: pd.DataFrame) -> np.ndarray:
+    """Each row's patient (`patient_id`); a row without one is a patient of its own."""
+    if "patient_id" not in rows:
+        return np.array([f"row:{i}" for i in range(len(rows))], dtype=object)
+    pid = rows["patient_id"].astype("string").str.strip()
+    return np.array([p if isinstance(p, str) and p else f"row:{i}" for i, p in enumerate(pid.tolist())], dtype=object)
+
+
 def suggest_labels(
-    rows: pd.DataFrame, vectors: np.ndarray, budget: int, strategy: str = "entropy", k: int = 10, seed: int = 0
+    rows: pd.DataFrame,
+    vectors: np.ndarray,
+    budget: int,
+    strategy: str = "entropy",
+    k: int = 10,
+    seed: int = 0,
+    spread: str = "none",
+    scorer: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> pd.DataFrame:
-    """The `budget` unlabelled rows to label next, most useful first, with an empty `label` column to fill in."""
+    """The `budget` unlabelled rows to label next, most useful first, with an empty `label` column to fill in.
+    `spread`: `patients` (at most one image per patient while others remain) or `kmeans` (the best image of
+    each of `budget` k-means clusters of the unlabelled vectors). `scorer(labelled mask, their labels)`
+    replaces the dropout head `mc-dropout` trains (e.g. a checkpoint's head, `suggest_for_index`)."""
     if strategy not in STRATEGIES:
         raise RetrieveError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
+    if spread not in SPREADS:
+        raise RetrieveError(f"--spread {spread}: choose one of {', '.join(SPREADS)}")
     if budget < 1:
         raise RetrieveError(f"--budget {budget}: must be at least 1")
     lab = rows["label"].astype("string") if "label" in rows else pd.Series(pd.NA, index=rows.index, dtype="string")
@@ -175,14 +332,98 @@ def suggest_labels(
         known = lab[labelled].to_numpy(dtype=str)
         if strategy == "entropy":
             score = vote_entropy(vectors, labelled, known, k)[pool]
+        elif scorer is not None:
+            score = scorer(labelled, known)[pool]
         else:
             score = bald_scores(vectors, labelled, known, seed=seed)[pool]
-    best = np.argsort(-score, kind="stable")[:budget]
+    best = pick_batch(score, budget, spread, patient_groups(rows.iloc[pool]), np.asarray(vectors)[pool], seed)
     keep = [c for c in ("id", "path", "frame_index", "patient_id") if c in rows]
     out = rows.iloc[pool[best]][keep].reset_index(drop=True)
     out["score"] = np.round(score[best], 4)
     out["label"] = ""
     return out
+
+
+def suggest_for_index(
+    index_dir: str | Path,
+    budget: int,
+    strategy: str = "entropy",
+    k: int = 10,
+    seed: int = 0,
+    spread: str = "none",
+    head: str | Path | None = None,
+    data_root: str | Path | None = None,
+    passes: int = 20,
+    progress: bool = False,
+) -> pd.DataFrame:
+    """`retrieve suggest-labels`: suggest_labels over an index's rows and vectors. With `head` (a checkpoint
+    from `retrieve train` with a projection head; mc-dropout only), BALD comes from dropout-thinned copies
+    of that head (head_bald_scores) on the backbone features of the indexed images, computed again from
+    the files, instead of from a head trained here. The index must be built with that checkpoint or with
+    its backbone alone."""
+    from indexer.index_dir import open_index_dir
+
+    if head is not None and strategy != "mc-dropout":
+        raise RetrieveError(f"--head is for --strategy mc-dropout, not {strategy}")
+    idx = open_index_dir(index_dir, use_gpu=False)
+    vs = idx.vectors
+    scorer = None
+    if head is not None:
+        scorer = _checkpoint_scorer(idx, Path(head), data_root, passes, seed, progress)
+    return suggest_labels(vs.rows, vs.vectors, budget, strategy, k, seed, spread, scorer)
+
+
+class BackboneFeatures(Encoder):
+    """An encoder whose vectors are its backbone's features as they are (the input a projection head trained
+    on), not normalised; its fingerprint is that of the backbone alone."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+def _checkpoint_scorer(
+    idx: Any, head: Path, data_root: str | Path | None, passes: int, seed: int, progress: bool
+) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    from indexer.fingerprint import fingerprint_difference
+    from retrieval.config import PreprocessConfig
+    from retrieval.embed import embed_rows
+    from retrieval.encoders.checkpoint import load_checkpoint, load_checkpoint_extras
+    from retrieval.relocate import resolve_data_root, resolve_paths
+
+    enc = load_checkpoint(head)
+    if not enc.head_dims:
+        raise RetrieveError(f"--head {head}: the checkpoint has no projection head (train one with head_dims)")
+
+    arch = enc.arch
+    backbone = BackboneFeatures(
+        enc.backbone, enc.feature_dim, enc.base_arch, in_chans=enc.in_chans, mean=tuple(arch["mean"]),
+        std=tuple(arch["std"]), default_preprocess=enc.default_preprocess, source=enc.source,
+    )  # fmt: skip
+    fp = idx.manifest.fingerprint
+    pre = PreprocessConfig.from_dict(fp.get("preprocess") or {})
+    differs = fingerprint_difference(fp, enc.fingerprint(pre, str(head)))
+    if differs and fingerprint_difference(fp, backbone.fingerprint(pre, str(head))):
+        raise RetrieveError(
+            f"--head {head}: --index {idx.path} was built with encoder {fp.get('encoder')}, neither this checkpoint "
+            f"nor its backbone ({differs})"
+        )
+    training = load_checkpoint_extras(head)[0].get("training") or {}
+    temperature = float(training.get("temperature") or 0.1)
+
+    def scorer(labelled: np.ndarray, known: np.ndarray) -> np.ndarray:
+        rows = resolve_paths(idx.vectors.rows, resolve_data_root(idx, data_root))
+        emb = embed_rows(rows, backbone, pre, progress=progress, desc="backbone features")
+        if emb.skipped:
+            raise RetrieveError(
+                f"--head: {len(emb.skipped)} indexed image(s) could not be read again for their backbone features, "
+                f"e.g. {emb.skipped[0].path}: {emb.skipped[0].reason} (--data-root names where the files are now)"
+            )
+        with one_thread():
+            return head_bald_scores(
+                enc.head, torch.as_tensor(emb.vectors), labelled, known, passes, 0.5, temperature, seed
+            )
+
+    return scorer
 
 
 # --- simulation on labelled data -------------------------------------------------------------------------
@@ -275,8 +516,9 @@ def simulate_active_learning(
     head for every strategy, so only the choice of labels differs) and scored on the held-out fold:
     MAP, MRR and P@1 of its hidden-layer vectors against the whole pool as gallery (relevance from the
     ground truth, so the gallery is the same at every round), and the balanced accuracy of its
-    predictions. Then the strategy picks the next `batch` unlabelled pool rows. A last point with every
-    pool label shows the ceiling."""
+    predictions. Then the strategy picks the next `batch` unlabelled pool rows (`entropy+patients`: at
+    most one per group of `groups`; `entropy+kmeans`: one per k-means cluster of the features as they
+    are, the space of the kNN vote). A last point with every pool label shows the ceiling."""
     with one_thread():
         return _simulate(features, labels, groups, settings)
 
@@ -287,9 +529,7 @@ def _simulate(
     from sklearn.metrics import balanced_accuracy_score
     from sklearn.model_selection import StratifiedGroupKFold
 
-    for s in settings.strategies:
-        if s not in STRATEGIES:
-            raise RetrieveError(f"--strategies {s}: choose from {', '.join(STRATEGIES)}")
+    parsed = {s: parse_strategy(s) for s in settings.strategies}
     labels = np.asarray(labels).astype(str)
     classes, codes = np.unique(labels, return_inverse=True)
     if len(classes) < 2:
@@ -336,10 +576,10 @@ def _simulate(
                 rest = pool[~labelled[pool]]
                 if r == settings.rounds or not len(rest):
                     break
-                gain = _acquire(
-                    strategy, raw_clean, clean, pool, labelled, labels, head, settings, srng, seed * 1000 + r
-                )
-                labelled[rest[np.argsort(-gain, kind="stable")[:batch]]] = True
+                base, spread = parsed[strategy]
+                gain = _acquire(base, raw_clean, clean, pool, labelled, labels, head, settings, srng, seed * 1000 + r)
+                pick = pick_batch(gain, batch, spread, groups[rest], raw_clean[rest], seed * 1000 + r)
+                labelled[rest[pick]] = True
             curves[strategy].append(points)
             log.info(
                 "seed %d %s: MAP %.3f -> %.3f (%.0f s)",

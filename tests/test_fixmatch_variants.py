@@ -178,3 +178,23 @@ def test_bad_fixmatch_options():
     rows, feats, _ = _multilabel_features()
     with pytest.raises(RetrieveError, match="one-head"):
         train(rows, _cfg(fixmatch_multilabel="one-head", fixmatch_align=True), progress=False, features=feats)
+
+
+@pytest.mark.slow
+def test_multilabel_checkpoint_keeps_the_thresholds(demo_data, tmp_path):
+    from safetensors.torch import load_file
+
+    from retrieval.data.dataset import load_dataset
+    from retrieval.training.run import train_to_checkpoint
+
+    rows = load_dataset(demo_data).rows
+    combos = {"normal": "liver", "mild": "liver|kidney", "moderate": "kidney", "severe": ""}  # severe: unlabelled
+    manifest = tmp_path / "m.csv"
+    pd.DataFrame({"path": rows["path"], "label": rows["label"].map(combos)}).to_csv(manifest, index=False)
+    cfg = _cfg(image_size=32, frozen_views=1, batch_size=8, max_steps=6, fixmatch_val_fraction=0.3)
+    outcome = train_to_checkpoint(manifest, cfg, tmp_path / "enc", progress=False)
+    info = outcome.log["multilabel"]
+    assert info["classes"] == ["kidney", "liver"] and info["mode"] == "two-head"
+    tensors = load_file(str(outcome.checkpoint))
+    assert tensors["extra.multilabel_thresholds"].tolist() == pytest.approx(info["thresholds"], abs=1e-4)
+    assert tuple(tensors["extra.multilabel_head.weight"].shape) == (2, 16)

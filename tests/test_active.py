@@ -132,6 +132,7 @@ def test_mc_dropout_passes_differ_only_with_dropout():
     np.testing.assert_allclose(flat[0], flat[2])
 
 
+@pytest.mark.slow
 def test_suggest_labels_mc_dropout_scores_the_pool_with_bald():
     from retrieval.training.active import bald_scores
 
@@ -249,6 +250,7 @@ def test_suggest_labels_spread_over_patients():
         suggest_labels(rows, vectors, 2, spread="sideways")
 
 
+@pytest.mark.slow
 def test_simulation_batches_respect_the_spread():
     import torch
 

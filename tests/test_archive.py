@@ -235,6 +235,7 @@ def test_unknown_excluded_patient_is_an_error(tmp_path):
 # --- batch queries: a folder of query images -> one table ----------------------------------------
 
 
+@pytest.mark.slow
 def test_batch_query_of_a_folder_in_one_faiss_batch(archive, archive_index, tmp_path, monkeypatch):
     import retrieval.pipeline as pipeline
     from indexer.index_dir import read_manifest
@@ -286,6 +287,7 @@ def test_bad_archive_inputs_are_one_line_errors(archive, archive_index, capsys):
 # --- the command line: --labels, --group-by, a folder with --out, eval --labels --------------------
 
 
+@pytest.mark.slow
 def test_cli_archive_labels_cases_batch_and_eval(archive, archive_index, tmp_path, capsys):
     root, files = archive
     truth, by_acc = _label_csvs(root, files, tmp_path)

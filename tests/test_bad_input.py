@@ -55,6 +55,7 @@ def test_dicom_frame_claim_is_checked_against_the_pixel_data(tmp_path, monkeypat
         read_frames(ok)
 
 
+@pytest.mark.slow
 def test_dicom_with_an_invalid_header_value_is_skipped_and_the_rest_indexed(tmp_path, capsys):
     data = tmp_path / "data"
     rng = np.random.default_rng(0)

@@ -364,6 +364,7 @@ def test_server_stops_mid_sync(encoder, tmp_path: Path) -> None:
 
 
 @needs_orthanc
+@pytest.mark.slow
 def test_undecodable_instance_is_skipped_and_counted(encoder, tmp_path: Path) -> None:
     from retrieval.pacs import SyncOptions
 
@@ -423,6 +424,7 @@ def test_thumbnail_cache(orthanc, tmp_path: Path) -> None:
 
 
 @needs_orthanc
+@pytest.mark.slow
 def test_compressed_instance_the_reader_cannot_decode_is_fetched_uncompressed(encoder, tmp_path: Path) -> None:
     """Stored as JPEG-LS (lossless): without a local decoder the server is asked to transcode it once."""
     from retrieval.pacs import SyncOptions

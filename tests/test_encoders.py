@@ -51,6 +51,7 @@ def test_list_and_unknown():
         create_encoder("resnet18", weights="imagenet")
 
 
+@pytest.mark.slow
 def test_effnet_lite0_is_the_imagenet_checkpoint():
     """The packaged weights are loaded, not a random init: BN statistics are trained values."""
     enc = create_encoder("imagenet-effnet-lite0")
@@ -60,6 +61,7 @@ def test_effnet_lite0_is_the_imagenet_checkpoint():
     assert enc.weights_sha256() == create_encoder("imagenet-effnet-lite0").weights_sha256()
 
 
+@pytest.mark.slow
 def test_random_init_is_seeded():
     a, b, c = create_encoder("resnet18", seed=1), create_encoder("resnet18", seed=1), create_encoder("resnet18", seed=2)
     assert a.weights_sha256() == b.weights_sha256() != c.weights_sha256()
@@ -85,6 +87,7 @@ def test_timm_or_torchvision_weights_file(tmp_path):
     assert create_encoder("resnet18", weights=str(snap)).weights_sha256() == enc.weights_sha256()
 
 
+@pytest.mark.slow
 def test_bad_weights_files(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"nonsense")
     with pytest.raises(RetrieveError, match="junk.pth"):
@@ -169,6 +172,7 @@ def test_multilayer_effnet_extends_the_final_features(tmp_path):
         assert torch.equal(res.encoder.eval()(X), back.eval()(X))
 
 
+@pytest.mark.slow
 def test_multilayer_pool_names_a_missing_layer():
     from retrieval.encoders.backbones import build_backbone
 

@@ -239,6 +239,7 @@ def test_report_writes_confusion_matrix_and_chance_line(toy, tmp_path):
     assert first in summary
 
 
+@pytest.mark.slow
 def test_pr_plot_draws_the_chance_line(toy, tmp_path, monkeypatch):
     from retrieval.evaluation import report
 

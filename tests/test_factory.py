@@ -92,6 +92,7 @@ def test_factory_string_builds_searches_filters_removes(tmp_path, factory):
     assert idx.index.ntotal == 2000
 
 
+@pytest.mark.slow
 def test_named_kinds_are_factory_shorthands():
     x = clustered(3000)
     expect = {"flat": ("Flat", faiss.IndexFlat), "hnsw": ("HNSW32", faiss.IndexHNSWFlat)}

@@ -120,6 +120,7 @@ def test_unknown_engine_is_a_one_line_error(tmp_path, capsys, demo_data):
     assert_one_line_error(err, "--engine spark")
 
 
+@pytest.mark.slow
 def test_ray_engine_refuses_an_out_folder_that_is_not_empty(tmp_path, capsys, demo_data):
     pytest.importorskip("ray", reason="ray is not installed (pip install 'retrieve[ray]')")
     out = tmp_path / "shards"

@@ -40,6 +40,7 @@ def _query(index, image, **kw):
     return results[0]
 
 
+@pytest.mark.slow
 def test_manifest_records_the_root_and_rows_relative_paths(moved):
     m = read_manifest(moved / "idx")
     assert m.data_root == str((moved / "pacs").resolve()) and m.data_root_from_index == "../pacs"
@@ -63,6 +64,7 @@ def test_data_and_index_moved_together_keep_working(moved, tmp_path):
     assert str((dest / "pacs" / QUERY).resolve()) not in after.rows["path"].tolist()
 
 
+@pytest.mark.slow
 def test_data_moved_alone_needs_data_root_or_relocate(moved, tmp_path, caplog):
     new_home = tmp_path / "nas" / "archive"
     new_home.parent.mkdir()
@@ -147,6 +149,7 @@ def test_relocate_waits_for_the_write_lock(moved, monkeypatch):
     assert (moved / "idx" / "manifest.json").read_bytes() == before  # nothing written while another writer held it
 
 
+@pytest.mark.slow
 def test_cli_data_root_and_relocate(moved, tmp_path, capsys):
     from conftest import assert_one_line_error, run_cli
 

@@ -123,6 +123,7 @@ def test_query_answers_with_the_cli_json(server, served, capsys):
     assert_alive(server)
 
 
+@pytest.mark.slow
 def test_cases_and_a_moved_data_root_answer_as_the_cli(served, tmp_path, capsys):
     """--group-by and --data-root: the server passes them to the same call, so the JSON stays the CLI's."""
     import shutil
@@ -164,6 +165,7 @@ def test_include_self_keeps_the_indexed_image(server, served):
     assert api["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_multiframe_dicom_query_matches_the_cli(server, served, capsys):
     clip = served / "data" / "dark" / "clip.dcm"
     code, out, _ = run_cli(capsys, "query", clip, "--index", served / "index", "--k", "4", "--json")
@@ -209,6 +211,7 @@ def _dicom_bytes(tmp_path: Path, **changes) -> bytes:
     return path.read_bytes()
 
 
+@pytest.mark.slow
 def test_bad_uploads_get_clear_4xx_and_the_server_keeps_serving(server, served, tmp_path, monkeypatch):
     png = (served / "data" / "dark" / "d1.png").read_bytes()
     cases = [
@@ -379,6 +382,7 @@ def _raw_get(client, path: str) -> tuple[int, bytes]:
     return r.status, body
 
 
+@pytest.mark.slow
 def test_path_traversal_never_reads_outside_the_data_root(server, served):
     secret = (served / "outside" / "secret.png").read_bytes()
     secret_abs = str((served / "outside" / "secret.png").resolve())

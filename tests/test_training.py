@@ -78,6 +78,7 @@ def test_training_is_reproducible(rows):
     assert torch.equal(_vectors(a.encoder), _vectors(b.encoder))
 
 
+@pytest.mark.slow
 def test_vectors_from_backbone_drops_the_head(rows):
     res = train(
         rows,
@@ -113,6 +114,7 @@ def test_config_files_and_overrides(tmp_path):
         TrainConfig(method="byol")
 
 
+@pytest.mark.slow
 def test_augmentation_options_from_yaml(rows, tmp_path, monkeypatch):
     """`augment` changes the training views' AugmentConfig; bad options fail before any training."""
     import retrieval.training.trainer as trainer

@@ -82,6 +82,7 @@ def test_tune_ivf_picks_cheapest_nprobe_and_queries_use_it(tmp_path):
     assert np.mean([len(set(e) & {h.row_id for h in hq}) / 10 for e, hq in zip(exact, hits)]) >= 0.85
 
 
+@pytest.mark.slow
 def test_tune_hnsw_with_tombstones_and_factory_string(tmp_path):
     vs = _vs(3000)
     build_index_dir(tmp_path / "ix", vs, IndexConfig(kind="HNSW8", gpu=False))

@@ -62,6 +62,7 @@ def _chart_colour_scales(at):
     return scales
 
 
+@pytest.mark.slow
 def test_start_page_shows_summary_and_asks_for_a_query(monkeypatch, demo_index):
     at = _app(monkeypatch, demo_index)
     assert at.title[0].value == "Similar past cases"
@@ -93,6 +94,7 @@ def test_pick_case_with_patient_exclusion_k_filter_and_vote(monkeypatch, demo_in
     assert any("Suggested label: **severe**" in m.value for m in at.markdown)
 
 
+@pytest.mark.slow
 def test_open_case_view_and_browse_on(monkeypatch, demo_index):
     from indexer.index_dir import open_index_dir
 
@@ -119,6 +121,7 @@ def test_open_case_view_and_browse_on(monkeypatch, demo_index):
     assert not any(h.value == "Its own similar cases" for h in at.subheader)
 
 
+@pytest.mark.slow
 def test_missing_and_foreign_index_are_messages(monkeypatch, tmp_path, demo_index):
     at = _app(monkeypatch, tmp_path / "no-index")
     assert "No index at" in at.error[0].value
@@ -147,6 +150,7 @@ def test_labels_have_one_distinct_colour_in_every_chart(monkeypatch, demo_index)
     assert colours and all(colours[lab] == LABEL_PALETTE[expected["domain"].index(lab)] for lab in colours)
 
 
+@pytest.mark.slow
 def test_query_leaves_itself_out_unless_asked(monkeypatch, demo_index):
     at = _app(monkeypatch, demo_index)
     at.radio(key="mode").set_value("Pick an indexed case").run()
@@ -162,6 +166,7 @@ def test_query_leaves_itself_out_unless_asked(monkeypatch, demo_index):
     assert ids[0] == "moderate/SYN201_f1.png" and float(_cards(at)[0][1]) == 1.0
 
 
+@pytest.mark.slow
 def test_upload_widget_states_the_limits_it_applies(monkeypatch, demo_index):
     from ui.backend import MAX_UPLOAD_MB
 
@@ -196,6 +201,7 @@ def test_index_without_labels_shows_no_vote(monkeypatch, demo_data, tmp_path):
     assert len(cards) == 8 and all(c[2] is None for c in cards)  # no label on the cards
 
 
+@pytest.mark.slow
 def test_data_root_that_does_not_hold_the_files_is_a_message(monkeypatch, tmp_path, demo_index):
     monkeypatch.setenv("RETRIEVE_DATA_ROOT", str(tmp_path))
     at = _app(monkeypatch, demo_index)

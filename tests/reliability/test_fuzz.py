@@ -76,6 +76,7 @@ def _mutate(data: bytes, edits: list[tuple[int, int]], cut: int | None) -> bytes
 
 @FUZZ
 @given(suffix=st.sampled_from(sorted(SEEDS)), edits=mutations, cut=st.none() | st.integers(0, 2000))
+@pytest.mark.slow
 def test_mutated_images(tmp_path_factory, suffix, edits, cut):
     p = tmp_path_factory.mktemp("img") / f"x{suffix}"
     p.write_bytes(_mutate(SEEDS[suffix], edits, cut))
@@ -92,6 +93,7 @@ def test_random_bytes_as_any_format(tmp_path_factory, data, suffix):
 
 @FUZZ
 @given(edits=mutations, cut=st.none() | st.integers(0, 3000), frames=st.integers(1, 3))
+@pytest.mark.slow
 def test_mutated_dicom(tmp_path_factory, edits, cut, frames):
     folder = tmp_path_factory.mktemp("dcm")
     seed = write_dicom(folder / "seed.dcm", np.arange(frames * 64, dtype=np.uint16).reshape(frames, 8, 8))
@@ -117,6 +119,7 @@ cells = st.one_of(
     rows=st.lists(st.lists(cells, min_size=0, max_size=6), max_size=6),
     raw=st.none() | st.binary(max_size=300),
 )
+@pytest.mark.slow
 def test_manifests(tmp_path_factory, header, rows, raw):
     folder = tmp_path_factory.mktemp("manifest")
     Image.new("L", (8, 8)).save(folder / "a.png")

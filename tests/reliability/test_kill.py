@@ -104,6 +104,7 @@ def test_kill_9_never_loses_an_index(tmp_path):
 
 
 @pytest.mark.parametrize("action", ["add", "overwrite"])
+@pytest.mark.slow
 def test_kill_9_while_a_reader_reads(tmp_path, action):
     """A reader that opened the old version keeps a consistent view while a writer dies mid-commit."""
     folder = tmp_path / "idx"

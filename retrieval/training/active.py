@@ -35,6 +35,7 @@ from torch import nn
 
 from retrieval.encoders.base import Encoder
 from retrieval.errors import RetrieveError
+from retrieval.training.folds import group_ids
 
 log = logging.getLogger(__name__)
 
@@ -291,14 +292,6 @@ def parse_strategy(name: str) -> tuple[str, str]:
     return base, spread or "none"
 
 
-def patient_groups(rows: pd.DataFrame) -> np.ndarray:
-    """Each row's patient (`patient_id`); a row without one is a patient of its own."""
-    if "patient_id" not in rows:
-        return np.array([f"row:{i}" for i in range(len(rows))], dtype=object)
-    pid = rows["patient_id"].astype("string").str.strip()
-    return np.array([p if isinstance(p, str) and p else f"row:{i}" for i, p in enumerate(pid.tolist())], dtype=object)
-
-
 def suggest_labels(
     rows: pd.DataFrame,
     vectors: np.ndarray,
@@ -310,7 +303,8 @@ def suggest_labels(
     scorer: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> pd.DataFrame:
     """The `budget` unlabelled rows to label next, most useful first, with an empty `label` column to fill in.
-    `spread`: `patients` (at most one image per patient while others remain) or `kmeans` (the best image of
+    `spread`: `patients` (at most one image per patient while others remain; patients and near-duplicate
+    groups as the benchmark's folds, `group_ids`) or `kmeans` (the best image of
     each of `budget` k-means clusters of the unlabelled vectors). `scorer(labelled mask, their labels)`
     replaces the dropout head `mc-dropout` trains (e.g. a checkpoint's head, `suggest_for_index`)."""
     if strategy not in STRATEGIES:
@@ -336,7 +330,7 @@ def suggest_labels(
             score = scorer(labelled, known)[pool]
         else:
             score = bald_scores(vectors, labelled, known, seed=seed)[pool]
-    best = pick_batch(score, budget, spread, patient_groups(rows.iloc[pool]), np.asarray(vectors)[pool], seed)
+    best = pick_batch(score, budget, spread, group_ids(rows.iloc[pool]), np.asarray(vectors)[pool], seed)
     keep = [c for c in ("id", "path", "frame_index", "patient_id") if c in rows]
     out = rows.iloc[pool[best]][keep].reset_index(drop=True)
     out["score"] = np.round(score[best], 4)

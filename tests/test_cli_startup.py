@@ -3,6 +3,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def _modules_after(code: str) -> set[str]:
     out = subprocess.run(
@@ -19,6 +21,7 @@ def test_importing_the_cli_loads_no_torch_faiss_or_pandas():
     assert not {"torch", "faiss", "pandas", "timm", "streamlit"} & loaded
 
 
+@pytest.mark.slow
 def test_help_runs_without_torch():
     code = (
         "from retrieval.cli.main import main\n"

@@ -120,6 +120,7 @@ def test_old_index_with_absolute_paths_keeps_working(tmp_path):
         relocate_index(tmp_path / "old", tmp_path)
 
 
+@pytest.mark.slow
 def test_added_images_are_relocatable_too(moved, tmp_path, capsys):
     from conftest import run_cli
     from dicom_factory import make_dicom

@@ -85,6 +85,7 @@ def test_mutated_images(tmp_path_factory, suffix, edits, cut):
 
 @FUZZ
 @given(data=st.binary(max_size=4096), suffix=st.sampled_from([".png", ".jpg", ".bmp", ".tif", ".dcm", ""]))
+@pytest.mark.slow
 def test_random_bytes_as_any_format(tmp_path_factory, data, suffix):
     p = tmp_path_factory.mktemp("raw") / f"x{suffix}"
     p.write_bytes(data if suffix else b"\0" * 128 + b"DICM" + data)

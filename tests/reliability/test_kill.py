@@ -209,3 +209,41 @@ def test_kill_9_during_remove_and_compact(tmp_path):
         files = {q.name for q in folder.iterdir() if q.suffix in (".parquet", ".faiss", ".ivfdata", ".tmp")}
         assert files == set(m.file_names()), files  # the dead writer's files were collected
     print(json.dumps({"removal_kill_trials": trials, "windows_s": windows, "outcomes": outcomes}))
+
+
+@pytest.mark.slow
+def test_kill_9_during_an_on_disk_add(tmp_path):
+    """`index add` onto on-disk lists merges the old lists and the new vectors into a new lists file; killed at any
+    moment, the index holds exactly the old rows or exactly old + new, and the next write collects the leftovers."""
+    rng = random.Random(11)
+    calibrate = tmp_path / "calibrate"
+    build_index_dir(calibrate, vectors(STORED, 0), config("ivf-disk"))
+    p = _start("add", calibrate, NEW, 1_000_000)
+    t0 = time.perf_counter()
+    assert p.wait(timeout=300) == 0, p.stderr.read() if p.stderr else ""
+    window = time.perf_counter() - t0
+    base = {f"img{j}" for j in range(STORED)}
+    new = {f"img{j}" for j in range(1_000_000, 1_000_000 + NEW)}
+    assert _ids(calibrate) == base | new
+    trials = scale(3, 40)
+    outcomes = {"old": 0, "new": 0}
+    for t in range(trials):
+        folder = tmp_path / f"a{t}"
+        build_index_dir(folder, vectors(STORED, 0), config("ivf-disk"))
+        p = _start("add", folder, NEW, 1_000_000)
+        time.sleep(rng.uniform(0, window * 1.1))
+        p.send_signal(signal.SIGKILL)
+        p.wait(timeout=60)
+        got = _ids(folder)
+        assert got in (base, base | new), (t, len(got))
+        outcomes["new" if got != base else "old"] += 1
+        assert verify_index_dir(folder) == []
+        idx = open_index_dir(folder, use_gpu=False)
+        probe = np.arange(0, STORED, 41)
+        hits = search(idx, vectors(STORED, 0).vectors[probe], k=1)
+        assert [h[0].row_id for h in hits] == probe.tolist()  # every stored row still finds itself
+        m, added = add_to_index_dir(folder, vectors(5, 7_000_000))
+        assert added == 5
+        files = {q.name for q in folder.iterdir() if q.suffix in (".parquet", ".faiss", ".ivfdata", ".tmp")}
+        assert files == set(m.file_names()), files
+    print(json.dumps({"ondisk_add_kill_trials": trials, "window_s": window, "outcomes": outcomes}))

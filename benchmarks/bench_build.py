@@ -146,13 +146,13 @@ def run_build(method: str, folder: Path, index: Path, kind: str, timeout: float)
 
 
 def add_overheads(rows: list[dict[str, Any]]) -> None:
-    """overhead = peak - FAISS file; growth = overhead - the same (method, kind)'s overhead at the smallest N."""
+    """overhead = peak - FAISS file; growth = overhead - the same (method, kind, d)'s overhead at the smallest N."""
     for r in rows:
         if "peak_mb" in r:
             r["overhead_mb"] = r["peak_mb"] - r["index_mb"]
     base: dict[tuple[str, str], dict[str, Any]] = {}
     for r in sorted((r for r in rows if "overhead_mb" in r), key=lambda r: (r["n"], r["d"])):
-        key = (r["method"], r["kind"])
+        key = (r["method"], r["kind"], r["d"])
         if key not in base:
             base[key] = r
         b = base[key]

@@ -185,11 +185,9 @@ class StreamingBuild:
 
         def batches():
             for s in range(len(self.parts)):
-                _, vecs = reader.read_shard(s, columns=[], vectors=True)
-                assert vecs is not None
-                yield vecs, reader.shard_ids(s)
+                yield self._part_vectors(s), reader.shard_ids(s)
 
-        fill_index(index, batches, sample=lambda: self._train_sample(reader, n), folder=self.dir)
+        fill_index(index, batches, sample=lambda: self._train_sample(reader, n))
         manifest = new_manifest(self.dir, n, dim, kind, params, self.fingerprint, self.spec, self._labels(reader))
         manifest.shards = list(self.parts)
         _commit(self.dir, manifest, index, _tag(manifest))
@@ -200,9 +198,9 @@ class StreamingBuild:
         """A `label` column with the counts of every part's labels, its strings shared (8 bytes a row)."""
         counts: dict[Any, int] = {}
         for s in range(len(self.parts)):
-            rows, _ = reader.read_shard(s, columns=["label"])
-            if "label" in rows:
-                for label, c in rows["label"].value_counts(dropna=False).items():
+            if "label" in reader.row_columns(s):
+                labels = self._read_part(s, ["label"]).column("label").to_pandas()
+                for label, c in labels.value_counts(dropna=False).items():
                     key = None if pd.isna(label) else label
                     counts[key] = counts.get(key, 0) + int(c)
         if not counts:
@@ -216,11 +214,19 @@ class StreamingBuild:
         take = min(1.0, TRAIN_SAMPLE / n)
         out = []
         for s in range(len(self.parts)):
-            _, vecs = reader.read_shard(s, columns=[], vectors=True)
-            assert vecs is not None
             step = max(1, int(round(1 / take)))
-            out.append(vecs[::step])
+            out.append(self._part_vectors(s)[::step].copy())  # a copy: not a view keeping the part alive
         return np.vstack(out)
+
+    def _read_part(self, s: int, columns: list[str]) -> pa.Table:
+        """Columns of one part through a file of its own, not pre-buffered. (A pyarrow ParquetFile kept
+        open, as ShardReader keeps every shard's, holds the bytes of its last pre-buffered read: reading
+        every part through one reader would keep the whole store in memory until the reader goes.)"""
+        with pa.OSFile(str(self.dir / self.parts[s]["name"])) as f:
+            return pq.ParquetFile(f, pre_buffer=False).read(columns=columns)
+
+    def _part_vectors(self, s: int) -> np.ndarray:
+        return vectors_from_table(self._read_part(s, [VECTOR_COLUMN]), self.dir / self.parts[s]["name"])
 
 
 def _presize(index: Any, n: int) -> None:
@@ -288,7 +294,7 @@ def build_from_vectors(
     chunk = max(1, CHUNK_BYTES // (4 * dim))
     with StreamingBuild(index_dir, fingerprint, spec, cfg, overwrite=overwrite) as build:
         for f in files:
-            for batch in pq.ParquetFile(f).iter_batches(batch_size=chunk):
+            for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=chunk):
                 table = pa.Table.from_batches([batch])
                 vecs = vectors_from_table(table, f)
                 rows = table.drop_columns([c for c in (VECTOR_COLUMN, ROW_ID) if c in table.column_names])

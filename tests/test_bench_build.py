@@ -43,6 +43,7 @@ def test_overheads_against_the_smallest_n():
         {"n": 100, "d": 8, "method": "cli", "kind": "flat", "peak_mb": 450.0, "index_mb": 1.0},
         {"n": 1000, "d": 8, "method": "stream", "kind": "flat", "peak_mb": 300.0, "index_mb": 10.0},
         {"n": 100, "d": 8, "method": "cli", "kind": "hnsw", "skipped": "over 5 s"},
+        {"n": 2000, "d": 16, "method": "cli", "kind": "flat", "peak_mb": 600.0, "index_mb": 40.0},
     ]
     bench.add_overheads(rows)
     assert rows[0]["overhead_mb"] == 490.0 and rows[1]["overhead_mb"] == 449.0
@@ -50,7 +51,8 @@ def test_overheads_against_the_smallest_n():
     assert rows[1]["overhead_growth_mb"] == 0.0
     assert rows[2]["overhead_growth_mb"] == 0.0 and rows[2]["growth_vs"] == "1000x8"  # its own smallest N
     assert "overhead_mb" not in rows[3]
-    for r in rows[:3]:
+    assert rows[4]["overhead_growth_mb"] == 0.0  # another d: its own baseline
+    for r in rows[:3] + rows[4:]:
         r.update(vectors_mb=0.0, factory="Flat", wall_s=1.0, cpu_s=1.0)
     rows[3]["vectors_mb"] = 0.0
     md = bench.table(rows)

@@ -187,7 +187,7 @@ class StreamingBuild:
             for s in range(len(self.parts)):
                 yield self._part_vectors(s), reader.shard_ids(s)
 
-        fill_index(index, batches, sample=lambda: self._train_sample(reader, n))
+        fill_index(index, batches, sample=lambda: self._train_sample(reader, n), folder=self.dir)
         manifest = new_manifest(self.dir, n, dim, kind, params, self.fingerprint, self.spec, self._labels(reader))
         manifest.shards = list(self.parts)
         _commit(self.dir, manifest, index, _tag(manifest))

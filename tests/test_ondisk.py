@@ -112,7 +112,12 @@ def test_all_lists_probed_is_exact_search(tmp_path):
     np.testing.assert_allclose(scores, np.take_along_axis(sims, truth, axis=1), rtol=1e-5, atol=1e-5)
 
 
-def test_streaming_build_goes_through_parts_and_equals_in_memory(tmp_path):
+def test_streaming_build_goes_through_parts_and_equals_in_memory(tmp_path, monkeypatch):
+    import indexer.faiss_index as fi
+
+    filled = []
+    real = fi.fill_on_disk
+    monkeypatch.setattr(fi, "fill_on_disk", lambda *a: filled.append(a[2]) or real(*a))
     vs = vset(3000)
     build_index_dir(tmp_path / "mem", vs, cfg("ivfsq", False))
     with StreamingBuild(tmp_path / "s", FP, SPEC, cfg("ivfsq", True)) as build:
@@ -123,6 +128,7 @@ def test_streaming_build_goes_through_parts_and_equals_in_memory(tmp_path):
             build.add(part)
         m = build.finish()
     assert m.lists_file and m.count == 3000
+    assert filled == [tmp_path / "s"]  # filled part by part into the folder, never whole in memory
     left = [p.name for p in (tmp_path / "s").iterdir() if p.name.endswith(".tmp")]
     assert left == []  # the FAISS part files were removed after the merge
     queries = clustered(30, seed=3)

@@ -267,3 +267,13 @@ def test_cli_build_on_disk_info_and_query_output_stays_clean(tmp_path, capfd):
     assert not (tmp_path / "h").exists()
     assert read_manifest(index).params["lists"] == "on_disk"
     assert os.listdir(index).count(info["lists_file"]["name"]) == 1
+
+
+def test_overwrite_on_disk_with_in_file_and_back(tmp_path):
+    folder = tmp_path / "d"
+    build_index_dir(folder, vset(1200), cfg("ivf", True))
+    m = build_index_dir(folder, vset(1200), cfg("ivf", False), overwrite=True)
+    assert m.lists_file == {} and "lists" not in m.params and lists_files(folder) == []
+    assert lists_on_disk(open_index_dir(folder, use_gpu=False).index) is None
+    m = build_index_dir(folder, vset(1200), cfg("ivf", True), overwrite=True)
+    assert lists_files(folder) == [m.lists_file["name"]] and verify_index_dir(folder) == []

@@ -310,6 +310,15 @@ def test_clustering_methods_scored_next_to_kmeans(demo_data, monkeypatch):
     assert "| kmeans-raw-pixels |" in markdown_table(res) and "lsd" in res["summary"]
 
 
+def test_unknown_training_option_is_named(demo_data):
+    from retrieval.errors import RetrieveError
+
+    with pytest.raises(RetrieveError, match="--set bogus_option: not a training option"):
+        run_benchmark(
+            demo_data, ["supcon"], folds=2, overrides={"epochs": 1, "supcon.bogus_option": 3}, log=lambda m: None
+        )
+
+
 def test_method_spec_label_fraction():
     from retrieval.errors import RetrieveError
     from retrieval.training.benchmark import parse_method_spec

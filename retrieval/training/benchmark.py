@@ -17,7 +17,7 @@ fold, `benchmark_report` summarises and writes the results.
 from __future__ import annotations
 
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -198,12 +198,13 @@ def run_benchmark(
         if fraction is not None:
             mine["label_fraction"] = fraction
             mine.update({k[len(m) + 1 :]: v for k, v in (overrides or {}).items() if k.startswith(f"{m}.")})
-        try:
-            configs[m] = replace(resolve_method_config(base, preset_dir), **{**common, **mine})
-            if configs[m].is_clustering and "clusters" not in {**common, **mine}:
-                configs[m] = replace(configs[m], clusters=rows["label"].nunique())  # K = classes, as k-means
-        except TypeError as exc:
-            raise RetrieveError(f"--set: {str(exc).split('got ')[-1]} (not a training option)") from None
+        options = {**common, **mine}
+        unknown = sorted(set(options) - {f.name for f in fields(TrainConfig)})
+        if unknown:
+            raise RetrieveError(f"--set {unknown[0]}: not a training option")
+        configs[m] = replace(resolve_method_config(base, preset_dir), **options)
+        if configs[m].is_clustering and "clusters" not in options:
+            configs[m] = replace(configs[m], clusters=rows["label"].nunique())  # K = classes, as k-means
         if configs[m].label_fraction < 1.0 and not (configs[m].needs_labels or base == "fixmatch"):
             raise RetrieveError(f"--methods {m}: {base} reads no labels, so a label fraction means nothing")
     if repeats < 1:

@@ -2,7 +2,7 @@
 
 python benchmarks/bench_embed.py [--data ../shared/data/busi] [--images 256] [--encoder imagenet-effnet-lite0]
     [--image-size 224] [--batch-size 32] [--workers N] [--threads N] [--repeats 3] [--no-gpu]
-    [--out benchmarks/results/embed.json]
+    [--previous OLD_EMBED_PY] [--out benchmarks/results/embed.json]
 
 Modes, interleaved within every repeat (the machine may be shared; the median over repeats is reported):
   bare-contiguous     the encoder's forward on pre-decoded tensors, NCHW, under torch.inference_mode
@@ -10,6 +10,8 @@ Modes, interleaved within every repeat (the machine may be shared; the median ov
   bare-bf16           (CUDA only) channels_last under bf16 autocast
   embed               what `retrieve embed` runs: embed_dataset (decode, preprocess, forward) + write_vectors
   index-build         what `retrieve index build` runs: build_index_streaming (content hashes, shards, FAISS)
+  embed-previous      (with --previous FILE) `embed` with embed_rows taken from FILE, an earlier retrieval/embed.py
+                      (git show REV:retrieval/embed.py > FILE): before and after in the same run
 The ratio that matters (issue 12): pipeline images/s over the fastest bare images/s, paired per repeat.
 CPU ms/img counts this process and its reaped worker processes (user + system): the work, whatever the load.
 A profile pass (one process, no workers) splits one image's time into decode, preprocess, forward and write.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import json
 import os
 import resource
@@ -38,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from indexer.config import IndexConfig  # noqa: E402
 from indexer.store import VectorSet, write_vectors  # noqa: E402
+from retrieval import pipeline  # noqa: E402
 from retrieval.config import EncoderSpec  # noqa: E402
 from retrieval.data.dataset import FrameDataset, load_dataset  # noqa: E402
 from retrieval.data.imageio import read_frame  # noqa: E402
@@ -46,7 +50,7 @@ from retrieval.embed import default_workers  # noqa: E402
 from retrieval.pipeline import annotate_rows, build_index_streaming, embed_dataset, load_encoder  # noqa: E402
 
 BARE = ("bare-contiguous", "bare-channels-last", "bare-bf16")
-PIPELINES = ("embed", "index-build")
+PIPELINES = ("embed", "index-build", "embed-previous")
 
 
 def cpu_seconds() -> float:
@@ -90,14 +94,33 @@ def bare_runner(
     return run
 
 
-def pipeline_runner(mode: str, manifest: Path, loaded: Any, args: argparse.Namespace, gpu: bool, tmp: Path):
+def load_previous(path: Path) -> Callable[..., Any]:
+    """embed_rows from an earlier copy of retrieval/embed.py."""
+    spec = importlib.util.spec_from_file_location("previous_embed", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module.embed_rows
+
+
+def pipeline_runner(
+    mode: str, manifest: Path, loaded: Any, args: argparse.Namespace, gpu: bool, tmp: Path, last: dict[str, Any]
+):
     counter = iter(range(1_000_000))
+    previous = load_previous(args.previous) if mode == "embed-previous" else None
 
     def run() -> int:
         j = next(counter)
-        if mode == "embed":
-            vs, _ = embed_dataset(manifest, loaded, args.batch_size, args.workers, gpu, progress=False)
+        if mode in ("embed", "embed-previous"):
+            current = pipeline.embed_rows
+            pipeline.embed_rows = previous or current
+            try:
+                vs, _ = embed_dataset(manifest, loaded, args.batch_size, args.workers, gpu, progress=False)
+            finally:
+                pipeline.embed_rows = current
             write_vectors(tmp / f"vectors{j}.parquet", vs)
+            last[mode] = vs.vectors
             return len(vs)
         manifest_, _, _ = build_index_streaming(
             manifest, loaded, tmp / f"index{j}", IndexConfig(kind="flat"), args.batch_size, args.workers, gpu, False
@@ -144,6 +167,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default=",".join(BARE + PIPELINES))
     ap.add_argument("--no-gpu", action="store_true")
+    ap.add_argument("--previous", type=Path, default=None, help="an earlier retrieval/embed.py: adds embed-previous")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "embed.json")
     args = ap.parse_args()
     if args.threads:
@@ -151,6 +175,7 @@ def main() -> None:
     gpu = torch.cuda.is_available() and not args.no_gpu
     device = torch.device("cuda" if gpu else "cpu")
     modes = [m for m in args.modes.split(",") if m and (m != "bare-bf16" or gpu)]
+    modes = [m for m in modes if m != "embed-previous" or args.previous is not None]
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
@@ -161,11 +186,12 @@ def main() -> None:
         tensors = [t for t, _, err in (ds[i] for i in range(len(ds))) if t is not None]
         batches = [torch.stack(tensors[i : i + args.batch_size]) for i in range(0, len(tensors), args.batch_size)]
         runners: dict[str, Callable[[], int]] = {}
+        last: dict[str, Any] = {}  # each pipeline's latest vectors
         for m in modes:
             if m in BARE:
                 runners[m] = bare_runner(loaded.encoder, batches, device, m)
             else:
-                runners[m] = pipeline_runner(m, manifest, loaded, args, gpu, tmp)
+                runners[m] = pipeline_runner(m, manifest, loaded, args, gpu, tmp, last)
         for m, run in runners.items():  # warm-up: allocator, oneDNN primitives, file cache
             if m in BARE:
                 run()
@@ -181,6 +207,10 @@ def main() -> None:
         fastest = max(bare_modes, key=lambda m: statistics.median(r["images"] / r["seconds"] for r in times[m]))
         prof = profile(rows, loaded, statistics.median(r["seconds"] for r in times[fastest]), tmp)
     load_after = os.getloadavg()
+    diff = None
+    if "embed" in last and "embed-previous" in last:
+        diff = float(abs(last["embed"] - last["embed-previous"]).max())
+        print(f"largest |difference| of a vector component, embed vs embed-previous: {diff:.2e}")
     results = []
     for m, reps in times.items():
         rates = [r["images"] / r["seconds"] for r in reps]
@@ -222,6 +252,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "repeats": args.repeats,
         "fastest_bare": fastest,
+        "max_abs_diff_vs_previous": diff,
         "loadavg_before": [round(x, 2) for x in load_before],
         "loadavg_after": [round(x, 2) for x in load_after],
     }

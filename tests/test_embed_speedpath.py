@@ -19,6 +19,8 @@ from retrieval.embed import default_workers, embed_rows, inference_module
 from retrieval.errors import RetrieveError
 from retrieval.pipeline import load_encoder
 
+CPU = torch.device("cpu")  # compared with a CPU float32 forward (on CUDA the path runs in bf16)
+
 
 def _plain_vectors(rows: pd.DataFrame, loaded) -> np.ndarray:
     """The previous path, computed independently: decode each row, stack, one contiguous forward."""
@@ -35,7 +37,7 @@ def test_fast_path_vectors_equal_the_contiguous_forward(demo_data, name):
     loaded = load_encoder(EncoderSpec(name), {"image_size": 64})
     rows = load_dataset(demo_data).rows.iloc[:10].reset_index(drop=True)
     want = _plain_vectors(rows, loaded)
-    got = embed_rows(rows, loaded.encoder, loaded.preprocess, batch_size=4, workers=0, progress=False)
+    got = embed_rows(rows, loaded.encoder, loaded.preprocess, batch_size=4, workers=0, device=CPU, progress=False)
     assert got.vectors.shape == want.shape and got.vectors.dtype == np.float32
     np.testing.assert_allclose(got.vectors, want, rtol=0, atol=2e-5)
     np.testing.assert_allclose(np.linalg.norm(got.vectors, axis=1), 1.0, atol=1e-5)
@@ -45,10 +47,10 @@ def test_fast_path_vectors_equal_the_contiguous_forward(demo_data, name):
 def test_the_callers_encoder_keeps_its_layout_and_fingerprint(demo_data):
     loaded = load_encoder(EncoderSpec("imagenet-effnet-lite0"), {"image_size": 64})
     rows = load_dataset(demo_data).rows.iloc[:4]
-    embed_rows(rows, loaded.encoder, loaded.preprocess, workers=0, progress=False)
+    embed_rows(rows, loaded.encoder, loaded.preprocess, workers=0, device=CPU, progress=False)
     assert all(p.is_contiguous() for p in loaded.encoder.parameters())  # safetensors needs contiguous weights
     assert loaded.encoder.fingerprint(loaded.preprocess, "imagenet-effnet-lite0") == loaded.fingerprint
-    fast = inference_module(loaded.encoder, torch.device("cpu"))
+    fast = inference_module(loaded.encoder, CPU)
     assert fast is not loaded.encoder
     convs = [p for p in fast.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
@@ -62,8 +64,8 @@ def test_zero_and_two_workers_give_identical_results(tmp_path, demo_data):
     broken = rows.iloc[[0]].assign(id="corrupt.png", path=str(bad))
     rows = pd.concat([rows.iloc[:5], broken, rows.iloc[5:]], ignore_index=True)
     loaded = load_encoder(EncoderSpec("imagenet-effnet-lite0"), {"image_size": 64})
-    zero = embed_rows(rows, loaded.encoder, loaded.preprocess, batch_size=4, workers=0, progress=False)
-    two = embed_rows(rows, loaded.encoder, loaded.preprocess, batch_size=4, workers=2, progress=False)
+    zero = embed_rows(rows, loaded.encoder, loaded.preprocess, batch_size=4, workers=0, device=CPU, progress=False)
+    two = embed_rows(rows, loaded.encoder, loaded.preprocess, batch_size=4, workers=2, device=CPU, progress=False)
     assert list(zero.rows["id"]) == list(two.rows["id"]) == [r for r in rows["id"] if r != "corrupt.png"]
     np.testing.assert_array_equal(zero.vectors, two.vectors)
     assert [str(s) for s in zero.skipped] == [str(s) for s in two.skipped]

@@ -344,3 +344,21 @@ def test_self_labelling_stage_trains_after_the_cluster_stage(unlabelled, method)
         TrainConfig(method=method, epochs=5, self_label_epochs=5)
     with pytest.raises(RetrieveError, match="cluster_init"):
         TrainConfig(method=method, cluster_init="spectral")
+
+
+def test_standardised_features_fold_into_the_head():
+    """Training on z-scored frozen features, then folding the z-scoring into the head's first layer: the head on
+    raw features gives what it gave on z-scored ones."""
+    from retrieval.encoders.base import build_head
+    from retrieval.training.trainer import fold_standardisation
+
+    gen = torch.Generator().manual_seed(0)
+    f = torch.rand(7, 6, generator=gen) * 5 + 3
+    shift, scale = f.mean(0), f.std(0) + 1e-6
+    head = build_head(6, [4, 3])
+    with torch.no_grad():
+        before = head((f - shift) / scale)
+        fold_standardisation(head, shift, scale)
+        np.testing.assert_allclose(head(f).numpy(), before.numpy(), atol=1e-5)
+    with pytest.raises(RetrieveError, match="standardize_features"):
+        TrainConfig(method="lsd", standardize_features=True)  # no frozen backbone

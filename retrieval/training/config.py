@@ -49,6 +49,7 @@ class TrainConfig:
     self_label_epochs: int = 0  # pica / lsd / scan: the last E of `epochs` are SCAN's self-labelling step
     self_label_threshold: float = 0.99  # self-labelling: confidence for a pseudo-label (SCAN: 0.99)
     cluster_init: str = "random"  # pica / lsd / scan: "kmeans" starts the cluster heads from k-means centres
+    standardize_features: bool = False  # frozen backbone: train on z-scored features, folded into the head after
     fixmatch_threshold: float = 0.95  # fixmatch: tau, confidence for a pseudo-label (paper: 0.95)
     unlabelled_ratio: int = 7  # fixmatch: mu, unlabelled rows per labelled row in a step (paper: 7)
     unlabelled_weight: float = 1.0  # fixmatch: lambda_u (paper: 1)
@@ -89,6 +90,8 @@ class TrainConfig:
             raise RetrieveError(f"self_label_epochs {self.self_label_epochs}: must lie in [0, epochs {self.epochs})")
         if not 0.0 < self.self_label_threshold < 1.0:
             raise RetrieveError(f"self_label_threshold {self.self_label_threshold}: must lie in (0, 1)")
+        if self.standardize_features and not (self.freeze_backbone and self.head_dims):
+            raise RetrieveError("standardize_features needs freeze_backbone and a projection head (head_dims)")
         if self.cluster_init not in ("random", "kmeans"):
             raise RetrieveError(f"cluster_init {self.cluster_init!r}: choose random or kmeans")
         if self.dirichlet_alpha < 1.0:

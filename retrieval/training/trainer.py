@@ -153,6 +153,9 @@ def train(
             assert images is not None  # decoded whenever no cached features were given
             cache = cached_features(encoder, images, cfg.frozen_views, gen, device, progress=progress, aug=aug_cfg)
         cache = cache.to(device)
+        if cfg.standardize_features:  # z-scores of the training rows' clean features; folded into the head below
+            shift, scale = cache[0].mean(0), cache[0].std(0) + 1e-6
+            cache = (cache - shift) / scale
 
         def feats(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
             t = torch.as_tensor(rows_idx)
@@ -224,6 +227,8 @@ def train(
     model.eval()
     with torch.no_grad():
         log.update(model.loss.finish(model.project))
+    if cfg.freeze_backbone and cfg.standardize_features:
+        fold_standardisation(encoder.head, shift, scale)
     final = encoder if cfg.vectors_from != "backbone" else attach_head(encoder, [])
     if cfg.vectors_from == "concat":  # the checkpoint's arch carries the weight, so it rebuilds the same vectors
         final.concat_weight = float(cfg.concat_weight)
@@ -231,6 +236,15 @@ def train(
     for p in final.parameters():
         p.requires_grad_(True)
     return TrainResult(final.cpu().eval(), model.cpu().eval(), classes, log, skipped)
+
+
+@torch.no_grad()
+def fold_standardisation(head: nn.Module, shift: torch.Tensor, scale: torch.Tensor) -> None:
+    """Make `head` take raw features: its first Linear (W, b) on (f - shift) / scale equals (W / scale) f +
+    b - W (shift / scale), so a checkpoint needs no extra layer and gives the trained vectors."""
+    first = next(m for m in head.modules() if isinstance(m, nn.Linear))
+    first.bias.copy_(first.bias - first.weight @ (shift / scale))
+    first.weight.copy_(first.weight / scale[None, :])
 
 
 def _pair_indices(rows: pd.DataFrame, pairs_table: pd.DataFrame | None) -> np.ndarray | None:

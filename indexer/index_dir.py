@@ -718,8 +718,9 @@ def _remove_ids(idx: IndexDir, row_ids: np.ndarray) -> None:
 def remove_from_index_dir(index_dir: str | Path, select: Callable[[IndexDir], np.ndarray]) -> tuple[IndexManifest, int]:
     """Remove the live rows that `select(idx)` marks (a boolean mask over positions). Returns (manifest, removed).
 
-    Flat and IVF indexes drop the vectors from FAISS at once; HNSW (which cannot) skips them with an
-    IDSelector until `compact`. Shards are not rewritten: the rows leave with the next compact.
+    Flat and IVF indexes drop the vectors from FAISS at once; HNSW (which cannot) and IVF lists on disk
+    (which would be changed in place) skip them with an IDSelector until `compact`. Shards are not
+    rewritten: the rows leave with the next compact.
     """
     index_dir = Path(index_dir)
     read_manifest(index_dir)

@@ -247,7 +247,7 @@ def test_faiss_printf_stays_off_stdout(tmp_path):
 
 
 @pytest.mark.slow
-def test_cli_build_on_disk_info_and_query_output_stays_clean(tmp_path, capfd):
+def test_cli_build_on_disk_info_and_remove(tmp_path, capfd):
     vectors = write_vectors(tmp_path / "v.parquet", vset(1500))
     index = tmp_path / "idx"
     code, out, err = run_cli(
@@ -267,6 +267,12 @@ def test_cli_build_on_disk_info_and_query_output_stays_clean(tmp_path, capfd):
     assert not (tmp_path / "h").exists()
     assert read_manifest(index).params["lists"] == "on_disk"
     assert os.listdir(index).count(info["lists_file"]["name"]) == 1
+    code, out, err = run_cli(capfd, "index", "remove", "--index", index, "--where", "label=a")
+    assert code == 0, err
+    assert out.strip() == (
+        "removed 500 images; index now holds 1000 (on-disk lists: skipped by every search now, "
+        "space reclaimed by `retrieve index compact`)"
+    )
 
 
 def test_overwrite_on_disk_with_in_file_and_back(tmp_path):

@@ -201,7 +201,8 @@ def index_remove(
 
     select = row_selector(ids, paths, patients, parse_where(where))
     manifest, removed = remove_from_index_dir(index, select)
-    later = " (HNSW: skipped by every search now, space reclaimed by `retrieve index compact`)"
+    kind = "on-disk lists" if manifest.params.get("lists") == "on_disk" else "HNSW"
+    later = f" ({kind}: skipped by every search now, space reclaimed by `retrieve index compact`)"
     print(
         f"removed {removed} images; index now holds {manifest.count}"
         + (later if manifest.params.get("removal") == "tombstone" else "")

@@ -25,7 +25,7 @@ from indexer.atomic import atomic_path
 from indexer.config import IndexConfig
 from indexer.errors import RetrieveError
 from indexer.kinds import FLAT_MAX, HNSW_MAX, KINDS, REFINE, choose_kind, is_named, register_kind, resolve
-from indexer.ondisk import ON_DISK, READ_FLAGS, check_on_disk, fill_on_disk, map_lists
+from indexer.ondisk import ON_DISK, READ_FLAGS, check_on_disk, fill_on_disk, ivf_of, map_lists
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +97,6 @@ def check_on_disk_kind(kind: str) -> None:
     except RetrieveError:
         return  # depends on the vectors' dimension: `new_index` checks again with it
     check_on_disk(index, kind)
-
-
-def ivf_of(index: faiss.Index) -> Any:
-    """The IVF index inside (through id maps and pre-transforms), or None."""
-    try:
-        return faiss.extract_index_ivf(index)
-    except (RuntimeError, TypeError):
-        return None
 
 
 def _hnsw_of(index: faiss.Index) -> Any:
@@ -193,13 +185,13 @@ def fill_index(
     """Train on `sample()` when the kind needs it (IVF k-means on the GPUs where `new_index` chose them),
     then add (vectors, ids) batch by batch. An index `new_index` made for on-disk lists, given the index
     `folder` (whose write lock the caller holds), is filled through part files merged into a lists file there."""
+    planned_gpu = _TRAIN_ON_GPU.pop(id(index), None) is not None  # taken first: a failed training keeps no index
+    on_disk = _LISTS_ON_DISK.pop(id(index), None) is not None  # alive in these tables
     if not index.is_trained:
         if sample is None:
             raise ValueError("this index kind needs training vectors")
-        on_gpu = id(index) in _TRAIN_ON_GPU if use_gpu is None else use_gpu
-        _train(index, np.ascontiguousarray(sample(), dtype=np.float32), on_gpu)
-    _TRAIN_ON_GPU.pop(id(index), None)
-    if _LISTS_ON_DISK.pop(id(index), None) is not None and folder is not None:
+        _train(index, np.ascontiguousarray(sample(), dtype=np.float32), planned_gpu if use_gpu is None else use_gpu)
+    if on_disk and folder is not None:
         fill_on_disk(index, batches, folder)
         return
     for vectors, ids in batches():

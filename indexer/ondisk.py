@@ -50,7 +50,8 @@ LISTS_FILE = re.compile(r"^lists-[0-9a-f]{12}\.ivfdata$")
 ON_DISK = "on_disk"  # params["lists"] of an index whose lists are in a lists file
 
 
-def _ivf(index: faiss.Index) -> Any:
+def ivf_of(index: faiss.Index) -> Any:
+    """The IVF index inside (through id maps and pre-transforms), or None."""
     try:
         return faiss.extract_index_ivf(index)
     except (RuntimeError, TypeError):
@@ -59,7 +60,7 @@ def _ivf(index: faiss.Index) -> Any:
 
 def lists_on_disk(index: faiss.Index) -> Any:
     """The index's `OnDiskInvertedLists`, or None (not an IVF, or its lists are in memory)."""
-    ivf = _ivf(index)
+    ivf = ivf_of(index)
     if ivf is None:
         return None
     lists = faiss.downcast_InvertedLists(ivf.invlists)
@@ -68,7 +69,7 @@ def lists_on_disk(index: faiss.Index) -> Any:
 
 def check_on_disk(index: faiss.Index, kind: str) -> None:
     """An index whose lists can go on disk: an IVF with ordinary lists (not fast-scan blocks, not IVFPQR)."""
-    ivf = _ivf(index)
+    ivf = ivf_of(index)
     if ivf is None:
         raise RetrieveError(
             f"--on-disk: --kind {kind!r} has no inverted lists; choose ivf, ivfsq, ivfpq or an IVF factory string"
@@ -81,7 +82,7 @@ def check_on_disk(index: faiss.Index, kind: str) -> None:
 
 def _set_ntotal(index: faiss.Index, ntotal: int) -> None:
     index.ntotal = ntotal
-    ivf = _ivf(index)
+    ivf = ivf_of(index)
     if ivf is not None:
         ivf.ntotal = ntotal
 
@@ -114,7 +115,7 @@ def _fsync(path: Path) -> None:
 
 def _merge(index: faiss.Index, sources: list[Any], folder: Path) -> Path:
     """Give the IVF new on-disk lists: a new lists file in `folder` holding every entry of `sources`."""
-    ivf = _ivf(index)
+    ivf = ivf_of(index)
     total = sum(int(s.compute_ntotal()) for s in sources)
     if total == 0:
         raise RetrieveError("--on-disk: no vectors to write into the lists file")
@@ -139,7 +140,7 @@ def _merge(index: faiss.Index, sources: list[Any], folder: Path) -> Path:
 
 def to_disk(index: faiss.Index, folder: Path) -> Path:
     """Move an IVF's in-memory lists into a new lists file in `folder`; returns its path."""
-    return _merge(index, [_ivf(index).invlists], folder)
+    return _merge(index, [ivf_of(index).invlists], folder)
 
 
 def _read_bytes(data: np.ndarray, flags: int) -> faiss.Index:
@@ -155,7 +156,7 @@ def empty_copy(index: faiss.Index) -> faiss.Index:
         copy.reset()
         return copy
     copy = _read_bytes(faiss.serialize_index(index), faiss.IO_FLAG_SKIP_IVF_DATA)  # the header, not the data
-    ivf = _ivf(copy)
+    ivf = ivf_of(copy)
     lists: Any = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
     ivf.replace_invlists(lists, True)
     lists.this.disown()  # the index frees them (Python must not as well)
@@ -180,7 +181,7 @@ def fill_on_disk(
             faiss.write_index(part, str(path))
             del part
         mapped = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in parts]  # the codes stay in the parts
-        return _merge(index, [_ivf(m).invlists for m in mapped], folder)
+        return _merge(index, [ivf_of(m).invlists for m in mapped], folder)
     finally:
         for p in parts:
             p.unlink(missing_ok=True)
@@ -190,7 +191,7 @@ def add_on_disk(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, folder
     """Old lists + the new vectors into a new lists file (the committed one is never written in place)."""
     part = empty_copy(index)
     part.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
-    return _merge(index, [_ivf(index).invlists, _ivf(part).invlists], folder)
+    return _merge(index, [ivf_of(index).invlists, ivf_of(part).invlists], folder)
 
 
 def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, folder: Path) -> None:

@@ -217,6 +217,14 @@ def test_kinds_without_on_disk_lists_are_refused(tmp_path, kind):
     assert not (tmp_path / "d" / "manifest.json").exists()
 
 
+def test_a_failed_training_keeps_no_index_alive(tmp_path):
+    import indexer.faiss_index as fi
+
+    with pytest.raises(RetrieveError, match="could not train"):
+        build_index_dir(tmp_path / "d", vset(20), cfg("IVF64,Flat", True))  # 20 training points for 64 lists
+    assert fi._LISTS_ON_DISK == {} and fi._TRAIN_ON_GPU == {}
+
+
 def test_check_on_disk_kind_before_any_work():
     check_on_disk_kind("ivf")
     check_on_disk_kind("auto")  # auto means ivfsq with --on-disk

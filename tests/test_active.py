@@ -251,11 +251,21 @@ def test_suggest_labels_spread_over_patients():
 
 
 @pytest.mark.slow
-def test_simulation_batches_respect_the_spread():
+def test_simulation_batches_respect_the_spread(monkeypatch):
     import torch
 
+    import retrieval.training.active as active
     from retrieval.training.active import SimulationSettings, simulate_active_learning
 
+    picked = []  # (spread, the picked rows' groups) of every round
+    real = active.pick_batch
+
+    def spy(scores, n, spread="none", groups=None, vectors=None, seed=0):
+        best = real(scores, n, spread, groups, vectors, seed)
+        picked.append((spread, groups[best].tolist()))
+        return best
+
+    monkeypatch.setattr(active, "pick_batch", spy)
     rng = np.random.default_rng(0)
     labels = np.repeat(["a", "b"], 30)
     clean = np.concatenate([rng.normal(0, 1, (30, 8)) + 3, rng.normal(0, 1, (30, 8)) - 3])
@@ -266,6 +276,9 @@ def test_simulation_batches_respect_the_spread():
     res = simulate_active_learning(torch.as_tensor(clean[None], dtype=torch.float32), labels, groups, settings)
     for runs in res["curves"].values():
         assert [p["labelled"] for p in runs[0]] == [4, 8, 12]
+    assert [spread for spread, _ in picked] == ["patients", "patients", "kmeans", "kmeans"]
+    for _, groups_of_batch in picked[:2]:
+        assert len(set(groups_of_batch)) == 4  # one image per patient (of 20 patients, most unlabelled)
 
 
 # --- MC-dropout through a checkpoint's head (`--head CKPT`) ------------------------------------------------

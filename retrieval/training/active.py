@@ -330,7 +330,8 @@ def suggest_labels(
             score = scorer(labelled, known)[pool]
         else:
             score = bald_scores(vectors, labelled, known, seed=seed)[pool]
-    best = pick_batch(score, budget, spread, group_ids(rows.iloc[pool]), np.asarray(vectors)[pool], seed)
+    groups = group_ids(rows.iloc[pool]) if spread == "patients" else None
+    best = pick_batch(score, budget, spread, groups, np.asarray(vectors)[pool] if spread == "kmeans" else None, seed)
     keep = [c for c in ("id", "path", "frame_index", "patient_id") if c in rows]
     out = rows.iloc[pool[best]][keep].reset_index(drop=True)
     out["score"] = np.round(score[best], 4)

@@ -28,7 +28,14 @@ from retrieval.config import PreprocessConfig
 from retrieval.data.dataset import load_dataset
 from retrieval.embed import pick_device
 from retrieval.encoders.registry import create_encoder
-from retrieval.training.active import STRATEGIES, SimulationSettings, plot_curves, simulate_active_learning
+from retrieval.errors import RetrieveError
+from retrieval.training.active import (
+    STRATEGIES,
+    SimulationSettings,
+    parse_strategy,
+    plot_curves,
+    simulate_active_learning,
+)
 from retrieval.training.benchmark import PRESETS
 from retrieval.training.config import load_train_config
 from retrieval.training.feature_cache import features_with_cache
@@ -109,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
         passes=args.passes,
         pca_dims=args.pca_dims or None,
     )
+    try:  # before any features are computed: a misspelt strategy is a one-line error, exit 2
+        for name in settings.strategies:
+            parse_strategy(name)
+    except RetrieveError as exc:
+        ap.error(str(exc))
     results = []
     for data in args.data:
         t = time.perf_counter()

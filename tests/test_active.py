@@ -177,6 +177,20 @@ def test_simulation_loop_on_generated_data():
         simulate_active_learning(torch.as_tensor(views), labels, groups, SimulationSettings(strategies=("bogus",)))
 
 
+def test_benchmark_script_refuses_a_bad_strategy_before_any_work(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from active_learning import main
+
+    with pytest.raises(SystemExit) as exc:  # the data folder does not exist: nothing was read
+        main([str(tmp_path / "absent"), "--strategies", "entropy,entropy+bogus", "--out", str(tmp_path / "out")])
+    assert exc.value.code == 2
+    assert "--strategies entropy+bogus: choose from" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 # --- batches spread over patients and over k-means clusters ----------------------------------------------
 
 

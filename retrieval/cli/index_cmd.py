@@ -27,7 +27,9 @@ def index_build(
     config: Path | None = typer.Option(None, "--config", help="YAML recipe (encoder, preprocess, index sections)"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing index folder"),
     on_disk: bool = typer.Option(
-        False, "--on-disk", help="IVF kinds: lists in a memory-mapped file of their own, built shard by shard"
+        False,
+        "--on-disk",
+        help="IVF kinds: lists in a memory-mapped file of their own (a build from images fills it shard by shard)",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="continue an interrupted build, embedding only what is missing"

@@ -8,6 +8,8 @@ import typer
 
 from retrieval.errors import RetrieveError
 
+SPREAD_NAMES = {"patients": ", spread over patients", "kmeans": ", one per k-means cluster"}
+
 
 def suggest_labels(
     index: Path = typer.Option(..., "--index", "-i", help="index folder; images without a label form the pool"),
@@ -48,6 +50,6 @@ def suggest_labels(
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
     print(
-        f"{len(table)} image(s) to label ({strategy}{'' if spread == 'none' else ', spread over ' + spread}) -> "
+        f"{len(table)} image(s) to label ({strategy}{SPREAD_NAMES.get(spread, '')}) -> "
         f"{out}; fill in the label column and add them to the manifest"
     )

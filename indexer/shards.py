@@ -68,7 +68,9 @@ class ShardReader:
         if s not in self._files:
             path = self.shards[s].path
             try:
-                self._files[s] = pq.ParquetFile(pa.OSFile(str(path)))
+                # pre_buffer off: a pre-buffering ParquetFile keeps the bytes of its last read while it is
+                # open, and a reader keeps every shard open, so walking all shards held the whole store
+                self._files[s] = pq.ParquetFile(pa.OSFile(str(path)), pre_buffer=False)
             except (pa.ArrowInvalid, OSError) as exc:
                 msg = " ".join(str(exc).split())[:120]
                 raise RetrieveError(f"{path}: not a readable Parquet shard ({msg})") from None

@@ -29,7 +29,7 @@ def index_build(
     on_disk: bool = typer.Option(
         False,
         "--on-disk",
-        help="IVF kinds: lists in a memory-mapped file of their own (a build from images fills it shard by shard)",
+        help="IVF kinds: lists in a memory-mapped file of their own, filled shard by shard",
     ),
     resume: bool = typer.Option(
         False, "--resume", help="continue an interrupted build, embedding only what is missing"
@@ -60,8 +60,8 @@ def index_build(
 ):
     """Embed DATA (or take --vectors, or index a PACS: --dicomweb) into a FAISS index over cosine similarity."""
     from indexer.faiss_index import check_kind, check_on_disk_kind
-    from indexer.index_dir import build_index_dir, check_can_build
-    from indexer.store import read_vectors
+    from indexer.index_dir import check_can_build
+    from indexer.streaming import build_from_vectors
     from retrieval.config import IndexConfig, build_settings
     from retrieval.data.dataset import Skipped
     from retrieval.pipeline import build_index_streaming, load_encoder, report_skipped
@@ -111,7 +111,7 @@ def index_build(
         if resume or labels is not None:
             raise RetrieveError("--resume and --labels apply to embedding DATA, not to --vectors")
         check_can_build(index, overwrite, data)
-        manifest = build_index_dir(index, read_vectors(vectors), index_cfg, overwrite=overwrite)
+        manifest = build_from_vectors(index, vectors, index_cfg, overwrite=overwrite)  # a chunk at a time
         skipped: list[Skipped] = []
         resumed = 0
     else:

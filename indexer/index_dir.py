@@ -756,7 +756,15 @@ def compact_index_dir(index_dir: str | Path) -> tuple[IndexManifest, int]:
         m.generation += 1
         tag = _tag(m)
         cfg = IndexConfig(kind=m.kind, gpu=False, **_config_params(m.params))
-        index, _, params = build_index(vs.vectors, m.kind, cfg, use_gpu=False, ids=ids)
+        try:
+            index, _, params = build_index(vs.vectors, m.kind, cfg, use_gpu=False, ids=ids)
+        except RetrieveError as exc:
+            if len(ids):
+                raise
+            raise RetrieveError(
+                f"{index_dir}: every row is removed and a {m.kind} index cannot be trained on none; "
+                "add rows first, or build the index again with --overwrite"
+            ) from exc
         m.params = {**m.params, **params}
         path = index_dir / f"shard-{tag}.parquet"
         m.shards = [{**write_shard(path, vs, ids), **_describe(path)}] if len(vs) else []

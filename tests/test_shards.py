@@ -174,3 +174,13 @@ def test_filtered_search_survives_faiss_torch_utils(tmp_path):
         "assert len(hits) == 5 and all(h.row_id >= 5 for h in hits)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_compact_of_an_ivf_with_every_row_removed_says_what_to_do(tmp_path):
+    d = tmp_path / "idx"
+    build_index_dir(d, _vs(300), IndexConfig(kind="ivf"))
+    remove_from_index_dir(d, lambda idx: idx.live_ids >= 0)
+    before = (d / "manifest.json").read_bytes()
+    with pytest.raises(RetrieveError, match="every row is removed.*--overwrite"):
+        compact_index_dir(d)
+    assert (d / "manifest.json").read_bytes() == before and verify_index_dir(d) == []

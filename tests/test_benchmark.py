@@ -304,7 +304,14 @@ def test_clustering_methods_scored_next_to_kmeans(demo_data, monkeypatch):
     )
     assert seen == [("lsd", 4, False)] * 2  # four grades in the demo data; the label column is dropped
     clusters = res["clustering"]["per_fold"]
-    assert set(clusters) == {"kmeans-raw-pixels", "kmeans-imagenet-effnet-lite0", "lsd"}
+    # the preset's ImageNet features at 32 px (image_size set for all) differ from the 224 px baseline's
+    assert set(clusters) == {
+        "kmeans-raw-pixels",
+        "kmeans-imagenet-effnet-lite0",
+        "kmeans-imagenet-effnet-lite0-32px",
+        "lsd",
+    }
+    assert res["clustering"]["own_input_kmeans"] == {"lsd": ["kmeans-imagenet-effnet-lite0-32px"]}
     for runs in clusters.values():
         assert len(runs) == 2 and all(-1 <= r["ari"] <= 1 and 0 <= r["weighted_f1"] <= 1 for r in runs)
     assert "| kmeans-raw-pixels |" in markdown_table(res) and "lsd" in res["summary"]
@@ -356,3 +363,134 @@ def test_label_fraction_methods_share_one_labelled_subset(tmp_path):
     assert a == b and all(0 < f < 1 for f in a)
     with pytest.raises(RetrieveError, match="reads no labels"):
         run_benchmark(demo_data, ["lsd@0.1"], folds=2, progress=False, log=lambda m: None)
+
+
+def test_inner_selection_score_depends_on_the_method_kind():
+    """Vectors that retrieve perfectly (MAP 1) but clusters that mix the labels: a retrieval method is scored
+    by MAP, a clustering method by NMI + weighted F1 (matched on inner-train, scored on inner-validation)."""
+    from dataclasses import replace
+
+    from sklearn.metrics import f1_score, normalized_mutual_info_score
+
+    from retrieval.training.benchmark import inner_selection_score, resolve_method_config
+
+    labels = np.array(["a", "b", "c"] * 8)
+    rows = pd.DataFrame({"path": [f"img{i}.png" for i in range(len(labels))], "label": labels})
+    codes = np.searchsorted(["a", "b", "c"], labels)
+    vectors = np.eye(3)[codes] + 0.01 * np.random.default_rng(0).normal(size=(len(labels), 3))
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    assign = np.array([0, 0, 1, 1, 2, 2] * 4)  # clusters cut across the labels
+    itr, iva = np.arange(12), np.arange(12, 24)
+    lsd = replace(resolve_method_config("lsd"), clusters=3)
+    supervised = resolve_method_config("supervised")
+    assert inner_selection_score(supervised, vectors, None, rows, itr, iva, 5)["score"] == pytest.approx(1.0)
+    got = inner_selection_score(lsd, vectors, assign, rows, itr, iva, 5)
+    # direct computation: each cluster maps to its most common inner-train label (ties: first by name)
+    mapping = {}
+    for c in range(3):
+        vals, counts = np.unique(labels[itr][assign[itr] == c], return_counts=True)
+        mapping[c] = vals[counts.argmax()]
+    pred = np.array([mapping[c] for c in assign[iva]])
+    nmi = normalized_mutual_info_score(labels[iva], assign[iva])
+    wf1 = f1_score(labels[iva], pred, average="weighted", zero_division=0)
+    assert got["nmi"] == pytest.approx(nmi) and got["weighted_f1"] == pytest.approx(wf1)
+    assert got["score"] == pytest.approx(nmi + wf1) and got["score"] < 1.0
+
+
+def test_own_input_kmeans_matches_sklearn():
+    """k-means on a method's own features, plain and z-scored with the training folds' mean/std, scored on
+    the held-out fold, equals scikit-learn's KMeans fitted directly (independent NMI / ARI)."""
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+    from retrieval.training.benchmark import own_input_kmeans
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(["x", "y", "z"], 20)
+    feats = rng.normal(size=(60, 8)) * np.array([1, 1, 1, 20, 20, 20, 20, 20]) + 3 * (labels == "x")[:, None]
+    splits = [(np.arange(0, 60, 2), np.arange(1, 60, 2)), (np.arange(1, 60, 2), np.arange(0, 60, 2))]
+    for standardize in (False, True):
+        got = own_input_kmeans(feats, labels, splits, 3, 0, standardize)
+        for (tr, te), g in zip(splits, got):
+            x = (feats - feats[tr].mean(0)) / (feats[tr].std(0) + 1e-6) if standardize else feats
+            x = x / np.linalg.norm(x, axis=1, keepdims=True)
+            pred = KMeans(n_clusters=3, n_init=10, random_state=0).fit(x[tr]).predict(x[te])
+            assert g["nmi"] == pytest.approx(normalized_mutual_info_score(labels[te], pred))
+            assert g["ari"] == pytest.approx(adjusted_rand_score(labels[te], pred))
+
+
+@pytest.mark.slow
+def test_clustering_method_gets_own_input_kmeans_and_is_selected_by_clustering_score(tmp_path, monkeypatch):
+    """lsd on frozen random CNN5 features at 32 px, z-scored: the run holds k-means on those very features
+    (plain and z-scored), equal to KMeans on independently computed features; `--select` for lsd chooses by
+    the inner NMI + weighted F1, never by retrieval MAP, and says so in the JSON and markdown."""
+    import torch
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import normalized_mutual_info_score
+
+    import retrieval.training.benchmark as bm
+    from retrieval.config import PreprocessConfig
+    from retrieval.data.dataset import load_dataset
+    from retrieval.demo.synthetic import generate_demo_dataset
+    from retrieval.encoders.registry import create_encoder
+    from retrieval.training.benchmark_report import markdown_table
+    from retrieval.training.trainer import cached_features, load_image_tensors
+
+    demo_data = tmp_path / "d"
+    generate_demo_dataset(demo_data, n_per_grade=4, frames=2, size=64, seed=2)
+    inner_maps = []
+    monkeypatch.setattr(bm, "evaluate", lambda *a, **kw: inner_maps.append(1) or {"overall": {"map": 0.5}})
+    scored = []
+    real_score = bm.inner_selection_score
+
+    def spy(cfg, *a):
+        out = real_score(cfg, *a)
+        scored.append((cfg.lr, out))
+        return out
+
+    monkeypatch.setattr(bm, "inner_selection_score", spy)
+    res = bm.run_benchmark(
+        demo_data,
+        ["lsd"],
+        folds=2,
+        overrides={
+            "max_steps": 3,
+            "frozen_views": 1,
+            "lsd.encoder": "cnn5",
+            "lsd.image_size": 32,
+            "lsd.standardize_features": True,
+        },
+        progress=False,
+        log=lambda m: None,
+        select={"lr": [0.001, 0.01]},
+    )
+    clustering = res["clustering"]
+    assert clustering["own_input_kmeans"] == {"lsd": ["kmeans-cnn5-32px", "kmeans-cnn5-32px-zscored"]}
+    assert {"kmeans-raw-pixels", "kmeans-imagenet-effnet-lite0", "lsd"} < set(clustering["per_fold"])
+    rows = load_dataset(demo_data).rows
+    rows = rows[rows["label"].notna()].reset_index(drop=True)
+    labels = rows["label"].astype(str).to_numpy()
+    images = load_image_tensors(rows, PreprocessConfig(image_size=32))[0]
+    feats = cached_features(create_encoder("cnn5", None, 0), images, 0, torch.Generator(), "cpu", progress=False)
+    feats = feats[0].numpy()
+    for f, (tr, te) in enumerate(make_folds(rows, 2, 0)):
+        z = (feats - feats[tr].mean(0)) / (feats[tr].std(0) + 1e-6)
+        for name, x in (("kmeans-cnn5-32px", feats), ("kmeans-cnn5-32px-zscored", z)):
+            x = x / np.linalg.norm(x, axis=1, keepdims=True)
+            pred = KMeans(n_clusters=4, n_init=10, random_state=0).fit(x[tr]).predict(x[te])
+            assert clustering["per_fold"][name][f]["nmi"] == pytest.approx(
+                normalized_mutual_info_score(labels[te], pred)
+            )
+    # selection: the clustering score alone, the candidate with the highest inner NMI + weighted F1
+    assert res["selection"]["criterion"] == {"lsd": "nmi+weighted_f1"}
+    assert not inner_maps  # no retrieval MAP computed on the inner split
+    picks = res["selection"]["chosen_per_fold"]["lsd"]
+    assert len(picks) == 2 and len(scored) == 4
+    for f, p in enumerate(picks):
+        cands = scored[2 * f : 2 * f + 2]
+        best = max(cands, key=lambda c: c[1]["score"])
+        assert p["lr"] == best[0] and p["inner_val_score"] == pytest.approx(best[1]["score"], abs=1e-4)
+        assert p["inner_val_score"] == pytest.approx(p["inner_val_nmi"] + p["inner_val_weighted_f1"], abs=2e-4)
+        assert "inner_val_map" not in p
+    md = markdown_table(res)
+    assert "| kmeans-cnn5-32px-zscored |" in md and "lsd (chosen by inner NMI + weighted F1)" in md

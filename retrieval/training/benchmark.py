@@ -55,6 +55,68 @@ def raw_pixel_vectors(images: torch.Tensor, side: int = 32) -> np.ndarray:
     return _unit((x - x.mean(1, keepdim=True)).numpy())
 
 
+def input_feature_name(cfg: TrainConfig) -> str:
+    """The name of a frozen-backbone method's input features in the k-means rows: `imagenet-effnet-lite0` for
+    the baseline's own features, else `<encoder>-<size>px` (and the weights file's stem, if any)."""
+    if (cfg.encoder, cfg.weights, cfg.image_size) == ("imagenet-effnet-lite0", None, 224):
+        return "imagenet-effnet-lite0"
+    name = f"{cfg.encoder}-{cfg.image_size}px"
+    return name if cfg.weights is None else f"{name}-{Path(cfg.weights).stem}"
+
+
+def zscore(x: np.ndarray, tr: np.ndarray) -> np.ndarray:
+    """Features z-scored with the training rows' mean and standard deviation (as `standardize_features`)."""
+    return (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-6)
+
+
+def own_input_kmeans(
+    features: np.ndarray,
+    labels: np.ndarray,
+    splits: list[tuple[np.ndarray, np.ndarray]],
+    clusters: int,
+    seed: int,
+    standardize: bool,
+) -> list[dict[str, Any]]:
+    """k-means (K = `clusters`) on a clustering method's own input features, scored per fold like the other
+    k-means baselines: fitted on the training folds' unit vectors (z-scored first with the training folds'
+    mean/std when `standardize`), clusters matched to labels on the training folds, scored on the held-out fold."""
+    out = []
+    for tr, te in splits:
+        x = _unit(zscore(features, tr) if standardize else features)
+        out.append(fold_cluster_scores(kmeans_assign(x, tr, clusters, seed), labels, tr, te))
+    return out
+
+
+SELECTION_CRITERIA = {"retrieval": "map", "clustering": "nmi+weighted_f1"}
+
+
+def inner_selection_score(
+    cfg: TrainConfig,
+    vectors: np.ndarray,
+    assign: np.ndarray | None,
+    rows: pd.DataFrame,
+    itr: np.ndarray,
+    iva: np.ndarray,
+    k: int,
+) -> dict[str, float]:
+    """A candidate's score on the inner split (fitted on `itr`). A clustering method: NMI + weighted F1 of its
+    clusters, matched to labels on the inner-train rows and scored on the inner-validation rows (paper 004's
+    Algorithm 1, as on the outer folds); any other method: MAP of the inner-validation rows as queries against
+    the inner-train rows. NaN where nothing can be scored."""
+    if cfg.is_clustering and assign is not None:
+        s = fold_cluster_scores(assign, rows["label"].astype(str).to_numpy(), itr, iva)
+        return {"score": s["nmi"] + s["weighted_f1"], "nmi": s["nmi"], "weighted_f1": s["weighted_f1"]}
+    val = np.zeros(len(rows), bool)
+    val[iva] = True
+    inner_gallery = np.zeros(len(rows), bool)
+    inner_gallery[itr] = True
+    try:
+        r = evaluate(rows, vectors, EvalSettings(k=k), progress=False, query_mask=val, gallery_mask=inner_gallery)
+        return {"score": float(r["overall"]["map"])}
+    except RetrieveError:  # no validation query has a relevant inner-train image
+        return {"score": float("nan")}
+
+
 def candidate_grid(select: dict[str, list[Any]]) -> list[dict[str, Any]]:
     """Every combination of the candidate values, e.g. {"augment_gain": [true, false]} -> 2 settings."""
     import itertools
@@ -178,8 +240,11 @@ def run_benchmark(
     repeats: int = 1,
     cache: Path | None | str = "default",
 ) -> dict[str, Any]:
-    """`select` lists candidate values of training options; each fold picks one by MAP on an inner
-    validation split of its training folds (never the held-out fold) and the choices are reported.
+    """`select` lists candidate values of training options; each fold picks one on an inner validation split
+    of its training folds (never the held-out fold) and the choices are reported: by MAP, or for a clustering
+    method by NMI + weighted F1 of its clusters (`inner_selection_score`). Each frozen-backbone clustering
+    method also gets k-means (same K) on its own input features (and on their z-scores when it trains on
+    z-scores), on the same folds (`own_input_kmeans`; named in `clustering.own_input_kmeans`).
     `repeats` > 1 repeats the k-fold split with seeds seed, seed + 1, ...: on small archives the split
     alone moves MAP by about a fold's spread, and the mean over repeats is the steadier figure.
     `METHOD@FRACTION` in `methods` (e.g. `fixmatch@0.1`, `supcon@10%`) keeps that fraction of each fold's
@@ -265,6 +330,7 @@ def run_benchmark(
         log(f"{name}: MAP {np.mean([r['map'] for r in results[name]]):.4f}")
     labels = rows["label"].astype(str).to_numpy()
     clustering: dict[str, list[dict[str, Any]]] = {}
+    own_inputs: dict[str, list[str]] = {}  # clustering method -> the k-means rows on its own input features
     if any(c.is_clustering for c in configs.values()):  # k-means baselines, K = classes, same folds
         n_classes = len(set(labels))
         for name in ("raw-pixels", "imagenet-effnet-lite0"):
@@ -273,6 +339,21 @@ def run_benchmark(
                 for tr, te in splits
             ]
             log(f"kmeans-{name}: NMI {np.mean([r['nmi'] for r in clustering[f'kmeans-{name}']]):.4f}")
+        t = time.perf_counter()
+        for method, cfg in configs.items():  # k-means (same K) on each frozen clustering method's own input
+            if not (cfg.is_clustering and cfg.freeze_backbone):
+                continue
+            feat = input_feature_name(cfg) + (f"-k{cfg.clusters}" if cfg.clusters != n_classes else "")
+            variants = [(f"kmeans-{feat}", False)]
+            if cfg.standardize_features:
+                variants.append((f"kmeans-{feat}-zscored", True))
+            for name, standardize in variants:
+                if name not in clustering:
+                    x = fitter.frozen_cache(replace(cfg, seed=seed))[0].numpy()  # view 0: the clean images
+                    clustering[name] = own_input_kmeans(x, labels, splits, cfg.clusters, seed, standardize)
+                    log(f"{name}: NMI {np.mean([r['nmi'] for r in clustering[name]]):.4f}")
+                own_inputs.setdefault(method, []).append(name)
+        timings["kmeans on own input"] = round(time.perf_counter() - t, 1)
 
     grid = candidate_grid(select or {})
     selections: dict[str, list[dict[str, Any]]] = {}
@@ -283,25 +364,27 @@ def run_benchmark(
             cfg_f = replace(cfg, seed=seed + f)
             if len(grid) > 1:  # nested selection: inner split of the training folds only
                 itr, iva = inner_split(rows, tr, seed + f)
-                val = np.zeros(len(rows), bool)
-                val[iva] = True
-                inner_gallery = np.zeros(len(rows), bool)
-                inner_gallery[itr] = True
-                scores = []
+                inner = []
                 for cand in grid:
-                    vec = fitter.fit(replace(cfg_f, **cand), itr)
-                    try:
-                        r = evaluate(
-                            rows, vec, EvalSettings(k=k), progress=False, query_mask=val, gallery_mask=inner_gallery
-                        )
-                        scores.append(r["overall"]["map"])
-                    except RetrieveError:  # no validation query has a relevant inner-train image
-                        scores.append(float("nan"))
-                if np.all(np.isnan(scores)):
-                    best, note = grid[0], None
+                    cfg_c = replace(cfg_f, **cand)
+                    vec_c, assign_c = fitter.fit_clusters(cfg_c, itr)
+                    inner.append(inner_selection_score(cfg_c, vec_c, assign_c, rows, itr, iva, k))
+                scores = np.array([s["score"] for s in inner], dtype=float)
+                i = 0 if np.all(np.isnan(scores)) else int(np.nanargmax(scores))
+                best = grid[i]
+                note = None if np.isnan(scores[i]) else round(float(scores[i]), 4)
+                if cfg_f.is_clustering:  # chosen by the clustering score; MAP plays no part
+                    chosen.append(
+                        {
+                            **best,
+                            "inner_val_score": note,
+                            "inner_val_nmi": round(inner[i]["nmi"], 4),
+                            "inner_val_weighted_f1": round(inner[i]["weighted_f1"], 4),
+                            "inner_val_all": [None if np.isnan(v) else round(float(v), 4) for v in scores],
+                        }
+                    )
                 else:
-                    best, note = grid[int(np.nanargmax(scores))], round(float(np.nanmax(scores)), 4)
-                chosen.append({**best, "inner_val_map": note})
+                    chosen.append({**best, "inner_val_map": note})
                 cfg_f = replace(cfg_f, **best)
             vec, assign = fitter.fit_clusters(cfg_f, tr)
             per_fold.append(score_fold(rows, vec, tr, te, k))
@@ -334,8 +417,15 @@ def run_benchmark(
         "methods": {m: c.to_dict() for m, c in configs.items()},
         "per_fold": results,
         "summary": summary,
-        "selection": {"candidates": select or {}, "chosen_per_fold": selections},
+        "selection": {
+            "candidates": select or {},
+            "chosen_per_fold": selections,
+            "criterion": {
+                m: SELECTION_CRITERIA["clustering" if configs[m].is_clustering else "retrieval"] for m in selections
+            },
+        },
         "clustering": {
+            "own_input_kmeans": own_inputs,
             "per_fold": clustering,
             "summary": {name: summarise_clusters(runs) for name, runs in clustering.items()},
         },

@@ -66,7 +66,25 @@ def cluster_table(result: dict[str, Any]) -> list[str]:
     ]
     for name, s in summary.items():
         lines.append(f"| {name} | " + " | ".join(_cell(s[k]) for k in CLUSTER_KEYS) + " |")
+    own = result["clustering"].get("own_input_kmeans", {})
+    if own:
+        lines += [
+            "",
+            "k-means (same K) on each clustering method's own input features (z-scored: the training folds' "
+            "mean/std): " + "; ".join(f"{m}: {', '.join(names)}" for m, names in own.items()) + ".",
+        ]
     return lines
+
+
+def _pick(p: dict[str, Any]) -> str:
+    """One fold's choice and the inner score that made it."""
+    text = ", ".join(f"{k}={v}" for k, v in p.items() if not k.startswith("inner_val"))
+    if "inner_val_score" in p:
+        return text + (
+            f" (inner NMI + weighted F1 {p['inner_val_score']} = {p['inner_val_nmi']} + {p['inner_val_weighted_f1']};"
+            f" all candidates {p['inner_val_all']})"
+        )
+    return text + f" (inner MAP {p['inner_val_map']})"
 
 
 def markdown_table(result: dict[str, Any]) -> str:
@@ -116,15 +134,10 @@ def markdown_table(result: dict[str, Any]) -> str:
             "Selected per fold on an inner validation split of the training folds "
             f"(candidates {result['selection']['candidates']}):",
         ]
+        criteria = result["selection"].get("criterion", {})
         for method, picks in chosen.items():
-            lines.append(
-                f"- {method}: "
-                + "; ".join(
-                    ", ".join(f"{k}={v}" for k, v in p.items() if k != "inner_val_map")
-                    + f" (inner MAP {p['inner_val_map']})"
-                    for p in picks
-                )
-            )
+            by = "inner NMI + weighted F1" if criteria.get(method) == "nmi+weighted_f1" else "inner MAP"
+            lines.append(f"- {method} (chosen by {by}): " + "; ".join(_pick(p) for p in picks))
     return "\n".join(lines) + "\n"
 
 

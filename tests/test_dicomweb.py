@@ -553,6 +553,7 @@ class _FlakyProxy:
 
 
 @needs_orthanc
+@pytest.mark.slow
 def test_busy_answers_are_retried_with_backoff(orthanc) -> None:
     import time
 
@@ -574,6 +575,7 @@ def test_busy_answers_are_retried_with_backoff(orthanc) -> None:
         proxy.close()
 
 
+@pytest.mark.slow
 def test_a_server_that_never_answers_times_out() -> None:
     import socket
     import time

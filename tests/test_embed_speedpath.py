@@ -56,6 +56,7 @@ def test_the_callers_encoder_keeps_its_layout_and_fingerprint(demo_data):
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
 
 
+@pytest.mark.slow
 def test_zero_and_two_workers_give_identical_results(tmp_path, demo_data):
     """Same rows, same order, bit-identical vectors and the same skip lines, a corrupt file in the middle."""
     rows = load_dataset(demo_data).rows.iloc[:12].reset_index(drop=True)
@@ -72,6 +73,7 @@ def test_zero_and_two_workers_give_identical_results(tmp_path, demo_data):
     assert len(zero.skipped) == 1 and str(bad) in str(zero.skipped[0]) and "\n" not in str(zero.skipped[0])
 
 
+@pytest.mark.slow
 def test_only_corrupt_images_with_workers_is_a_one_line_error(tmp_path, capsys):
     data = tmp_path / "data"
     for i in range(3):

@@ -75,6 +75,7 @@ def test_one_head_multilabel_loss_by_hand():
     assert got.item() == pytest.approx(sup + 2.0 * unsup, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_f1_thresholds_by_hand_and_against_sklearn():
     probs = np.array([[0.9, 0.2], [0.6, 0.3], [0.4, 0.1], [0.3, 0.8]])
     targets = np.array([[1, 0], [1, 0], [0, 0], [1, 0]])

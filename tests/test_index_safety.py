@@ -133,6 +133,7 @@ def test_format_1_index_is_read_and_upgraded_on_its_next_write(tmp_path):
     assert not (d / "vectors.parquet").exists() and verify_index_dir(d) == []
 
 
+@pytest.mark.slow
 def test_swapped_faiss_file_is_caught_by_verify_and_resized_one_on_open(tmp_path, capsys):
     d = tmp_path / "idx"
     m = build_index_dir(d, _vs(60, seed=0), IndexConfig(kind="flat"))

@@ -137,6 +137,7 @@ def test_missing_and_foreign_index_are_messages(monkeypatch, tmp_path, demo_inde
     assert at.error and "Cannot open this index" in at.error[0].value and "weights differ" in at.error[0].value
 
 
+@pytest.mark.slow
 def test_labels_have_one_distinct_colour_in_every_chart(monkeypatch, demo_index):
     from retrieval.evaluation.report import LABEL_PALETTE
 

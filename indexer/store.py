@@ -93,6 +93,31 @@ def write_vectors(path: str | Path, vs: VectorSet) -> Path:
     return path
 
 
+def vector_file_meta(schema: pa.Schema, path: str | Path) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(encoder fingerprint, encoder spec, dim) of a vectors file, from its Parquet schema alone: the vector
+    column's type, the fingerprint in the metadata and the id/path columns are checked; one-line errors."""
+    meta = schema.metadata or {}
+    if VECTOR_COLUMN not in schema.names or FINGERPRINT_KEY not in meta:
+        raise RetrieveError(f"{path}: not a vectors file written by `retrieve embed` (no vector column or fingerprint)")
+    vtype = schema.field(VECTOR_COLUMN).type
+    if not pa.types.is_fixed_size_list(vtype) or not pa.types.is_floating(vtype.value_type):
+        raise RetrieveError(f"{path}: column '{VECTOR_COLUMN}' must be fixed_size_list<float> without nulls")
+    dim = vtype.list_size
+    try:
+        fingerprint = json.loads(meta[FINGERPRINT_KEY])
+        spec = json.loads(meta.get(SPEC_KEY, b"{}"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise RetrieveError(f"{path}: damaged encoder fingerprint in the Parquet metadata") from None
+    if not isinstance(fingerprint, dict):
+        raise RetrieveError(f"{path}: damaged encoder fingerprint in the Parquet metadata")
+    if fingerprint.get("dim") not in (None, dim):
+        raise RetrieveError(f"{path}: vectors are {dim}-d but their encoder fingerprint says {fingerprint['dim']}-d")
+    missing = [c for c in ("id", "path") if c not in schema.names]
+    if missing:
+        raise RetrieveError(f"{path}: vectors file without the column(s) {', '.join(missing)}")
+    return fingerprint, spec, dim
+
+
 def read_vectors(path: str | Path) -> VectorSet:
     """A vectors file from `retrieve embed`, or a folder of shards from `retrieve embed --engine ray`."""
     path = Path(path)
@@ -104,25 +129,8 @@ def read_vectors(path: str | Path) -> VectorSet:
         table = pq.read_table(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise RetrieveError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-    meta = table.schema.metadata or {}
-    if VECTOR_COLUMN not in table.column_names or FINGERPRINT_KEY not in meta:
-        raise RetrieveError(f"{path}: not a vectors file written by `retrieve embed` (no vector column or fingerprint)")
+    fingerprint, encoder_spec, _ = vector_file_meta(table.schema, path)
     vectors = vectors_from_table(table, path)
-    dim = vectors.shape[1]
-    try:
-        fingerprint = json.loads(meta[FINGERPRINT_KEY])
-        encoder_spec = json.loads(meta.get(SPEC_KEY, b"{}"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RetrieveError(f"{path}: damaged encoder fingerprint in the Parquet metadata") from None
-    if not isinstance(fingerprint, dict) or fingerprint.get("dim") not in (None, dim):
-        raise RetrieveError(
-            f"{path}: vectors are {dim}-d but their encoder fingerprint says {fingerprint.get('dim')}-d"
-            if isinstance(fingerprint, dict)
-            else f"{path}: damaged encoder fingerprint in the Parquet metadata"
-        )
-    missing = [c for c in ("id", "path") if c not in table.column_names]
-    if missing:
-        raise RetrieveError(f"{path}: vectors file without the column(s) {', '.join(missing)}")
     rows = table.drop_columns([VECTOR_COLUMN]).to_pandas()
     if "frame_index" in rows.columns:
         rows["frame_index"] = rows["frame_index"].astype("Int64")

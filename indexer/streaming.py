@@ -45,7 +45,7 @@ from indexer.index_dir import (
     write_lock,
 )
 from indexer.shards import ROW_ID, Shard, ShardReader, write_shard
-from indexer.store import FINGERPRINT_KEY, SPEC_KEY, VECTOR_COLUMN, VectorSet, vectors_from_table
+from indexer.store import VECTOR_COLUMN, VectorSet, vector_file_meta, vectors_from_table
 
 log = logging.getLogger(__name__)
 
@@ -246,24 +246,7 @@ def _vector_file_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:
         schema = pq.read_schema(path)
     except (pa.ArrowInvalid, OSError) as exc:
         raise RetrieveError(f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]})") from None
-    meta = schema.metadata or {}
-    if VECTOR_COLUMN not in schema.names or FINGERPRINT_KEY not in meta:
-        raise RetrieveError(f"{path}: not a vectors file written by `retrieve embed` (no vector column or fingerprint)")
-    vtype = schema.field(VECTOR_COLUMN).type
-    if not pa.types.is_fixed_size_list(vtype) or not pa.types.is_floating(vtype.value_type):
-        raise RetrieveError(f"{path}: column '{VECTOR_COLUMN}' must be fixed_size_list<float> without nulls")
-    dim = vtype.list_size
-    try:
-        fingerprint = json.loads(meta[FINGERPRINT_KEY])
-        spec = json.loads(meta.get(SPEC_KEY, b"{}"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise RetrieveError(f"{path}: damaged encoder fingerprint in the Parquet metadata") from None
-    if not isinstance(fingerprint, dict) or fingerprint.get("dim") not in (None, dim):
-        raise RetrieveError(f"{path}: vectors are {dim}-d but their encoder fingerprint does not say so")
-    missing = [c for c in ("id", "path") if c not in schema.names]
-    if missing:
-        raise RetrieveError(f"{path}: vectors file without the column(s) {', '.join(missing)}")
-    return fingerprint, spec, dim
+    return vector_file_meta(schema, path)
 
 
 def build_from_vectors(

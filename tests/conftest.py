@@ -15,6 +15,18 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FAST = ["--encoder", "imagenet-effnet-lite0", "--image-size", "64", "--quiet"]
 
 
+@pytest.fixture
+def faiss_one_thread():
+    """FAISS's OpenMP threads spin on a loaded 2-core machine; one thread keeps index tests quick.
+    Use it for a whole module with `pytestmark = pytest.mark.usefixtures("faiss_one_thread")`."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory) -> Path:
     """8 synthetic patients (2 per grade) x 3 frames, 128 px: folder with labels.csv."""

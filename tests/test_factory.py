@@ -52,13 +52,7 @@ def _vs(n=3000, seed=0):
     return VectorSet(rows, clustered(n, seed=seed), FP, {"name": "toy", "weights": None, "seed": 0})
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """FAISS's OpenMP threads spin on a loaded 2-core machine; one thread keeps these tests quick."""
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 FACTORIES = ["PCA16,HNSW16", "HNSW16,SQ8", "IVF32,SQ8", "OPQ8,IVF32,PQ8x4np", "IVF16_HNSW8,Flat", "SQ8"]

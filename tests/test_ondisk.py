@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import faiss
 import numpy as np
 import pandas as pd
 import pytest
@@ -60,12 +59,7 @@ def vset(n: int, start: int = 0, seed: int = 0) -> VectorSet:
     return VectorSet(rows, clustered(n, seed), FP, SPEC)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("faiss_one_thread")
 
 
 def cfg(kind: str, on_disk: bool) -> IndexConfig:

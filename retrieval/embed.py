@@ -12,6 +12,7 @@ import copy
 import logging
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -62,13 +63,30 @@ def default_workers(n_items: int) -> int:
     return max(0, min(4, available_cpus() - 1))
 
 
+# encoder -> (state key, its channels_last copy): one copy per encoder, not one per call (a query embeds one
+# image, whose forward costs less than copying the model)
+_INFERENCE_COPIES: weakref.WeakKeyDictionary[Encoder, tuple[tuple[Any, ...], Encoder]] = weakref.WeakKeyDictionary()
+
+
+def _state_key(encoder: Encoder, device: torch.device) -> tuple[Any, ...]:
+    """Changes whenever the encoder's weights or buffers change in place (optimiser step, load_state_dict)."""
+    return (str(device), tuple(t._version for t in (*encoder.parameters(), *encoder.buffers())))
+
+
 def inference_module(encoder: Encoder, device: torch.device) -> Encoder:
     """The encoder as it runs fastest: on `device`, in eval mode and, when it has convolutions, a channels_last
-    copy (the caller's encoder keeps its layout: checkpoints and training need contiguous weights)."""
+    copy (the caller's encoder keeps its layout: checkpoints and training need contiguous weights). The copy is
+    kept with the encoder and made again only after its weights change."""
     encoder = encoder.to(device).eval()
     if not any(p.dim() == 4 for p in encoder.parameters()):
         return encoder
-    return copy.deepcopy(encoder).to(memory_format=torch.channels_last)
+    key = _state_key(encoder, device)
+    kept = _INFERENCE_COPIES.get(encoder)
+    if kept is not None and kept[0] == key:
+        return kept[1]
+    fast = copy.deepcopy(encoder).to(memory_format=torch.channels_last)
+    _INFERENCE_COPIES[encoder] = (key, fast)
+    return fast
 
 
 def _worker_failure(exc: BaseException) -> bool:

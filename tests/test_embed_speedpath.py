@@ -16,6 +16,7 @@ import retrieval.data.dataset as dataset_mod
 from retrieval.config import EncoderSpec
 from retrieval.data.dataset import FrameDataset, load_dataset
 from retrieval.embed import default_workers, embed_rows, inference_module
+from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError
 from retrieval.pipeline import load_encoder
 
@@ -54,6 +55,28 @@ def test_the_callers_encoder_keeps_its_layout_and_fingerprint(demo_data):
     assert fast is not loaded.encoder
     convs = [p for p in fast.parameters() if p.dim() == 4]
     assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
+
+
+def test_the_fast_copy_is_kept_and_made_again_after_the_weights_change(demo_data):
+    """One channels_last copy per encoder across calls (a query embeds one image); an in-place weight change
+    (an optimiser step, load_state_dict) makes a new one, so vectors always follow the current weights."""
+    enc = create_encoder("cnn5", None, 0)
+    rows = load_dataset(demo_data).rows.iloc[:3]
+    pre = enc.default_preprocess
+    first = inference_module(enc, CPU)
+    assert inference_module(enc, CPU) is first
+    before = embed_rows(rows, enc, pre, workers=0, device=CPU, progress=False).vectors
+    assert inference_module(enc, CPU) is first
+    with torch.no_grad():
+        next(p for p in enc.parameters() if p.dim() == 4).mul_(-1.0)
+    assert inference_module(enc, CPU) is not first
+    after = embed_rows(rows, enc, pre, workers=0, device=CPU, progress=False).vectors
+    with torch.no_grad():
+        enc.eval()
+        x = torch.stack([FrameDataset(rows, pre)[i][0] for i in range(len(rows))])
+        want = torch.nn.functional.normalize(enc(x), dim=1).numpy()
+    assert not np.allclose(before, after)
+    np.testing.assert_allclose(after, want, rtol=0, atol=2e-5)
 
 
 @pytest.mark.slow

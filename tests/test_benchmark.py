@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from retrieval.training.benchmark import resolve_method_config, run_benchmark
+from retrieval.training.benchmark import run_benchmark
 from retrieval.training.folds import group_ids, make_folds
 from retrieval.training.scoring import linear_probe, patient_average
 
@@ -494,38 +494,3 @@ def test_clustering_method_gets_own_input_kmeans_and_is_selected_by_clustering_s
         assert "inner_val_map" not in p
     md = markdown_table(res)
     assert "| kmeans-cnn5-32px-zscored |" in md and "lsd (chosen by inner NMI + weighted F1)" in md
-
-
-@pytest.mark.slow
-def test_reused_backbone_gives_identical_vectors_and_checkpoints(demo_data, monkeypatch):
-    """Fits on cached frozen features reuse the backbone built for the same (encoder, weights, seed) and set
-    the RNG as a fresh build leaves it: heads, cluster heads, vectors and checkpoint weights equal those of a
-    plain `train` (ImageNet EfficientNet-Lite0, whose build draws from the global RNG)."""
-    from dataclasses import replace
-
-    import torch
-
-    import retrieval.training.benchmark as bm
-    from retrieval.config import PreprocessConfig
-    from retrieval.data.dataset import load_dataset
-    from retrieval.training.trainer import cached_features, load_image_tensors, train
-
-    rows = load_dataset(demo_data).rows
-    images = load_image_tensors(rows, PreprocessConfig(image_size=32))[0]
-    enc = bm.create_encoder("imagenet-effnet-lite0", None, 0)
-    cache = cached_features(enc, images, 1, torch.Generator().manual_seed(0), "cpu", progress=False)
-    train_rows = rows.drop(columns=["label"])
-    builds = []
-    real_create = bm.create_encoder
-    monkeypatch.setattr(bm, "create_encoder", lambda *a: builds.append(a) or real_create(*a))
-    reuse = bm.ReusedBackbone()
-    for seed in (5, 5, 6, 6):
-        cfg = replace(resolve_method_config("lsd"), image_size=32, frozen_views=1, max_steps=3, clusters=4, seed=seed)
-        ref = train(train_rows, cfg, progress=False, features=cache)
-        got = train(train_rows, cfg, progress=False, features=cache, build_encoder=reuse)
-        for a, b in ((ref.encoder, got.encoder), (ref.model.loss, got.model.loss)):
-            sa, sb = a.state_dict(), b.state_dict()
-            assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-        with torch.no_grad():
-            assert torch.equal(ref.encoder.head(cache[0]), got.encoder.head(cache[0]))
-    assert builds == [("imagenet-effnet-lite0", None, 5), ("imagenet-effnet-lite0", None, 6)]  # one per seed

@@ -148,26 +148,6 @@ def parse_method_spec(spec: str) -> tuple[str, float | None]:
     return method, value
 
 
-class ReusedBackbone:
-    """`build_encoder` for `train` with cached frozen features: the backbone is never run there, so the last
-    one built for (encoder, weights, seed) is handed out again, and the global RNG is set to the state the
-    build left (train seeds it with cfg.seed just before), so everything drawn afterwards is the same."""
-
-    def __init__(self) -> None:
-        self.key: tuple | None = None
-        self.built: tuple[Any, torch.Tensor] | None = None
-
-    def __call__(self, cfg: TrainConfig):
-        key = (cfg.encoder, cfg.weights, cfg.seed)
-        if self.key != key or self.built is None:
-            enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed)
-            self.key, self.built = key, (enc, torch.get_rng_state())
-        else:
-            enc, state = self.built
-            torch.set_rng_state(state)
-        return enc
-
-
 class FoldFitter:
     """Trains a method on some rows and returns unit vectors for every row. Frozen-backbone features
     (clean + augmented views) are computed once per (encoder, weights, size, views, augmentations) and shared by
@@ -188,7 +168,6 @@ class FoldFitter:
         self.labelled_fraction = 1.0  # share of the training rows that kept a label in the last fit
         self.timings = timings if timings is not None else {}
         self.caches: dict[tuple, torch.Tensor] = {}
-        self.backbone = ReusedBackbone()  # a frozen fit's backbone, reused by the next fit with the same seed
 
     def frozen_cache(self, cfg: TrainConfig) -> torch.Tensor:
         aug = cfg.augment_config()
@@ -230,7 +209,7 @@ class FoldFitter:
                 train_rows, tr = train_rows[labelled].reset_index(drop=True), tr[labelled]
         if cfg.freeze_backbone:
             cache = self.frozen_cache(cfg)
-            res = train(train_rows, cfg, progress=False, features=cache[:, tr], build_encoder=self.backbone)
+            res = train(train_rows, cfg, progress=False, features=cache[:, tr])
             with torch.no_grad():
                 head = res.encoder.head(cache[0])
                 chosen = {"head": head, "backbone": cache[0]}.get(cfg.vectors_from)

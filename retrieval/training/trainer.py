@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,11 +111,8 @@ def train(
     pairs_table: pd.DataFrame | None = None,
     progress: bool = True,
     features: torch.Tensor | None = None,
-    build_encoder: Callable[[TrainConfig], Encoder] | None = None,
 ) -> TrainResult:
-    """Train cfg.method on the images of `rows`; `features` may hand in cached frozen features.
-    `build_encoder` (default `create_encoder`) builds the backbone; it runs right after the global RNG is
-    seeded with cfg.seed, so a reuse of a built backbone must leave the RNG as a fresh build would."""
+    """Train cfg.method on the images of `rows`; `features` may hand in cached frozen features."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     device = torch.device(
@@ -124,7 +120,7 @@ def train(
         if cfg.device == "auto" and torch.cuda.is_available()
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
-    base = build_encoder(cfg) if build_encoder is not None else create_encoder(cfg.encoder, cfg.weights, cfg.seed)
+    base = create_encoder(cfg.encoder, cfg.weights, cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + 1)
         encoder = attach_head(base, cfg.head_dims)

@@ -53,7 +53,7 @@ def dataset_features(data: Path, preset: str, views: int | None, progress: bool)
     enc = create_encoder(cfg.encoder, cfg.weights, cfg.seed)
     n_views = cfg.frozen_views if views is None else views
     feats, hit = features_with_cache(
-        enc, images, rows, pre, n_views, 0, pick_device(), aug=cfg.augment_config(), progress=progress
+        enc, images, pre, n_views, 0, pick_device(), aug=cfg.augment_config(), progress=progress
     )
     return rows, feats, group_ids(rows), hit
 

@@ -1,17 +1,22 @@
 """The on-disk feature cache: a second call with the same inputs reads the stored tensor; any change of
-dataset file, pixels, encoder weights, views, augmentation or seed is a miss; the cache can be off."""
+pixels, encoder weights, views, augmentation or seed is a miss; a copied or touched archive is a hit; the
+cache can be off."""
 
 import os
+import shutil
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 from retrieval.config import PreprocessConfig
 from retrieval.encoders.registry import create_encoder
 from retrieval.training.augment import AugmentConfig
 from retrieval.training.feature_cache import cache_root, features_with_cache
-from retrieval.training.trainer import cached_features
+from retrieval.training.trainer import cached_features, load_image_tensors
 
 
 @pytest.fixture
@@ -29,7 +34,7 @@ def case(tmp_path):
 
 def _call(rows, images, enc, root, views=2, seed=0, aug=AugmentConfig()):
     return features_with_cache(
-        enc, images, rows, PreprocessConfig(image_size=32), views, seed, "cpu", aug=aug, progress=False, root=root
+        enc, images, PreprocessConfig(image_size=32), views, seed, "cpu", aug=aug, progress=False, root=root
     )
 
 
@@ -56,10 +61,37 @@ def test_any_changed_input_is_a_miss(case):
     changed = images.clone()
     changed[0, 0, 0, 0] ^= 1
     assert not _call(rows, changed, enc, root)[1]
-    st = os.stat(rows["path"][0])
-    os.utime(rows["path"][0], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a file touched since
-    assert not _call(rows, images, enc, root)[1]
-    assert _call(rows, images, enc, root)[1]  # and that new state is cached in turn
+    assert _call(rows, changed, enc, root)[1]  # and that new state is cached in turn
+    swapped = images[[1, 0, 2, 3, 4]]
+    assert not _call(rows, swapped, enc, root)[1]  # the same images in another order
+
+
+def test_copied_and_touched_archive_still_hits(tmp_path):
+    """The key covers the decoded pixels, not the files: an archive copied elsewhere under other names, with
+    new modification times, decodes to the same tensor and hits; a changed image misses."""
+    rng = np.random.default_rng(0)
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.mkdir()
+    dst.mkdir()
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(src / f"img{i}.png")
+        shutil.copyfile(src / f"img{i}.png", dst / f"renamed{i}.png")
+        os.utime(dst / f"renamed{i}.png", ns=(1, 10**18))
+    pre = PreprocessConfig(image_size=32)
+    enc = create_encoder("cnn5", None, 0)
+
+    def call(folder: Path, pattern: str):
+        rows = pd.DataFrame({"path": [str(folder / pattern.format(i)) for i in range(4)], "frame_index": [0] * 4})
+        return features_with_cache(
+            enc, load_image_tensors(rows, pre)[0], pre, 1, 0, "cpu", progress=False, root=tmp_path / "cache"
+        )
+
+    first, hit1 = call(src, "img{}.png")
+    again, hit2 = call(dst, "renamed{}.png")
+    assert (hit1, hit2) == (False, True)
+    torch.testing.assert_close(first, again)
+    Image.fromarray(rng.integers(0, 256, (40, 40), dtype=np.uint8)).save(dst / "renamed2.png")
+    assert not call(dst, "renamed{}.png")[1]
 
 
 def test_damaged_entry_is_recomputed(case):
@@ -79,7 +111,7 @@ def test_cache_folder_from_the_environment(monkeypatch, tmp_path, case):
     monkeypatch.setenv("RETRIEVE_CACHE", "off")
     assert cache_root() is None
     rows, images, enc, _ = case
-    _, hit = features_with_cache(enc, images, rows, PreprocessConfig(image_size=32), 1, 0, "cpu", progress=False)
+    _, hit = features_with_cache(enc, images, PreprocessConfig(image_size=32), 1, 0, "cpu", progress=False)
     assert not hit and not (tmp_path / "c").exists()
     monkeypatch.delenv("RETRIEVE_CACHE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))

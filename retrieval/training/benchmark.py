@@ -178,7 +178,6 @@ class FoldFitter:
             self.caches[key], hit = features_with_cache(
                 enc,
                 self.images[cfg.image_size],
-                self.rows,
                 PreprocessConfig(image_size=cfg.image_size),
                 cfg.frozen_views,
                 self.seed,
@@ -286,7 +285,7 @@ def run_benchmark(
 
     def clean_vectors(enc, size: int) -> np.ndarray:
         feats, _ = features_with_cache(
-            enc, images[size], rows, PreprocessConfig(image_size=size), 0, seed, device, progress=progress, root=cache
+            enc, images[size], PreprocessConfig(image_size=size), 0, seed, device, progress=progress, root=cache
         )
         return _unit(feats[0].numpy())
 

@@ -1,12 +1,14 @@
 """Frozen-backbone features on disk, so that repeated benchmark runs do not embed the same images again.
 
 A cache entry holds `cached_features`' (V + 1, N, D) tensor: the clean image, then V augmented views.
-Its key is a SHA-256 over everything the tensor depends on: the dataset's files (path, frame, size,
-modification time), the decoded pixels themselves, the encoder (architecture and a hash of every weight),
-the preprocessing (image size, sector crop), the number of views, the augmentation settings and code,
-and the seed of the views' random stream. Change any of them and the key changes (a miss); nothing is
-ever overwritten with different content. Entries are written atomically (a reader sees a whole file or
-none), so two runs filling the same entry at once are harmless: both write the same tensor.
+Its key is a SHA-256 over everything the tensor depends on: the decoded pixels themselves (every image,
+in order), the encoder (architecture and a hash of every weight), the preprocessing (image size, sector
+crop), the number of views, the augmentation settings and code, and the seed of the views' random
+stream. Change any of them and the key changes (a miss); nothing is ever overwritten with different
+content. The files' paths and modification times are not in the key: the tensor depends only on the
+pixels, so a copied, moved or touched archive still hits, while any changed pixel misses. Entries are
+written atomically (a reader sees a whole file or none), so two runs filling the same entry at once
+are harmless: both write the same tensor.
 
 Where: `$RETRIEVE_CACHE/features/` if set (`off`, `0` or an empty value turn the cache off), else
 `$XDG_CACHE_HOME/retrieve/features/`, else `~/.cache/retrieve/features/`. Entries are plain files; delete
@@ -24,7 +26,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import pandas as pd
 import torch
 
 from retrieval.config import PreprocessConfig
@@ -49,22 +50,7 @@ def cache_root() -> Path | None:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "retrieve"
 
 
-def files_signature(rows: pd.DataFrame) -> list[list]:
-    """Each row's path, frame index, file size and modification time (None for a file that is gone)."""
-    frames = rows["frame_index"].tolist() if "frame_index" in rows else [None] * len(rows)
-    out = []
-    for path, frame in zip(rows["path"].astype(str), frames):
-        try:
-            st = os.stat(path)
-            size, mtime = st.st_size, st.st_mtime_ns
-        except OSError:
-            size, mtime = None, None
-        out.append([path, None if pd.isna(frame) else int(frame), size, mtime])
-    return out
-
-
 def feature_key(
-    rows: pd.DataFrame,
     images: torch.Tensor,
     encoder: Encoder,
     preprocess: PreprocessConfig,
@@ -76,7 +62,6 @@ def feature_key(
     pixels = hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
     payload = {
         "format": FORMAT_VERSION,
-        "files": files_signature(rows),
         "pixels": [list(images.shape), str(images.dtype), pixels],
         "encoder": {k: v for k, v in encoder.fingerprint(preprocess, "").items() if k != "encoder"},
         "views": views,
@@ -90,7 +75,6 @@ def feature_key(
 def features_with_cache(
     encoder: Encoder,
     images: torch.Tensor,
-    rows: pd.DataFrame,
     preprocess: PreprocessConfig,
     views: int,
     seed: int,
@@ -99,8 +83,8 @@ def features_with_cache(
     progress: bool = True,
     root: Path | None | str = "default",
 ) -> tuple[torch.Tensor, bool]:
-    """`cached_features` of `images` (the decoded `rows`), read from the disk cache when an entry with the
-    same key exists, else computed and stored; returns the tensor and whether it came from the cache.
+    """`cached_features` of `images` (decoded, (N, 1, S, S) uint8), read from the disk cache when an entry
+    with the same key exists, else computed and stored; returns the tensor and whether it came from the cache.
     The augmented views draw from their own generator seeded with `seed`, so an entry depends on nothing
     but its key (not on what else ran before it in the process). `root=None` computes without a cache."""
     folder = cache_root() if root == "default" else (None if root is None else Path(root))
@@ -112,7 +96,7 @@ def features_with_cache(
     if folder is None:
         return compute(), False
     t = time.perf_counter()
-    key = feature_key(rows, images, encoder, preprocess, views, aug, seed)
+    key = feature_key(images, encoder, preprocess, views, aug, seed)
     path = folder / "features" / f"{key}.pt"
     want = (views + 1, len(images), encoder.feature_dim)
     if path.is_file():

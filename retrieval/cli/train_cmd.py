@@ -26,6 +26,9 @@ def train(
         ..., "--out", "-o", help="checkpoint to write (.safetensors + .json, plus .log.json and .loss.png)"
     ),
     config: Path | None = typer.Option(None, "--config", help="YAML with training options (configs/train/*.yaml)"),
+    preset: str | None = typer.Option(
+        None, "--preset", help="a shipped training preset by name (e.g. lsd-cpu, lsd-cnn5-cpu); options override it"
+    ),
     encoder: str | None = typer.Option(
         None, "--encoder", "-e", help="backbone: cnn5, resnet18, imagenet-effnet-lite0, any timm name"
     ),
@@ -50,6 +53,7 @@ def train(
     """Train an encoder; the checkpoint loads straight into `embed` / `index build --encoder`."""
     from retrieval.pipeline import report_skipped
     from retrieval.training.config import load_train_config
+    from retrieval.training.presets import preset_path
     from retrieval.training.run import train_to_checkpoint
 
     overrides = dict(
@@ -69,7 +73,9 @@ def train(
         max_steps=max_steps,
         clusters=clusters,
     )
-    cfg = load_train_config(config, overrides)
+    if preset is not None and config is not None:
+        raise RetrieveError("--preset and --config: give one of them")
+    cfg = load_train_config(preset_path(preset) if preset is not None else config, overrides)
     done = train_to_checkpoint(data, cfg, out, pairs, progress=not quiet)
     report_skipped(done.skipped)
     losses = [s["loss"] for s in done.log["steps"]]

@@ -57,6 +57,8 @@ class TrainConfig:
     fixmatch_thresholds: str = "fixed"  # fixmatch: "fixed" tau, or "flex" (FlexMatch's per-class curriculum)
     fixmatch_multilabel: str = "two-head"  # fixmatch on `a|b` labels: "one-head" (sigmoid) or "two-head" (paper 004)
     fixmatch_val_fraction: float = 0.2  # fixmatch on `a|b` labels: labelled share held out to pick class thresholds
+    fixmatch_pseudo_groups: bool = False  # fixmatch: weak-view probabilities averaged over a patient's unlabelled rows
+    fixmatch_propagation: str = "none"  # fixmatch: "agree": pseudo-label only where label propagation agrees
     label_fraction: float = 1.0  # benchmark only: keep this stratified fraction of the training labels
     max_steps: int | None = None  # stop early (tests, smoke runs)
     device: str = "auto"
@@ -78,6 +80,10 @@ class TrainConfig:
             raise RetrieveError(f"fixmatch_thresholds {self.fixmatch_thresholds!r}: choose fixed or flex")
         if self.fixmatch_multilabel not in ("one-head", "two-head"):
             raise RetrieveError(f"fixmatch_multilabel {self.fixmatch_multilabel!r}: choose one-head or two-head")
+        if self.fixmatch_propagation not in ("none", "agree"):
+            raise RetrieveError(f"fixmatch_propagation {self.fixmatch_propagation!r}: choose none or agree")
+        if not isinstance(self.fixmatch_pseudo_groups, bool):
+            raise RetrieveError(f"fixmatch_pseudo_groups {self.fixmatch_pseudo_groups!r}: choose true or false")
         if not 0.0 < self.fixmatch_val_fraction < 1.0:
             raise RetrieveError(f"fixmatch_val_fraction {self.fixmatch_val_fraction}: must lie in (0, 1)")
         if not 0.0 < self.label_fraction <= 1.0:

@@ -23,6 +23,7 @@ from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError
 from retrieval.training.augment import AugmentConfig, augment
 from retrieval.training.config import TrainConfig
+from retrieval.training.folds import group_ids
 from retrieval.training.losses import LOSSES, Batch, LossContext, MethodLoss
 
 
@@ -181,7 +182,9 @@ def train(
         def clean_rows(rows_idx: np.ndarray | torch.Tensor) -> torch.Tensor:
             return encoder.features(pixels[torch.as_tensor(rows_idx)].float().div_(255).to(device))
 
-    ctx = LossContext(cfg, encoder, len(classes), codes, gen, cfg.freeze_backbone, pair_rows, clean, classes)
+    kept = rows.iloc[keep].reset_index(drop=True)
+    groups = group_ids(kept) if {"patient_id", "near_dup_group"} & set(kept.columns) else None
+    ctx = LossContext(cfg, encoder, len(classes), codes, gen, cfg.freeze_backbone, pair_rows, clean, classes, groups)
     model = TrainModel(encoder, LOSSES[cfg.method](ctx)).to(device)
 
     params = [p for p in model.parameters() if p.requires_grad]

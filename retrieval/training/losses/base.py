@@ -36,6 +36,7 @@ class LossContext:
     pairs: np.ndarray | None = None  # (M, 3) row indices a, b and same (a pairs file)
     clean_features: Callable[[], torch.Tensor] | None = None  # backbone features of every row, no augmentation
     classes: list[str] | None = None  # the class name of each code (multi-label rows: `a|b`)
+    groups: np.ndarray | None = None  # patient/near-duplicate group of each row (folds.group_ids); None: no such column
 
 
 @dataclass

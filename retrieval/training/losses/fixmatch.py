@@ -15,6 +15,22 @@ Options for hard data, where tau = 0.95 leaves almost no pseudo-labels:
   is tau * M(beta_c), M(x) = x / (2 - x), beta_c = the number of rows whose last confident (> tau)
   prediction was c, over max(the largest such count, the rows never confidently predicted) (warm-up).
 
+Options for wrong confident pseudo-labels (run 18: after training 73-85% of the unlabelled rows pass tau,
+but only 65-82% of those are right); both act on a softmax head only:
+- `fixmatch_pseudo_groups: true`: patient-consistent pseudo-labels. An unlabelled row's weak-view
+  probabilities are replaced by the mean of the weak-view probabilities of the unlabelled rows of its group
+  (`LossContext.groups`: patient and near-duplicate group, `folds.group_ids`, as the benchmark's folds),
+  itself included, under the current head, before alignment and thresholds. Labelled rows of the group are
+  not used (no label is assumed to be patient-level); a labelled row keeps its own probabilities.
+- `fixmatch_propagation: agree`: neighbour-consistent pseudo-labels. Label propagation (Zhou et al. 2004) as
+  Iscen et al. (CVPR 2019) use it: kNN graph on the L2-normalised clean features of the training rows,
+  k = 50, affinities max(0, cos)^3, W = A + A^T, symmetric normalisation, (I - 0.99 W_n) Z = Y solved by
+  conjugate gradient once per training run (frozen features; with an end-to-end backbone, its features
+  before training), Y_ic = 1 / |labelled rows of class c|. A pseudo-label counts only where it equals the
+  row's propagated label argmax_c Z_ic (a labelled row's own label; a row without propagated mass never
+  agrees). k = 50 rather than 10: with 10 ROIs per patient (byra) a row's 10 nearest neighbours are mostly
+  its own patient's, and unlabelled patients would have no path to a labelled one.
+
 Multi-label manifests: a label `liver|kidney` names several classes. Then (paper 004, section 2.3.2)
 - `fixmatch_multilabel: one-head`: one sigmoid head over the classes; labelled rows by binary cross-
   entropy, pseudo-label = 1[p >= 0.5] of the weak view, used when some class's p exceeds tau;
@@ -28,6 +44,7 @@ the checkpoint (`extra.multilabel_thresholds`)."""
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 from typing import Any
@@ -35,12 +52,30 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import sparse
+from scipy.sparse.linalg import cg
 from torch import nn
 
 from retrieval.errors import RetrieveError
 from retrieval.training.losses.base import Batch, LossContext, MethodLoss
 
 ALIGN_WINDOW = 32  # steps over which distribution alignment averages the model's predictions
+PROPAGATION_K, PROPAGATION_POWER, PROPAGATION_ALPHA = 50, 3.0, 0.99  # Iscen et al. 2019
+
+log = logging.getLogger(__name__)
+
+
+def pseudo_label_mask(
+    p: torch.Tensor, threshold: float | torch.Tensor = 0.95, propagated: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's pseudo-label argmax p and its 0/1 mask: max p >= tau (one tau per class when `threshold` is a
+    tensor: the pseudo-label's class decides), and, given `propagated` labels, the pseudo-label equals it."""
+    conf, pseudo = p.max(1)
+    tau = threshold[pseudo] if isinstance(threshold, torch.Tensor) else threshold
+    mask = conf >= tau
+    if propagated is not None:
+        mask = mask & (pseudo == propagated)
+    return pseudo, mask.float()
 
 
 def fixmatch_loss(
@@ -51,16 +86,16 @@ def fixmatch_loss(
     threshold: float | torch.Tensor = 0.95,
     unlabelled_weight: float = 1.0,
     weak_probs: torch.Tensor | None = None,
+    propagated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """CE(labelled) + lambda_u * mean over the unlabelled batch of 1[max p_weak >= tau] CE(strong, argmax p_weak).
     `threshold` may be one tau per class (the pseudo-label's class decides); `weak_probs` replaces
-    softmax(logits_weak) (e.g. after distribution alignment)."""
+    softmax(logits_weak) (e.g. after distribution alignment or a group mean); given `propagated` labels, a
+    pseudo-label also has to equal its row's propagated label."""
     supervised = F.cross_entropy(logits_labelled, labels)
     with torch.no_grad():
         p = torch.softmax(logits_weak, dim=1) if weak_probs is None else weak_probs
-        conf, pseudo = p.max(1)
-        tau = threshold[pseudo] if isinstance(threshold, torch.Tensor) else threshold
-        mask = (conf >= tau).float()
+        pseudo, mask = pseudo_label_mask(p, threshold, propagated)
     unsupervised = (F.cross_entropy(logits_strong, pseudo, reduction="none") * mask).mean()
     return supervised + unlabelled_weight * unsupervised
 
@@ -69,6 +104,68 @@ def align_distribution(p: torch.Tensor, p_model: torch.Tensor, p_target: torch.T
     """ReMixMatch's distribution alignment: p * p_target / p_model, each row renormalised to sum 1."""
     q = p * (p_target / p_model.clamp_min(1e-6))
     return q / q.sum(1, keepdim=True).clamp_min(1e-12)
+
+
+def group_mean(p: torch.Tensor, slot: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """(n_slots, C): the mean of the rows of `p` that share each slot (`slot[i]` is row i's slot)."""
+    total = torch.zeros(n_slots, p.shape[1], dtype=p.dtype, device=p.device).index_add_(0, slot, p)
+    count = torch.bincount(slot, minlength=n_slots).clamp_min(1).to(p.dtype)
+    return total / count[:, None]
+
+
+def knn_affinity(x: np.ndarray, k: int, power: float, chunk: int = 1024) -> sparse.csr_matrix:
+    """Iscen et al.'s graph: rows L2-normalised, a_ij = max(0, cos_ij)^power for the k nearest neighbours j
+    of i (self excluded; k capped at N - 1), W = A + A^T (sparse, symmetric)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    n = len(x)
+    k = min(k, n - 1)
+    rows, cols, vals = [], [], []
+    for s in range(0, n, chunk):
+        sim = x[s : s + chunk] @ x.T
+        sim[np.arange(len(sim)), np.arange(s, s + len(sim))] = -np.inf
+        nn_idx = np.argpartition(-sim, k - 1, axis=1)[:, :k]
+        rows.append(np.repeat(np.arange(s, s + len(sim)), k))
+        cols.append(nn_idx.ravel())
+        vals.append(np.maximum(np.take_along_axis(sim, nn_idx, 1).ravel(), 0.0) ** power)
+    a = sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n, n))
+    return (a + a.T).tocsr()
+
+
+def propagate_labels(
+    features: np.ndarray,
+    codes: np.ndarray,
+    n_classes: int,
+    k: int = PROPAGATION_K,
+    power: float = PROPAGATION_POWER,
+    alpha: float = PROPAGATION_ALPHA,
+) -> np.ndarray:
+    """Label propagation (Zhou et al. 2004; Iscen et al. 2019): Z (N, C) solving (I - alpha W_n) Z = Y by
+    conjugate gradient, W_n = D^-1/2 W D^-1/2 of `knn_affinity`, Y_ic = 1 / |{j: codes_j = c}| where codes_i = c
+    (-1: unlabelled), negative entries clipped to 0."""
+    w = knn_affinity(features, k, power)
+    d = np.asarray(w.sum(1)).ravel()
+    d_inv = np.where(d > 0, 1.0 / np.sqrt(np.where(d > 0, d, 1.0)), 0.0)
+    lap = sparse.identity(len(d), format="csr") - alpha * (sparse.diags(d_inv) @ w @ sparse.diags(d_inv))
+    z = np.zeros((len(d), n_classes))
+    for c in range(n_classes):
+        y = (codes == c).astype(np.float64)
+        if not y.any():
+            continue
+        y /= y.sum()
+        try:
+            z[:, c], info = cg(lap, y, rtol=1e-10, atol=0.0, maxiter=10 * len(d))
+        except TypeError:  # scipy < 1.12 calls the relative tolerance `tol`
+            z[:, c], info = cg(lap, y, tol=1e-10, atol=0.0, maxiter=10 * len(d))
+        if info:
+            log.warning("label propagation: conjugate gradient did not converge for class %d (%d)", c, info)
+    return np.maximum(z, 0.0)
+
+
+def propagated_labels(z: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """A row's propagated label: its own label where it has one, else argmax_c Z_ic, -1 where Z_i is all 0."""
+    out = np.where(z.sum(1) > 0, z.argmax(1), -1)
+    return np.where(codes >= 0, codes, out)
 
 
 def flex_thresholds(learned: torch.Tensor, n_classes: int, tau: float) -> torch.Tensor:
@@ -135,6 +232,7 @@ class FixMatchLoss(MethodLoss):
     p_target: torch.Tensor
     p_history: torch.Tensor
     learned: torch.Tensor
+    prop_label: torch.Tensor
 
     def __init__(self, ctx: LossContext):
         super().__init__(ctx)
@@ -182,6 +280,30 @@ class FixMatchLoss(MethodLoss):
         if self.flex:
             self.register_buffer("learned", torch.full((len(ctx.codes),), -1, dtype=torch.long))
         self.pass_rate: list[float] = []  # share of the unlabelled batch above its threshold, per step
+        if self.mode == "one-head" and (cfg.fixmatch_pseudo_groups or cfg.fixmatch_propagation != "none"):
+            raise RetrieveError("fixmatch_pseudo_groups and fixmatch_propagation need a softmax head, not one-head")
+        self.group_of: np.ndarray | None = None
+        if cfg.fixmatch_pseudo_groups:
+            if ctx.groups is None:
+                raise RetrieveError(
+                    "fixmatch_pseudo_groups needs a patient_id or near_dup_group column in the training rows"
+                )
+            # an unlabelled row's slot is its group; a labelled (or validation) row has a slot of its own
+            unlabelled = ctx.codes < 0
+            own = np.asarray(ctx.groups).max() + 1 + np.arange(len(ctx.codes))
+            _, self.group_of = np.unique(np.where(unlabelled, ctx.groups, own), return_inverse=True)
+            order = np.argsort(self.group_of, kind="stable")
+            self.members = np.split(order, np.cumsum(np.bincount(self.group_of))[:-1])
+        self.propagation: np.ndarray | None = None
+        if cfg.fixmatch_propagation == "agree":
+            if ctx.clean_features is None:
+                raise RetrieveError("fixmatch_propagation needs the un-augmented features of the training rows")
+            seen = ctx.codes.copy()
+            seen[self.val_rows] = -1  # validation rows' labels are not seen in training
+            self.propagation = propagate_labels(ctx.clean_features().float().cpu().numpy(), seen, ctx.n_classes)
+            self.register_buffer(
+                "prop_label", torch.as_tensor(propagated_labels(self.propagation, seen)), persistent=False
+            )
 
     def _unlabelled_rows(self, idx: np.ndarray) -> np.ndarray:
         return idx[~np.isin(idx, self.val_rows)] if len(self.val_rows) else idx
@@ -198,6 +320,8 @@ class FixMatchLoss(MethodLoss):
             rows = pick
         with torch.no_grad():
             logits_weak = self.classifier(batch.project(batch.clean(rows)))
+            if self.mode != "one-head":
+                weak_probs = self._weak_probs(rows, logits_weak, batch.project, batch.clean)
         logits_strong = self.classifier(batch.embed(rows))
         if self.mode == "one-head":
             with torch.no_grad():
@@ -208,32 +332,85 @@ class FixMatchLoss(MethodLoss):
             return multilabel_fixmatch_loss(
                 self.classifier(z_lab), targets, logits_weak, logits_strong, self.threshold, self.weight
             )
-        threshold, weak_probs = self._thresholds_and_probs(logits_weak, rows)
-        loss = fixmatch_loss(self.classifier(z_lab), y, logits_weak, logits_strong, threshold, self.weight, weak_probs)
+        threshold, weak_probs = self._thresholds_and_probs(weak_probs, rows)
+        propagated = (
+            self.prop_label[torch.as_tensor(rows, device=self.prop_label.device)]
+            if self.propagation is not None
+            else None
+        )
+        self.pass_rate.append(float(pseudo_label_mask(weak_probs, threshold, propagated)[1].mean()))
+        loss = fixmatch_loss(
+            self.classifier(z_lab), y, logits_weak, logits_strong, threshold, self.weight, weak_probs, propagated
+        )
         if self.mode == "two-head":
             loss = loss + F.binary_cross_entropy_with_logits(self.multilabel_head(z_lab), self.combo_targets[y])
         return loss
 
     @torch.no_grad()
+    def _weak_probs(
+        self,
+        rows: np.ndarray,
+        logits_weak: torch.Tensor,
+        project: Callable[[torch.Tensor], torch.Tensor],
+        clean_rows: Callable[[np.ndarray], torch.Tensor],
+    ) -> torch.Tensor:
+        """softmax of the weak view; with `fixmatch_pseudo_groups`, the mean over each row's slot (the unlabelled
+        rows of its group; a labelled row alone), every member's clean view under the current head."""
+        if self.group_of is None:
+            return torch.softmax(logits_weak, dim=1)
+        slots, inverse = np.unique(self.group_of[rows], return_inverse=True)
+        members = np.concatenate([self.members[g] for g in slots])
+        member_slot = np.repeat(np.arange(len(slots)), [len(self.members[g]) for g in slots])
+        p = torch.softmax(self.classifier(project(clean_rows(members))), dim=1)
+        mean = group_mean(p, torch.as_tensor(member_slot, device=p.device), len(slots))
+        return mean[torch.as_tensor(inverse, device=p.device)]
+
+    @torch.no_grad()
     def _thresholds_and_probs(
-        self, logits_weak: torch.Tensor, rows: np.ndarray
+        self, p: torch.Tensor, rows: np.ndarray, update: bool = True
     ) -> tuple[float | torch.Tensor, torch.Tensor]:
-        p = torch.softmax(logits_weak, dim=1)
+        """The weak view's probabilities after alignment and the thresholds (one per class under flex);
+        `update` moves the alignment history and FlexMatch's learned classes (training steps)."""
         if self.align:
-            self.p_history[self.align_step % ALIGN_WINDOW] = p.mean(0)
-            self.align_step += 1
-            p = align_distribution(p, self.p_history[: min(self.align_step, ALIGN_WINDOW)].mean(0), self.p_target)
+            if update:
+                self.p_history[self.align_step % ALIGN_WINDOW] = p.mean(0)
+                self.align_step += 1
+            p = align_distribution(
+                p, self.p_history[: max(1, min(self.align_step, ALIGN_WINDOW))].mean(0), self.p_target
+            )
         threshold: float | torch.Tensor = self.threshold
-        conf, pseudo = p.max(1)
         if self.flex:
-            idx = torch.as_tensor(rows, device=self.learned.device)
-            over = conf > self.threshold
-            self.learned[idx[over]] = pseudo[over]
+            conf, pseudo = p.max(1)
+            if update:
+                idx = torch.as_tensor(rows, device=self.learned.device)
+                over = conf > self.threshold
+                self.learned[idx[over]] = pseudo[over]
             threshold = flex_thresholds(self.learned, p.shape[1], self.threshold).to(p.device)
-            self.pass_rate.append(float((conf >= threshold[pseudo]).float().mean()))
-        else:
-            self.pass_rate.append(float((conf >= self.threshold).float().mean()))
         return threshold, p
+
+    @torch.no_grad()
+    def pseudo_labels(
+        self, project: Callable[[torch.Tensor], torch.Tensor], features: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """After training, on the clean `features` of every training row: the rows (validation rows left
+        out), their pseudo-labels and whether each passes, with every option as in training."""
+        if self.mode == "one-head":
+            raise RetrieveError("pseudo_labels: a softmax head is needed, not one-head")
+        rows = self._unlabelled_rows(np.arange(len(self.codes)))
+        dev = self.classifier.weight.device
+
+        def clean_rows(r: np.ndarray) -> torch.Tensor:
+            return features[torch.as_tensor(r)].to(dev)
+
+        p = self._weak_probs(rows, self.classifier(project(clean_rows(rows))), project, clean_rows)
+        threshold, p = self._thresholds_and_probs(p, rows, update=False)
+        propagated = (
+            self.prop_label[torch.as_tensor(rows, device=self.prop_label.device)]
+            if self.propagation is not None
+            else None
+        )
+        pseudo, mask = pseudo_label_mask(p, threshold, propagated)
+        return rows, pseudo.cpu().numpy(), mask.cpu().numpy().astype(bool)
 
     @torch.no_grad()
     def finish(self, project: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, Any]:
@@ -244,6 +421,11 @@ class FixMatchLoss(MethodLoss):
             "pseudo_label_rate_first_epoch_steps": round(float(np.mean(rates[:10])), 4) if rates else None,
             "pseudo_label_rate_last_steps": round(float(np.mean(rates[-10:])), 4) if rates else None,
         }
+        if self.mode != "one-head" and self.clean_features is not None:
+            rows, _, passing = self.pseudo_labels(project, self.clean_features())
+            unlabelled = self.codes.numpy()[rows] < 0
+            if unlabelled.any():
+                out["pseudo_label_rate_after_training"] = round(float(passing[unlabelled].mean()), 4)
         if not self.multilabel:
             return out
         if self.clean_features is None:

@@ -6,11 +6,12 @@ views, read from the feature cache that `retrieve benchmark` fills), per dataset
 stratified fold is held out, the rest is the pool. Start with a few labels per class; each round a small
 dropout head trains on the labelled pool rows, is scored on the held-out fold (MAP, MRR, P@1 of its
 hidden-layer vectors against the whole pool, balanced accuracy of its predictions), and a strategy picks
-the next batch: `entropy` (kNN vote among the labelled rows), `mc-dropout` (BALD) or `random`, the
-baseline in the same run; `STRATEGY+patients` spreads each batch over patients (at most one image per
-patient while others remain), `STRATEGY+kmeans` over k-means clusters of the pool (the best-scored image
-of each of `batch` clusters). Output: a markdown table on stdout, `active_learning.json` and
-`active_learning.png` (label-efficiency curves) in --out.
+the next batch: `entropy` (kNN vote among the labelled rows), `mc-dropout` (BALD), `esd` (paper 002: the
+entropy of the mean of the same dropout passes) or `random`, the baseline in the same run;
+`STRATEGY+patients` spreads each batch over patients (at most one image per patient while others remain),
+`STRATEGY+kmeans` over k-means clusters of the pool (the best-scored image of each of `batch` clusters).
+Output: a markdown table on stdout, `active_learning.json` and `active_learning.png` (label-efficiency
+curves) in --out.
 
     python benchmarks/active_learning.py ../shared/data/busi ../shared/data/abdominal_us_organs --out OUT
 """
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--strategies",
         default=",".join(STRATEGIES),
-        help="comma-separated; each of entropy, mc-dropout, random, optionally +patients or +kmeans",
+        help="comma-separated; each of entropy, mc-dropout, esd, random, optionally +patients or +kmeans",
     )
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--start-per-class", type=int, default=2)

@@ -2,6 +2,7 @@
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,7 +56,7 @@ def test_entropy_suggests_the_images_between_classes():
     rows = _rows(["a", "a", "b", "b", None, None, None])
     out = suggest_labels(rows, vectors, 1, "entropy", k=2)
     assert out["path"].tolist() == ["p6.png"] and out["score"][0] == pytest.approx(math.log(2), abs=1e-4)
-    assert list(out.columns) == ["id", "path", "score", "label"] and (out["label"] == "").all()
+    assert list(out.columns) == ["path", "score", "label"] and (out["label"] == "").all()
     assert sorted(suggest_labels(rows, vectors, 3, "random", seed=1)["path"]) == ["p4.png", "p5.png", "p6.png"]
     with pytest.raises(RetrieveError, match="--budget 0"):
         suggest_labels(rows, vectors, 0)
@@ -76,7 +77,7 @@ def test_suggest_labels_cli(demo_index, tmp_path, capsys):
         capsys, "suggest-labels", "--index", demo_index, "--budget", "3", "--out", out, "--strategy", "bogus"
     )
     assert code == 2
-    assert_one_line_error(err, "--strategy bogus: choose one of entropy, mc-dropout, random")
+    assert_one_line_error(err, "--strategy bogus: choose one of entropy, mc-dropout, esd, random")
 
 
 # --- MC-dropout (BALD) and the simulation --------------------------------------------------------------
@@ -132,23 +133,68 @@ def test_mc_dropout_passes_differ_only_with_dropout():
     np.testing.assert_allclose(flat[0], flat[2])
 
 
+def test_esd_is_the_entropy_of_the_mean_prediction():
+    """Paper 002's ESD by hand and against numpy, and a case where it ranks the rows opposite to BALD."""
+    from retrieval.training.active import dropout_acquisition
+
+    probs = np.array(
+        [  # 4 passes x 3 rows x 2 classes
+            [[0.5, 0.5], [1.0, 0.0], [0.9, 0.1]],
+            [[0.5, 0.5], [0.0, 1.0], [0.9, 0.1]],
+            [[0.5, 0.5], [1.0, 0.0], [0.7, 0.3]],
+            [[0.5, 0.5], [0.0, 1.0], [0.7, 0.3]],
+        ]
+    )
+    esd = dropout_acquisition(probs, "esd")
+    bald = dropout_acquisition(probs, "mc-dropout")
+    mean = probs.mean(0)
+    np.testing.assert_allclose(esd, -(mean * np.log(mean)).sum(1), atol=1e-12)  # numpy, directly
+    # row 0: every pass says 50/50 (uncertain, but the passes agree): ESD log 2, BALD 0;
+    # row 1: confident passes that disagree half and half: ESD log 2 and BALD log 2 (each pass has entropy 0)
+    assert esd[0] == pytest.approx(math.log(2)) and bald[0] == pytest.approx(0.0, abs=1e-12)
+    assert esd[1] == pytest.approx(math.log(2)) and bald[1] == pytest.approx(math.log(2))
+    # row 2: mean (0.8, 0.2); passes' entropies those of (0.9, 0.1) and (0.7, 0.3), two each
+    h = lambda q: -q * math.log(q) - (1 - q) * math.log(1 - q)  # noqa: E731
+    assert esd[2] == pytest.approx(h(0.8)) and bald[2] == pytest.approx(h(0.8) - (h(0.9) + h(0.7)) / 2)
+    # row 2 against row 0: ESD puts row 0 first (0.693 > 0.500), BALD row 2 (0.032 > 0)
+    assert esd[0] > esd[2] and bald[2] > bald[0]
+    with pytest.raises(RetrieveError, match="entropy"):
+        dropout_acquisition(probs, "entropy")
+
+
 @pytest.mark.slow
-def test_suggest_labels_mc_dropout_scores_the_pool_with_bald():
-    from retrieval.training.active import bald_scores
+@pytest.mark.parametrize("strategy", ["mc-dropout", "esd"])
+def test_suggest_labels_dropout_strategies_score_the_pool(strategy):
+    from retrieval.training.active import (
+        dropout_acquisition,
+        dropout_scores,
+        mc_dropout_probs,
+        one_thread,
+        train_dropout_head,
+    )
 
     rng = np.random.default_rng(1)
     vectors = np.concatenate([rng.normal(0, 1, (10, 4)) + [4, 0, 0, 0], rng.normal(0, 1, (10, 4)) - [4, 0, 0, 0]])
     labels = ["a"] * 3 + [None] * 7 + ["b"] * 3 + [None] * 7
     rows = _rows(labels)
-    out = suggest_labels(rows, vectors, 4, "mc-dropout", seed=3)
+    out = suggest_labels(rows, vectors, 4, strategy, seed=3)
     labelled = rows["label"].notna().to_numpy()
-    direct = bald_scores(vectors, labelled, rows["label"][labelled].to_numpy(dtype=str), seed=3)
+    known = rows["label"][labelled].to_numpy(dtype=str)
+    direct = dropout_scores(vectors, labelled, known, strategy, seed=3)
     pool = np.flatnonzero(~labelled)
     best = pool[np.argsort(-direct[pool], kind="stable")[:4]]
     assert out["path"].tolist() == [f"p{i}.png" for i in best]
     np.testing.assert_allclose(out["score"], np.round(direct[best], 4))
-    with pytest.raises(RetrieveError, match="--strategy mc-dropout needs labelled images of at least two"):
-        suggest_labels(_rows(["a", None, None]), vectors[:3], 1, "mc-dropout")
+    # the same head and passes as the other dropout strategy, only the formula differs
+    import torch
+
+    x = torch.as_tensor(vectors, dtype=torch.float32)
+    with one_thread():
+        head = train_dropout_head(x[torch.as_tensor(np.flatnonzero(labelled))], np.array([0, 0, 0, 1, 1, 1]), 2, seed=3)
+        probs = mc_dropout_probs(head, x, 20, 3)
+    np.testing.assert_allclose(direct, dropout_acquisition(probs, strategy), atol=1e-12)
+    with pytest.raises(RetrieveError, match=f"--strategy {strategy} needs labelled images of at least two"):
+        suggest_labels(_rows(["a", None, None]), vectors[:3], 1, strategy)
 
 
 @pytest.mark.slow
@@ -165,7 +211,7 @@ def test_simulation_loop_on_generated_data():
     groups = np.arange(len(labels)) // 2  # pairs of images share a patient
     settings = SimulationSettings(seeds=(0, 1), rounds=3, batch=5, head_steps=60, passes=5, pca_dims=8)
     res = simulate_active_learning(torch.as_tensor(views, dtype=torch.float32), labels, groups, settings)
-    assert set(res["curves"]) == {"entropy", "mc-dropout", "random"}
+    assert set(res["curves"]) == {"entropy", "mc-dropout", "esd", "random"}
     for runs in res["curves"].values():
         assert len(runs) == 2
         for points in runs:
@@ -179,7 +225,6 @@ def test_simulation_loop_on_generated_data():
 
 def test_benchmark_script_refuses_a_bad_strategy_before_any_work(tmp_path, capsys):
     import sys
-    from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from active_learning import main
@@ -295,6 +340,49 @@ def test_simulation_batches_respect_the_spread(monkeypatch):
         assert len(set(groups_of_batch)) == 4  # one image per patient (of 20 patients, most unlabelled)
 
 
+@pytest.mark.slow
+def test_simulation_esd_scores_the_same_passes_as_bald(monkeypatch):
+    """In the simulation esd and mc-dropout see the same head and passes at the first round (same start);
+    each scores them with its own formula, checked here against numpy; esd+kmeans spreads over clusters."""
+    import torch
+
+    import retrieval.training.active as active
+    from retrieval.training.active import SimulationSettings, simulate_active_learning
+
+    seen = []  # (probs of the passes, spread, scores handed to pick_batch) of every round, in order
+    real_probs, real_pick = active.mc_dropout_probs, active.pick_batch
+
+    def probs_spy(*a, **kw):
+        out = real_probs(*a, **kw)
+        seen.append([out])
+        return out
+
+    def pick_spy(scores, n, spread="none", groups=None, vectors=None, seed=0):
+        seen[-1] += [spread, np.array(scores)]
+        return real_pick(scores, n, spread, groups, vectors, seed)
+
+    monkeypatch.setattr(active, "mc_dropout_probs", probs_spy)
+    monkeypatch.setattr(active, "pick_batch", pick_spy)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b", "c"], 20)
+    clean = np.concatenate([rng.normal(0, 1, (20, 8)) + 2 * np.eye(3, 8)[c] for c in range(3)])
+    settings = SimulationSettings(
+        strategies=("mc-dropout", "esd", "esd+kmeans"), seeds=(0,), rounds=2, batch=3, head_steps=20, passes=4
+    )
+    res = simulate_active_learning(torch.as_tensor(clean[None], dtype=torch.float32), labels, np.arange(60), settings)
+    assert [p["labelled"] for p in res["curves"]["esd+kmeans"][0]] == [6, 9, 12]
+    assert len(seen) == 6 and [s[1] for s in seen] == ["none", "none", "none", "none", "kmeans", "kmeans"]
+    bald_probs, esd_probs = seen[0][0], seen[2][0]
+    np.testing.assert_array_equal(bald_probs, esd_probs)  # round 0: the same head, the same passes
+    esd_probs = esd_probs.astype(np.float64)
+    mean = esd_probs.mean(0)
+    want_esd = -(mean * np.log(np.clip(mean, 1e-300, None))).sum(1)
+    each = -(esd_probs * np.log(np.clip(esd_probs, 1e-300, None))).sum(2).mean(0)
+    np.testing.assert_allclose(seen[2][2], want_esd, atol=1e-9)
+    np.testing.assert_allclose(seen[0][2], want_esd - each, atol=1e-9)
+    assert not np.allclose(seen[0][2], seen[2][2])
+
+
 # --- MC-dropout through a checkpoint's head (`--head CKPT`) ------------------------------------------------
 
 
@@ -302,7 +390,7 @@ def test_head_dropout_probs_against_numpy():
     import torch
 
     from retrieval.encoders.base import build_head
-    from retrieval.training.active import head_bald_scores, head_dropout_probs
+    from retrieval.training.active import dropout_masks, head_dropout_probs, head_dropout_scores
 
     torch.manual_seed(0)
     head = build_head(6, [5, 3])  # Linear(6, 5), ReLU, Linear(5, 3)
@@ -329,9 +417,18 @@ def test_head_dropout_probs_against_numpy():
             want = np.exp(logits) / np.exp(logits).sum()
             np.testing.assert_allclose(got[t, i], want, rtol=1e-5, atol=1e-6)
     # without dropout every pass is the same network: BALD is zero
-    flat = head_bald_scores(head, x, labelled, np.array(["a", "b", "a", "b"]), passes=4, rate=0.0)
+    known = np.array(["a", "b", "a", "b"])
+    flat = head_dropout_scores(head, x, labelled, known, passes=4, rate=0.0)
     np.testing.assert_allclose(flat, 0.0, atol=1e-6)
-    assert (head_bald_scores(head, x, labelled, np.array(["a", "b", "a", "b"]), passes=8, rate=0.5) > 1e-6).any()
+    assert (head_dropout_scores(head, x, labelled, known, passes=8, rate=0.5) > 1e-6).any()
+    # esd from the same passes: the entropy of their mean (without dropout: of the one network's prediction)
+    esd_flat = head_dropout_scores(head, x, labelled, known, passes=4, rate=0.0, strategy="esd")
+    single = head_dropout_probs(head, x, labelled, codes, 2, torch.ones(1, 5), temperature=0.1)[0]
+    np.testing.assert_allclose(esd_flat, -(single * np.log(single)).sum(1), rtol=1e-5)
+    masks = dropout_masks(5, 8, 0.5, 0)
+    probs = head_dropout_probs(head, x, labelled, codes, 2, masks, temperature=0.1).mean(0)
+    esd = head_dropout_scores(head, x, labelled, known, passes=8, rate=0.5, strategy="esd")
+    np.testing.assert_allclose(esd, -(probs * np.log(probs)).sum(1), rtol=1e-5)
 
 
 def _half_labelled_index(tmp_path, demo_data):
@@ -357,7 +454,7 @@ def test_suggest_labels_with_a_trained_head(demo_data, tmp_path, capsys):
     from retrieval.data.dataset import load_dataset
     from retrieval.encoders.checkpoint import save_checkpoint
     from retrieval.encoders.registry import create_encoder
-    from retrieval.training.active import head_bald_scores
+    from retrieval.training.active import head_dropout_scores
     from retrieval.training.trainer import attach_head, load_image_tensors
 
     data, index = _half_labelled_index(tmp_path, demo_data)
@@ -380,13 +477,27 @@ def test_suggest_labels_with_a_trained_head(demo_data, tmp_path, capsys):
     with torch.no_grad():
         feats = backbone.features(load_image_tensors(rows, pre)[0].float().div(255))
     lab = rows["label"].notna().to_numpy()
-    want = head_bald_scores(
+    want = head_dropout_scores(
         _ckpt_head(ckpt), feats, lab,
         rows["label"][lab].to_numpy(dtype=str), temperature=0.2, seed=2,
     )  # fmt: skip
     pool = np.flatnonzero(~lab)
     best = pool[np.argsort(-want[pool], kind="stable")[:4]]
-    assert got["path"].tolist() == rows["path"].iloc[best].tolist()
+    assert got["path"].tolist() == rows["rel_path"].iloc[best].tolist()  # relative to the data root
+    np.testing.assert_allclose(got["score"], np.round(want[best], 4), atol=2e-4)
+    # esd through the same head: the entropy of the mean of the same passes
+    code, _, err = run_cli(
+        capsys, "suggest-labels", "--index", index, "--budget", "4", "--strategy", "esd", "--head", ckpt,
+        "--out", out, "--seed", "2",
+    )  # fmt: skip
+    assert code == 0, err
+    want = head_dropout_scores(
+        _ckpt_head(ckpt), feats, lab,
+        rows["label"][lab].to_numpy(dtype=str), temperature=0.2, seed=2, strategy="esd",
+    )  # fmt: skip
+    best = pool[np.argsort(-want[pool], kind="stable")[:4]]
+    got = pd.read_csv(out)
+    assert got["path"].tolist() == rows["rel_path"].iloc[best].tolist()
     np.testing.assert_allclose(got["score"], np.round(want[best], 4), atol=2e-4)
     assert len(load_dataset(data).rows) == len(rows)
 
@@ -416,8 +527,74 @@ def test_suggest_labels_head_bad_input(demo_data, tmp_path, capsys):
     assert_one_line_error(err, "has no projection head")
     code, _, err = run_cli(capsys, *base, "--strategy", "entropy", "--head", other)
     assert code == 2
-    assert_one_line_error(err, "--head is for --strategy mc-dropout")
+    assert_one_line_error(err, "--head is for --strategy mc-dropout or esd, not entropy")
     code, _, err = run_cli(capsys, *base, "--spread", "patients")
     assert code == 0, err
     assert pd.read_csv(out)["patient_id"].nunique() == 2
     assert not any(out.parent.glob("*.tmp"))
+
+
+# --- the CSV names files relative to the index's data root ---------------------------------------------------
+
+
+def test_manifest_paths_are_relative_to_the_data_root(tmp_path):
+    from retrieval.training.active import manifest_paths
+
+    root = tmp_path / "data"
+    rows = pd.DataFrame(
+        {
+            "path": [str(root / "P1" / "a.png"), str(tmp_path / "elsewhere" / "b.png"), "c/d.png"],
+            "rel_path": pd.array(["P1/a.png", None, None], dtype="string"),
+        }
+    )
+    got = manifest_paths(rows, str(root))
+    assert got.tolist() == ["P1/a.png", "../elsewhere/b.png", "c/d.png"]
+    assert (root / got[1]).resolve() == (tmp_path / "elsewhere" / "b.png").resolve()  # the same file, from the root
+    # no recorded root: relative paths stay, an absolute one is an error rather than a leaked location
+    assert manifest_paths(rows.iloc[[2]].drop(columns="rel_path"), None).tolist() == ["c/d.png"]
+    with pytest.raises(RetrieveError, match="stores absolute paths and no data root"):
+        manifest_paths(rows.drop(columns="rel_path"), None, "--index old")
+
+
+@pytest.mark.slow
+def test_suggested_paths_go_back_into_the_manifest(demo_data, tmp_path, capsys):
+    """The CSV's paths are the manifest's own (relative to the data root, never absolute): its filled-in labels
+    join the manifest by path and `index build --labels` by path, and the index keeps working after the data
+    and index move together."""
+    import shutil
+
+    from retrieval.data.dataset import load_dataset
+    from retrieval.labels import join_labels
+
+    data, index = _half_labelled_index(tmp_path, demo_data)
+    out = tmp_path / "todo.csv"
+    code, _, err = run_cli(capsys, "suggest-labels", "--index", index, "--budget", "5", "--out", out)
+    assert code == 0, err
+    todo = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert list(todo.columns) == ["path", "frame_index", "patient_id", "score", "label"]
+    manifest = pd.read_csv(data / "labels.csv", dtype=str)
+    unlabelled = set(manifest.loc[manifest["label"].isna(), "path"])
+    assert set(todo["path"]) <= unlabelled  # the manifest's own strings
+    assert not any(Path(p).is_absolute() or str(tmp_path) in p for p in todo["path"])
+    assert str(tmp_path) not in out.read_text()
+    # a person fills in the labels; they go onto the manifest's rows of those paths
+    todo["label"] = "grade0"
+    manifest = manifest.set_index("path")
+    manifest.loc[todo["path"], "label"] = "grade0"
+    manifest.reset_index().to_csv(data / "labels.csv", index=False)
+    rows = load_dataset(data).rows
+    by_rel = dict(zip(rows["id"], rows["label"]))
+    assert all(by_rel[p] == "grade0" for p in todo["path"])
+    # or as an `index build --labels` CSV (joined by path, relative to the data root)
+    todo[["path", "label"]].to_csv(tmp_path / "new.csv", index=False)
+    joined, report = join_labels(rows, tmp_path / "new.csv", data)
+    assert report.labelled == 5 and not report.unknown_keys
+    # data and index moved as one: the same relative paths
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    shutil.move(str(data), moved / "data")
+    shutil.move(str(index), moved / "idx")
+    code, _, err = run_cli(capsys, "suggest-labels", "--index", moved / "idx", "--budget", "5", "--out", out)
+    assert code == 0, err
+    again = pd.read_csv(out, dtype=str, keep_default_na=False)
+    assert set(again["path"]) <= set(manifest.index) and str(moved) not in out.read_text()

@@ -18,7 +18,8 @@ def suggest_labels(
         "entropy",
         "--strategy",
         help="entropy (of the kNN vote among labelled images), mc-dropout (BALD from 20 dropout passes of a small "
-        "head trained on the labelled images' vectors) or random",
+        "head trained on the labelled images' vectors), esd (paper 002: the entropy of the mean of those same 20 "
+        "passes) or random",
     ),
     spread: str = typer.Option(
         "none",
@@ -29,14 +30,20 @@ def suggest_labels(
     head: Path | None = typer.Option(
         None,
         "--head",
-        help="mc-dropout only: a checkpoint from `retrieve train` whose projection head gives the dropout passes "
+        help="mc-dropout and esd: a checkpoint from `retrieve train` whose projection head gives the dropout passes "
         "(instead of training a head here); the index must be built with it or with its backbone",
     ),
     data_root: Path | None = typer.Option(
         None, "--data-root", help="where the indexed files are now (--head reads them again for backbone features)"
     ),
     k: int = typer.Option(10, "--k", help="neighbours in the kNN vote"),
-    out: Path = typer.Option(..., "--out", "-o", help="CSV to write: the suggested images and an empty label column"),
+    out: Path = typer.Option(
+        ...,
+        "--out",
+        "-o",
+        help="CSV to write: path (relative to the index's data root, the folder or manifest's folder it was built "
+        "from, as that manifest and `index build --labels` take it), frame_index, patient_id, score, empty label",
+    ),
     seed: int = typer.Option(0, "--seed"),
 ):
     """The unlabelled images whose labels would help most, as a CSV a person fills in (paper 002, M9)."""
@@ -51,5 +58,7 @@ def suggest_labels(
         table.to_csv(tmp, index=False)
     print(
         f"{len(table)} image(s) to label ({strategy}{SPREAD_NAMES.get(spread, '')}) -> "
-        f"{out}; fill in the label column and add them to the manifest"
+        f"{out}; fill in the label column. Its paths are relative to the index's data root, as in the dataset's "
+        "manifest and in an `index build --labels` CSV: put the labels on those rows of the manifest (or append the "
+        "rows to that CSV) and rebuild the index"
     )

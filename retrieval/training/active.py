@@ -5,9 +5,10 @@ Strategies: `entropy`, the entropy of the kNN vote among the labelled images (an
 disagree is one the index cannot place; needs no model); `mc-dropout`, BALD (Houlsby et al. 2011; Gal
 et al. 2017) from T stochastic passes of a small classifier head trained on the labelled vectors with
 its dropout kept on (the mutual information between the prediction and the head's weights: high where
-the passes disagree); `random`, the baseline to beat. baal implements these acquisition functions too,
-but it pulls in Jupyter and ~70 other packages; the formulas are a few lines here, tested against a
-direct computation.
+the passes disagree); `esd`, paper 002's entropy strategy: the entropy of the mean of the same T passes
+(the predictive entropy, high also where the passes agree on an uncertain answer); `random`, the baseline
+to beat. baal implements these acquisition functions too, but it pulls in Jupyter and ~70 other packages;
+the formulas are a few lines here, tested against a direct computation.
 
 A batch taken straight from the top of the scores can be one patient's near-duplicate frames (they score
 alike). Two ways to spread it (`spread`, or `STRATEGY+SPREAD` in the simulation): `patients`, at most one
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -39,7 +41,8 @@ from retrieval.training.folds import group_ids
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("entropy", "mc-dropout", "random")
+STRATEGIES = ("entropy", "mc-dropout", "esd", "random")
+DROPOUT_STRATEGIES = ("mc-dropout", "esd")  # scored from T dropout passes of a head: BALD, predictive entropy
 SPREADS = ("none", "patients", "kmeans")
 
 
@@ -57,6 +60,14 @@ def mc_dropout_scores(probs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     probs = np.asarray(probs, dtype=np.float64)
     predictive = entropy_nats(probs.mean(0))
     return predictive - entropy_nats(probs).mean(0), predictive
+
+
+def dropout_acquisition(probs: np.ndarray, strategy: str) -> np.ndarray:
+    """The score of a dropout strategy from its passes' softmax outputs (T, N, C): `mc-dropout`, BALD;
+    `esd` (paper 002), the entropy of the mean prediction."""
+    if strategy not in DROPOUT_STRATEGIES:
+        raise RetrieveError(f"--strategy {strategy}: not scored from dropout passes ({', '.join(DROPOUT_STRATEGIES)})")
+    return mc_dropout_scores(probs)[DROPOUT_STRATEGIES.index(strategy)]
 
 
 @contextmanager
@@ -136,15 +147,21 @@ def mc_dropout_probs(head: DropoutHead, x: torch.Tensor, passes: int = 20, seed:
         head.eval()
 
 
-def bald_scores(
-    vectors: np.ndarray, labelled: np.ndarray, labels: np.ndarray, passes: int = 20, seed: int = 0
+def dropout_scores(
+    vectors: np.ndarray,
+    labelled: np.ndarray,
+    labels: np.ndarray,
+    strategy: str = "mc-dropout",
+    passes: int = 20,
+    seed: int = 0,
 ) -> np.ndarray:
-    """BALD of every row from a dropout head trained on the labelled rows' vectors (seconds on a CPU)."""
+    """BALD (`mc-dropout`) or the predictive entropy (`esd`) of every row from `passes` dropout passes of a
+    head trained on the labelled rows' vectors (seconds on a CPU)."""
     classes, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
     x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
     with one_thread():
         head = train_dropout_head(x[torch.as_tensor(np.flatnonzero(labelled))], codes, len(classes), seed=seed)
-        return mc_dropout_scores(mc_dropout_probs(head, x, passes, seed))[0]
+        return dropout_acquisition(mc_dropout_probs(head, x, passes, seed), strategy)
 
 
 # --- MC-dropout through a trained head (`suggest-labels --head CKPT`) -------------------------------------
@@ -190,7 +207,7 @@ def dropout_masks(width: int, passes: int, rate: float, seed: int) -> torch.Tens
     return keep / (1.0 - rate)
 
 
-def head_bald_scores(
+def head_dropout_scores(
     head: nn.Module,
     features: torch.Tensor,
     labelled: np.ndarray,
@@ -199,8 +216,10 @@ def head_bald_scores(
     rate: float = 0.5,
     temperature: float = 0.1,
     seed: int = 0,
+    strategy: str = "mc-dropout",
 ) -> np.ndarray:
-    """BALD of every row from `passes` dropout-thinned copies of a trained projection head (head_dropout_probs)."""
+    """BALD (`mc-dropout`) or the predictive entropy (`esd`) of every row from `passes` dropout-thinned copies
+    of a trained projection head (head_dropout_probs)."""
     classes, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
     layers = list(head.children()) if isinstance(head, nn.Sequential) else [head]
     linears = [m for m in layers if isinstance(m, nn.Linear)]
@@ -208,7 +227,7 @@ def head_bald_scores(
         raise RetrieveError("--head: the checkpoint has no projection head (train one with head_dims)")
     masks = dropout_masks(linears[-1].in_features, passes, rate, seed)
     probs = head_dropout_probs(head, features, labelled, codes, len(classes), masks, temperature)
-    return mc_dropout_scores(probs)[0]
+    return dropout_acquisition(probs, strategy)
 
 
 def vote_entropy(vectors: np.ndarray, labelled: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
@@ -306,7 +325,7 @@ def suggest_labels(
     `spread`: `patients` (at most one image per patient while others remain; patients and near-duplicate
     groups as the benchmark's folds, `group_ids`) or `kmeans` (the best image of
     each of `budget` k-means clusters of the unlabelled vectors). `scorer(labelled mask, their labels)`
-    replaces the dropout head `mc-dropout` trains (e.g. a checkpoint's head, `suggest_for_index`)."""
+    replaces the dropout head `mc-dropout` and `esd` train (e.g. a checkpoint's head, `suggest_for_index`)."""
     if strategy not in STRATEGIES:
         raise RetrieveError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
     if spread not in SPREADS:
@@ -329,10 +348,10 @@ def suggest_labels(
         elif scorer is not None:
             score = scorer(labelled, known)[pool]
         else:
-            score = bald_scores(vectors, labelled, known, seed=seed)[pool]
+            score = dropout_scores(vectors, labelled, known, strategy, seed=seed)[pool]
     groups = group_ids(rows.iloc[pool]) if spread == "patients" else None
     best = pick_batch(score, budget, spread, groups, np.asarray(vectors)[pool] if spread == "kmeans" else None, seed)
-    keep = [c for c in ("id", "path", "frame_index", "patient_id") if c in rows]
+    keep = [c for c in ("path", "frame_index", "patient_id") if c in rows]
     out = rows.iloc[pool[best]][keep].reset_index(drop=True)
     out["score"] = np.round(score[best], 4)
     out["label"] = ""
@@ -351,21 +370,46 @@ def suggest_for_index(
     passes: int = 20,
     progress: bool = False,
 ) -> pd.DataFrame:
-    """`retrieve suggest-labels`: suggest_labels over an index's rows and vectors. With `head` (a checkpoint
-    from `retrieve train` with a projection head; mc-dropout only), BALD comes from dropout-thinned copies
-    of that head (head_bald_scores) on the backbone features of the indexed images, computed again from
-    the files, instead of from a head trained here. The index must be built with that checkpoint or with
-    its backbone alone."""
+    """`retrieve suggest-labels`: suggest_labels over an index's rows and vectors, each `path` relative to the
+    index's data root (manifest_paths). With `head` (a checkpoint from `retrieve train` with a projection head;
+    mc-dropout and esd), the dropout passes come from thinned copies of that head (head_dropout_scores) on the
+    backbone features of the indexed images, computed again from the files, instead of from a head trained
+    here. The index must be built with that checkpoint or with its backbone alone."""
     from indexer.index_dir import open_index_dir
 
-    if head is not None and strategy != "mc-dropout":
-        raise RetrieveError(f"--head is for --strategy mc-dropout, not {strategy}")
+    if head is not None and strategy not in DROPOUT_STRATEGIES:
+        raise RetrieveError(f"--head is for --strategy {' or '.join(DROPOUT_STRATEGIES)}, not {strategy}")
     idx = open_index_dir(index_dir, use_gpu=False)
     vs = idx.vectors
+    rows = vs.rows.assign(path=manifest_paths(vs.rows, idx.manifest.data_root, f"--index {idx.path}"))
     scorer = None
     if head is not None:
-        scorer = _checkpoint_scorer(idx, Path(head), data_root, passes, seed, progress)
-    return suggest_labels(vs.rows, vs.vectors, budget, strategy, k, seed, spread, scorer)
+        scorer = _checkpoint_scorer(idx, Path(head), data_root, passes, seed, progress, strategy)
+    return suggest_labels(rows, vs.vectors, budget, strategy, k, seed, spread, scorer)
+
+
+def manifest_paths(rows: pd.DataFrame, data_root: str | None, where: str = "--index") -> pd.Series:
+    """Each row's file as a path relative to the data root (POSIX separators): what a manifest in that folder,
+    or `index build DATA --labels CSV`, takes. The stored `rel_path` where the row has one; a file outside
+    the root gets a `../` path to it; a relative stored path stays as it is. Absolute paths are never given
+    out (patients' data): an index that records no data root but stores absolute paths is a one-line error."""
+    from retrieval.relocate import REL_PATH
+
+    rel = rows[REL_PATH].astype("string") if REL_PATH in rows else pd.Series(pd.NA, index=rows.index, dtype="string")
+    out = []
+    for stored, path in zip(rel, rows["path"].astype(str)):
+        if not pd.isna(stored):
+            out.append(str(stored))
+        elif not Path(path).is_absolute():
+            out.append(Path(path).as_posix())
+        elif data_root is None:
+            raise RetrieveError(
+                f"{where} stores absolute paths and no data root (built before relocatable indexes); rebuild it so "
+                "that suggestions can name files relative to its data"
+            )
+        else:
+            out.append(Path(os.path.relpath(path, data_root)).as_posix())
+    return pd.Series(out, index=rows.index, dtype=object)
 
 
 class BackboneFeatures(Encoder):
@@ -377,7 +421,7 @@ class BackboneFeatures(Encoder):
 
 
 def _checkpoint_scorer(
-    idx: Any, head: Path, data_root: str | Path | None, passes: int, seed: int, progress: bool
+    idx: Any, head: Path, data_root: str | Path | None, passes: int, seed: int, progress: bool, strategy: str
 ) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
     from indexer.fingerprint import fingerprint_difference
     from retrieval.config import PreprocessConfig
@@ -414,8 +458,8 @@ def _checkpoint_scorer(
                 f"e.g. {emb.skipped[0].path}: {emb.skipped[0].reason} (--data-root names where the files are now)"
             )
         with one_thread():
-            return head_bald_scores(
-                enc.head, torch.as_tensor(emb.vectors), labelled, known, passes, 0.5, temperature, seed
+            return head_dropout_scores(
+                enc.head, torch.as_tensor(emb.vectors), labelled, known, passes, 0.5, temperature, seed, strategy
             )
 
     return scorer
@@ -496,7 +540,7 @@ def _acquire(
         mask[: labelled[pool].sum()] = True
         return vote_entropy(raw_clean[sub], mask, labels[sub[mask]], settings.k)[~mask]
     probs = mc_dropout_probs(head, torch.as_tensor(clean[rest]), settings.passes, seed)
-    return mc_dropout_scores(probs)[0]
+    return dropout_acquisition(probs, strategy)
 
 
 def simulate_active_learning(

@@ -4,14 +4,19 @@ An archive arrives without labels; a reading list or a registry export names, pe
 what it shows. The CSV has a `label` column and one key column: `path` (relative to the data root, or
 absolute), `sop_uid` (one image), or `accession` (every image of that study). Keys that match no image
 are reported, never silently dropped; images the CSV does not name have no label.
+
+Multi-label: a label `liver|kidney` names a set of classes (split on `|`, each part stripped of spaces,
+order and repeats ignored). A label whose parts include an empty one (`liver|`, `|`, `a||b`) is refused.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from retrieval.errors import RetrieveError
@@ -19,6 +24,47 @@ from retrieval.errors import RetrieveError
 log = logging.getLogger(__name__)
 
 LABEL_KEYS = ("path", "sop_uid", "accession")
+LABEL_SEPARATOR = "|"
+MULTILABEL_MODES = ("auto", "on", "off")
+
+
+def is_multilabel(labels: Iterable[object]) -> bool:
+    """Whether any label (text) names several classes, i.e. contains `|`."""
+    return any(isinstance(lab, str) and LABEL_SEPARATOR in lab for lab in labels)
+
+
+def label_set(label: str, where: str = "") -> frozenset[str]:
+    """The classes a label names: `liver|kidney` -> {kidney, liver}; a one-class label -> {label}.
+    An empty part is bad input (`where` says where the label came from, e.g. " (image id 7)")."""
+    parts = [part.strip() for part in str(label).split(LABEL_SEPARATOR)]
+    if not all(parts):
+        raise RetrieveError(
+            f"label {label!r}{where}: an empty class name; write several classes as 'a|b' with no empty part"
+        )
+    return frozenset(parts)
+
+
+def set_text(classes: Iterable[str]) -> str:
+    """A label set as one label text: the classes sorted, joined by `|` (the empty set: '')."""
+    return LABEL_SEPARATOR.join(sorted(classes))
+
+
+def label_matrix(labels: Sequence[str], where: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
+    """(the classes, sorted; an (n labels x classes) boolean matrix, True where a label names the class).
+    `where[i]` says where label i came from, for the error on a bad label."""
+    sets = [label_set(lab, "" if where is None else where[i]) for i, lab in enumerate(labels)]
+    classes = sorted(set().union(*sets)) if sets else []
+    at = {c: j for j, c in enumerate(classes)}
+    matrix = np.zeros((len(sets), len(classes)), dtype=bool)
+    for i, s in enumerate(sets):
+        matrix[i, [at[c] for c in s]] = True
+    return classes, matrix
+
+
+def check_multilabel_mode(mode: str) -> str:
+    if mode not in MULTILABEL_MODES:
+        raise RetrieveError(f"--multilabel {mode}: choose one of {', '.join(MULTILABEL_MODES)}")
+    return mode
 
 
 @dataclass
@@ -64,6 +110,9 @@ def read_label_csv(csv: str | Path) -> tuple[str, pd.DataFrame]:
         raise RetrieveError(f"--labels {csv}: {key} {clash.iloc[0]!r} is given two different labels")
     if table.empty:
         raise RetrieveError(f"--labels {csv}: no rows with both a {key} and a label")
+    for k, lab in zip(table["key"], table["label"]):
+        if LABEL_SEPARATOR in lab:
+            label_set(lab, f" (--labels {csv}, {key} {k})")
     return key, table
 
 

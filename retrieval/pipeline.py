@@ -35,7 +35,7 @@ from retrieval.encoders.cluster_head import (
 )
 from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError, UnreadableImageError
-from retrieval.labels import join_labels
+from retrieval.labels import is_multilabel, join_labels
 from retrieval.relocate import REL_PATH, resolve_data_root, resolve_paths, with_rel_paths
 from retrieval.vote import Vote, knn_vote, no_label_vote
 
@@ -415,15 +415,16 @@ def _answer(
     out = []
     for name, hits in zip(names, _search_excluding(idx, vectors, k, allowed, own)):
         rows = resolve_paths(idx.fetch([h.row_id for h in hits]), root)
-        out.append(QueryResult(name, hits, rows, _vote(rows, [h.score for h in hits], vote, labelled), matched))
+        v = _vote(rows, [h.score for h in hits], vote, labelled, is_multilabel(idx.manifest.labels))
+        out.append(QueryResult(name, hits, rows, v, matched))
     return out
 
 
-def _vote(rows: pd.DataFrame, scores: list[float], vote: str, labelled: bool) -> Vote:
+def _vote(rows: pd.DataFrame, scores: list[float], vote: str, labelled: bool, multilabel: bool = False) -> Vote:
     if not labelled:
         return no_label_vote()
     labels = [None if pd.isna(x) else str(x) for x in rows["label"]] if "label" in rows else [None] * len(rows)
-    return knn_vote(labels, scores, vote)
+    return knn_vote(labels, scores, vote, multilabel)
 
 
 def _answer_cases(
@@ -459,7 +460,7 @@ def _answer_cases(
             best = [c.best for c in cases]
             case_hits = [Hit(hits[c.best].position, c.score, hits[c.best].row_id) for c in cases]
             best_rows = resolve_paths(rows.iloc[best].reset_index(drop=True), root)
-            v = _vote(best_rows, [c.score for c in cases], vote, labelled)
+            v = _vote(best_rows, [c.score for c in cases], vote, labelled, is_multilabel(idx.manifest.labels))
             answers[i] = QueryResult(names[i], case_hits, best_rows, v, matched, group_by, cases)
         pending, depth = deeper, min(limit, depth * 4)
     return [answers[i] for i in range(len(names))]

@@ -25,6 +25,12 @@ def evaluate_cmd(
         None, "--labels", help="CSV of labels joined by path, sop_uid or accession (an index built without labels)"
     ),
     data_root: Path | None = typer.Option(None, "--data-root", help="where the indexed files are now"),
+    multilabel: str = typer.Option(
+        "auto",
+        "--multilabel",
+        help="auto: labels with '|' (liver|kidney) are class sets, relevant = sharing a class; on; off: each "
+        "label is one class",
+    ),
 ):
     """Leave-one-out retrieval quality of an index: MAP, MRR, P@k, MAP@R, kNN vote accuracy."""
     from retrieval.evaluation.evaluate import EvalSettings
@@ -33,7 +39,7 @@ def evaluate_cmd(
 
     ev = evaluate_index(
         index,
-        EvalSettings(k, exclude_same_patient, exclude_near_dup, vote),
+        EvalSettings(k, exclude_same_patient, exclude_near_dup, vote, multilabel),
         progress=not quiet,
         labels=labels,
         data_root=data_root,

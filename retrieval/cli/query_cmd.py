@@ -36,7 +36,10 @@ def _print_result_table(res) -> None:
         print(f"vote: none ({v.note or 'no labelled neighbours'})")
     else:
         shares = ", ".join(f"{k} {w:.2f}" for k, w in v.votes.items())
-        print(f"vote: {v.label} ({v.confidence:.0%} of the votes; {shares})")
+        if v.labels is not None:  # multi-label: a set of classes
+            print(f"vote: {v.label} (classes with at least half of the vote; shares: {shares})")
+        else:
+            print(f"vote: {v.label} ({v.confidence:.0%} of the votes; {shares})")
 
 
 def query(

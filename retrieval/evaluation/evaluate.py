@@ -3,10 +3,18 @@
 Excluded from a query's gallery: itself, unlabelled images, and by default every image with the same
 `patient_id` and every image in the same `near_dup_group`. Relevant = same label. Exact search
 (blocked matrix products), whatever index kind serves queries, so the figures measure the encoder.
+
+Multi-label (`EvalSettings.multilabel`: "on", or "auto" and some label contains `|`): a label such as
+`liver|kidney` is a set of classes. A gallery image is relevant to a query when the two sets share at least
+one class; MAP, MRR, P@k and MAP@R use that relevance, and the stricter exact-set relevance (same set) is
+reported beside them (`exact_set`). The kNN vote is `retrieval.vote.multilabel_vote` (classes named by at
+least half of the vote); it is scored per class (precision, recall, F1), by micro and macro F1 and by the
+share of queries whose voted set is exactly their own (`knn_exact_match`), not by balanced accuracy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -25,7 +33,8 @@ from retrieval.evaluation.metrics import (
     precision_at_k,
     reciprocal_rank,
 )
-from retrieval.vote import knn_vote
+from retrieval.labels import check_multilabel_mode, is_multilabel, label_matrix, set_text
+from retrieval.vote import knn_vote, multilabel_vote
 
 PRECISION_KS = (1, 5, 10)
 
@@ -36,6 +45,7 @@ class EvalSettings:
     exclude_same_patient: bool = True
     exclude_near_dup: bool = True
     vote: str = "majority"
+    multilabel: str = "off"  # auto (labels with '|' are class sets), on, off (every label one class); CLI: auto
 
 
 def _group_codes(rows: pd.DataFrame, column: str) -> np.ndarray:
@@ -48,6 +58,51 @@ def _group_codes(rows: pd.DataFrame, column: str) -> np.ndarray:
 
 
 NO_VOTE = "(no vote)"
+RELEVANCE_MULTILABEL = "the query's and the image's class sets share at least one class"
+
+
+def _galleries(
+    x: np.ndarray,
+    queries: np.ndarray,
+    candidates: np.ndarray,
+    patient: np.ndarray,
+    near_dup: np.ndarray,
+    block: int,
+    bar: Any,
+) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+    """(query row, its gallery's row numbers, its similarity to every row), a block of queries at a time."""
+    for start in range(0, len(queries), block):
+        qs = queries[start : start + block]
+        sims = x[qs] @ x.T
+        for row, q in enumerate(qs):
+            gallery = candidates.copy()
+            gallery[q] = False
+            if patient[q] >= 0:
+                gallery &= patient != patient[q]
+            if near_dup[q] >= 0:
+                gallery &= near_dup != near_dup[q]
+            yield int(q), np.flatnonzero(gallery), sims[row]
+        bar.update(len(qs))
+
+
+def _rank_metrics(scores: np.ndarray, relevant: np.ndarray) -> dict[str, float]:
+    ranked = pessimistic_order(scores, relevant)
+    return {
+        "ap": average_precision(scores, relevant),
+        "rr": reciprocal_rank(ranked),
+        **{f"p@{k}": precision_at_k(ranked, k) for k in PRECISION_KS},
+        "map@r": map_at_r(ranked),
+    }
+
+
+def _summary(frame: pd.DataFrame) -> dict[str, float]:
+    return {
+        "n_queries": int(len(frame)),
+        "map": float(frame["ap"].mean()),
+        "mrr": float(frame["rr"].mean()),
+        **{f"p@{k}": float(frame[f"p@{k}"].mean()) for k in PRECISION_KS},
+        "map@r": float(frame["map@r"].mean()),
+    }
 
 
 def vote_confusion(y_true: list[str], y_pred: list[str | None]) -> dict[str, Any]:
@@ -86,13 +141,22 @@ def evaluate(
         )
     if labelled.sum() < 2:
         raise RetrieveError("evaluation needs labels: fewer than two labelled images in the index")
-    label_codes, classes = pd.factorize(labels_text.where(labelled, None), use_na_sentinel=True)
-    classes = [str(c) for c in classes]
+    check_multilabel_mode(settings.multilabel)
     patient = _group_codes(rows, "patient_id") if settings.exclude_same_patient else np.full(len(rows), -1)
     near_dup = _group_codes(rows, "near_dup_group") if settings.exclude_near_dup else np.full(len(rows), -1)
     x = np.ascontiguousarray(vectors, dtype=np.float32)
     queries = np.flatnonzero(labelled & (query_mask if query_mask is not None else True))
     candidates = labelled & (gallery_mask if gallery_mask is not None else True)
+    bar = tqdm(total=len(queries), desc="evaluating", unit="query", disable=not progress, leave=False)
+    galleries = _galleries(x, queries, candidates, patient, near_dup, block, bar)
+    if settings.multilabel == "on" or (settings.multilabel == "auto" and is_multilabel(labels_text[labelled])):
+        try:
+            result = _evaluate_multilabel(rows, labels_text, labelled, galleries, settings)
+        finally:
+            bar.close()
+        return result if keep_per_query else {k: v for k, v in result.items() if k != "per_query"}
+    label_codes, classes = pd.factorize(labels_text.where(labelled, None), use_na_sentinel=True)
+    classes = [str(c) for c in classes]
 
     per_query: list[dict[str, Any]] = []
     pr_curves = []
@@ -100,60 +164,29 @@ def evaluate(
     no_relevant = 0
     empty_gallery = 0
     y_true, y_pred = [], []
-    bar = tqdm(total=len(queries), desc="evaluating", unit="query", disable=not progress, leave=False)
-    for start in range(0, len(queries), block):
-        qs = queries[start : start + block]
-        sims = x[qs] @ x.T
-        for row, q in enumerate(qs):
-            gallery = candidates.copy()
-            gallery[q] = False
-            if patient[q] >= 0:
-                gallery &= patient != patient[q]
-            if near_dup[q] >= 0:
-                gallery &= near_dup != near_dup[q]
-            g = np.flatnonzero(gallery)
-            if g.size == 0:
-                empty_gallery += 1
-                continue
-            scores = sims[row, g]
-            relevant = label_codes[g] == label_codes[q]
-            # vote: nearest k by score only (stable on gallery order), labels never peeked at
-            top = g[np.argsort(-scores, kind="stable")[: settings.k]]
-            vote = knn_vote([classes[c] for c in label_codes[top]], sims[row, top], settings.vote)
-            y_true.append(classes[label_codes[q]])
-            y_pred.append(vote.label)
-            if not relevant.any():
-                no_relevant += 1
-                continue
-            ranked = pessimistic_order(scores, relevant)
-            per_query.append(
-                {
-                    "row": int(q),
-                    "label": classes[label_codes[q]],
-                    "ap": average_precision(scores, relevant),
-                    "rr": reciprocal_rank(ranked),
-                    **{f"p@{k}": precision_at_k(ranked, k) for k in PRECISION_KS},
-                    "map@r": map_at_r(ranked),
-                }
-            )
-            pr_curves.append(interpolated_pr(scores, relevant))
-            chance.append(float(relevant.mean()))
-        bar.update(len(qs))
+    for q, g, sims in galleries:
+        if g.size == 0:
+            empty_gallery += 1
+            continue
+        scores = sims[g]
+        relevant = label_codes[g] == label_codes[q]
+        # vote: nearest k by score only (stable on gallery order), labels never peeked at
+        top = g[np.argsort(-scores, kind="stable")[: settings.k]]
+        vote = knn_vote([classes[c] for c in label_codes[top]], sims[top], settings.vote)
+        y_true.append(classes[label_codes[q]])
+        y_pred.append(vote.label)
+        if not relevant.any():
+            no_relevant += 1
+            continue
+        per_query.append({"row": q, "label": classes[label_codes[q]], **_rank_metrics(scores, relevant)})
+        pr_curves.append(interpolated_pr(scores, relevant))
+        chance.append(float(relevant.mean()))
     bar.close()
     if not per_query:
         raise RetrieveError("evaluation impossible: no query has a relevant image left in its gallery")
 
     pq = pd.DataFrame(per_query)
-
-    def summary(frame: pd.DataFrame) -> dict[str, float]:
-        return {
-            "n_queries": int(len(frame)),
-            "map": float(frame["ap"].mean()),
-            "mrr": float(frame["rr"].mean()),
-            **{f"p@{k}": float(frame[f"p@{k}"].mean()) for k in PRECISION_KS},
-            "map@r": float(frame["map@r"].mean()),
-        }
-
+    summary = _summary
     overall = summary(pq)
     overall.update(
         {
@@ -207,3 +240,116 @@ def evaluate(
     if keep_per_query:
         result["per_query"] = pq.to_dict("records")
     return result
+
+
+def _evaluate_multilabel(
+    rows: pd.DataFrame,
+    labels_text: pd.Series,
+    labelled: np.ndarray,
+    galleries: Iterator[tuple[int, np.ndarray, np.ndarray]],
+    settings: EvalSettings,
+) -> dict[str, Any]:
+    """The multi-label evaluation (module docstring): overlap relevance, exact-set relevance beside it, the
+    per-class vote. Same result layout as the single-label one, without `vote_confusion` and balanced
+    accuracy, with `exact_set` and `multilabel`."""
+    at = np.flatnonzero(labelled)
+    ids = rows["id"].astype(str).to_numpy() if "id" in rows else at.astype(str)
+    where = [f" (image id {ids[i]})" if "id" in rows else f" (image row {i})" for i in at]
+    classes, matrix = label_matrix([str(x) for x in labels_text.to_numpy()[at]], where)
+    sets = np.zeros((len(rows), len(classes)), dtype=bool)
+    sets[at] = matrix
+    per_query: list[dict[str, Any]] = []
+    exact_rows: list[dict[str, Any]] = []
+    pr_curves, chance = [], []
+    no_relevant = no_exact = empty_gallery = 0
+    y_true: list[np.ndarray] = []
+    y_pred: list[np.ndarray] = []
+    names = np.array(classes, dtype=object)
+    for q, g, sims in galleries:
+        if g.size == 0:
+            empty_gallery += 1
+            continue
+        scores = sims[g]
+        relevant = (sets[g] & sets[q]).any(axis=1)
+        exact = (sets[g] == sets[q]).all(axis=1)
+        top = g[np.argsort(-scores, kind="stable")[: settings.k]]
+        vote = multilabel_vote([list(names[sets[t]]) for t in top], sims[top], settings.vote)
+        y_true.append(sets[q])
+        y_pred.append(np.isin(names, vote.labels or []))
+        if not relevant.any():
+            no_relevant += 1
+            continue
+        label = set_text(names[sets[q]])
+        per_query.append({"row": q, "label": label, **_rank_metrics(scores, relevant)})
+        pr_curves.append(interpolated_pr(scores, relevant))
+        chance.append(float(relevant.mean()))
+        if exact.any():
+            exact_rows.append({"row": q, "label": label, **_rank_metrics(scores, exact)})
+        else:
+            no_exact += 1
+    if not per_query:
+        raise RetrieveError("evaluation impossible: no query has a relevant image left in its gallery")
+    pq = pd.DataFrame(per_query)
+    truth, pred = np.vstack(y_true), np.vstack(y_pred)
+    prec, rec, f1, support = precision_recall_fscore_support(truth, pred, zero_division=0)
+    overall: dict[str, Any] = _summary(pq)
+    overall.update(
+        {
+            "knn_micro_f1": float(f1_score(truth, pred, average="micro", zero_division=0)),
+            "knn_macro_f1": float(f1_score(truth, pred, average="macro", zero_division=0)),
+            "knn_exact_match": float((truth == pred).all(axis=1).mean()),
+            "n_vote_queries": len(truth),
+        }
+    )
+    query_sets = sets[pq["row"].to_numpy()]
+    curves = np.vstack(pr_curves)
+    per_class: dict[str, dict[str, float]] = {}
+    by_class_curve = {}
+    for j, c in enumerate(classes):
+        has = query_sets[:, j]
+        entry: dict[str, float] = _summary(pq[has]) if has.any() else {"n_queries": 0}
+        entry.update(
+            {
+                "knn_precision": float(prec[j]),
+                "knn_recall": float(rec[j]),
+                "knn_f1": float(f1[j]),
+                "n_images": int(support[j]),
+            }
+        )
+        per_class[c] = entry
+        if has.any():
+            by_class_curve[c] = curves[has].mean(axis=0).round(5).tolist()
+    exact_frame = pd.DataFrame(exact_rows)
+    return {
+        "settings": asdict(settings),
+        "multilabel": {
+            "relevance": RELEVANCE_MULTILABEL,
+            "vote_rule": "classes named by at least half of the k neighbours' vote weight",
+            "label_sets": {set_text(names[r]): int(n) for r, n in zip(*_set_counts(matrix))},
+        },
+        "n_images": int(len(rows)),
+        "n_labelled": int(labelled.sum()),
+        "classes": classes,
+        "overall": overall,
+        "exact_set": {
+            "relevance": "the same class set",
+            **(_summary(exact_frame) if len(exact_frame) else {"n_queries": 0}),
+            "queries_without_exact_match": no_exact,
+        },
+        "per_class": per_class,
+        "queries_without_relevant": no_relevant,
+        "queries_with_empty_gallery": empty_gallery,
+        "pr_curve": {
+            "recall": PR_RECALL_LEVELS.round(3).tolist(),
+            "precision": curves.mean(axis=0).round(5).tolist(),
+            "per_class": by_class_curve,
+            "chance_precision": round(float(np.mean(chance)), 5),
+        },
+        "per_query": pq.to_dict("records"),
+    }
+
+
+def _set_counts(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct rows of a boolean matrix (sorted) and how many times each occurs."""
+    uniq, counts = np.unique(matrix, axis=0, return_counts=True)
+    return uniq.astype(bool), counts

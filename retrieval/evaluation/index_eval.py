@@ -14,7 +14,7 @@ from indexer.index_dir import open_index_dir, read_manifest
 from retrieval.encoders.checkpoint import trained_on
 from retrieval.errors import RetrieveError
 from retrieval.evaluation.evaluate import EvalSettings, evaluate
-from retrieval.labels import join_labels
+from retrieval.labels import check_multilabel_mode, join_labels
 from retrieval.relocate import resolve_data_root, resolve_paths
 from retrieval.vote import VOTE_WEIGHTINGS
 
@@ -44,6 +44,7 @@ def evaluate_index(
         raise RetrieveError(f"--vote {settings.vote}: choose one of {', '.join(VOTE_WEIGHTINGS)}")
     if settings.k < 1:
         raise RetrieveError(f"--k {settings.k}: must be at least 1")
+    check_multilabel_mode(settings.multilabel)
     m = read_manifest(index)
     idx = open_index_dir(index, use_gpu=False)
     vs = idx.vectors

@@ -191,7 +191,55 @@ def confusion_markdown(result: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _multilabel_markdown(result: dict[str, Any], title: str, encoder: str) -> list[str]:
+    o, s, e = result["overall"], result["settings"], result["exact_set"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Encoder: `{encoder}`. Images: {result['n_images']} ({result['n_labelled']} labelled). Multi-label: "
+        f"{len(result['classes'])} classes in {len(result['multilabel']['label_sets'])} label sets. Relevant: "
+        f"{result['multilabel']['relevance']}. Excluded from each query's gallery: itself"
+        + (", same patient_id" if s["exclude_same_patient"] else "")
+        + (", same near_dup_group" if s["exclude_near_dup"] else "")
+        + f". kNN vote: k = {s['k']}, {s['vote']}; the voted set = {result['multilabel']['vote_rule']}.",
+        "",
+        "| scope | queries | MAP | MRR | P@1 | P@5 | P@10 | MAP@R | kNN precision | kNN recall | kNN F1 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| all | {o['n_queries']} | {o['map']:.4f} | {o['mrr']:.4f} | {o['p@1']:.4f} | {o['p@5']:.4f} | "
+        f"{o['p@10']:.4f} | {o['map@r']:.4f} | - | - | {o['knn_micro_f1']:.4f} (micro) |",
+    ]
+    for label, c in result["per_class"].items():
+        knn = f"{c['knn_precision']:.4f} | {c['knn_recall']:.4f} | {c['knn_f1']:.4f}"
+        if c.get("n_queries", 0) == 0:
+            lines.append(f"| {label} | 0 | - | - | - | - | - | - | {knn} |")
+            continue
+        lines.append(
+            f"| {label} | {c['n_queries']} | {c['map']:.4f} | {c['mrr']:.4f} | {c['p@1']:.4f} | {c['p@5']:.4f} | "
+            f"{c['p@10']:.4f} | {c['map@r']:.4f} | {knn} |"
+        )
+    exact = (
+        f"MAP {e['map']:.4f}, MRR {e['mrr']:.4f}, P@1 {e['p@1']:.4f} over {e['n_queries']} queries"
+        if e["n_queries"]
+        else "no query has an image with its exact set in its gallery"
+    )
+    lines += [
+        "",
+        f"A class's row: the queries whose set names it. kNN micro-F1 {o['knn_micro_f1']:.4f}, macro-F1 "
+        f"{o['knn_macro_f1']:.4f}, exact set voted {o['knn_exact_match']:.4f} of {o['n_vote_queries']} queries.",
+        f"Stricter relevance (the same class set): {exact}; queries without such an image: "
+        f"{e['queries_without_exact_match']}.",
+        "Queries with no relevant image left in their gallery (left out of MAP/MRR): "
+        f"{result['queries_without_relevant']}; with an empty gallery: {result['queries_with_empty_gallery']}.",
+        "",
+    ]
+    return lines
+
+
 def markdown_summary(result: dict[str, Any], title: str, encoder: str) -> str:
+    if "multilabel" in result:
+        lines = _multilabel_markdown(result, title, encoder)
+        lines += ["![precision-recall](pr_curve.png)", "", "![embedding map](embedding_map.png)", ""]
+        return "\n".join(lines)
     o, s = result["overall"], result["settings"]
     lines = [
         f"# {title}",

@@ -494,3 +494,137 @@ def test_clustering_method_gets_own_input_kmeans_and_is_selected_by_clustering_s
         assert "inner_val_map" not in p
     md = markdown_table(res)
     assert "| kmeans-cnn5-32px-zscored |" in md and "lsd (chosen by inner NMI + weighted F1)" in md
+
+
+def test_kmeans_input_rows_name_each_input():
+    """The k-means rows of a configuration's own input: plain features, then their z-scores when the head trains
+    on z-scores (the last row is what the head sees); K other than the classes is named; end to end: none."""
+    from dataclasses import replace
+
+    from retrieval.training.benchmark import kmeans_input_rows, resolve_method_config
+
+    lsd = replace(resolve_method_config("lsd"), clusters=4)
+    assert kmeans_input_rows(lsd, 4) == [("kmeans-imagenet-effnet-lite0", False)]
+    cnn5 = replace(lsd, encoder="cnn5", image_size=64, standardize_features=True)
+    assert kmeans_input_rows(cnn5, 4) == [("kmeans-cnn5-64px", False), ("kmeans-cnn5-64px-zscored", True)]
+    assert kmeans_input_rows(replace(cnn5, clusters=6), 4)[-1] == ("kmeans-cnn5-64px-k6-zscored", True)
+    assert kmeans_input_rows(replace(lsd, freeze_backbone=False), 4) == []
+    assert kmeans_input_rows(resolve_method_config("supcon"), 4) == []
+
+
+def test_head_to_head_line_counts_folds_against_the_chosen_input():
+    """The report's line: the method's mean against the mean of each fold's chosen k-means row, and in how many
+    folds the method is higher; with z-scored inputs also against the same features before z-scoring."""
+    from retrieval.training.benchmark_report import cluster_table
+
+    def fold(nmi, f1):
+        return {"nmi": nmi, "ari": 0.0, "hungarian_accuracy": 0.0, "weighted_f1": f1}
+
+    per_fold = {
+        "lsd": [fold(0.5, 0.6), fold(0.7, 0.2)],
+        "kmeans-a": [fold(0.4, 0.9), fold(0.9, 0.9)],
+        "kmeans-a-zscored": [fold(0.1, 0.1), fold(0.8, 0.1)],
+        "kmeans-b": [fold(0.9, 0.9), fold(0.6, 0.3)],
+    }
+    result = {
+        "clustering": {
+            "per_fold": per_fold,
+            "summary": {},
+            "chosen_input_kmeans": {"lsd": ["kmeans-a-zscored", "kmeans-b"]},
+        }
+    }
+    result["clustering"]["summary"] = {
+        n: {k: {"mean": 0.0, "std": 0.0} for k in ("nmi", "ari", "hungarian_accuracy", "weighted_f1")} for n in per_fold
+    }
+    line = [ln for ln in cluster_table(result) if ln.startswith("- lsd against")][0]
+    # chosen: fold 1 a-zscored (0.1 / 0.1), fold 2 b (0.6 / 0.3); lsd 0.5 / 0.6 and 0.7 / 0.2
+    assert "kmeans-a-zscored x1, kmeans-b x1" in line
+    assert "NMI 0.600 vs 0.350 (lsd higher in 2 of 2 folds)" in line
+    assert "weighted F1 0.400 vs 0.200 (lsd higher in 1 of 2 folds)" in line
+    # before z-scoring: fold 1 kmeans-a (0.4 / 0.9), fold 2 kmeans-b
+    assert "before z-scoring: NMI 0.600 vs 0.500 (lsd higher in 2 of 2 folds); weighted F1 0.400 vs 0.600" in line
+
+
+@pytest.mark.slow
+def test_select_candidates_that_change_the_input_get_their_own_kmeans(tmp_path, monkeypatch):
+    """--select over image_size and standardize_features: each distinct input gets its k-means rows once (equal to
+    KMeans on independently computed features), and the chosen-input row follows each fold's chosen candidate."""
+    import torch
+    from sklearn.cluster import KMeans
+    from sklearn.metrics import f1_score, normalized_mutual_info_score
+
+    import retrieval.training.benchmark as bm
+    from retrieval.config import PreprocessConfig
+    from retrieval.data.dataset import load_dataset
+    from retrieval.demo.synthetic import generate_demo_dataset
+    from retrieval.encoders.registry import create_encoder
+    from retrieval.training.benchmark_report import markdown_table
+    from retrieval.training.trainer import cached_features, load_image_tensors
+
+    demo_data = tmp_path / "d"
+    generate_demo_dataset(demo_data, n_per_grade=4, frames=2, size=64, seed=2)
+    kmeans_calls = []
+    real_kmeans = bm.own_input_kmeans
+
+    def count(*a, **kw):
+        kmeans_calls.append(a[3:])  # clusters, seed, standardize
+        return real_kmeans(*a, **kw)
+
+    monkeypatch.setattr(bm, "own_input_kmeans", count)
+    # force different picks per fold (fold 1: 48 px z-scored, fold 2: 32 px plain) through the inner score
+    favourite = [(48, True), (32, False)]
+    n_scored = []
+
+    def score(cfg, *a):
+        f = len(n_scored) // 4
+        n_scored.append(1)
+        hit = (cfg.image_size, cfg.standardize_features) == favourite[f]
+        return {"score": 2.0 if hit else 0.5, "nmi": 1.0 if hit else 0.25, "weighted_f1": 1.0 if hit else 0.25}
+
+    monkeypatch.setattr(bm, "inner_selection_score", score)
+    res = bm.run_benchmark(
+        demo_data,
+        ["lsd"],
+        folds=2,
+        overrides={"max_steps": 2, "frozen_views": 1, "lsd.encoder": "cnn5"},
+        progress=False,
+        log=lambda m: None,
+        select={"image_size": [32, 48], "standardize_features": [False, True]},
+    )
+    clustering = res["clustering"]
+    names = ["kmeans-cnn5-32px", "kmeans-cnn5-32px-zscored", "kmeans-cnn5-48px", "kmeans-cnn5-48px-zscored"]
+    assert clustering["own_input_kmeans"] == {"lsd": names}
+    assert len(kmeans_calls) == 4  # once per distinct input (each call covers every fold)
+    picks = res["selection"]["chosen_per_fold"]["lsd"]
+    assert [(p["image_size"], p["standardize_features"]) for p in picks] == favourite
+    assert clustering["chosen_input_kmeans"] == {"lsd": ["kmeans-cnn5-48px-zscored", "kmeans-cnn5-32px"]}
+    chosen_row = clustering["per_fold"]["kmeans-chosen-input-lsd"]
+    rows = load_dataset(demo_data).rows
+    rows = rows[rows["label"].notna()].reset_index(drop=True)
+    labels = rows["label"].astype(str).to_numpy()
+    splits = make_folds(rows, 2, 0)
+    for size in (32, 48):
+        images = load_image_tensors(rows, PreprocessConfig(image_size=size))[0]
+        enc = create_encoder("cnn5", None, 0)
+        feats = cached_features(enc, images, 0, torch.Generator(), "cpu", progress=False)[0].numpy()
+        for f, (tr, te) in enumerate(splits):
+            z = (feats - feats[tr].mean(0)) / (feats[tr].std(0) + 1e-6)
+            for name, x in ((f"kmeans-cnn5-{size}px", feats), (f"kmeans-cnn5-{size}px-zscored", z)):
+                x = x / np.linalg.norm(x, axis=1, keepdims=True)
+                km = KMeans(n_clusters=4, n_init=10, random_state=0).fit(x[tr])
+                pred, fit = km.predict(x[te]), km.labels_
+                got = clustering["per_fold"][name][f]
+                assert got["nmi"] == pytest.approx(normalized_mutual_info_score(labels[te], pred))
+                # matching on the training folds: each cluster's most common training label (ties: first by name)
+                mapping = {}
+                for c in range(4):
+                    vals, counts = np.unique(labels[tr][fit == c], return_counts=True)
+                    mapping[c] = vals[counts.argmax()] if len(vals) else sorted(set(labels))[0]
+                wf1 = f1_score(labels[te], [mapping[c] for c in pred], average="weighted", zero_division=0)
+                assert got["weighted_f1"] == pytest.approx(wf1)
+                if name == clustering["chosen_input_kmeans"]["lsd"][f]:
+                    assert chosen_row[f]["nmi"] == pytest.approx(normalized_mutual_info_score(labels[te], pred))
+                    assert chosen_row[f]["weighted_f1"] == pytest.approx(wf1)
+    md = markdown_table(res)
+    assert "| kmeans-chosen-input-lsd |" in md
+    assert "- lsd against k-means on the input it trained on, per fold (row kmeans-chosen-input-lsd)" in md

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import fields, replace
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +33,14 @@ from retrieval.encoders.base import concat_vectors
 from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError
 from retrieval.evaluation.evaluate import EvalSettings, evaluate
-from retrieval.training.benchmark_report import summarise_folds
+from retrieval.training.benchmark_report import CHOSEN_INPUT_PREFIX, summarise_folds
 from retrieval.training.cluster_eval import fold_cluster_scores, kmeans_assign, summarise_clusters
 from retrieval.training.config import METHODS, TrainConfig, load_train_config
 from retrieval.training.feature_cache import features_with_cache
 from retrieval.training.folds import group_ids, inner_split, keep_label_fraction, make_folds
+from retrieval.training.presets import PRESETS
 from retrieval.training.scoring import score_fold
 from retrieval.training.trainer import load_image_tensors, train
-
-PRESETS = Path(str(files("retrieval") / "presets" / "train"))  # shipped in the wheel (package data)
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -67,6 +65,26 @@ def input_feature_name(cfg: TrainConfig) -> str:
 def zscore(x: np.ndarray, tr: np.ndarray) -> np.ndarray:
     """Features z-scored with the training rows' mean and standard deviation (as `standardize_features`)."""
     return (x - x[tr].mean(0)) / (x[tr].std(0) + 1e-6)
+
+
+def kmeans_input_rows(cfg: TrainConfig, n_classes: int) -> list[tuple[str, bool]]:
+    """The k-means rows on a frozen-backbone clustering configuration's own input, as (row name, z-scored?):
+    its encoder's clean features (`kmeans-<input>`), then, when it trains on z-scores (`standardize_features`),
+    their z-scores (`kmeans-<input>-zscored`); `-k<K>` is added for a K other than the number of classes. The
+    last row is the input its head trains on. None for a method that trains its backbone (no fixed input)."""
+    if not (cfg.is_clustering and cfg.freeze_backbone):
+        return []
+    feat = input_feature_name(cfg) + (f"-k{cfg.clusters}" if cfg.clusters != n_classes else "")
+    out = [(f"kmeans-{feat}", False)]
+    if cfg.standardize_features:
+        out.append((f"kmeans-{feat}-zscored", True))
+    return out
+
+
+def chosen_input_row(method: str) -> str:
+    """The clustering row that holds, per fold, k-means on the input of the configuration `method` trained with
+    on that fold (the inner split's choice, when `--select` changed the input)."""
+    return f"{CHOSEN_INPUT_PREFIX}{method}"
 
 
 def own_input_kmeans(
@@ -243,7 +261,10 @@ def run_benchmark(
     of its training folds (never the held-out fold) and the choices are reported: by MAP, or for a clustering
     method by NMI + weighted F1 of its clusters (`inner_selection_score`). Each frozen-backbone clustering
     method also gets k-means (same K) on its own input features (and on their z-scores when it trains on
-    z-scores), on the same folds (`own_input_kmeans`; named in `clustering.own_input_kmeans`).
+    z-scores), on the same folds (`own_input_kmeans`; named in `clustering.own_input_kmeans`), for each distinct
+    input among its `select` candidates (encoder, image size, standardize_features, K), computed once per
+    input; `clustering.chosen_input_kmeans` names per fold the row of the input the fold trained on (the
+    inner split's choice), and with a selection the row `kmeans-chosen-input-<method>` holds those folds.
     `repeats` > 1 repeats the k-fold split with seeds seed, seed + 1, ...: on small archives the split
     alone moves MAP by about a fold's spread, and the mean over repeats is the steadier figure.
     `METHOD@FRACTION` in `methods` (e.g. `fixmatch@0.1`, `supcon@10%`) keeps that fraction of each fold's
@@ -328,10 +349,11 @@ def run_benchmark(
         results[name] = [score_fold(rows, vec, tr, te, k) for tr, te in splits]
         log(f"{name}: MAP {np.mean([r['map'] for r in results[name]]):.4f}")
     labels = rows["label"].astype(str).to_numpy()
+    n_classes = len(set(labels))
+    grid = candidate_grid(select or {})
     clustering: dict[str, list[dict[str, Any]]] = {}
-    own_inputs: dict[str, list[str]] = {}  # clustering method -> the k-means rows on its own input features
+    own_inputs: dict[str, list[str]] = {}  # clustering method -> the k-means rows on its candidates' own inputs
     if any(c.is_clustering for c in configs.values()):  # k-means baselines, K = classes, same folds
-        n_classes = len(set(labels))
         for name in ("raw-pixels", "imagenet-effnet-lite0"):
             clustering[f"kmeans-{name}"] = [
                 fold_cluster_scores(kmeans_assign(base_vectors[name], tr, n_classes, seed), labels, tr, te)
@@ -339,26 +361,25 @@ def run_benchmark(
             ]
             log(f"kmeans-{name}: NMI {np.mean([r['nmi'] for r in clustering[f'kmeans-{name}']]):.4f}")
         t = time.perf_counter()
-        for method, cfg in configs.items():  # k-means (same K) on each frozen clustering method's own input
-            if not (cfg.is_clustering and cfg.freeze_backbone):
-                continue
-            feat = input_feature_name(cfg) + (f"-k{cfg.clusters}" if cfg.clusters != n_classes else "")
-            variants = [(f"kmeans-{feat}", False)]
-            if cfg.standardize_features:
-                variants.append((f"kmeans-{feat}-zscored", True))
-            for name, standardize in variants:
-                if name not in clustering:
-                    x = fitter.frozen_cache(replace(cfg, seed=seed))[0].numpy()  # view 0: the clean images
-                    clustering[name] = own_input_kmeans(x, labels, splits, cfg.clusters, seed, standardize)
-                    log(f"{name}: NMI {np.mean([r['nmi'] for r in clustering[name]]):.4f}")
-                own_inputs.setdefault(method, []).append(name)
+        # k-means (same K) on the own input of each frozen clustering method, for every `--select` candidate
+        # (a candidate may change encoder, image size, standardize_features or K): once per distinct input
+        for method, cfg in configs.items():
+            for cand in grid:
+                cfg_c = replace(cfg, **cand)
+                for name, standardize in kmeans_input_rows(cfg_c, n_classes):
+                    if name not in clustering:
+                        x = fitter.frozen_cache(replace(cfg_c, seed=seed))[0].numpy()  # view 0: the clean images
+                        clustering[name] = own_input_kmeans(x, labels, splits, cfg_c.clusters, seed, standardize)
+                        log(f"{name}: NMI {np.mean([r['nmi'] for r in clustering[name]]):.4f}")
+                    if name not in own_inputs.get(method, []):
+                        own_inputs.setdefault(method, []).append(name)
         timings["kmeans on own input"] = round(time.perf_counter() - t, 1)
 
-    grid = candidate_grid(select or {})
     selections: dict[str, list[dict[str, Any]]] = {}
+    chosen_inputs: dict[str, list[str]] = {}  # clustering method -> per fold, the k-means row of its input
     for method, cfg in configs.items():
         t = time.perf_counter()
-        per_fold, chosen, cluster_folds = [], [], []
+        per_fold, chosen, cluster_folds, input_rows = [], [], [], []
         for f, (tr, te) in enumerate(splits):
             cfg_f = replace(cfg, seed=seed + f)
             if len(grid) > 1:  # nested selection: inner split of the training folds only
@@ -386,6 +407,9 @@ def run_benchmark(
                     chosen.append({**best, "inner_val_map": note})
                 cfg_f = replace(cfg_f, **best)
             vec, assign = fitter.fit_clusters(cfg_f, tr)
+            own = kmeans_input_rows(cfg_f, n_classes)
+            if own:  # the input this fold's configuration trained on (z-scored when it z-scores)
+                input_rows.append(own[-1][0])
             per_fold.append(score_fold(rows, vec, tr, te, k))
             if cfg_f.label_fraction < 1.0:
                 per_fold[-1]["labelled_fraction"] = fitter.labelled_fraction
@@ -401,6 +425,10 @@ def run_benchmark(
             clustering[method] = cluster_folds
         if chosen:
             selections[method] = chosen
+        if input_rows:
+            chosen_inputs[method] = input_rows
+            if chosen:  # the selection may change the input from fold to fold: one row that follows it
+                clustering[chosen_input_row(method)] = [clustering[n][f] for f, n in enumerate(input_rows)]
         timings[method] = round(time.perf_counter() - t, 1)
 
     summary = {name: summarise_folds(runs, folds) for name, runs in results.items()}
@@ -425,6 +453,7 @@ def run_benchmark(
         },
         "clustering": {
             "own_input_kmeans": own_inputs,
+            "chosen_input_kmeans": chosen_inputs,
             "per_fold": clustering,
             "summary": {name: summarise_clusters(runs) for name, runs in clustering.items()},
         },

@@ -13,6 +13,7 @@ from retrieval.training.cluster_eval import CLUSTER_KEYS
 from retrieval.training.scoring import PROBE_KEYS, RETRIEVAL_KEYS
 
 BASELINES = ("raw-pixels", "random-resnet18", "imagenet-effnet-lite0")
+CHOSEN_INPUT_PREFIX = "kmeans-chosen-input-"  # a clustering row that follows, per fold, a method's chosen input
 
 
 def is_baseline(name: str) -> bool:
@@ -73,7 +74,33 @@ def cluster_table(result: dict[str, Any]) -> list[str]:
             "k-means (same K) on each clustering method's own input features (z-scored: the training folds' "
             "mean/std): " + "; ".join(f"{m}: {', '.join(names)}" for m, names in own.items()) + ".",
         ]
+    chosen_inputs = result["clustering"].get("chosen_input_kmeans", {})
+    if chosen_inputs:
+        lines += ["", *(head_to_head(result, m, names) for m, names in chosen_inputs.items())]
     return lines
+
+
+def head_to_head(result: dict[str, Any], method: str, inputs: list[str]) -> str:
+    """One line: a clustering method against k-means on the input each fold trained on (`inputs`, one k-means
+    row per fold, following the inner split's choice), means and the number of folds the method is higher."""
+    per_fold = result["clustering"]["per_fold"]
+
+    def versus(names: list[str]) -> str:
+        parts = []
+        for key, label in (("nmi", "NMI"), ("weighted_f1", "weighted F1")):
+            a = np.array([r[key] for r in per_fold[method]], dtype=float)
+            b = np.array([per_fold[name][f][key] for f, name in enumerate(names)], dtype=float)
+            higher = f"{method} higher in {int((a > b).sum())} of {len(a)} folds"
+            parts.append(f"{label} {np.nanmean(a):.3f} vs {np.nanmean(b):.3f} ({higher})")
+        return "; ".join(parts)
+
+    counts = ", ".join(f"{n} x{inputs.count(n)}" for n in dict.fromkeys(inputs))
+    row = f" (row {CHOSEN_INPUT_PREFIX}{method})" if CHOSEN_INPUT_PREFIX + method in per_fold else ""
+    line = f"- {method} against k-means on the input it trained on, per fold{row}: {counts}; {versus(inputs)}"
+    plain = [name.removesuffix("-zscored") for name in inputs]
+    if plain != inputs and all(name in per_fold for name in plain):  # the same features before z-scoring
+        line += f"; against k-means on those features before z-scoring: {versus(plain)}"
+    return line + "."
 
 
 def _pick(p: dict[str, Any]) -> str:

@@ -289,3 +289,16 @@ def test_query_path_votes_a_label_set(ml_index):
     assert res.vote.votes == pytest.approx({"b": 2 / 3, "a": 2 / 3}) and d["votes"] == {"b": 0.6667, "a": 0.6667}
     (cases,) = query_vectors(idx, ["q"], _angles([40]), 3, group_by="patient")  # one image per patient here
     assert cases.vote.labels == ["a", "b"] and cases.vote.votes == pytest.approx(res.vote.votes)
+
+
+def test_query_table_prints_the_label_set(capsys, ml_index):
+    from indexer.index_dir import open_index_dir
+    from retrieval.cli.query_cmd import _print_result_table
+    from retrieval.pipeline import query_vectors
+
+    (res,) = query_vectors(open_index_dir(ml_index, use_gpu=False), ["q"], _angles([40]), 3)
+    _print_result_table(res)
+    assert "vote: a|b (classes with at least half of the vote; shares: b 0.67, a 0.67)" in capsys.readouterr().out
+    (res,) = query_vectors(open_index_dir(ml_index, use_gpu=False), ["q"], _angles([80]), 3)
+    _print_result_table(res)  # neighbours 2 b, 3 c, 1 a: every class 1/3
+    assert "vote: none (no class has a vote share of at least 0.5)" in capsys.readouterr().out

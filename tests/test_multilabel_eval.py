@@ -142,6 +142,16 @@ def test_exact_set_relevance_worked_by_hand():
     assert e["p@1"] == 0.0
 
 
+def test_the_readme_example():
+    """README: a query liver|kidney whose ranked gallery is liver, spleen, kidney|spleen: relevance 1, 0, 1,
+    AP (1 + 2/3) / 2; no image with its exact set."""
+    rows = _rows(["liver|kidney", "liver", "spleen", "kidney|spleen"])
+    res = evaluate(rows, _angles([0, 10, 30, 60]), ML, progress=False, keep_per_query=True)
+    q0 = next(q for q in res["per_query"] if q["row"] == 0)
+    assert q0["ap"] == pytest.approx(5 / 6) and q0["label"] == "kidney|liver"
+    assert res["exact_set"]["n_queries"] == 0
+
+
 def test_modes_off_and_on():
     rows = _rows(["a|b", "a", "a|b", "b"])
     vectors = _angles([0, 10, 40, 75])

@@ -185,7 +185,7 @@ def _reference(rows, vectors, k):
     """Plain loops: gallery = labelled others of another patient; relevance by Python sets; the vote by
     counting; AP with scikit-learn."""
     sets = [None if not lab else frozenset(lab.split("|")) for lab in rows.label]
-    aps, exact_aps, truth, pred = [], [], [], []
+    aps, rrs, p5s, map_rs, exact_aps, truth, pred = [], [], [], [], [], [], []
     for q in range(len(rows)):
         if sets[q] is None:
             continue
@@ -201,6 +201,11 @@ def _reference(rows, vectors, k):
         rel = np.array([bool(sets[j] & sets[q]) for j in g])
         if rel.any():
             aps.append(average_precision_score(rel, s))
+            ranked = rel[np.argsort(-s)]  # random scores: no ties
+            rrs.append(1.0 / (1 + np.flatnonzero(ranked)[0]))
+            p5s.append(ranked[:5].mean())
+            r = int(rel.sum())
+            map_rs.append(sum(ranked[:i].mean() for i in range(1, r + 1) if ranked[i - 1]) / r)
         same = np.array([sets[j] == sets[q] for j in g])
         if same.any():
             exact_aps.append(average_precision_score(same, s))
@@ -208,6 +213,9 @@ def _reference(rows, vectors, k):
     yt, yp = mlb.fit_transform(truth), mlb.transform(pred)
     return {
         "map": float(np.mean(aps)),
+        "mrr": float(np.mean(rrs)),
+        "p@5": float(np.mean(p5s)),
+        "map@r": float(np.mean(map_rs)),
         "exact_map": float(np.mean(exact_aps)),
         "micro": f1_score(yt, yp, average="micro", zero_division=0),
         "macro": f1_score(yt, yp, average="macro", zero_division=0),
@@ -231,7 +239,9 @@ def test_matches_sklearn_on_generated_data(k):
     settings = EvalSettings(k=k, exclude_same_patient=True, exclude_near_dup=True, multilabel="auto")
     res = evaluate(rows, x, settings, progress=False)
     ref = _reference(rows, x, k)
-    assert res["overall"]["map"] == pytest.approx(ref["map"])
+    assert {m: res["overall"][m] for m in ("map", "mrr", "p@5", "map@r")} == pytest.approx(
+        {m: ref[m] for m in ("map", "mrr", "p@5", "map@r")}
+    )
     assert res["exact_set"]["map"] == pytest.approx(ref["exact_map"])
     assert res["overall"]["knn_micro_f1"] == pytest.approx(ref["micro"])
     assert res["overall"]["knn_macro_f1"] == pytest.approx(ref["macro"])

@@ -284,6 +284,19 @@ def test_eval_cli_on_a_multilabel_index(tmp_path, capsys, ml_index):
     assert code == 2 and "no query has a relevant image" in err
     code, _, err = run_cli(capsys, "eval", "--index", ml_index, "--multilabel", "yes", "--quiet")
     assert code == 2 and "--multilabel yes: choose one of auto, on, off" in err and "Traceback" not in err
+    # a stored label with an empty class part: one line naming the image, exit 2
+    from conftest import assert_one_line_error
+
+    from indexer.config import IndexConfig
+    from indexer.index_dir import build_index_dir
+    from indexer.store import VectorSet
+
+    rows = pd.DataFrame({"id": ["i0", "i1", "i2"], "path": ["a.png", "b.png", "c.png"], "label": ["a|b", "a|", "b"]})
+    vs = VectorSet(rows, np.eye(3, dtype=np.float32), {"arch": "toy", "dim": 3}, {"name": "toy"})
+    build_index_dir(tmp_path / "bad", vs, IndexConfig(kind="flat", gpu=False))
+    code, _, err = run_cli(capsys, "eval", "--index", tmp_path / "bad", "--quiet")
+    assert code == 2
+    assert_one_line_error(err, "label 'a|' (image id i1): an empty class name")
 
 
 @pytest.mark.slow

@@ -3,6 +3,12 @@
 Filters become a FAISS IDSelector passed in the search parameters, so the index itself skips the
 rows a query may not return; where an approximate index still returns fewer than min(k, allowed)
 results, the allowed rows are searched exactly, so a filtered query returns k results whenever k match.
+
+A filter COLUMN=VALUE matches the column's text exactly, except on a column that holds `|`-separated
+sets (any of its values contains `|`, e.g. multi-label labels `kidney|liver`): there a row matches when
+its set names every part of VALUE (parts stripped of spaces, order ignored), so `label=liver` finds
+`liver` and `kidney|liver`, and `label=kidney|liver` finds the rows naming both. An empty VALUE matches
+the rows with no value, as on any column.
 """
 
 from __future__ import annotations
@@ -37,8 +43,45 @@ def parse_where(expressions: list[str]) -> list[tuple[str, str]]:
     return out
 
 
+SET_SEPARATOR = "|"
+
+
 def _as_text(series: pd.Series) -> pd.Series:
     return series.astype("string").fillna("")
+
+
+def set_members(text: str) -> frozenset[str]:
+    """The parts of a `|`-separated set, each stripped of spaces; empty parts are not members."""
+    return frozenset(part for part in (p.strip() for p in str(text).split(SET_SEPARATOR)) if part)
+
+
+def holds_sets(values: pd.Series) -> bool:
+    """Whether a column holds `|`-separated sets: any of its values contains `|`."""
+    return bool(_as_text(values).str.contains(SET_SEPARATOR, regex=False).any())
+
+
+def _set_hit(text: pd.Series, col: str, value: str) -> np.ndarray:
+    """Rows of a set column whose set names every part of `value` (computed once per distinct value)."""
+    wanted = [p.strip() for p in value.split(SET_SEPARATOR)]
+    if not all(wanted):
+        raise RetrieveError(
+            f"--where {col}={value}: an empty part; {col} holds sets, so give one value or several as 'a|b'"
+        )
+    codes, uniques = pd.factorize(text)
+    members = [set_members(u) for u in uniques]
+    known = sorted(set().union(*members)) if members else []
+    unknown = [w for w in dict.fromkeys(wanted) if w not in known]
+    if unknown:
+        shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
+        raise RetrieveError(
+            f"--where {col}={value}: unknown {col} '{unknown[0]}' (values in the index's {col} sets: {shown})"
+        )
+    need = set(wanted)
+    good = np.array([need <= m for m in members] + [False], dtype=bool)  # the extra slot: factorize's -1
+    hit = good[codes]
+    if not hit.any():
+        raise RetrieveError(f"--where {col}={value}: no image's {col} names all of {', '.join(dict.fromkeys(wanted))}")
+    return hit
 
 
 def candidate_mask(
@@ -53,6 +96,9 @@ def candidate_mask(
             cols = [c for c in rows.columns if c != "vector"]
             raise RetrieveError(f"--where {col}={value}: unknown column '{col}' (columns: {', '.join(cols)})")
         text = _as_text(rows[col])
+        if value and holds_sets(text):
+            mask &= _set_hit(text, col, value)
+            continue
         hit = (text == value).to_numpy()
         if not hit.any():
             known = sorted(set(text) - {""})

@@ -22,7 +22,9 @@ def row_selector(
     where: Sequence[tuple[str, str]] = (),
 ) -> Callable[[IndexDir], np.ndarray]:
     """A `select(idx)` for `remove_from_index_dir`: rows matching ANY of the ids, paths or patients, or ALL of
-    the `where` conditions. A path matches as given or resolved; a `where` column the index lacks is an error."""
+    the `where` conditions. A path matches as given or resolved; a `where` column the index lacks is an error.
+    A `where` condition matches as a query's filter does (indexer.search.candidate_mask): on a column of
+    `|`-separated sets, `label=liver` selects every row whose set names liver (`kidney|liver` too)."""
     if not (ids or paths or patients or where):
         raise RetrieveError("say what to remove: --id, --path, --patient or --where")
     wanted_paths = {str(p) for p in paths} | {str(Path(p).expanduser().resolve()) for p in paths}

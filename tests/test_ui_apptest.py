@@ -208,3 +208,32 @@ def test_data_root_that_does_not_hold_the_files_is_a_message(monkeypatch, tmp_pa
     at = _app(monkeypatch, demo_index)
     assert at.error and "Cannot open this index" in at.error[0].value
     assert "does not hold the indexed files" in at.error[0].value
+
+
+@pytest.mark.slow
+def test_multilabel_index_shows_a_set_vote_and_filters_by_class(monkeypatch, demo_data, tmp_path):
+    import pandas as pd
+
+    from retrieval.cli.main import main
+
+    table = pd.read_csv(demo_data / "labels.csv")
+    table["label"] = [lab if lab == "normal" else f"{lab}|steatosis" for lab in table["label"]]
+    table[["path", "label"]].to_csv(tmp_path / "labels.csv", index=False)
+    index = tmp_path / "idx"
+    args = ["index", "build", str(demo_data), "--index", str(index), "--labels", str(tmp_path / "labels.csv")]
+    assert main([*args, "--encoder", "intensity-stats", "--quiet"]) == 0
+    at = _app(monkeypatch, index)
+    at.radio(key="mode").set_value("Pick an indexed case").run()
+    at.text_input(key="case_search").set_value("SYN300").run()
+    at.selectbox(key="case_choice").set_value("severe/SYN300_f0.png").run()
+    assert not at.exception, at.exception
+    assert any(m.value.startswith("### Suggested classes:") and "**steatosis**" in m.value for m in at.markdown)
+    assert not any(m.value.startswith("### Suggested label") for m in at.markdown)
+    specs = [json.loads(e.proto.spec) for e in _elements(at) if getattr(e, "type", None) == "vega_lite_chart"]
+    assert any(s.get("encoding", {}).get("x", {}).get("title") == "share of the votes" for s in specs)
+    at.selectbox(key="filter_col").set_value("label").run()
+    choice = at.selectbox(key="filter_value")
+    assert choice.label == "label includes" and choice.options == ["mild", "moderate", "normal", "severe", "steatosis"]
+    choice.set_value("steatosis").run()
+    labels = [c[2] for c in _cards(at)]
+    assert len(labels) == 10 and all("steatosis" in lab.split("|") for lab in labels)

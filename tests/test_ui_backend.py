@@ -267,3 +267,86 @@ def test_streamlit_is_told_our_upload_limit_and_the_data_root(tmp_path):
     page_args = cmd[cmd.index("--") + 1 :]
     assert page_args[page_args.index("--data-root") + 1] == str((tmp_path / "moved").resolve())
     assert "--data-root" not in streamlit_command(tmp_path / "index", 8501)
+
+
+# --- multi-label labels (kidney|liver): the vote panel and the filter -------------------------------------
+
+
+@pytest.fixture(scope="module")
+def multilabel_session(tmp_path_factory, demo_data):
+    """The demo images labelled as sets (every fatty grade also names `steatosis`), intensity-stats vectors."""
+    import pandas as pd
+
+    from retrieval.cli.main import main
+
+    root = tmp_path_factory.mktemp("ml_ui")
+    table = pd.read_csv(demo_data / "labels.csv")
+    table["label"] = [lab if lab == "normal" else f"{lab}|steatosis" for lab in table["label"]]
+    table[["path", "label"]].to_csv(root / "labels.csv", index=False)
+    index = root / "idx"
+    args = ["index", "build", str(demo_data), "--index", str(index), "--labels", str(root / "labels.csv")]
+    assert main([*args, "--encoder", "intensity-stats", "--quiet"]) == 0
+    return open_session(index)
+
+
+def test_vote_panel_of_one_label_is_unchanged():
+    from retrieval.vote import knn_vote
+    from ui.backend import vote_view
+
+    view = vote_view(knn_vote(["x", "y", "x"], [0.9, 0.8, 0.7]), 3)
+    assert view.headline == "Suggested label: **x**" and view.detail == "67% of the votes of 3 similar cases"
+    assert (
+        not view.multilabel and view.axis == "votes" and dict(zip(view.bars.label, view.bars.votes)) == {"x": 2, "y": 1}
+    )
+    none = vote_view(knn_vote([None, None], [0.9, 0.8]), 2)
+    assert none.headline is None and none.message == "no labelled neighbours" and none.bars.empty
+
+
+def test_vote_panel_of_a_label_set_worked_by_hand():
+    from retrieval.vote import multilabel_vote
+    from ui.backend import vote_view
+
+    # 4 neighbours a|b, a, b|c, a: a 3/4, b 2/4, c 1/4 -> {a, b}, each shown with its own share
+    view = vote_view(multilabel_vote([{"a", "b"}, {"a"}, {"b", "c"}, {"a"}], [0.9, 0.8, 0.7, 0.6]), 4)
+    assert view.headline == "Suggested classes: **a**, **b**"
+    assert view.detail == (
+        "a 75%, b 50% of the votes of 4 similar cases (a class is suggested when at least 50% of the votes name it)"
+    )
+    assert view.multilabel and view.axis == "share of the votes"
+    assert dict(zip(view.bars.label, view.bars.votes)) == pytest.approx({"a": 0.75, "b": 0.5, "c": 0.25})
+    # a, b, c once each: no class reaches half, and the panel says so with every share
+    empty = vote_view(multilabel_vote([{"a"}, {"b"}, {"c"}], [0.9, 0.8, 0.7]), 3)
+    assert empty.headline is None and len(empty.bars) == 3
+    assert (
+        empty.message
+        == "No class has at least 50% of the votes of 3 similar cases (a 33%, b 33%, c 33%), so no suggestion."
+    )
+    nobody = vote_view(multilabel_vote([None], [0.9]), 1)
+    assert nobody.headline is None and nobody.message == "no labelled neighbours" and nobody.bars.empty
+
+
+def test_set_vote_and_class_filter_in_the_browser(multilabel_session, session):
+    from indexer.search import set_members
+    from ui.backend import filter_choices, vote_view
+
+    s = multilabel_session
+    assert filter_choices(s.rows, "label") == ("label includes", ["mild", "moderate", "normal", "severe", "steatosis"])
+    assert filter_choices(session.rows, "label") == ("label =", ["mild", "moderate", "normal", "severe"])
+    seen = set()
+    for position in range(len(s.rows)):
+        ans = query_indexed(s, position, k=4)
+        view = vote_view(ans.result.vote, len(ans.result.hits))
+        sets = [set_members(lab) for lab in ans.result.rows["label"]]  # recomputed from the neighbours shown
+        shares = {c: sum(c in x for x in sets) / len(sets) for c in set().union(*sets)}
+        chosen = sorted(c for c, share in shares.items() if share >= 0.5)
+        assert dict(zip(view.bars.label, view.bars.votes)) == pytest.approx(shares)
+        if chosen:
+            assert view.headline == "Suggested classes: " + ", ".join(f"**{c}**" for c in chosen)
+            assert view.detail.startswith(", ".join(f"{c} {shares[c]:.0%}" for c in chosen) + " of the votes of 4 ")
+        else:
+            assert view.headline is None and view.message.startswith("No class has at least 50% of the votes of 4")
+        seen.add(len(chosen))
+    assert seen >= {1, 2}  # a normal neighbourhood votes {normal}, a fatty one {grade, steatosis} or {steatosis}
+    # the filter the sidebar offers: `label includes steatosis` keeps every fatty image, whatever its grade
+    ans = query_indexed(s, 0, k=6, where=[("label", "steatosis")])
+    assert ans.result.matched == 18 and all("steatosis" in set_members(lab) for lab in ans.result.rows["label"])

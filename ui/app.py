@@ -18,6 +18,7 @@ from ui.backend import (
     Answer,
     Session,
     decode_upload,
+    filter_choices,
     find_cases,
     load_image,
     open_session,
@@ -27,6 +28,7 @@ from ui.backend import (
     upload_digest,
     upload_limit_mb,
     upload_limit_text,
+    vote_view,
 )
 from ui.map2d import load_or_compute_map
 
@@ -143,31 +145,33 @@ def sidebar(session: Session, index_dir: Path) -> dict:
     col = st.sidebar.selectbox("filter candidates by", filter_cols, key="filter_col")
     where: list[tuple[str, str]] = []
     if col != "(none)":
-        values = sorted(session.rows[col].astype("string").dropna().unique().tolist())
-        chosen = st.sidebar.selectbox(f"{col} =", values, key="filter_value") if values else None
+        caption, values = filter_choices(session.rows, col)
+        chosen = st.sidebar.selectbox(caption, values, key="filter_value") if values else None
         if chosen is not None:
             where = [(col, chosen)]
     return {"k": k, "vote": vote, "exclude_own": exclude_own, "include_self": include_self, "where": where}
 
 
 def vote_panel(session: Session, answer: Answer) -> None:
-    v = answer.result.vote
-    if v.label is None:
-        st.info(v.note or "No labelled neighbours to vote.")
+    view = vote_view(answer.result.vote, len(answer.result.hits))
+    if view.headline is None:
+        st.info(view.message)
     else:
-        st.markdown(f"### Suggested label: **{v.label}**")
-        st.markdown(f"{v.confidence:.0%} of the votes of {len(answer.result.hits)} similar cases")
-        votes = pd.DataFrame({"label": list(v.votes), "votes": list(v.votes.values())})
+        st.markdown(f"### {view.headline}")
+        st.markdown(view.detail)
+    if len(view.bars):
+        x = (
+            alt.X("votes:Q", title=view.axis, scale=alt.Scale(domain=[0, 1]), axis=alt.Axis(format="%"))
+            if view.multilabel
+            else alt.X("votes:Q", title=view.axis)
+        )
+        # a class of a label set need not be a label of its own, so set votes are drawn in one colour
+        bar_colour = alt.value("#4c78a8") if view.multilabel else colour(session)
         st.altair_chart(
-            alt.Chart(votes)
+            alt.Chart(view.bars)
             .mark_bar()
-            .encode(
-                x=alt.X("votes:Q", title="votes"),
-                y=alt.Y("label:N", sort="-x", title=None),
-                color=colour(session),
-                tooltip=["label", "votes"],
-            )
-            .properties(height=34 * len(votes) + 50),
+            .encode(x=x, y=alt.Y("label:N", sort="-x", title=None), color=bar_colour, tooltip=["label", "votes"])
+            .properties(height=34 * len(view.bars) + 50),
             width="stretch",
         )
     st.caption(DISCLAIMER)

@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from indexer.index_dir import IndexDir, open_index_dir, read_manifest
+from indexer.search import holds_sets, set_members
 from retrieval.data.dataset import CORE_COLUMNS
 from retrieval.data.imageio import IMAGE_SUFFIXES, read_frame, read_frames
 from retrieval.data.limits import MAX_UPLOAD_MB, limits
@@ -32,6 +33,7 @@ from retrieval.pipeline import (
     query_vectors,
 )
 from retrieval.relocate import REL_PATH, resolve_data_root, resolve_paths
+from retrieval.vote import MULTILABEL_SHARE, Vote
 
 
 @dataclass
@@ -238,3 +240,58 @@ def summary(session: Session) -> dict:
         "updated": m.updated,
         "patients": int(session.rows["patient_id"].nunique()) if "patient_id" in session.rows else 0,
     }
+
+
+def filter_choices(rows: pd.DataFrame, col: str) -> tuple[str, list[str]]:
+    """The filter's caption and the values offered for `col`: its distinct values, or, on a column of
+    `|`-separated sets (multi-label labels), its classes, since `label=liver` then keeps every image whose
+    set names liver (indexer.search.candidate_mask)."""
+    values = rows[col].astype("string").dropna()
+    if holds_sets(values):
+        return f"{col} includes", sorted(set().union(*(set_members(v) for v in values.unique())))
+    return f"{col} =", sorted(values.unique().tolist())
+
+
+@dataclass
+class VoteView:
+    """What the vote panel shows. `headline`: the suggestion (None: there is none, `message` says why);
+    `detail`: the line under it; `bars`: (label, value) per voted label or class, for the chart, whose
+    axis is `axis` (vote weights for one label per image, shares of the vote for label sets)."""
+
+    headline: str | None
+    detail: str
+    bars: pd.DataFrame
+    axis: str
+    message: str | None = None
+    multilabel: bool = False
+
+
+def _pct(share: float) -> str:
+    return f"{share:.0%}"
+
+
+def vote_view(vote: Vote, n_hits: int) -> VoteView:
+    """The vote as the browser shows it. One label per image: the winner and its share of the votes. A set
+    vote (multi-label index): each suggested class with its own share, or that no class has at least half
+    of the votes, with every class's share in the chart either way."""
+    bars = pd.DataFrame({"label": list(vote.votes), "votes": [float(v) for v in vote.votes.values()]})
+    cases = f"{n_hits} similar case{'s' if n_hits != 1 else ''}"
+    if vote.labels is None:
+        if vote.label is None:
+            return VoteView(None, "", bars.iloc[:0], "votes", vote.note or "No labelled neighbours to vote.")
+        return VoteView(
+            f"Suggested label: **{vote.label}**", f"{vote.confidence:.0%} of the votes of {cases}", bars, "votes"
+        )
+    rule = f"a class is suggested when at least {_pct(MULTILABEL_SHARE)} of the votes name it"
+    axis = "share of the votes"
+    if vote.labels:
+        shares = ", ".join(f"{c} {_pct(vote.votes[c])}" for c in vote.labels)
+        names = ", ".join(f"**{c}**" for c in vote.labels)
+        return VoteView(
+            f"Suggested classes: {names}", f"{shares} of the votes of {cases} ({rule})", bars, axis, None, True
+        )
+    if not vote.votes:  # no labelled neighbour voted
+        return VoteView(None, "", bars, axis, vote.note or "No labelled neighbours to vote.", True)
+    shares = ", ".join(f"{c} {_pct(w)}" for c, w in vote.votes.items())
+    message = f"No class has at least {_pct(MULTILABEL_SHARE)} of the votes of {cases} ({shares}), so no suggestion."
+    return VoteView(None, "", bars, axis, message, True)

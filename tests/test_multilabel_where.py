@@ -196,3 +196,13 @@ def test_query_where_and_out_on_a_multilabel_index(tmp_path, capsys, demo_data, 
         sets = [label_set(lab) for lab in g["label"]]
         expected = set_text(c for c in set().union(*sets) if sum(c in s for s in sets) >= len(sets) / 2)
         assert g["vote_label"].iloc[0] == expected
+
+
+def test_query_labels_in_set_text(capsys):
+    from retrieval.cli.query_cmd import _set_texts
+
+    labels = [" kidney | liver", "liver|kidney|liver", None, "", "liver", "liver|"]
+    out = _set_texts(labels, ["q0", "q1", "q2", "q3", "q4", "q5"])
+    assert out == ["kidney|liver", "kidney|liver", None, "", "liver", "liver|"]  # a bad label is kept as written
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("note: query q5: label 'liver|'") and "written as given" in err[0]

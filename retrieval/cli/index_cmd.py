@@ -194,7 +194,12 @@ def index_remove(
     ids: list[str] = typer.Option([], "--id", help="an image id as listed in results (repeatable)"),
     paths: list[Path] = typer.Option([], "--path", help="an image file (repeatable; all its frames)"),
     patients: list[str] = typer.Option([], "--patient", help="every image of this patient (repeatable)"),
-    where: list[str] = typer.Option([], "--where", help="every image with COLUMN=VALUE (repeatable: all must hold)"),
+    where: list[str] = typer.Option(
+        [],
+        "--where",
+        help="every image with COLUMN=VALUE (repeatable: all must hold); on a column of `a|b` label sets, "
+        "every image whose set names VALUE's classes (label=liver also removes kidney|liver images)",
+    ),
 ):
     """Remove images from an index without a rebuild (any kind); `index compact` reclaims the space."""
     from indexer.index_dir import remove_from_index_dir

@@ -591,6 +591,7 @@ def test_select_candidates_that_change_the_input_get_their_own_kmeans(tmp_path, 
         log=lambda m: None,
         select={"image_size": [32, 48], "standardize_features": [False, True]},
     )
+    assert {"random-cnn5-32px", "random-cnn5-48px"} <= set(res["summary"])  # each candidate's backbone untouched
     clustering = res["clustering"]
     names = ["kmeans-cnn5-32px", "kmeans-cnn5-32px-zscored", "kmeans-cnn5-48px", "kmeans-cnn5-48px-zscored"]
     assert clustering["own_input_kmeans"] == {"lsd": names}

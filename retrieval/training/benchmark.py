@@ -325,9 +325,10 @@ def run_benchmark(
         TrainConfig(encoder="imagenet-effnet-lite0", image_size=224, frozen_views=0),
     )
     base_vectors["imagenet-effnet-lite0"] = _unit(fitter.frozen_cache(effnet_cfg)[0].numpy())  # view 0: the clean image
-    for cfg in (
-        configs.values()
-    ):  # each random-init backbone, trained or under a trained head, untouched: what training bought
+    grid = candidate_grid(select or {})
+    # each random-init backbone, trained or under a trained head, untouched: what training bought (for every
+    # `select` candidate too, which may change the encoder or the image size)
+    for cfg in [replace(c, **cand) for c in configs.values() for cand in grid]:
         name = (
             "random-resnet18"
             if (cfg.encoder, cfg.image_size) == ("resnet18", 224)
@@ -350,7 +351,6 @@ def run_benchmark(
         log(f"{name}: MAP {np.mean([r['map'] for r in results[name]]):.4f}")
     labels = rows["label"].astype(str).to_numpy()
     n_classes = len(set(labels))
-    grid = candidate_grid(select or {})
     clustering: dict[str, list[dict[str, Any]]] = {}
     own_inputs: dict[str, list[str]] = {}  # clustering method -> the k-means rows on its candidates' own inputs
     if any(c.is_clustering for c in configs.values()):  # k-means baselines, K = classes, same folds

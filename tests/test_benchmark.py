@@ -280,6 +280,26 @@ def test_benchmark_cli_reads_yaml_values_and_candidate_lists(demo_data, tmp_path
     assert code != 0 and "--set augment={zoom: [0.9: not a valid YAML value" in err and "Traceback" not in err
 
 
+def test_benchmark_cli_select_checks_keys_and_values_before_any_work(demo_data, capsys, monkeypatch):
+    """--select with a key that is no training option, or a candidate value the options refuse: a one-line error
+    naming it, exit 2, before a single image is loaded or an encoder built."""
+    from conftest import assert_one_line_error, run_cli
+
+    import retrieval.training.benchmark as bm
+
+    def no_work(*a, **kw):
+        raise AssertionError("work started before --select was checked")
+
+    monkeypatch.setattr(bm, "load_image_tensors", no_work)
+    monkeypatch.setattr(bm, "create_encoder", no_work)
+    code, _, err = run_cli(capsys, "benchmark", demo_data, "--methods", "supcon", "--select", "nosuch=1,2")
+    assert code == 2
+    assert_one_line_error(err, "--select nosuch: not a training option")
+    code, _, err = run_cli(capsys, "benchmark", demo_data, "--methods", "supcon", "--select", "concat_weight=0.5,3")
+    assert code == 2
+    assert_one_line_error(err, "concat_weight 3: must lie in [0, 1]")
+
+
 @pytest.mark.slow
 def test_clustering_methods_scored_next_to_kmeans(demo_data, monkeypatch):
     """pica/lsd get K = classes, never see a label, and their held-out clusters sit next to k-means baselines."""
@@ -629,3 +649,69 @@ def test_select_candidates_that_change_the_input_get_their_own_kmeans(tmp_path, 
     md = markdown_table(res)
     assert "| kmeans-chosen-input-lsd |" in md
     assert "- lsd against k-means on the input it trained on, per fold (row kmeans-chosen-input-lsd)" in md
+
+
+def test_head_to_head_leaves_out_folds_without_an_input():
+    """A fold whose chosen setup trained end to end has no input (None): it is left out on both sides, and the
+    other folds keep their own rows (fold 2 against fold 2's k-means, never fold 1's)."""
+    from retrieval.training.benchmark_report import head_to_head
+
+    def fold(nmi, f1):
+        return {"nmi": nmi, "ari": 0.0, "hungarian_accuracy": 0.0, "weighted_f1": f1}
+
+    per_fold = {
+        "lsd": [fold(0.9, 0.9), fold(0.3, 0.6), fold(0.5, 0.1)],
+        "kmeans-a": [fold(0.1, 0.1), fold(0.2, 0.8), fold(0.7, 0.7)],
+        "kmeans-a-zscored": [fold(0.0, 0.0), fold(0.4, 0.5), fold(0.6, 0.0)],
+    }
+    result = {"clustering": {"per_fold": per_fold}}
+    line = head_to_head(result, "lsd", [None, "kmeans-a-zscored", "kmeans-a"])
+    # folds 2 and 3: lsd 0.3 / 0.6 and 0.5 / 0.1; chosen 0.4 / 0.5 (a-zscored) and 0.7 / 0.7 (a)
+    assert "kmeans-a-zscored x1, kmeans-a x1 (1 of 3 folds trained end to end, no fixed input: left out)" in line
+    assert "NMI 0.400 vs 0.550 (lsd higher in 0 of 2 folds)" in line
+    assert "weighted F1 0.350 vs 0.600 (lsd higher in 1 of 2 folds)" in line
+    # before z-scoring: kmeans-a on folds 2 and 3 (0.2 / 0.8, 0.7 / 0.7)
+    assert "before z-scoring: NMI 0.400 vs 0.450 (lsd higher in 1 of 2 folds); weighted F1 0.350 vs 0.750" in line
+    # an older file that listed only the folds with an input cannot be paired: said so, no wrong pairing
+    assert "not paired" in head_to_head(result, "lsd", ["kmeans-a-zscored", "kmeans-a"])
+
+
+@pytest.mark.slow
+def test_select_between_frozen_and_end_to_end_pairs_kmeans_with_its_own_fold(tmp_path, monkeypatch):
+    """--select freeze_backbone=true,false choosing end to end on fold 1 and frozen on fold 2: the per-fold
+    input list has None for fold 1, no chosen-input row is written (it would cover one fold of two), and the
+    report compares fold 2 with fold 2's k-means on the frozen input."""
+    import retrieval.training.benchmark as bm
+    from retrieval.demo.synthetic import generate_demo_dataset
+    from retrieval.training.benchmark_report import markdown_table
+
+    demo_data = tmp_path / "d"
+    generate_demo_dataset(demo_data, n_per_grade=4, frames=2, size=64, seed=2)
+    favourite = [False, True]  # fold 1: end to end, fold 2: frozen
+    n_scored = []
+
+    def score(cfg, *a):
+        f = len(n_scored) // 2
+        n_scored.append(1)
+        hit = cfg.freeze_backbone == favourite[f]
+        return {"score": 2.0 if hit else 0.5, "nmi": 1.0 if hit else 0.25, "weighted_f1": 1.0 if hit else 0.25}
+
+    monkeypatch.setattr(bm, "inner_selection_score", score)
+    res = bm.run_benchmark(
+        demo_data,
+        ["lsd"],
+        folds=2,
+        overrides={"max_steps": 2, "frozen_views": 1, "lsd.encoder": "cnn5", "lsd.image_size": 32},
+        progress=False,
+        log=lambda m: None,
+        select={"freeze_backbone": [True, False]},
+    )
+    picks = res["selection"]["chosen_per_fold"]["lsd"]
+    assert [p["freeze_backbone"] for p in picks] == favourite
+    clustering = res["clustering"]
+    assert clustering["chosen_input_kmeans"] == {"lsd": [None, "kmeans-cnn5-32px"]}
+    assert "kmeans-chosen-input-lsd" not in clustering["per_fold"]
+    lsd, km = clustering["per_fold"]["lsd"][1], clustering["per_fold"]["kmeans-cnn5-32px"][1]
+    line = [ln for ln in markdown_table(res).splitlines() if ln.startswith("- lsd against")][0]
+    assert "kmeans-cnn5-32px x1 (1 of 2 folds trained end to end, no fixed input: left out)" in line
+    assert f"NMI {lsd['nmi']:.3f} vs {km['nmi']:.3f} (lsd higher in {int(lsd['nmi'] > km['nmi'])} of 1 folds)" in line

@@ -264,7 +264,9 @@ def run_benchmark(
     z-scores), on the same folds (`own_input_kmeans`; named in `clustering.own_input_kmeans`), for each distinct
     input among its `select` candidates (encoder, image size, standardize_features, K), computed once per
     input; `clustering.chosen_input_kmeans` names per fold the row of the input the fold trained on (the
-    inner split's choice), and with a selection the row `kmeans-chosen-input-<method>` holds those folds.
+    inner split's choice; None for a fold whose choice trains its backbone end to end, so has no fixed input),
+    and with a selection the row `kmeans-chosen-input-<method>` holds those folds (only when every fold has one).
+    `select` keys and values are checked against the training options before any work.
     `repeats` > 1 repeats the k-fold split with seeds seed, seed + 1, ...: on small archives the split
     alone moves MAP by about a fold's spread, and the mean over repeats is the steadier figure.
     `METHOD@FRACTION` in `methods` (e.g. `fixmatch@0.1`, `supcon@10%`) keeps that fraction of each fold's
@@ -292,6 +294,12 @@ def run_benchmark(
             configs[m] = replace(configs[m], clusters=rows["label"].nunique())  # K = classes, as k-means
         if configs[m].label_fraction < 1.0 and not (configs[m].needs_labels or base == "fixmatch"):
             raise RetrieveError(f"--methods {m}: {base} reads no labels, so a label fraction means nothing")
+    unknown = sorted(set(select or {}) - {f.name for f in fields(TrainConfig)})
+    if unknown:
+        raise RetrieveError(f"--select {unknown[0]}: not a training option")
+    for c in configs.values():  # every candidate setting is checked before any work (bad values too)
+        for cand in candidate_grid(select or {}):
+            replace(c, **cand)
     if repeats < 1:
         raise RetrieveError(f"--repeats {repeats}: must be at least 1")
     splits = [split for r in range(repeats) for split in make_folds(rows, folds, seed + r)]
@@ -376,7 +384,7 @@ def run_benchmark(
         timings["kmeans on own input"] = round(time.perf_counter() - t, 1)
 
     selections: dict[str, list[dict[str, Any]]] = {}
-    chosen_inputs: dict[str, list[str]] = {}  # clustering method -> per fold, the k-means row of its input
+    chosen_inputs: dict[str, list[str | None]] = {}  # clustering method -> per fold, its input's k-means row
     for method, cfg in configs.items():
         t = time.perf_counter()
         per_fold, chosen, cluster_folds, input_rows = [], [], [], []
@@ -408,8 +416,8 @@ def run_benchmark(
                 cfg_f = replace(cfg_f, **best)
             vec, assign = fitter.fit_clusters(cfg_f, tr)
             own = kmeans_input_rows(cfg_f, n_classes)
-            if own:  # the input this fold's configuration trained on (z-scored when it z-scores)
-                input_rows.append(own[-1][0])
+            # the input this fold's configuration trained on (z-scored when it z-scores); None: end to end
+            input_rows.append(own[-1][0] if own else None)
             per_fold.append(score_fold(rows, vec, tr, te, k))
             if cfg_f.label_fraction < 1.0:
                 per_fold[-1]["labelled_fraction"] = fitter.labelled_fraction
@@ -425,10 +433,13 @@ def run_benchmark(
             clustering[method] = cluster_folds
         if chosen:
             selections[method] = chosen
-        if input_rows:
+        if any(n is not None for n in input_rows):  # one entry per fold, None where it trained end to end
             chosen_inputs[method] = input_rows
-            if chosen:  # the selection may change the input from fold to fold: one row that follows it
-                clustering[chosen_input_row(method)] = [clustering[n][f] for f, n in enumerate(input_rows)]
+            # the selection may change the input from fold to fold: one row that follows it, only when every
+            # fold has an input (a mean over some folds would not compare with the method's mean over all)
+            every = [n for n in input_rows if n is not None]
+            if chosen and len(every) == len(input_rows):
+                clustering[chosen_input_row(method)] = [clustering[n][f] for f, n in enumerate(every)]
         timings[method] = round(time.perf_counter() - t, 1)
 
     summary = {name: summarise_folds(runs, folds) for name, runs in results.items()}

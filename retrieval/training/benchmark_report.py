@@ -80,25 +80,33 @@ def cluster_table(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def head_to_head(result: dict[str, Any], method: str, inputs: list[str]) -> str:
+def head_to_head(result: dict[str, Any], method: str, inputs: list[str | None]) -> str:
     """One line: a clustering method against k-means on the input each fold trained on (`inputs`, one k-means
-    row per fold, following the inner split's choice), means and the number of folds the method is higher."""
+    row per fold, following the inner split's choice), means and the number of folds the method is higher. A
+    fold whose choice trained its backbone end to end has no fixed input (None) and is left out on both sides."""
     per_fold = result["clustering"]["per_fold"]
+    if len(inputs) != len(per_fold[method]):  # an older file listed only the folds with an input: no pairing
+        return f"- {method} against k-means on the input it trained on: not paired (the folds are not known)."
+    folds = [f for f, name in enumerate(inputs) if name is not None]
+    names = [name for name in inputs if name is not None]
 
-    def versus(names: list[str]) -> str:
+    def versus(rows: list[str]) -> str:
         parts = []
         for key, label in (("nmi", "NMI"), ("weighted_f1", "weighted F1")):
-            a = np.array([r[key] for r in per_fold[method]], dtype=float)
-            b = np.array([per_fold[name][f][key] for f, name in enumerate(names)], dtype=float)
+            a = np.array([per_fold[method][f][key] for f in folds], dtype=float)
+            b = np.array([per_fold[name][f][key] for f, name in zip(folds, rows)], dtype=float)
             higher = f"{method} higher in {int((a > b).sum())} of {len(a)} folds"
             parts.append(f"{label} {np.nanmean(a):.3f} vs {np.nanmean(b):.3f} ({higher})")
         return "; ".join(parts)
 
-    counts = ", ".join(f"{n} x{inputs.count(n)}" for n in dict.fromkeys(inputs))
+    counts = ", ".join(f"{n} x{names.count(n)}" for n in dict.fromkeys(names))
+    skipped = len(inputs) - len(folds)
+    if skipped:
+        counts += f" ({skipped} of {len(inputs)} folds trained end to end, no fixed input: left out)"
     row = f" (row {CHOSEN_INPUT_PREFIX}{method})" if CHOSEN_INPUT_PREFIX + method in per_fold else ""
-    line = f"- {method} against k-means on the input it trained on, per fold{row}: {counts}; {versus(inputs)}"
-    plain = [name.removesuffix("-zscored") for name in inputs]
-    if plain != inputs and all(name in per_fold for name in plain):  # the same features before z-scoring
+    line = f"- {method} against k-means on the input it trained on, per fold{row}: {counts}; {versus(names)}"
+    plain = [name.removesuffix("-zscored") for name in names]
+    if plain != names and all(name in per_fold for name in plain):  # the same features before z-scoring
         line += f"; against k-means on those features before z-scoring: {versus(plain)}"
     return line + "."
 

@@ -279,3 +279,108 @@ def test_bad_pseudo_label_options(tmp_path, capsys, demo_data):
     code, _, err = run_cli(capsys, "train", demo_data, "--config", config, "--out", tmp_path / "f", "-q")
     assert code == 2
     assert_one_line_error(err, "fixmatch_propagation 'nearest'")
+
+
+# a bigger hand case: row 0 labelled (a), rows 1-7 unlabelled of one patient, row 8 labelled (b)
+BIG_CODES, BIG_GROUPS = [0] + [-1] * 7 + [1], [0] + [1] * 7 + [2]
+BIG_CLEAN = torch.tensor([[2.0, 0.0], [3, 0], [0, 1], [1, 1], [0, 2], [2, 1], [1, 3], [0.5, 0], [0, 2]])
+
+
+def _spy_rows(calls):
+    def clean_rows(r):
+        calls.append(np.asarray(r).tolist())
+        return BIG_CLEAN[torch.as_tensor(r)]
+
+    return clean_rows
+
+
+def test_group_mean_caps_a_large_group_and_keeps_the_row():
+    """A group larger than m: the step averages m of its rows, the batch's own row always among them, the
+    others drawn with the run's generator; a group of at most m uses every row and draws nothing."""
+    cfg = TrainConfig(method="fixmatch", fixmatch_pseudo_groups=True)
+    loss = _hand_loss(cfg, BIG_CODES, BIG_GROUPS, BIG_CLEAN)
+    loss.max_members = 3
+    state = loss.gen.get_state()
+    calls = []
+    got = loss._weak_probs(np.array([4]), None, lambda f: f, _spy_rows(calls))
+    replay = torch.Generator()
+    replay.set_state(state)
+    others = [1, 2, 3, 5, 6, 7]  # the group without row 4
+    drawn = [others[i] for i in torch.randperm(6, generator=replay)[:2].tolist()]
+    assert calls == [[4, *drawn]] and len(set(drawn)) == 2
+    want = np.mean([_softmax(BIG_CLEAN[r].tolist()) for r in [4, *drawn]], axis=0)
+    assert got.numpy() == pytest.approx(want[None], abs=1e-6)
+    # more batch rows of the group than m: those rows, nothing drawn; a labelled row stays alone
+    state = loss.gen.get_state()
+    calls.clear()
+    got = loss._weak_probs(np.array([1, 2, 3, 5, 8]), None, lambda f: f, _spy_rows(calls))
+    assert sorted(calls[0]) == [1, 2, 3, 5, 8] and torch.equal(loss.gen.get_state(), state)
+    want = np.mean([_softmax(BIG_CLEAN[r].tolist()) for r in [1, 2, 3, 5]], axis=0)
+    assert got[:4].numpy() == pytest.approx(np.tile(want, (4, 1)), abs=1e-6)
+    assert got[4].numpy() == pytest.approx(_softmax([0.0, 2.0]), abs=1e-6)
+    # m = 16 (the default) covers the group of 7: every row, no draw
+    loss.max_members = 16
+    calls.clear()
+    got = loss._weak_probs(np.array([4]), None, lambda f: f, _spy_rows(calls))
+    assert sorted(calls[0]) == list(range(1, 8)) and torch.equal(loss.gen.get_state(), state)
+    want = np.mean([_softmax(BIG_CLEAN[r].tolist()) for r in range(1, 8)], axis=0)
+    assert got.numpy() == pytest.approx(want[None], abs=1e-6)
+
+
+def test_group_members_go_through_the_head_in_chunks(monkeypatch):
+    """The clean views pass the head at most FORWARD_CHUNK at a time, with the same probabilities as one pass."""
+    import retrieval.training.losses.fixmatch as fm
+
+    loss = _hand_loss(TrainConfig(method="fixmatch", fixmatch_pseudo_groups=True), BIG_CODES, BIG_GROUPS, BIG_CLEAN)
+    whole = loss.pseudo_labels(lambda f: f, BIG_CLEAN)
+    p_whole = loss._weak_probs(np.arange(9), None, lambda f: f, _spy_rows([]), cap=False)
+    monkeypatch.setattr(fm, "FORWARD_CHUNK", 3)
+    calls = []
+    p_chunked = loss._weak_probs(np.arange(9), None, lambda f: f, _spy_rows(calls), cap=False)
+    assert [len(c) for c in calls] == [3, 3, 3] and sorted(sum(calls, [])) == list(range(9))
+    assert p_chunked.numpy() == pytest.approx(p_whole.numpy(), abs=1e-7)
+    for a, b in zip(loss.pseudo_labels(lambda f: f, BIG_CLEAN), whole):
+        assert np.array_equal(a, b)
+
+
+def test_pseudo_groups_without_groups_is_an_error(tmp_path, capsys):
+    """fixmatch_pseudo_groups where no group holds two unlabelled rows (every image its own group, as a folder
+    without patient ids) would be plain FixMatch: a one-line error, exit 2, instead."""
+    from conftest import write_png
+
+    cfg = TrainConfig(method="fixmatch", fixmatch_pseudo_groups=True)
+    with pytest.raises(RetrieveError, match="fixmatch_pseudo_groups: no patient or near-duplicate group holds two"):
+        _hand_loss(cfg, CODES, [0, 1, 2, 3, 4], CLEAN)
+    rows, feats = _grouped_features()
+    with pytest.raises(RetrieveError, match="the option needs patient ids"):
+        train(rows.assign(patient_id=None), _cfg(fixmatch_pseudo_groups=True), progress=False, features=feats)
+    # through the CLI: a manifest without patient ids (load_dataset adds an empty patient_id column)
+    rng = np.random.default_rng(0)
+    data = tmp_path / "plain"
+    lines = ["path,label"]
+    for i in range(8):
+        write_png(data / f"im{i}.png", rng.integers(0, 255, (32, 32), dtype=np.uint8))
+        lines.append(f"im{i}.png,{['a', 'b', '', ''][i % 4]}")
+    (data / "labels.csv").write_text("\n".join(lines) + "\n")
+    config = tmp_path / "fm.yaml"
+    config.write_text(
+        "method: fixmatch\nencoder: cnn5\nfreeze_backbone: true\nimage_size: 32\nhead_dims: [8]\nmax_steps: 1\n"
+        "frozen_views: 1\nbatch_size: 4\nfixmatch_pseudo_groups: true\n"
+    )
+    code, _, err = run_cli(capsys, "train", data, "--config", config, "--out", tmp_path / "f", "-q")
+    assert code == 2
+    assert_one_line_error(err, "fixmatch_pseudo_groups: no patient or near-duplicate group", "needs patient ids")
+
+
+def test_trainer_reads_groups_only_for_pseudo_groups(monkeypatch):
+    """group_ids (a loop over the rows) runs only when fixmatch_pseudo_groups is on."""
+    import retrieval.training.trainer as tr
+
+    calls = []
+    real = tr.group_ids
+    monkeypatch.setattr(tr, "group_ids", lambda rows: calls.append(len(rows)) or real(rows))
+    rows, feats = _grouped_features()
+    res = train(rows, _cfg(max_steps=1), progress=False, features=feats)
+    assert calls == [] and res.model.loss.group_of is None
+    res = train(rows, _cfg(max_steps=1, fixmatch_pseudo_groups=True), progress=False, features=feats)
+    assert calls == [48] and len(set(res.model.loss.group_of)) == 8 + 16  # 8 unlabelled patients, 16 labelled rows

@@ -183,7 +183,9 @@ def train(
             return encoder.features(pixels[torch.as_tensor(rows_idx)].float().div_(255).to(device))
 
     kept = rows.iloc[keep].reset_index(drop=True)
-    groups = group_ids(kept) if {"patient_id", "near_dup_group"} & set(kept.columns) else None
+    # patient groups: read by fixmatch_pseudo_groups alone (group_ids is a Python loop over the rows)
+    has_groups = bool({"patient_id", "near_dup_group"} & set(kept.columns))
+    groups = group_ids(kept) if cfg.fixmatch_pseudo_groups and has_groups else None
     ctx = LossContext(cfg, encoder, len(classes), codes, gen, cfg.freeze_backbone, pair_rows, clean, classes, groups)
     model = TrainModel(encoder, LOSSES[cfg.method](ctx)).to(device)
 

@@ -21,7 +21,13 @@ but only 65-82% of those are right); both act on a softmax head only:
   probabilities are replaced by the mean of the weak-view probabilities of the unlabelled rows of its group
   (`LossContext.groups`: patient and near-duplicate group, `folds.group_ids`, as the benchmark's folds),
   itself included, under the current head, before alignment and thresholds. Labelled rows of the group are
-  not used (no label is assumed to be patient-level); a labelled row keeps its own probabilities.
+  not used (no label is assumed to be patient-level); a labelled row keeps its own probabilities. A training
+  step averages over at most `GROUP_MEMBERS` (16) unlabelled rows of a group: the batch's own rows of that group
+  (all of them, also beyond 16) and others drawn with the run's generator up to 16 (a group of <= 16 uses every
+  row, as without the cap); after training (`pseudo_labels`) every row of the group counts. The clean views go
+  through the head `FORWARD_CHUNK` (256) at a time, so a long cine series or an end-to-end backbone stays within
+  memory. The option needs groups: with no group of two or more unlabelled rows (a plain folder, where every
+  image is its own group) it is an error, never a silent plain FixMatch.
 - `fixmatch_propagation: agree`: neighbour-consistent pseudo-labels. Label propagation (Zhou et al. 2004) as
   Iscen et al. (CVPR 2019) use it: kNN graph on the L2-normalised clean features of the training rows,
   k = 50, affinities max(0, cos)^3, W = A + A^T, symmetric normalisation, (I - 0.99 W_n) Z = Y solved by
@@ -61,6 +67,8 @@ from retrieval.training.losses.base import Batch, LossContext, MethodLoss
 
 ALIGN_WINDOW = 32  # steps over which distribution alignment averages the model's predictions
 PROPAGATION_K, PROPAGATION_POWER, PROPAGATION_ALPHA = 50, 3.0, 0.99  # Iscen et al. 2019
+GROUP_MEMBERS = 16  # fixmatch_pseudo_groups: at most this many rows of a group in a training step's group mean
+FORWARD_CHUNK = 256  # clean views per forward pass when a step's group members go through the head
 
 log = logging.getLogger(__name__)
 
@@ -283,6 +291,7 @@ class FixMatchLoss(MethodLoss):
         if self.mode == "one-head" and (cfg.fixmatch_pseudo_groups or cfg.fixmatch_propagation != "none"):
             raise RetrieveError("fixmatch_pseudo_groups and fixmatch_propagation need a softmax head, not one-head")
         self.group_of: np.ndarray | None = None
+        self.max_members = GROUP_MEMBERS
         if cfg.fixmatch_pseudo_groups:
             if ctx.groups is None:
                 raise RetrieveError(
@@ -294,6 +303,12 @@ class FixMatchLoss(MethodLoss):
             _, self.group_of = np.unique(np.where(unlabelled, ctx.groups, own), return_inverse=True)
             order = np.argsort(self.group_of, kind="stable")
             self.members = np.split(order, np.cumsum(np.bincount(self.group_of))[:-1])
+            if max(len(m) for m in self.members) < 2:  # every unlabelled row alone: plain FixMatch in disguise
+                raise RetrieveError(
+                    f"fixmatch_pseudo_groups: no patient or near-duplicate group holds two or more of the "
+                    f"{int(unlabelled.sum())} unlabelled images; the option needs patient ids (a patient_id or "
+                    f"near_dup_group column shared by several unlabelled images)"
+                )
         self.propagation: np.ndarray | None = None
         if cfg.fixmatch_propagation == "agree":
             if ctx.clean_features is None:
@@ -353,17 +368,37 @@ class FixMatchLoss(MethodLoss):
         logits_weak: torch.Tensor,
         project: Callable[[torch.Tensor], torch.Tensor],
         clean_rows: Callable[[np.ndarray], torch.Tensor],
+        cap: bool = True,
     ) -> torch.Tensor:
         """softmax of the weak view; with `fixmatch_pseudo_groups`, the mean over each row's slot (the unlabelled
-        rows of its group; a labelled row alone), every member's clean view under the current head."""
+        rows of its group; a labelled row alone), every member's clean view under the current head. With `cap`,
+        a slot larger than `max_members` averages its rows in `rows` and others drawn with the run's generator
+        up to `max_members` in all (`sampled_members`); the views go through the head `FORWARD_CHUNK` at a time."""
         if self.group_of is None:
             return torch.softmax(logits_weak, dim=1)
         slots, inverse = np.unique(self.group_of[rows], return_inverse=True)
-        members = np.concatenate([self.members[g] for g in slots])
-        member_slot = np.repeat(np.arange(len(slots)), [len(self.members[g]) for g in slots])
-        p = torch.softmax(self.classifier(project(clean_rows(members))), dim=1)
+        parts = [self.sampled_members(g, rows) if cap else self.members[g] for g in slots]
+        members = np.concatenate(parts)
+        member_slot = np.repeat(np.arange(len(slots)), [len(m) for m in parts])
+        chunks = np.array_split(members, math.ceil(len(members) / FORWARD_CHUNK))  # near-equal sizes
+        p = torch.softmax(torch.cat([self.classifier(project(clean_rows(c))) for c in chunks]), dim=1)
         mean = group_mean(p, torch.as_tensor(member_slot, device=p.device), len(slots))
         return mean[torch.as_tensor(inverse, device=p.device)]
+
+    def sampled_members(self, slot: int, rows: np.ndarray) -> np.ndarray:
+        """The rows of `slot` a training step averages: all of them when there are at most `max_members`; else
+        the slot's rows among `rows` (the batch) and others drawn with the run's generator, `max_members` in all
+        (the batch's own rows all count, also when there are more of them)."""
+        members = self.members[slot]
+        if len(members) <= self.max_members:
+            return members
+        assert self.group_of is not None  # set with the members
+        here = np.unique(rows[self.group_of[rows] == slot])
+        if len(here) >= self.max_members:
+            return here
+        rest = members[~np.isin(members, here)]
+        draw = torch.randperm(len(rest), generator=self.gen)[: self.max_members - len(here)].numpy()
+        return np.concatenate([here, rest[draw]])
 
     @torch.no_grad()
     def _thresholds_and_probs(
@@ -402,7 +437,7 @@ class FixMatchLoss(MethodLoss):
         def clean_rows(r: np.ndarray) -> torch.Tensor:
             return features[torch.as_tensor(r)].to(dev)
 
-        p = self._weak_probs(rows, self.classifier(project(clean_rows(rows))), project, clean_rows)
+        p = self._weak_probs(rows, self.classifier(project(clean_rows(rows))), project, clean_rows, cap=False)
         threshold, p = self._thresholds_and_probs(p, rows, update=False)
         propagated = (
             self.prop_label[torch.as_tensor(rows, device=self.prop_label.device)]

@@ -4,11 +4,15 @@ Filters become a FAISS IDSelector passed in the search parameters, so the index 
 rows a query may not return; where an approximate index still returns fewer than min(k, allowed)
 results, the allowed rows are searched exactly, so a filtered query returns k results whenever k match.
 
-A filter COLUMN=VALUE matches the column's text exactly, except on a column that holds `|`-separated
-sets (any of its values contains `|`, e.g. multi-label labels `kidney|liver`): there a row matches when
-its set names every part of VALUE (parts stripped of spaces, order ignored), so `label=liver` finds
-`liver` and `kidney|liver`, and `label=kidney|liver` finds the rows naming both. An empty VALUE matches
-the rows with no value, as on any column.
+A filter COLUMN=VALUE matches the column's text exactly, except on the `label` column (SET_COLUMN) when
+it holds `|`-separated sets (any label contains `|`, e.g. multi-label labels `kidney|liver`): there a row
+matches when its set names every part of VALUE (parts stripped of spaces, order ignored), so `label=liver`
+finds `liver` and `kidney|liver`, and `label=kidney|liver` finds the rows naming both. `label` is the one
+column whose `|` means a set: the indexer knows that column name as a plain convention (the retrieval layer's
+labels), nothing else about labels; every other column (a manifest's free text such as `ABDOMEN | LIVER`)
+keeps the exact-text match whatever its values hold. COLUMN==VALUE asks for the exact form: on `label` the
+rows whose set equals VALUE's (`label==liver`: labelled exactly {liver}, not `kidney|liver`; order and spaces
+normalised), on any other column the exact text, as `=`. An empty VALUE matches the rows with no value.
 """
 
 from __future__ import annotations
@@ -34,60 +38,90 @@ class Hit:
 
 
 def parse_where(expressions: list[str]) -> list[tuple[str, str]]:
+    """`COLUMN=VALUE` -> (COLUMN, VALUE); `COLUMN==VALUE` -> (COLUMN, "=" + VALUE): a value that starts with
+    EXACT ('=') asks for the exact match (candidate_mask)."""
     out = []
     for expr in expressions:
         col, sep, value = expr.partition("=")
         if not sep or not col.strip():
-            raise RetrieveError(f"--where {expr!r}: expected COLUMN=VALUE")
-        out.append((col.strip(), value.strip()))
+            raise RetrieveError(f"--where {expr!r}: expected COLUMN=VALUE or COLUMN==VALUE")
+        value = value.strip()
+        if value.startswith(EXACT):
+            value = EXACT + value[1:].strip()
+        out.append((col.strip(), value))
     return out
 
 
 SET_SEPARATOR = "|"
+SET_COLUMN = "label"  # the one column whose `|` means a set of classes
+EXACT = "="  # a where value starting with it (COLUMN==VALUE) asks for the exact match
 
 
 def _as_text(series: pd.Series) -> pd.Series:
     return series.astype("string").fillna("")
 
 
+def set_parts(text: str) -> list[str]:
+    """The parts of a `|`-separated set as written, each stripped of spaces, empty ones included (`a||b` ->
+    a, '', b): the one splitting of the format (retrieval.labels refuses empty parts, set_members drops them)."""
+    return [part.strip() for part in str(text).split(SET_SEPARATOR)]
+
+
 def set_members(text: str) -> frozenset[str]:
     """The parts of a `|`-separated set, each stripped of spaces; empty parts are not members."""
-    return frozenset(part for part in (p.strip() for p in str(text).split(SET_SEPARATOR)) if part)
+    return frozenset(part for part in set_parts(text) if part)
 
 
-def holds_sets(values: pd.Series) -> bool:
-    """Whether a column holds `|`-separated sets: any of its values contains `|`."""
+def holds_sets(values: pd.Series, column: str | None = None) -> bool:
+    """Whether a column holds `|`-separated sets: it is the `label` column (SET_COLUMN; `column` names the
+    column, by default `values.name`; an unnamed series is judged by its values alone) and any of its values
+    contains `|`. Every other column is plain text, `|` or not."""
+    name = values.name if column is None else column
+    if name is not None and name != SET_COLUMN:
+        return False
     return bool(_as_text(values).str.contains(SET_SEPARATOR, regex=False).any())
 
 
-def _set_hit(text: pd.Series, col: str, value: str) -> np.ndarray:
-    """Rows of a set column whose set names every part of `value` (computed once per distinct value)."""
-    wanted = [p.strip() for p in value.split(SET_SEPARATOR)]
+def _shown(values: list[str]) -> str:
+    return ", ".join(values[:12]) + (", ..." if len(values) > 12 else "")
+
+
+def _set_hit(text: pd.Series, col: str, value: str, exact: bool = False) -> np.ndarray:
+    """Rows of a set column whose set names every part of `value`, or (`exact`) equals value's set (computed
+    once per distinct value)."""
+    op = "==" if exact else "="
+    wanted = set_parts(value)
     if not all(wanted):
         raise RetrieveError(
-            f"--where {col}={value}: an empty part; {col} holds sets, so give one value or several as 'a|b'"
+            f"--where {col}{op}{value}: an empty part; {col} holds sets, so give one value or several as 'a|b'"
         )
     codes, uniques = pd.factorize(text)
     members = [set_members(u) for u in uniques]
     known = sorted(set().union(*members)) if members else []
     unknown = [w for w in dict.fromkeys(wanted) if w not in known]
     if unknown:
-        shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
         raise RetrieveError(
-            f"--where {col}={value}: unknown {col} '{unknown[0]}' (values in the index's {col} sets: {shown})"
+            f"--where {col}{op}{value}: unknown {col} '{unknown[0]}' "
+            f"(values in the index's {col} sets: {_shown(known)})"
         )
-    need = set(wanted)
-    good = np.array([need <= m for m in members] + [False], dtype=bool)  # the extra slot: factorize's -1
+    need = frozenset(wanted)
+    good = np.array([(need == m if exact else need <= m) for m in members] + [False], dtype=bool)  # -1: no value
     hit = good[codes]
     if not hit.any():
-        raise RetrieveError(f"--where {col}={value}: no image's {col} names all of {', '.join(dict.fromkeys(wanted))}")
+        named = ", ".join(dict.fromkeys(wanted))
+        raise RetrieveError(
+            f"--where {col}{op}{value}: no image's {col} is exactly {{{named}}}"
+            if exact
+            else f"--where {col}={value}: no image's {col} names all of {named}"
+        )
     return hit
 
 
 def candidate_mask(
     rows: pd.DataFrame, exclude_patients: Sequence[str] = (), where: Sequence[tuple[str, str]] = ()
 ) -> np.ndarray | None:
-    """Boolean mask of rows a query may return, or None when every row may."""
+    """Boolean mask of rows a query may return, or None when every row may (conditions: module docstring;
+    a value starting with EXACT is the COLUMN==VALUE form)."""
     mask = np.ones(len(rows), dtype=bool)
     if exclude_patients:
         mask &= ~_as_text(rows["patient_id"]).isin(list(exclude_patients)).to_numpy()
@@ -95,17 +129,26 @@ def candidate_mask(
         if col not in rows.columns or col == "vector":
             cols = [c for c in rows.columns if c != "vector"]
             raise RetrieveError(f"--where {col}={value}: unknown column '{col}' (columns: {', '.join(cols)})")
-        text = _as_text(rows[col])
-        if value and holds_sets(text):
-            mask &= _set_hit(text, col, value)
-            continue
-        hit = (text == value).to_numpy()
-        if not hit.any():
-            known = sorted(set(text) - {""})
-            shown = ", ".join(known[:12]) + (", ..." if len(known) > 12 else "")
-            raise RetrieveError(f"--where {col}={value}: unknown {col} '{value}' (values in the index: {shown})")
-        mask &= hit
+        mask &= condition_mask(rows[col], col, value)
     return None if mask.all() else mask
+
+
+def condition_mask(values: pd.Series, col: str, value: str) -> np.ndarray:
+    """The rows of one column that one `where` condition (col, value) keeps; an error when none does."""
+    text = _as_text(values)
+    exact = value.startswith(EXACT)
+    if exact:
+        value = value[len(EXACT) :]
+    if value and col == SET_COLUMN and (exact or holds_sets(text, col)):
+        return _set_hit(text, col, value, exact)
+    hit = (text == value).to_numpy()
+    if not hit.any():
+        known = sorted(set(text) - {""})
+        raise RetrieveError(
+            f"--where {col}{'==' if exact else '='}{value}: unknown {col} '{value}' (values in the index: "
+            f"{_shown(known)})"
+        )
+    return hit
 
 
 def filter_mask(

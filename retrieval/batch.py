@@ -17,6 +17,7 @@ from indexer.index_dir import IndexDir
 from retrieval.data.dataset import Skipped, load_dataset
 from retrieval.embed import embed_rows, pick_device
 from retrieval.errors import RetrieveError
+from retrieval.labels import label_set, set_text
 from retrieval.pipeline import (
     LoadedEncoder,
     QueryResult,
@@ -92,8 +93,28 @@ def query_source(
     return BatchAnswer(results, labels, table.skipped + emb.skipped)
 
 
+def query_set_texts(labels: list[str | None], names: list[str]) -> list[str | None]:
+    """Query labels in the text a multi-label vote writes (classes sorted, joined by '|'): ' liver | kidney'
+    -> 'kidney|liver'. A label with an empty class part is kept as written, with a note (logged)."""
+    out: list[str | None] = []
+    for label, name in zip(labels, names):
+        if label is None or not label.strip():
+            out.append(label)
+            continue
+        try:
+            out.append(set_text(label_set(label)))
+        except RetrieveError as exc:
+            log.info("query %s: %s; query_label written as given", name, exc)
+            out.append(label)
+    return out
+
+
 def results_table(results: list[QueryResult], query_labels: list[str | None] | None = None) -> pd.DataFrame:
-    """One row per query and rank: the hit (its score and row, with the case when grouped) and the query's vote."""
+    """One row per query and rank: the hit (its score and row, with the case when grouped) and the query's vote.
+    On a multi-label index (the votes are sets) `query_label` is in the vote's set text (query_set_texts), so
+    it compares with `vote_label` as text."""
+    if query_labels is not None and any(r.vote.labels is not None for r in results):
+        query_labels = query_set_texts(query_labels, [r.query for r in results])
     records: list[dict[str, Any]] = []
     for j, res in enumerate(results):
         d = res.to_dict()

@@ -197,8 +197,9 @@ def index_remove(
     where: list[str] = typer.Option(
         [],
         "--where",
-        help="every image with COLUMN=VALUE (repeatable: all must hold); on a column of `a|b` label sets, "
-        "every image whose set names VALUE's classes (label=liver also removes kidney|liver images)",
+        help="every image with COLUMN=VALUE (repeatable: all must hold); on `a|b` label sets, label=liver removes "
+        "every image whose set names liver (kidney|liver too), label==liver only those labelled exactly liver; "
+        "other columns: exact text",
     ),
 ):
     """Remove images from an index without a rebuild (any kind); `index compact` reclaims the space."""
@@ -210,8 +211,11 @@ def index_remove(
     manifest, removed = remove_from_index_dir(index, select)
     kind = "on-disk lists" if manifest.params.get("lists") == "on_disk" else "HNSW"
     later = f" ({kind}: skipped by every search now, space reclaimed by `retrieve index compact`)"
+    values = select.summary()  # which values --where matched, when several (label=liver: kidney|liver too)
     print(
-        f"removed {removed} images; index now holds {manifest.count}"
+        f"removed {removed} images"
+        + (f" ({values})" if values else "")
+        + f"; index now holds {manifest.count}"
         + (later if manifest.params.get("removal") == "tombstone" else "")
     )
 

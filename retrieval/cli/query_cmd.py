@@ -42,24 +42,6 @@ def _print_result_table(res) -> None:
             print(f"vote: {v.label} ({v.confidence:.0%} of the votes; {shares})")
 
 
-def _set_texts(labels: list[str | None], names: list[str]) -> list[str | None]:
-    """Query labels in the text a multi-label vote writes (classes sorted, joined by '|'): ' liver | kidney'
-    -> 'kidney|liver'. A label with an empty class part is kept as written, with a note on stderr."""
-    from retrieval.labels import label_set, set_text
-
-    out: list[str | None] = []
-    for label, name in zip(labels, names):
-        if label is None or not label.strip():
-            out.append(label)
-            continue
-        try:
-            out.append(set_text(label_set(label)))
-        except RetrieveError as exc:
-            echo_err(f"note: query {name}: {exc}; query_label written as given")
-            out.append(label)
-    return out
-
-
 def query(
     images: list[Path] = typer.Argument(
         ..., help="query image file(s) (PNG, JPEG, BMP, TIFF, DICOM), or one folder or manifest of query images"
@@ -73,7 +55,8 @@ def query(
         [],
         "--where",
         help="only candidates with COLUMN=VALUE (repeatable); on multi-label labels (a|b), label=liver keeps "
-        "every image whose label names liver, label=kidney|liver those naming both",
+        "every image whose label names liver, label=kidney|liver those naming both, label==liver those labelled "
+        "exactly liver; other columns: exact text",
     ),
     vote: str = typer.Option("majority", "--vote", help="majority or similarity (weighted)"),
     as_json: bool = typer.Option(False, "--json", help="print JSON instead of a table"),
@@ -113,7 +96,6 @@ def query(
     from retrieval.cases import case_column, check_aggregation
     from retrieval.config import EncoderSpec
     from retrieval.data.dicomweb import check_viewer_template
-    from retrieval.labels import is_multilabel
     from retrieval.pacs import relink_results
     from retrieval.pipeline import encoder_for_index, query_files, report_skipped
     from retrieval.results import result_json
@@ -160,8 +142,6 @@ def query(
     if results and results[0].matched is not None and results[0].matched < k:
         echo_err(f"note: only {results[0].matched} indexed images match the filters, so fewer than {k} results")
     if out is not None:
-        if query_labels is not None and is_multilabel(m.labels):  # as vote_label writes a set: sorted, '|'
-            query_labels = _set_texts(query_labels, [r.query for r in results])
         table = results_table(results, query_labels)
         write_results(table, out)
         print(f"{len(results)} queries, {len(table)} rows -> {out}")

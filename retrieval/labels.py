@@ -19,12 +19,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from indexer.search import SET_SEPARATOR, set_parts
 from retrieval.errors import RetrieveError
 
 log = logging.getLogger(__name__)
 
 LABEL_KEYS = ("path", "sop_uid", "accession")
-LABEL_SEPARATOR = "|"
+LABEL_SEPARATOR = SET_SEPARATOR
 MULTILABEL_MODES = ("auto", "on", "off")
 
 
@@ -36,7 +37,7 @@ def is_multilabel(labels: Iterable[object]) -> bool:
 def label_set(label: str, where: str = "") -> frozenset[str]:
     """The classes a label names: `liver|kidney` -> {kidney, liver}; a one-class label -> {label}.
     An empty part is bad input (`where` says where the label came from, e.g. " (image id 7)")."""
-    parts = [part.strip() for part in str(label).split(LABEL_SEPARATOR)]
+    parts = set_parts(label)  # the indexer's splitting of the `|` format; the strict check is ours
     if not all(parts):
         raise RetrieveError(
             f"label {label!r}{where}: an empty class name; write several classes as 'a|b' with no empty part"

@@ -424,7 +424,7 @@ def _vote(rows: pd.DataFrame, scores: list[float], vote: str, labelled: bool, mu
     if not labelled:
         return no_label_vote()
     labels = [None if pd.isna(x) else str(x) for x in rows["label"]] if "label" in rows else [None] * len(rows)
-    return knn_vote(labels, scores, vote, multilabel)
+    return knn_vote(labels, scores, vote, multilabel, rows["id"].tolist() if "id" in rows else None)
 
 
 def _answer_cases(

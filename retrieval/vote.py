@@ -54,17 +54,28 @@ def _weight(score: float, weighting: str) -> float:
 
 
 def knn_vote(
-    labels: Sequence[str | None], scores: Sequence[float], weighting: str = "majority", multilabel: bool = False
+    labels: Sequence[str | None],
+    scores: Sequence[float],
+    weighting: str = "majority",
+    multilabel: bool = False,
+    ids: Sequence[object] | None = None,
 ) -> Vote:
     """Neighbours in rank order. Weight 1 each ('majority') or (1 + cosine) / 2 ('similarity').
 
     Unlabelled neighbours do not vote. Ties go to the label whose best neighbour ranks first.
-    `multilabel`: labels are class sets (`a|b`) and the vote is `multilabel_vote`'s.
+    `multilabel`: labels are class sets (`a|b`) and the vote is `multilabel_vote`'s; `ids` (the neighbours'
+    image ids) name the image in the error on a label with an empty class part (an index built before
+    datasets refused them).
     """
     if weighting not in VOTE_WEIGHTINGS:
         raise RetrieveError(f"--vote {weighting}: choose one of {', '.join(VOTE_WEIGHTINGS)}")
     if multilabel:
-        sets = [None if lab is None or lab != lab or not str(lab).strip() else label_set(lab) for lab in labels]
+        sets = [
+            None
+            if lab is None or lab != lab or not str(lab).strip()
+            else label_set(lab, f" (neighbour {rank + 1})" if ids is None else f" (image id {ids[rank]})")
+            for rank, lab in enumerate(labels)
+        ]
         return multilabel_vote(sets, scores, weighting)
     votes: dict[str, float] = {}
     first_rank: dict[str, int] = {}

@@ -335,3 +335,89 @@ def test_query_table_prints_the_label_set(capsys, ml_index):
     (res,) = query_vectors(open_index_dir(ml_index, use_gpu=False), ["q"], _angles([80]), 3)
     _print_result_table(res)  # neighbours 2 b, 3 c, 1 a: every class 1/3
     assert "vote: none (no class has a vote share of at least 0.5)" in capsys.readouterr().out
+
+
+# --- review findings: a bad label never enters an index; an old index's one is named -----------------------
+
+
+def _png(path):
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((8, 8), 128, dtype=np.uint8)).save(path)
+
+
+@pytest.mark.parametrize("name", ["manifest.csv", "labels.csv"])
+@pytest.mark.parametrize("bad", ["normal|", "|", "a||b"])
+def test_a_dataset_with_an_empty_class_part_is_refused(tmp_path, name, bad):
+    from retrieval.data.dataset import load_dataset
+
+    for f in ("a.png", "b.png"):
+        _png(tmp_path / f)
+    pd.DataFrame({"path": ["a.png", "b.png"], "label": ["liver|kidney", bad]}).to_csv(tmp_path / name, index=False)
+    with pytest.raises(RetrieveError) as e:
+        load_dataset(tmp_path)
+    assert str(e.value) == (
+        f"{tmp_path / name}: image b.png: label {bad!r} has an empty class name; write several classes as 'a|b' "
+        "with no empty part"
+    )
+    pd.DataFrame({"path": ["a.png", "b.png"], "label": ["liver|kidney", "liver"]}).to_csv(tmp_path / name, index=False)
+    assert load_dataset(tmp_path).rows["label"].tolist() == ["liver|kidney", "liver"]
+
+
+def test_a_class_folder_with_an_empty_class_part_is_refused(tmp_path):
+    from retrieval.data.dataset import load_dataset
+
+    _png(tmp_path / "liver" / "a.png")
+    _png(tmp_path / "kidney||liver" / "b.png")
+    with pytest.raises(RetrieveError, match=r"image kidney\|\|liver/b\.png: label 'kidney\|\|liver' has an empty"):
+        load_dataset(tmp_path)
+
+
+@pytest.mark.slow
+def test_index_build_refuses_a_manifest_with_an_empty_class_part(tmp_path, capsys):
+    from conftest import FAST, assert_one_line_error, run_cli
+
+    for f in ("a.png", "b.png"):
+        _png(tmp_path / "data" / f)
+    (tmp_path / "data" / "manifest.csv").write_text("path,label\na.png,liver\nb.png,normal|\n")
+    code, _, err = run_cli(capsys, "index", "build", tmp_path / "data", "--index", tmp_path / "idx", *FAST)
+    assert code == 2
+    assert_one_line_error(err, "manifest.csv: image b.png: label 'normal|' has an empty class name")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_a_query_meeting_an_old_index_bad_label_names_the_image(tmp_path):
+    """An index built before datasets refused them may hold `a|`: the vote's error names that image."""
+    from indexer.config import IndexConfig
+    from indexer.index_dir import build_index_dir, open_index_dir
+    from indexer.store import VectorSet
+    from retrieval.pipeline import query_vectors
+
+    rows = pd.DataFrame(
+        {"id": ["i0", "i1", "i2"], "path": ["a.png", "b.png", "c.png"], "label": ["a|b", "a|", "b"], "patient_id": ""}
+    )
+    vs = VectorSet(rows, np.eye(3, dtype=np.float32), {"arch": "toy", "dim": 3}, {"name": "toy"})
+    build_index_dir(tmp_path / "old", vs, IndexConfig(kind="flat", gpu=False))
+    idx = open_index_dir(tmp_path / "old", use_gpu=False)
+    query = np.array([[0.0, 1.0, 0.1]], dtype=np.float32)  # nearest i1
+    with pytest.raises(RetrieveError, match=r"^label 'a\|' \(image id i1\): an empty class name"):
+        query_vectors(idx, ["q"], query, 2)
+    with pytest.raises(RetrieveError, match=r"^label 'a\|' \(image id i1\): an empty class name"):
+        query_vectors(idx, ["q"], query, 2, group_by="patient")
+    (res,) = query_vectors(idx, ["q"], np.array([[1.0, 0.0, 0.9]], dtype=np.float32), 2)  # i0, i2: fine
+    assert res.vote.labels == ["a", "b"]  # a|b and b: a 1/2, b 2/2
+    with pytest.raises(RetrieveError, match=r"label 'a\|' \(neighbour 2\)"):
+        knn_vote(["b", "a|"], [0.9, 0.8], multilabel=True)
+    with pytest.raises(RetrieveError, match=r"label 'a\|' \(image id x7\)"):
+        knn_vote(["b", "a|"], [0.9, 0.8], multilabel=True, ids=["x1", "x7"])
+
+
+def test_labels_use_the_indexer_splitting():
+    from indexer.search import set_members, set_parts
+
+    for text in ["liver", " kidney | liver ", "a|b|a", "a| b |c"]:
+        assert label_set(text) == set_members(text) == frozenset(p for p in set_parts(text))
+    assert set_parts("a||b ") == ["a", "", "b"] and set_members("a||b") == {"a", "b"}
+    with pytest.raises(RetrieveError, match="empty class name"):
+        label_set("a||b")

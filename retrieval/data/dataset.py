@@ -241,7 +241,24 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str, folder_labels: boo
             origin,
         )
         df["label"] = None
+    _check_labels(df, origin)
     return DatasetTable(rows=df.reset_index(drop=True), root=root, skipped=skipped)
+
+
+def _check_labels(rows: pd.DataFrame, origin: str) -> None:
+    """Refuse a multi-label label with an empty class part (`normal|`, `|`, `a||b`): it would enter the index
+    and break every later vote that meets it (retrieval.labels.label_set)."""
+    from retrieval.labels import LABEL_SEPARATOR, label_set
+
+    for image_id, label in zip(rows["id"], rows["label"]):
+        if isinstance(label, str) and LABEL_SEPARATOR in label:
+            try:
+                label_set(label)
+            except RetrieveError:
+                raise RetrieveError(
+                    f"{origin}: image {image_id}: label {label!r} has an empty class name; write several classes "
+                    "as 'a|b' with no empty part"
+                ) from None
 
 
 class FrameDataset(Dataset):

@@ -186,8 +186,7 @@ def evaluate(
         raise RetrieveError("evaluation impossible: no query has a relevant image left in its gallery")
 
     pq = pd.DataFrame(per_query)
-    summary = _summary
-    overall = summary(pq)
+    overall = _summary(pq)
     overall.update(
         {
             "knn_accuracy": float(np.mean([t == p for t, p in zip(y_true, y_pred)])),
@@ -201,19 +200,9 @@ def evaluate(
     prec, rec, f1, support = precision_recall_fscore_support(
         y_true, [p or "" for p in y_pred], labels=classes, zero_division=0
     )
-    per_class = {}
-    for j, c in enumerate(classes):
-        sub = pq[pq["label"] == c]
-        entry: dict[str, float] = summary(sub) if len(sub) else {"n_queries": 0}
-        entry.update(
-            {
-                "knn_precision": float(prec[j]),
-                "knn_recall": float(rec[j]),
-                "knn_f1": float(f1[j]),
-                "n_images": int(support[j]),
-            }
-        )
-        per_class[c] = entry
+    per_class = {
+        c: _class_entry(pq[pq["label"] == c], prec[j], rec[j], f1[j], support[j]) for j, c in enumerate(classes)
+    }
     curves = np.vstack(pr_curves)
     by_class_curve = {
         c: curves[(pq["label"] == c).to_numpy()].mean(axis=0).round(5).tolist()
@@ -307,16 +296,7 @@ def _evaluate_multilabel(
     by_class_curve = {}
     for j, c in enumerate(classes):
         has = query_sets[:, j]
-        entry: dict[str, float] = _summary(pq[has]) if has.any() else {"n_queries": 0}
-        entry.update(
-            {
-                "knn_precision": float(prec[j]),
-                "knn_recall": float(rec[j]),
-                "knn_f1": float(f1[j]),
-                "n_images": int(support[j]),
-            }
-        )
-        per_class[c] = entry
+        per_class[c] = _class_entry(pq[has], prec[j], rec[j], f1[j], support[j])
         if has.any():
             by_class_curve[c] = curves[has].mean(axis=0).round(5).tolist()
     exact_frame = pd.DataFrame(exact_rows)
@@ -347,6 +327,15 @@ def _evaluate_multilabel(
         },
         "per_query": pq.to_dict("records"),
     }
+
+
+def _class_entry(sub: pd.DataFrame, precision: float, recall: float, f1: float, support: int) -> dict[str, float]:
+    """A class's per_class entry: the summary of its queries' rows `sub` (or n_queries 0) and its vote scores."""
+    entry: dict[str, float] = _summary(sub) if len(sub) else {"n_queries": 0}
+    entry.update(
+        {"knn_precision": float(precision), "knn_recall": float(recall), "knn_f1": float(f1), "n_images": int(support)}
+    )
+    return entry
 
 
 def _set_counts(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

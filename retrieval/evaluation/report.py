@@ -191,32 +191,49 @@ def confusion_markdown(result: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _multilabel_markdown(result: dict[str, Any], title: str, encoder: str) -> list[str]:
-    o, s, e = result["overall"], result["settings"], result["exact_set"]
-    lines = [
+def _head(result: dict[str, Any], title: str, encoder: str, kind: str = "", vote_rule: str = "") -> list[str]:
+    """The summary's title and its paragraph on the data, the gallery exclusions and the vote."""
+    s = result["settings"]
+    return [
         f"# {title}",
         "",
-        f"Encoder: `{encoder}`. Images: {result['n_images']} ({result['n_labelled']} labelled). Multi-label: "
-        f"{len(result['classes'])} classes in {len(result['multilabel']['label_sets'])} label sets. Relevant: "
-        f"{result['multilabel']['relevance']}. Excluded from each query's gallery: itself"
+        f"Encoder: `{encoder}`. Images: {result['n_images']} ({result['n_labelled']} labelled). {kind}"
+        "Excluded from each query's gallery: itself"
         + (", same patient_id" if s["exclude_same_patient"] else "")
         + (", same near_dup_group" if s["exclude_near_dup"] else "")
-        + f". kNN vote: k = {s['k']}, {s['vote']}; the voted set = {result['multilabel']['vote_rule']}.",
+        + f". kNN vote: k = {s['k']}, {s['vote']}{vote_rule}.",
         "",
+    ]
+
+
+def _row(scope: str, c: dict[str, Any], knn: str) -> str:
+    """A table row: the scope, its retrieval metrics ('-' where it has no query) and its kNN cells `knn`."""
+    if c.get("n_queries", 0) == 0:
+        return f"| {scope} | 0 | - | - | - | - | - | - | {knn} |"
+    return (
+        f"| {scope} | {c['n_queries']} | {c['map']:.4f} | {c['mrr']:.4f} | {c['p@1']:.4f} | {c['p@5']:.4f} | "
+        f"{c['p@10']:.4f} | {c['map@r']:.4f} | {knn} |"
+    )
+
+
+def _multilabel_markdown(result: dict[str, Any], title: str, encoder: str) -> list[str]:
+    o, e = result["overall"], result["exact_set"]
+    ml = result["multilabel"]
+    lines = _head(
+        result,
+        title,
+        encoder,
+        f"Multi-label: {len(result['classes'])} classes in {len(ml['label_sets'])} label sets. Relevant: "
+        f"{ml['relevance']}. ",
+        f"; the voted set = {ml['vote_rule']}",
+    )
+    lines += [
         "| scope | queries | MAP | MRR | P@1 | P@5 | P@10 | MAP@R | kNN precision | kNN recall | kNN F1 |",
         "|---|---|---|---|---|---|---|---|---|---|---|",
-        f"| all | {o['n_queries']} | {o['map']:.4f} | {o['mrr']:.4f} | {o['p@1']:.4f} | {o['p@5']:.4f} | "
-        f"{o['p@10']:.4f} | {o['map@r']:.4f} | - | - | {o['knn_micro_f1']:.4f} (micro) |",
+        _row("all", o, f"- | - | {o['knn_micro_f1']:.4f} (micro)"),
     ]
     for label, c in result["per_class"].items():
-        knn = f"{c['knn_precision']:.4f} | {c['knn_recall']:.4f} | {c['knn_f1']:.4f}"
-        if c.get("n_queries", 0) == 0:
-            lines.append(f"| {label} | 0 | - | - | - | - | - | - | {knn} |")
-            continue
-        lines.append(
-            f"| {label} | {c['n_queries']} | {c['map']:.4f} | {c['mrr']:.4f} | {c['p@1']:.4f} | {c['p@5']:.4f} | "
-            f"{c['p@10']:.4f} | {c['map@r']:.4f} | {knn} |"
-        )
+        lines.append(_row(label, c, f"{c['knn_precision']:.4f} | {c['knn_recall']:.4f} | {c['knn_f1']:.4f}"))
     exact = (
         f"MAP {e['map']:.4f}, MRR {e['mrr']:.4f}, P@1 {e['p@1']:.4f} over {e['n_queries']} queries"
         if e["n_queries"]
@@ -240,29 +257,16 @@ def markdown_summary(result: dict[str, Any], title: str, encoder: str) -> str:
         lines = _multilabel_markdown(result, title, encoder)
         lines += ["![precision-recall](pr_curve.png)", "", "![embedding map](embedding_map.png)", ""]
         return "\n".join(lines)
-    o, s = result["overall"], result["settings"]
-    lines = [
-        f"# {title}",
-        "",
-        f"Encoder: `{encoder}`. Images: {result['n_images']} ({result['n_labelled']} labelled). "
-        f"Excluded from each query's gallery: itself"
-        + (", same patient_id" if s["exclude_same_patient"] else "")
-        + (", same near_dup_group" if s["exclude_near_dup"] else "")
-        + f". kNN vote: k = {s['k']}, {s['vote']}.",
-        "",
+    o = result["overall"]
+    lines = _head(result, title, encoder)
+    lines += [
         "| scope | queries | MAP | MRR | P@1 | P@5 | P@10 | MAP@R | kNN acc | kNN F1 |",
         "|---|---|---|---|---|---|---|---|---|---|",
-        f"| all | {o['n_queries']} | {o['map']:.4f} | {o['mrr']:.4f} | {o['p@1']:.4f} | {o['p@5']:.4f} | "
-        f"{o['p@10']:.4f} | {o['map@r']:.4f} | {o['knn_accuracy']:.4f} | {o['knn_macro_f1']:.4f} (macro) |",
+        _row("all", o, f"{o['knn_accuracy']:.4f} | {o['knn_macro_f1']:.4f} (macro)"),
     ]
     for label, c in result["per_class"].items():
-        if c.get("n_queries", 0) == 0:
-            lines.append(f"| {label} | 0 | - | - | - | - | - | - | - | {c['knn_f1']:.4f} |")
-            continue
-        lines.append(
-            f"| {label} | {c['n_queries']} | {c['map']:.4f} | {c['mrr']:.4f} | {c['p@1']:.4f} | {c['p@5']:.4f} | "
-            f"{c['p@10']:.4f} | {c['map@r']:.4f} | recall {c['knn_recall']:.4f} | {c['knn_f1']:.4f} |"
-        )
+        knn = f"recall {c['knn_recall']:.4f}" if c.get("n_queries", 0) else "-"
+        lines.append(_row(label, c, f"{knn} | {c['knn_f1']:.4f}"))
     lines += [
         "",
         f"kNN balanced accuracy: {o['knn_balanced_accuracy']:.4f}. "

@@ -218,12 +218,7 @@ def evaluate(
         "per_class": per_class,
         "queries_without_relevant": no_relevant,
         "queries_with_empty_gallery": empty_gallery,
-        "pr_curve": {
-            "recall": PR_RECALL_LEVELS.round(3).tolist(),
-            "precision": curves.mean(axis=0).round(5).tolist(),
-            "per_class": by_class_curve,
-            "chance_precision": round(float(np.mean(chance)), 5),
-        },
+        "pr_curve": _pr_curve(curves, by_class_curve, chance),
         "vote_confusion": vote_confusion(y_true, y_pred),
     }
     if keep_per_query:
@@ -319,13 +314,18 @@ def _evaluate_multilabel(
         "per_class": per_class,
         "queries_without_relevant": no_relevant,
         "queries_with_empty_gallery": empty_gallery,
-        "pr_curve": {
-            "recall": PR_RECALL_LEVELS.round(3).tolist(),
-            "precision": curves.mean(axis=0).round(5).tolist(),
-            "per_class": by_class_curve,
-            "chance_precision": round(float(np.mean(chance)), 5),
-        },
+        "pr_curve": _pr_curve(curves, by_class_curve, chance),
         "per_query": pq.to_dict("records"),
+    }
+
+
+def _pr_curve(curves: np.ndarray, by_class: dict[str, list[float]], chance: list[float]) -> dict[str, Any]:
+    """The result's mean interpolated PR curve (queries' curves as rows), its per-class means and chance."""
+    return {
+        "recall": PR_RECALL_LEVELS.round(3).tolist(),
+        "precision": curves.mean(axis=0).round(5).tolist(),
+        "per_class": by_class,
+        "chance_precision": round(float(np.mean(chance)), 5),
     }
 
 

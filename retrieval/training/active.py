@@ -320,8 +320,11 @@ def suggest_labels(
     seed: int = 0,
     spread: str = "none",
     scorer: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
+    name_files: Callable[[pd.DataFrame], pd.Series] | None = None,
 ) -> pd.DataFrame:
     """The `budget` unlabelled rows to label next, most useful first, with an empty `label` column to fill in.
+    `name_files(chosen rows)` gives the `path` column written out (default: the rows' own `path`); it sees
+    only the chosen rows, so it costs nothing per row of a large index.
     `spread`: `patients` (at most one image per patient while others remain; patients and near-duplicate
     groups as the benchmark's folds, `group_ids`) or `kmeans` (the best image of
     each of `budget` k-means clusters of the unlabelled vectors). `scorer(labelled mask, their labels)`
@@ -351,8 +354,11 @@ def suggest_labels(
             score = dropout_scores(vectors, labelled, known, strategy, seed=seed)[pool]
     groups = group_ids(rows.iloc[pool]) if spread == "patients" else None
     best = pick_batch(score, budget, spread, groups, np.asarray(vectors)[pool] if spread == "kmeans" else None, seed)
+    chosen = rows.iloc[pool[best]]
+    if name_files is not None:
+        chosen = chosen.assign(path=name_files(chosen))
     keep = [c for c in ("path", "frame_index", "patient_id") if c in rows]
-    out = rows.iloc[pool[best]][keep].reset_index(drop=True)
+    out = chosen[keep].reset_index(drop=True)
     out["score"] = np.round(score[best], 4)
     out["label"] = ""
     return out
@@ -381,11 +387,14 @@ def suggest_for_index(
         raise RetrieveError(f"--head is for --strategy {' or '.join(DROPOUT_STRATEGIES)}, not {strategy}")
     idx = open_index_dir(index_dir, use_gpu=False)
     vs = idx.vectors
-    rows = vs.rows.assign(path=manifest_paths(vs.rows, idx.manifest.data_root, f"--index {idx.path}"))
     scorer = None
     if head is not None:
         scorer = _checkpoint_scorer(idx, Path(head), data_root, passes, seed, progress, strategy)
-    return suggest_labels(rows, vs.vectors, budget, strategy, k, seed, spread, scorer)
+
+    def name_files(chosen: pd.DataFrame) -> pd.Series:
+        return manifest_paths(chosen, idx.manifest.data_root, f"--index {idx.path}")
+
+    return suggest_labels(vs.rows, vs.vectors, budget, strategy, k, seed, spread, scorer, name_files)
 
 
 def manifest_paths(rows: pd.DataFrame, data_root: str | None, where: str = "--index") -> pd.Series:

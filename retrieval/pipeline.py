@@ -409,13 +409,15 @@ def _answer(
         raise RetrieveError(f"--k {k}: larger than the {idx.count} images in the index")
     matched = None if allowed is None else int(allowed.sum())
     own = own if own is not None else [np.zeros(0, dtype=np.int64)] * len(names)
-    labelled = has_labels(idx)
+    labelled, multilabel = has_labels(idx), is_multilabel(idx.manifest.labels)
     if group_by is not None:
-        return _answer_cases(idx, names, vectors, k, allowed, vote, own, group_by, agg, root, matched, labelled)
+        return _answer_cases(
+            idx, names, vectors, k, allowed, vote, own, group_by, agg, root, matched, labelled, multilabel
+        )
     out = []
     for name, hits in zip(names, _search_excluding(idx, vectors, k, allowed, own)):
         rows = resolve_paths(idx.fetch([h.row_id for h in hits]), root)
-        v = _vote(rows, [h.score for h in hits], vote, labelled, is_multilabel(idx.manifest.labels))
+        v = _vote(rows, [h.score for h in hits], vote, labelled, multilabel)
         out.append(QueryResult(name, hits, rows, v, matched))
     return out
 
@@ -440,6 +442,7 @@ def _answer_cases(
     root: Path | None,
     matched: int | None,
     labelled: bool,
+    multilabel: bool,
 ) -> list[QueryResult]:
     """k cases per query: image neighbours searched ever deeper (x4) until k cases are among them."""
     case_column(group_by)
@@ -460,7 +463,7 @@ def _answer_cases(
             best = [c.best for c in cases]
             case_hits = [Hit(hits[c.best].position, c.score, hits[c.best].row_id) for c in cases]
             best_rows = resolve_paths(rows.iloc[best].reset_index(drop=True), root)
-            v = _vote(best_rows, [c.score for c in cases], vote, labelled, is_multilabel(idx.manifest.labels))
+            v = _vote(best_rows, [c.score for c in cases], vote, labelled, multilabel)
             answers[i] = QueryResult(names[i], case_hits, best_rows, v, matched, group_by, cases)
         pending, depth = deeper, min(limit, depth * 4)
     return [answers[i] for i in range(len(names))]

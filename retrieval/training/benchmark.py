@@ -71,7 +71,8 @@ def kmeans_input_rows(cfg: TrainConfig, n_classes: int) -> list[tuple[str, bool]
     """The k-means rows on a frozen-backbone clustering configuration's own input, as (row name, z-scored?):
     its encoder's clean features (`kmeans-<input>`), then, when it trains on z-scores (`standardize_features`),
     their z-scores (`kmeans-<input>-zscored`); `-k<K>` is added for a K other than the number of classes. The
-    last row is the input its head trains on. None for a method that trains its backbone (no fixed input)."""
+    last row is the input its head trains on. None (an empty list) for a method that trains its backbone: no
+    fixed input."""
     if not (cfg.is_clustering and cfg.freeze_backbone):
         return []
     feat = input_feature_name(cfg) + (f"-k{cfg.clusters}" if cfg.clusters != n_classes else "")
@@ -336,14 +337,16 @@ def run_benchmark(
     grid = candidate_grid(select or {})
     # each random-init backbone, trained or under a trained head, untouched: what training bought (for every
     # `select` candidate too, which may change the encoder or the image size)
+    seen: set[str] = set()  # each backbone is built once, however many methods and candidates share it
     for cfg in [replace(c, **cand) for c in configs.values() for cand in grid]:
         name = (
             "random-resnet18"
             if (cfg.encoder, cfg.image_size) == ("resnet18", 224)
             else f"random-{cfg.encoder}-{cfg.image_size}px"
         )
-        if cfg.weights is not None or name in base_vectors:
+        if cfg.weights is not None or name in seen or name in base_vectors:
             continue
+        seen.add(name)
         init = create_encoder(cfg.encoder, None, seed)
         if not init.source.startswith("random init"):  # pretrained weights or a checkpoint
             continue
@@ -437,7 +440,7 @@ def run_benchmark(
             chosen_inputs[method] = input_rows
             # the selection may change the input from fold to fold: one row that follows it, only when every
             # fold has an input (a mean over some folds would not compare with the method's mean over all)
-            every = [n for n in input_rows if n is not None]
+            every = [n for n in input_rows if n is not None]  # == input_rows when no fold trained end to end
             if chosen and len(every) == len(input_rows):
                 clustering[chosen_input_row(method)] = [clustering[n][f] for f, n in enumerate(every)]
         timings[method] = round(time.perf_counter() - t, 1)

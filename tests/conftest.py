@@ -15,6 +15,25 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 FAST = ["--encoder", "imagenet-effnet-lite0", "--image-size", "64", "--quiet"]
 
 
+def small_fixmatch_config(**overrides):
+    """A FixMatch configuration that trains in a second on generated frozen features (the FixMatch tests)."""
+    from retrieval.training.config import TrainConfig
+
+    base = dict(
+        method="fixmatch",
+        encoder="cnn5",
+        freeze_backbone=True,
+        frozen_views=2,
+        batch_size=16,
+        lr=3e-3,
+        head_dims=[32, 16],
+        unlabelled_ratio=3,
+        fixmatch_threshold=0.7,
+        max_steps=40,
+    )
+    return TrainConfig(**{**base, **overrides})
+
+
 @pytest.fixture
 def faiss_one_thread():
     """FAISS's OpenMP threads spin on a loaded 2-core machine; one thread keeps index tests quick.

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import assert_one_line_error, run_cli
+from conftest import assert_one_line_error, run_cli, small_fixmatch_config
 
 from retrieval.errors import RetrieveError
 from retrieval.training.config import TrainConfig
@@ -220,22 +220,6 @@ def _grouped_features(seed=0, patients=12, per=4, views=2, dim=512):
     return rows, torch.as_tensor(np.maximum(feats, 0.0))
 
 
-def _cfg(**kw):
-    base = dict(
-        method="fixmatch",
-        encoder="cnn5",
-        freeze_backbone=True,
-        frozen_views=2,
-        batch_size=16,
-        lr=3e-3,
-        head_dims=[32, 16],
-        unlabelled_ratio=3,
-        fixmatch_threshold=0.7,
-        max_steps=40,
-    )
-    return TrainConfig(**{**base, **kw})
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "option",
@@ -247,7 +231,7 @@ def _cfg(**kw):
 )
 def test_fixmatch_with_pseudo_label_options_trains(option):
     rows, feats = _grouped_features()
-    res = train(rows, _cfg(**option), progress=False, features=feats)
+    res = train(rows, small_fixmatch_config(**option), progress=False, features=feats)
     losses = [s["loss"] for s in res.log["steps"]]
     assert np.isfinite(losses).all() and np.mean(losses[-8:]) < np.mean(losses[:8])
     assert 0.0 <= res.log["pseudo_label_rate_after_training"] <= 1.0
@@ -270,10 +254,20 @@ def test_bad_pseudo_label_options(tmp_path, capsys, demo_data):
         TrainConfig(method="fixmatch", fixmatch_pseudo_groups="patient")  # type: ignore[arg-type]
     rows, feats = _grouped_features()
     with pytest.raises(RetrieveError, match="needs a patient_id or near_dup_group column"):
-        train(rows.drop(columns=["patient_id"]), _cfg(fixmatch_pseudo_groups=True), progress=False, features=feats)
+        train(
+            rows.drop(columns=["patient_id"]),
+            small_fixmatch_config(fixmatch_pseudo_groups=True),
+            progress=False,
+            features=feats,
+        )
     multi = rows.assign(label=rows["label"].str.replace("b", "a|b"))
     with pytest.raises(RetrieveError, match="need a softmax head, not one-head"):
-        train(multi, _cfg(fixmatch_multilabel="one-head", fixmatch_propagation="agree"), progress=False, features=feats)
+        train(
+            multi,
+            small_fixmatch_config(fixmatch_multilabel="one-head", fixmatch_propagation="agree"),
+            progress=False,
+            features=feats,
+        )
     config = tmp_path / "fm.yaml"
     config.write_text("method: fixmatch\nfixmatch_propagation: nearest\n")
     code, _, err = run_cli(capsys, "train", demo_data, "--config", config, "--out", tmp_path / "f", "-q")
@@ -353,7 +347,12 @@ def test_pseudo_groups_without_groups_is_an_error(tmp_path, capsys):
         _hand_loss(cfg, CODES, [0, 1, 2, 3, 4], CLEAN)
     rows, feats = _grouped_features()
     with pytest.raises(RetrieveError, match="the option needs patient ids"):
-        train(rows.assign(patient_id=None), _cfg(fixmatch_pseudo_groups=True), progress=False, features=feats)
+        train(
+            rows.assign(patient_id=None),
+            small_fixmatch_config(fixmatch_pseudo_groups=True),
+            progress=False,
+            features=feats,
+        )
     # through the CLI: a manifest without patient ids (load_dataset adds an empty patient_id column)
     rng = np.random.default_rng(0)
     data = tmp_path / "plain"
@@ -380,7 +379,7 @@ def test_trainer_reads_groups_only_for_pseudo_groups(monkeypatch):
     real = tr.group_ids
     monkeypatch.setattr(tr, "group_ids", lambda rows: calls.append(len(rows)) or real(rows))
     rows, feats = _grouped_features()
-    res = train(rows, _cfg(max_steps=1), progress=False, features=feats)
+    res = train(rows, small_fixmatch_config(max_steps=1), progress=False, features=feats)
     assert calls == [] and res.model.loss.group_of is None
-    res = train(rows, _cfg(max_steps=1, fixmatch_pseudo_groups=True), progress=False, features=feats)
+    res = train(rows, small_fixmatch_config(max_steps=1, fixmatch_pseudo_groups=True), progress=False, features=feats)
     assert calls == [48] and len(set(res.model.loss.group_of)) == 8 + 16  # 8 unlabelled patients, 16 labelled rows

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import small_fixmatch_config
 from sklearn.metrics import f1_score
 
 from retrieval.errors import RetrieveError
@@ -111,27 +112,11 @@ def _multilabel_features(n_per=12, views=2, dim=512, seed=0):
     return rows, torch.as_tensor(np.maximum(feats, 0.0)), labels
 
 
-def _cfg(**kw):
-    base = dict(
-        method="fixmatch",
-        encoder="cnn5",
-        freeze_backbone=True,
-        frozen_views=2,
-        batch_size=16,
-        lr=3e-3,
-        head_dims=[32, 16],
-        unlabelled_ratio=3,
-        fixmatch_threshold=0.7,
-        max_steps=40,
-    )
-    return TrainConfig(**{**base, **kw})
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["one-head", "two-head"])
 def test_multilabel_fixmatch_trains_and_picks_thresholds_on_validation_rows(mode):
     rows, feats, _ = _multilabel_features()
-    res = train(rows, _cfg(fixmatch_multilabel=mode), progress=False, features=feats)
+    res = train(rows, small_fixmatch_config(fixmatch_multilabel=mode), progress=False, features=feats)
     losses = [s["loss"] for s in res.log["steps"]]
     assert np.isfinite(losses).all() and np.mean(losses[-8:]) < np.mean(losses[:8])
     info = res.log["multilabel"]
@@ -160,7 +145,7 @@ def test_multilabel_fixmatch_trains_and_picks_thresholds_on_validation_rows(mode
 def test_single_label_fixmatch_with_alignment_or_flex_thresholds_trains(option):
     rows, feats, labels = _multilabel_features()
     single = rows.assign(label=rows["label"].str.split("|").str[0])  # one class per row
-    res = train(single, _cfg(**option), progress=False, features=feats)
+    res = train(single, small_fixmatch_config(**option), progress=False, features=feats)
     losses = [s["loss"] for s in res.log["steps"]]
     assert np.isfinite(losses).all() and np.mean(losses[-8:]) < np.mean(losses[:8])
     assert "multilabel" not in res.log
@@ -178,7 +163,12 @@ def test_bad_fixmatch_options():
         TrainConfig(method="fixmatch", fixmatch_val_fraction=1.0)
     rows, feats, _ = _multilabel_features()
     with pytest.raises(RetrieveError, match="one-head"):
-        train(rows, _cfg(fixmatch_multilabel="one-head", fixmatch_align=True), progress=False, features=feats)
+        train(
+            rows,
+            small_fixmatch_config(fixmatch_multilabel="one-head", fixmatch_align=True),
+            progress=False,
+            features=feats,
+        )
 
 
 @pytest.mark.slow
@@ -192,7 +182,7 @@ def test_multilabel_checkpoint_keeps_the_thresholds(demo_data, tmp_path):
     combos = {"normal": "liver", "mild": "liver|kidney", "moderate": "kidney", "severe": ""}  # severe: unlabelled
     manifest = tmp_path / "m.csv"
     pd.DataFrame({"path": rows["path"], "label": rows["label"].map(combos)}).to_csv(manifest, index=False)
-    cfg = _cfg(image_size=32, frozen_views=1, batch_size=8, max_steps=6, fixmatch_val_fraction=0.3)
+    cfg = small_fixmatch_config(image_size=32, frozen_views=1, batch_size=8, max_steps=6, fixmatch_val_fraction=0.3)
     outcome = train_to_checkpoint(manifest, cfg, tmp_path / "enc", progress=False)
     info = outcome.log["multilabel"]
     assert info["classes"] == ["kidney", "liver"] and info["mode"] == "two-head"

@@ -31,6 +31,7 @@ from retrieval.embed import pick_device
 from retrieval.encoders.registry import create_encoder
 from retrieval.errors import RetrieveError
 from retrieval.training.active import (
+    ACQUIRE_FROM,
     STRATEGIES,
     SimulationSettings,
     parse_strategy,
@@ -101,6 +102,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="labels per round (default: 2%% of the pool)")
     ap.add_argument("--head-steps", type=int, default=150)
     ap.add_argument("--pca-dims", type=int, default=128, help="PCA of the features the head sits on (0: none)")
+    ap.add_argument(
+        "--acquire-from",
+        choices=ACQUIRE_FROM,
+        default="head",
+        help="mc-dropout/esd passes from the round's head (runs 14-20b) or from `retrieve suggest-labels`' own scorer "
+        "on the pool's unit clean vectors (index)",
+    )
     ap.add_argument("--passes", type=int, default=20)
     ap.add_argument("--preset", default="supcon-cpu", help="training preset whose backbone and views are used")
     ap.add_argument("--views", type=int, default=None, help="augmented views (default: the preset's)")
@@ -116,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         head_steps=args.head_steps,
         passes=args.passes,
         pca_dims=args.pca_dims or None,
+        acquire_from=args.acquire_from,
     )
     try:  # before any features are computed: a misspelt strategy is a one-line error, exit 2
         for name in settings.strategies:

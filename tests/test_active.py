@@ -40,6 +40,22 @@ def test_vote_entropy_against_a_loop():
         )
 
 
+def test_vote_entropy_ties_rows_and_blocks_against_a_loop():
+    """Equal similarities (rows repeating four directions: many exact ties) take the labelled row that comes
+    first, as the loop's sort does; scoring some rows only, or in blocks of a few similarities, changes nothing."""
+    rng = np.random.default_rng(1)
+    directions = np.array([[1.0, 0, 0], [0, 1.0, 0], [0.6, 0.8, 0], [0, 0.6, 0.8]])
+    vectors = directions[rng.integers(0, 4, size=40)]
+    labelled = rng.random(40) < 0.5
+    labels = rng.choice(["a", "b", "c"], size=int(labelled.sum()))
+    for k in (1, 2, 4, int(labelled.sum())):
+        want = np.array(_entropy_loop(vectors, labelled, labels, k))
+        np.testing.assert_allclose(vote_entropy(vectors, labelled, labels, k), want, atol=1e-12)
+        rows = np.array([39, 0, 7, 8, 21])
+        got = vote_entropy(vectors, labelled, labels, k, rows=rows, block_elems=7)
+        np.testing.assert_allclose(got, want[rows], atol=1e-12)
+
+
 def _rows(labels):
     return pd.DataFrame(
         {
@@ -63,7 +79,10 @@ def test_entropy_suggests_the_images_between_classes():
     with pytest.raises(RetrieveError, match="nothing to suggest"):
         suggest_labels(_rows(["a", "b"]), vectors[:2], 1)
     with pytest.raises(RetrieveError, match="at least two classes"):
-        suggest_labels(_rows(["a", None, None]), vectors[:3], 1)
+        suggest_labels(_rows(["a", None, None]), vectors[:3], 1, "entropy")
+    # the default, auto: random until two classes are labelled, then esd
+    assert suggest_labels(_rows(["a", None, None]), vectors[:3], 1).attrs["strategy"] == "random"
+    assert suggest_labels(rows, vectors, 1).attrs["strategy"] == "esd"
 
 
 @pytest.mark.slow
@@ -77,7 +96,7 @@ def test_suggest_labels_cli(demo_index, tmp_path, capsys):
         capsys, "suggest-labels", "--index", demo_index, "--budget", "3", "--out", out, "--strategy", "bogus"
     )
     assert code == 2
-    assert_one_line_error(err, "--strategy bogus: choose one of entropy, mc-dropout, esd, random")
+    assert_one_line_error(err, "--strategy bogus: choose one of auto, entropy, mc-dropout, esd, random")
 
 
 # --- MC-dropout (BALD) and the simulation --------------------------------------------------------------
@@ -180,19 +199,30 @@ def test_suggest_labels_dropout_strategies_score_the_pool(strategy):
     out = suggest_labels(rows, vectors, 4, strategy, seed=3)
     labelled = rows["label"].notna().to_numpy()
     known = rows["label"][labelled].to_numpy(dtype=str)
-    direct = dropout_scores(vectors, labelled, known, strategy, seed=3)
     pool = np.flatnonzero(~labelled)
-    best = pool[np.argsort(-direct[pool], kind="stable")[:4]]
-    assert out["path"].tolist() == [f"p{i}.png" for i in best]
+    direct = dropout_scores(vectors, labelled, known, strategy, seed=3, rows=pool)
+    best = np.argsort(-direct, kind="stable")[:4]
+    assert out["path"].tolist() == [f"p{i}.png" for i in pool[best]]
     np.testing.assert_allclose(out["score"], np.round(direct[best], 4))
-    # the same head and passes as the other dropout strategy, only the formula differs
+    # the same head (150 steps; 4-d vectors are not projected) and passes as the other dropout strategy,
+    # only the formula differs
     import torch
+    from sklearn.decomposition import PCA
 
     x = torch.as_tensor(vectors, dtype=torch.float32)
+    lab = torch.as_tensor(np.flatnonzero(labelled))
     with one_thread():
-        head = train_dropout_head(x[torch.as_tensor(np.flatnonzero(labelled))], np.array([0, 0, 0, 1, 1, 1]), 2, seed=3)
-        probs = mc_dropout_probs(head, x, 20, 3)
+        head = train_dropout_head(x[lab], np.array([0, 0, 0, 1, 1, 1]), 2, seed=3, steps=150)
+        probs = mc_dropout_probs(head, x[torch.as_tensor(pool)], 20, 3)
     np.testing.assert_allclose(direct, dropout_acquisition(probs, strategy), atol=1e-12)
+    # wider vectors: the head sits on their first principal axes, fitted on every row
+    wide = np.concatenate([vectors, rng.normal(0, 0.1, (20, 4))], axis=1)
+    z = torch.as_tensor(PCA(n_components=2, random_state=3).fit_transform(wide.astype(np.float32)), dtype=torch.float32)
+    with one_thread():
+        head = train_dropout_head(z[lab], np.array([0, 0, 0, 1, 1, 1]), 2, seed=3, steps=150)
+        probs = mc_dropout_probs(head, z[torch.as_tensor(pool)], 20, 3)
+    got = dropout_scores(wide, labelled, known, strategy, seed=3, rows=pool, dims=2)
+    np.testing.assert_allclose(got, dropout_acquisition(probs, strategy), atol=1e-5)
     with pytest.raises(RetrieveError, match=f"--strategy {strategy} needs labelled images of at least two"):
         suggest_labels(_rows(["a", None, None]), vectors[:3], 1, strategy)
 
@@ -283,6 +313,21 @@ def test_top_per_cluster_by_hand():
         pick_batch(s, 3, "bogus")
 
 
+def test_top_per_cluster_fitted_on_a_sample():
+    """Past `sample` rows, k-means is fitted on a sample and every row joins its nearest centre: still the best
+    row of each of three far-apart blobs."""
+    from retrieval.training.active import top_per_cluster
+
+    rng = np.random.default_rng(0)
+    centres = np.array([[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]])
+    which = np.repeat(np.arange(3), 20)
+    v = centres[which] + rng.normal(0, 0.01, (60, 3))
+    s = rng.random(60)
+    want = sorted((np.flatnonzero(which == c)[np.argmax(s[which == c])] for c in range(3)), key=lambda i: -s[i])
+    assert top_per_cluster(s, v, 3, sample=15).tolist() == want
+    assert top_per_cluster(s, v, 3).tolist() == want
+
+
 def test_strategy_names():
     from retrieval.training.active import parse_strategy
 
@@ -338,6 +383,47 @@ def test_simulation_batches_respect_the_spread(monkeypatch):
     assert [spread for spread, _ in picked] == ["patients", "patients", "kmeans", "kmeans"]
     for _, groups_of_batch in picked[:2]:
         assert len(set(groups_of_batch)) == 4  # one image per patient (of 20 patients, most unlabelled)
+
+
+@pytest.mark.slow
+def test_simulation_can_acquire_as_suggest_labels_does(monkeypatch):
+    """acquire_from="index": esd's scores at each round are suggest-labels' own (dropout_scores on the pool's unit
+    clean vectors, the labelled ones as training rows), not the round's head's; a misspelt source is refused."""
+    import torch
+
+    import retrieval.training.active as active
+    from retrieval.training.active import SimulationSettings, dropout_scores, simulate_active_learning
+
+    handed = []  # (labelled pool positions, scores handed to pick_batch) of every round
+    real_pick, real_scores = active.pick_batch, active.dropout_scores
+
+    def scores_spy(vectors, labelled, labels, *a, **kw):
+        handed.append([vectors, labelled.copy(), labels, a, kw])
+        return real_scores(vectors, labelled, labels, *a, **kw)
+
+    def pick_spy(scores, n, spread="none", groups=None, vectors=None, seed=0):
+        handed[-1].append(np.array(scores))
+        return real_pick(scores, n, spread, groups, vectors, seed)
+
+    monkeypatch.setattr(active, "dropout_scores", scores_spy)
+    monkeypatch.setattr(active, "pick_batch", pick_spy)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b"], 20)
+    clean = np.concatenate([rng.normal(0, 1, (20, 6)) + 2 * np.eye(2, 6)[c] for c in range(2)])
+    settings = SimulationSettings(
+        strategies=("esd",), seeds=(0,), rounds=2, batch=3, head_steps=20, passes=4, pca_dims=4, acquire_from="index"
+    )
+    res = simulate_active_learning(torch.as_tensor(clean[None], dtype=torch.float32), labels, np.arange(40), settings)
+    assert [p["labelled"] for p in res["curves"]["esd"][0]] == [4, 7, 10] and len(handed) == 2
+    for vectors, labelled, known, a, kw, scores in handed:
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-6)  # unit vectors, as an index's
+        assert kw["rows"].tolist() == np.flatnonzero(~labelled).tolist() and kw["dims"] == 4
+        np.testing.assert_array_equal(scores, dropout_scores(vectors, labelled, known, *a, **kw))
+    with pytest.raises(RetrieveError, match="--acquire-from sideways"):
+        simulate_active_learning(
+            torch.as_tensor(clean[None], dtype=torch.float32), labels, np.arange(40),
+            SimulationSettings(strategies=("esd",), seeds=(0,), rounds=1, acquire_from="sideways"),
+        )  # fmt: skip
 
 
 @pytest.mark.slow
@@ -464,7 +550,7 @@ def test_suggest_labels_with_a_trained_head(demo_data, tmp_path, capsys):
     out = tmp_path / "todo.csv"
     code, text, err = run_cli(
         capsys, "suggest-labels", "--index", index, "--budget", "4", "--strategy", "mc-dropout", "--head", ckpt,
-        "--out", out, "--seed", "2",
+        "--out", out, "--seed", "2", "--spread", "none",
     )  # fmt: skip
     assert code == 0, err
     got = pd.read_csv(out)
@@ -488,7 +574,7 @@ def test_suggest_labels_with_a_trained_head(demo_data, tmp_path, capsys):
     # esd through the same head: the entropy of the mean of the same passes
     code, _, err = run_cli(
         capsys, "suggest-labels", "--index", index, "--budget", "4", "--strategy", "esd", "--head", ckpt,
-        "--out", out, "--seed", "2",
+        "--out", out, "--seed", "2", "--spread", "none",
     )  # fmt: skip
     assert code == 0, err
     want = head_dropout_scores(

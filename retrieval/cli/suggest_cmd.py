@@ -15,17 +15,17 @@ def suggest_labels(
     index: Path = typer.Option(..., "--index", "-i", help="index folder; images without a label form the pool"),
     budget: int = typer.Option(..., "--budget", help="how many images to suggest"),
     strategy: str = typer.Option(
-        "entropy",
+        "auto",
         "--strategy",
-        help="entropy (of the kNN vote among labelled images), mc-dropout (BALD from 20 dropout passes of a small "
-        "head trained on the labelled images' vectors), esd (paper 002: the entropy of the mean of those same 20 "
-        "passes) or random",
+        help="auto (esd where the index has labelled images of two classes or more, else random); esd (paper "
+        "002: the entropy of the mean of 20 dropout passes of a small head trained on the labelled images' vectors); "
+        "mc-dropout (BALD from those same passes); entropy (of the kNN vote among labelled images); random",
     ),
     spread: str = typer.Option(
-        "none",
+        "kmeans",
         "--spread",
-        help="none; patients (at most one image per patient while other patients remain); kmeans (the best image "
-        "of each of BUDGET k-means clusters of the unlabelled images)",
+        help="kmeans (the best image of each of BUDGET k-means clusters of the unlabelled images); patients (at "
+        "most one image per patient while other patients remain); none (straight from the top of the scores)",
     ),
     head: Path | None = typer.Option(
         None,
@@ -56,8 +56,11 @@ def suggest_labels(
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:
         table.to_csv(tmp, index=False)
+    chosen = table.attrs.get("strategy", strategy)
+    if strategy == "auto" and chosen == "random":
+        print("no labelled images of two classes in the index yet: random images (spread as asked) to start with")
     print(
-        f"{len(table)} image(s) to label ({strategy}{SPREAD_NAMES.get(spread, '')}) -> "
+        f"{len(table)} image(s) to label ({chosen}{SPREAD_NAMES.get(spread, '')}) -> "
         f"{out}; fill in the label column. Its paths are relative to the index's data root, as in the dataset's "
         "manifest and in an `index build --labels` CSV: put the labels on those rows of the manifest (or append the "
         "rows to that CSV) and rebuild the index"

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 STRATEGIES = ("entropy", "mc-dropout", "esd", "random")
 DROPOUT_STRATEGIES = ("mc-dropout", "esd")  # scored from T dropout passes of a head: BALD, predictive entropy
 SPREADS = ("none", "patients", "kmeans")
+AUTO = "auto"  # suggest-labels' default: esd where the index has labelled images of two classes or more, else random
+ACQUIRE_FROM = ("head", "index")  # the simulation's dropout passes: the round's head, or suggest-labels' scorer
 
 
 def entropy_nats(p: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -154,14 +156,43 @@ def dropout_scores(
     strategy: str = "mc-dropout",
     passes: int = 20,
     seed: int = 0,
+    rows: np.ndarray | None = None,
+    dims: int | None = 128,
+    steps: int = 150,
+    block: int = 65536,
 ) -> np.ndarray:
-    """BALD (`mc-dropout`) or the predictive entropy (`esd`) of every row from `passes` dropout passes of a
-    head trained on the labelled rows' vectors (seconds on a CPU)."""
+    """BALD (`mc-dropout`) or the predictive entropy (`esd`) of `rows` (positions; default every row) from
+    `passes` dropout passes of a head trained on the labelled rows' vectors, projected first on their
+    first `dims` principal axes (fitted on every row, or a seeded sample of 50,000): the head and settings
+    the simulation measures (runs 14-21), seconds on a CPU even for a large index, scored `block` rows at
+    a time."""
     classes, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
-    x = torch.as_tensor(np.asarray(vectors, dtype=np.float32))
+    want = np.arange(len(vectors)) if rows is None else np.asarray(rows, dtype=np.int64)
+    project = _principal_axes(np.asarray(vectors), dims, seed)
     with one_thread():
-        head = train_dropout_head(x[torch.as_tensor(np.flatnonzero(labelled))], codes, len(classes), seed=seed)
-        return dropout_acquisition(mc_dropout_probs(head, x, passes, seed), strategy)
+        lab = torch.as_tensor(project(np.asarray(vectors)[np.flatnonzero(labelled)]))
+        head = train_dropout_head(lab, codes, len(classes), seed=seed, steps=steps)
+        out = [
+            dropout_acquisition(
+                mc_dropout_probs(head, torch.as_tensor(project(np.asarray(vectors)[part])), passes, seed + i), strategy
+            )
+            for i, part in enumerate(np.array_split(want, max(1, -(-len(want) // block))))
+        ]
+    return np.concatenate(out) if out else np.zeros(0)
+
+
+def _principal_axes(vectors: np.ndarray, dims: int | None, seed: int, sample: int = 50_000):
+    """A function projecting rows on the first `dims` principal axes of `vectors` (float32), or the identity
+    when `dims` is None or not below the vectors' width."""
+    if dims is None or dims >= vectors.shape[1]:
+        return lambda x: np.asarray(x, dtype=np.float32)
+    from sklearn.decomposition import PCA
+
+    fit_on = vectors
+    if len(vectors) > sample:
+        fit_on = vectors[np.sort(np.random.default_rng(seed).choice(len(vectors), sample, replace=False))]
+    pca = PCA(n_components=min(dims, len(fit_on)), random_state=seed).fit(np.asarray(fit_on, dtype=np.float32))
+    return lambda x: pca.transform(np.asarray(x, dtype=np.float32)).astype(np.float32)
 
 
 # --- MC-dropout through a trained head (`suggest-labels --head CKPT`) -------------------------------------
@@ -230,21 +261,53 @@ def head_dropout_scores(
     return dropout_acquisition(probs, strategy)
 
 
-def vote_entropy(vectors: np.ndarray, labelled: np.ndarray, labels: np.ndarray, k: int) -> np.ndarray:
+def vote_entropy(
+    vectors: np.ndarray,
+    labelled: np.ndarray,
+    labels: np.ndarray,
+    k: int,
+    rows: np.ndarray | None = None,
+    block_elems: int = 1 << 24,
+) -> np.ndarray:
     """Entropy (nats) of the majority vote of each row's k most similar labelled rows (cosine, itself
-    excluded); `labelled` is a boolean mask and `labels` the labels of the rows it marks."""
+    excluded); `labelled` is a boolean mask and `labels` the labels of the rows it marks. `rows` (positions)
+    limits the work to those rows (default: every row). Rows go in blocks of about `block_elems`
+    similarities, so memory stays bounded on an archive with many labelled images; the neighbours are those
+    a stable sort would give (equal similarities: the labelled row that comes first)."""
     lab_idx = np.flatnonzero(labelled)
     classes, codes = np.unique(np.asarray(labels).astype(str), return_inverse=True)
-    v = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    sims = v @ v[lab_idx].T
-    sims[lab_idx, np.arange(len(lab_idx))] = -np.inf  # a labelled row never votes for itself
+    want = np.arange(len(vectors)) if rows is None else np.asarray(rows, dtype=np.int64)
+    lab_v = _unit(np.asarray(vectors, dtype=np.float32)[lab_idx])
+    onehot = np.eye(len(classes), dtype=np.float32)[codes]
     k = min(k, len(lab_idx))
-    top = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    counts = np.zeros((len(v), len(classes)))
-    np.add.at(counts, (np.repeat(np.arange(len(v)), k), codes[top].ravel()), 1.0)
-    p = counts / counts.sum(1, keepdims=True)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return -np.nansum(np.where(p > 0, p * np.log(p), 0.0), axis=1)
+    slot = np.full(len(vectors), -1, dtype=np.int64)
+    slot[lab_idx] = np.arange(len(lab_idx))  # a labelled row's column, so that it never votes for itself
+    out = np.empty(len(want))
+    step = max(1, block_elems // max(len(lab_idx), 1))
+    for start in range(0, len(want), step):
+        block = want[start : start + step]
+        sims = _unit(np.asarray(vectors[block], dtype=np.float32)) @ lab_v.T
+        own = slot[block] >= 0
+        sims[np.flatnonzero(own), slot[block][own]] = -np.inf
+        votes = _top_k_mask(sims, k) & (sims > -np.inf)  # with k = every labelled row, still not itself
+        counts = votes.astype(np.float32) @ onehot
+        out[start : start + step] = entropy_nats(counts / np.maximum(counts.sum(1, keepdims=True), 1))
+    return out
+
+
+def _unit(v: np.ndarray) -> np.ndarray:
+    return v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+
+
+def _top_k_mask(sims: np.ndarray, k: int) -> np.ndarray:
+    """Boolean mask of each row's k largest entries, ties at the k-th value taken in column order (the set
+    `np.argsort(-sims, kind="stable")[:, :k]` gives, without sorting whole rows)."""
+    n = sims.shape[1]
+    kth = np.partition(sims, n - k, axis=1)[:, n - k : n - k + 1]
+    above = sims > kth
+    ties = sims == kth
+    need = k - above.sum(1, keepdims=True)
+    return above | (ties & (np.cumsum(ties, axis=1) <= need))
 
 
 def spread_over_groups(scores: np.ndarray, groups: np.ndarray, n: int) -> np.ndarray:
@@ -261,22 +324,31 @@ def spread_over_groups(scores: np.ndarray, groups: np.ndarray, n: int) -> np.nda
     return order[np.lexsort((np.arange(len(order)), turn))][:n]
 
 
-def top_per_cluster(scores: np.ndarray, vectors: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+def top_per_cluster(
+    scores: np.ndarray, vectors: np.ndarray, n: int, seed: int = 0, sample: int = 100_000
+) -> np.ndarray:
     """Positions of the best-scored row of each of `n` k-means clusters of the rows' unit vectors (scikit-learn
-    KMeans, k-means++ start, 3 restarts, seeded), best first; every row when there are no more than `n`."""
+    KMeans in float32, k-means++ start, 3 restarts, seeded; fitted on a seeded sample of `sample` rows when
+    there are more, then every row assigned to its nearest centre), best first; every row when there are no
+    more than `n`."""
     scores = np.asarray(scores, dtype=np.float64)
     if len(scores) <= n:
         return np.argsort(-scores, kind="stable")
     from sklearn.cluster import KMeans
 
-    v = np.asarray(vectors, dtype=np.float64)
-    v = v / np.maximum(np.linalg.norm(v, axis=1, keepdims=True), 1e-12)
+    v = _unit(np.asarray(vectors, dtype=np.float32))
+    fit_on = v if len(v) <= sample else v[np.sort(np.random.default_rng(seed).choice(len(v), sample, replace=False))]
     with warnings.catch_warnings():  # duplicate points: fewer distinct clusters than asked is handled below
         warnings.simplefilter("ignore")
-        assign = KMeans(n_clusters=n, n_init=3, random_state=seed).fit_predict(v)
-    best = [members[np.argmax(scores[members])] for c in range(n) if len(members := np.flatnonzero(assign == c))]
-    best_arr = np.array(best, dtype=np.int64)
-    return best_arr[np.argsort(-scores[best_arr], kind="stable")]
+        km = KMeans(n_clusters=n, n_init=3, random_state=seed).fit(fit_on)
+    assign = (
+        km.labels_
+        if fit_on is v
+        else np.concatenate([km.predict(part) for part in np.array_split(v, -(-len(v) // sample))])
+    )
+    order = np.lexsort((np.arange(len(scores)), -scores, assign))  # by cluster, best first, ties: first row
+    firsts = order[np.r_[True, assign[order][1:] != assign[order][:-1]]]  # each non-empty cluster's best row
+    return firsts[np.argsort(-scores[firsts], kind="stable")]
 
 
 def pick_batch(
@@ -315,7 +387,7 @@ def suggest_labels(
     rows: pd.DataFrame,
     vectors: np.ndarray,
     budget: int,
-    strategy: str = "entropy",
+    strategy: str = AUTO,
     k: int = 10,
     seed: int = 0,
     spread: str = "none",
@@ -329,8 +401,8 @@ def suggest_labels(
     groups as the benchmark's folds, `group_ids`) or `kmeans` (the best image of
     each of `budget` k-means clusters of the unlabelled vectors). `scorer(labelled mask, their labels)`
     replaces the dropout head `mc-dropout` and `esd` train (e.g. a checkpoint's head, `suggest_for_index`)."""
-    if strategy not in STRATEGIES:
-        raise RetrieveError(f"--strategy {strategy}: choose one of {', '.join(STRATEGIES)}")
+    if strategy not in (AUTO, *STRATEGIES):
+        raise RetrieveError(f"--strategy {strategy}: choose one of {', '.join((AUTO, *STRATEGIES))}")
     if spread not in SPREADS:
         raise RetrieveError(f"--spread {spread}: choose one of {', '.join(SPREADS)}")
     if budget < 1:
@@ -340,6 +412,8 @@ def suggest_labels(
     pool = np.flatnonzero(~labelled)
     if not len(pool):
         raise RetrieveError("every image of the index has a label: nothing to suggest")
+    if strategy == AUTO:
+        strategy = "esd" if labelled.sum() >= 2 and lab[labelled].nunique() >= 2 else "random"
     if strategy == "random":
         score = np.random.default_rng(seed).random(len(pool))
     else:
@@ -347,11 +421,11 @@ def suggest_labels(
             raise RetrieveError(f"--strategy {strategy} needs labelled images of at least two classes in the index")
         known = lab[labelled].to_numpy(dtype=str)
         if strategy == "entropy":
-            score = vote_entropy(vectors, labelled, known, k)[pool]
+            score = vote_entropy(vectors, labelled, known, k, rows=pool)
         elif scorer is not None:
             score = scorer(labelled, known)[pool]
         else:
-            score = dropout_scores(vectors, labelled, known, strategy, seed=seed)[pool]
+            score = dropout_scores(vectors, labelled, known, strategy, seed=seed, rows=pool)
     groups = group_ids(rows.iloc[pool]) if spread == "patients" else None
     best = pick_batch(score, budget, spread, groups, np.asarray(vectors)[pool] if spread == "kmeans" else None, seed)
     chosen = rows.iloc[pool[best]]
@@ -361,13 +435,14 @@ def suggest_labels(
     out = chosen[keep].reset_index(drop=True)
     out["score"] = np.round(score[best], 4)
     out["label"] = ""
+    out.attrs["strategy"] = strategy  # what `auto` chose
     return out
 
 
 def suggest_for_index(
     index_dir: str | Path,
     budget: int,
-    strategy: str = "entropy",
+    strategy: str = AUTO,
     k: int = 10,
     seed: int = 0,
     spread: str = "none",
@@ -383,6 +458,8 @@ def suggest_for_index(
     here. The index must be built with that checkpoint or with its backbone alone."""
     from indexer.index_dir import open_index_dir
 
+    if head is not None and strategy == AUTO:
+        strategy = "esd"
     if head is not None and strategy not in DROPOUT_STRATEGIES:
         raise RetrieveError(f"--head is for --strategy {' or '.join(DROPOUT_STRATEGIES)}, not {strategy}")
     idx = open_index_dir(index_dir, use_gpu=False)
@@ -492,6 +569,10 @@ class SimulationSettings:
     passes: int = 20  # MC-dropout passes
     head_steps: int = 150
     pca_dims: int | None = 128  # the head sits on a PCA of the features, fitted on the pool's clean views
+    # where `mc-dropout` and `esd` get their passes: `head`, the round's head (trained on the augmented views;
+    # runs 14-20b); `index`, `suggest-labels`' own scorer (dropout_scores) on the pool's unit clean vectors, as
+    # an index stores them: a head of its own trained on the clean labelled vectors only
+    acquire_from: str = "head"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -548,6 +629,12 @@ def _acquire(
         mask = np.zeros(len(sub), bool)
         mask[: labelled[pool].sum()] = True
         return vote_entropy(raw_clean[sub], mask, labels[sub[mask]], settings.k)[~mask]
+    if settings.acquire_from == "index":
+        in_pool = labelled[pool]
+        return dropout_scores(
+            _unit(raw_clean[pool]), in_pool, labels[pool[in_pool]], strategy, settings.passes, seed,
+            rows=np.flatnonzero(~in_pool), dims=settings.pca_dims, steps=settings.head_steps,
+        )  # fmt: skip
     probs = mc_dropout_probs(head, torch.as_tensor(clean[rest]), settings.passes, seed)
     return dropout_acquisition(probs, strategy)
 
@@ -578,6 +665,8 @@ def _simulate(
     from sklearn.model_selection import StratifiedGroupKFold
 
     parsed = {s: parse_strategy(s) for s in settings.strategies}
+    if settings.acquire_from not in ACQUIRE_FROM:
+        raise RetrieveError(f"--acquire-from {settings.acquire_from}: choose one of {', '.join(ACQUIRE_FROM)}")
     labels = np.asarray(labels).astype(str)
     classes, codes = np.unique(labels, return_inverse=True)
     if len(classes) < 2:

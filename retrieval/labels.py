@@ -52,14 +52,18 @@ def set_text(classes: Iterable[str]) -> str:
 
 def label_matrix(labels: Sequence[str], where: Sequence[str] | None = None) -> tuple[list[str], np.ndarray]:
     """(the classes, sorted; an (n labels x classes) boolean matrix, True where a label names the class).
-    `where[i]` says where label i came from, for the error on a bad label."""
-    sets = [label_set(lab, "" if where is None else where[i]) for i, lab in enumerate(labels)]
+    `where[i]` says where label i came from, for the error on a bad label. Each distinct label is parsed
+    once (an archive has a million labels but a handful of distinct ones)."""
+    codes, distinct = pd.factorize(pd.Series(list(labels), dtype=object), sort=False)
+    first = np.full(len(distinct), -1, dtype=np.int64)
+    first[codes[::-1]] = np.arange(len(codes))[::-1]  # the first row of each distinct label, for its error
+    sets = [label_set(lab, "" if where is None else where[first[j]]) for j, lab in enumerate(distinct)]
     classes = sorted(set().union(*sets)) if sets else []
     at = {c: j for j, c in enumerate(classes)}
-    matrix = np.zeros((len(sets), len(classes)), dtype=bool)
-    for i, s in enumerate(sets):
-        matrix[i, [at[c] for c in s]] = True
-    return classes, matrix
+    per_label = np.zeros((len(sets), len(classes)), dtype=bool)
+    for j, s in enumerate(sets):
+        per_label[j, [at[c] for c in s]] = True
+    return classes, per_label[codes]
 
 
 def check_multilabel_mode(mode: str) -> str:

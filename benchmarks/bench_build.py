@@ -10,6 +10,12 @@ for each kind and method, one process builds an index from the folder:
 - cli:    `retrieve index build --vectors FOLDER --index OUT --kind KIND` (the CLI as it is)
 - stream: indexer.streaming.build_from_vectors(OUT, FOLDER, IndexConfig(kind=KIND)): the folder read
           a chunk at a time into part shards, FAISS trained on a sample and filled shard by shard
+- compact: `index compact` (indexer.index_dir.compact_index_dir) of an index of the folder (streaming build)
+          from which every REMOVE-th row id was removed (`--remove`, in a process of its own, not measured);
+          each compact works on a fresh copy of that index
+- compact-base: the same compact with the code of another checkout (`--base DIR`, e.g. a `git worktree` of
+          the commit before a change): the child runs in DIR with DIR first on PYTHONPATH, so that before and
+          after are measured in the same run on the same index
 
 Measured per process: wall and CPU seconds (user + sys of the child), peak RSS (the process's own VmHWM,
 read as it exits: ru_maxrss would include this benchmark's memory at the fork), the FAISS file's size,
@@ -18,8 +24,11 @@ the smallest N of the run (a process's fixed cost: imports, the interpreter).
 
     nice -n 10 python benchmarks/bench_build.py --cells "100000x256:flat,auto,hnsw;1000000x256:flat,auto:stream" \\
         [--methods cli,stream] [--timeout 1800] [--work DIR] [--out benchmarks/results/build.json]
+    nice -n 10 python benchmarks/bench_build.py --cells "100000x256:flat;1000000x256:flat" \\
+        --methods compact-base,compact --base /tmp/base-checkout [--remove 10]
 
-Every child runs with one thread (OMP/BLAS); run the benchmark itself under `nice`.
+Every child runs with one thread (OMP/BLAS); run the benchmark itself under `nice`. A child whose resident
+memory passes `--max-rss-mb` (default 6144) is killed and its row says so.
 """
 
 from __future__ import annotations
@@ -47,7 +56,8 @@ from indexer.shards import write_shard  # noqa: E402
 from indexer.store import VectorSet  # noqa: E402
 
 SHARD = 50_000  # rows per generated shard
-METHODS = ("cli", "stream")
+METHODS = ("cli", "stream", "compact", "compact-base")
+COMPACTS = ("compact", "compact-base")
 MB = 2**20
 
 PROBE = (
@@ -57,6 +67,17 @@ PROBE = (
     "        if line.startswith('VmHWM:'):\n"
     "            sys.stderr.write('peak_kb=' + line.split()[1] + '\\n')\n"
     "atexit.register(_peak)\n"
+    "if sys.argv[1].startswith('compact'):\n"
+    "    import indexer\n"
+    "    from indexer.index_dir import compact_index_dir\n"
+    "    sys.stderr.write('code=' + indexer.__file__ + '\\n')\n"
+    "    compact_index_dir(sys.argv[3])\n"
+    "    sys.exit(0)\n"
+    "if sys.argv[1] == 'remove':\n"
+    "    from indexer.index_dir import remove_from_index_dir\n"
+    "    every = int(sys.argv[4])\n"
+    "    remove_from_index_dir(sys.argv[3], lambda idx: idx.live_ids % every == 0)\n"
+    "    sys.exit(0)\n"
     "if sys.argv[1] == 'cli':\n"
     "    from retrieval.cli.main import main\n"
     "    sys.exit(main(['index', 'build', '--vectors', sys.argv[2], '--index', sys.argv[3], '--kind', sys.argv[4]]))\n"
@@ -116,25 +137,57 @@ def index_file_bytes(index: Path) -> int:
     return (index / manifest["index_file"]["name"]).stat().st_size
 
 
-def run_build(method: str, folder: Path, index: Path, kind: str, timeout: float) -> dict[str, Any]:
-    """One build process: wall s, CPU s, peak RSS MB (its own VmHWM), FAISS file MB; or why it did not finish."""
+def _rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def run_build(
+    method: str,
+    folder: Path,
+    index: Path,
+    kind: str,
+    timeout: float,
+    base: Path | None = None,
+    max_rss_mb: float = 6144.0,
+) -> dict[str, Any]:
+    """One build (or compact) process: wall s, CPU s, peak RSS MB (its own VmHWM), FAISS file MB; or why it
+    did not finish. `compact-base` runs the code of the checkout `base`. Killed past `max_rss_mb` of RSS."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
+    code = base if method == "compact-base" and base is not None else ROOT
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-c", PROBE, method, str(folder), str(index), kind]
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    try:
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT, check=False)
-    except subprocess.TimeoutExpired:
-        return {"skipped": f"over {timeout:.0f} s"}
+    with tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, env=env, cwd=code)
+        over = None
+        while proc.poll() is None:
+            time.sleep(0.1)
+            if _rss_mb(proc.pid) > max_rss_mb:
+                over = f"killed: resident memory over {max_rss_mb:.0f} MB"
+            elif time.perf_counter() - t0 > timeout:
+                over = f"over {timeout:.0f} s"
+            if over:
+                proc.kill()
+                proc.wait()
+                return {"skipped": over}
+        err.seek(0)
+        stderr = err.read()
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if out.returncode != 0:
-        lines = [ln for ln in out.stderr.splitlines() if ln.strip() and not ln.startswith("peak_kb=")]
-        return {"skipped": f"failed (exit {out.returncode}): {(lines or ['?'])[-1][:200]}"}
-    peaks = [int(ln.split("=")[1]) for ln in out.stderr.splitlines() if ln.startswith("peak_kb=")]
+    if proc.returncode != 0:
+        lines = [ln for ln in stderr.splitlines() if ln.strip() and not ln.startswith(("peak_kb=", "code="))]
+        return {"skipped": f"failed (exit {proc.returncode}): {(lines or ['?'])[-1][:200]}"}
+    peaks = [int(ln.split("=")[1]) for ln in stderr.splitlines() if ln.startswith("peak_kb=")]
     manifest = json.loads((index / "manifest.json").read_text())
-    return {
+    out = {
         "wall_s": wall,
         "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
         "peak_mb": peaks[-1] / 1024 if peaks else float("nan"),
@@ -143,6 +196,23 @@ def run_build(method: str, folder: Path, index: Path, kind: str, timeout: float)
         "factory": (manifest.get("params") or {}).get("factory"),
         "shards": len(manifest.get("shards") or []),
     }
+    used = [ln.split("=", 1)[1] for ln in stderr.splitlines() if ln.startswith("code=")]
+    if used:
+        out["code"] = str(Path(used[-1]).parents[1])  # the checkout whose indexer ran
+        out["count"] = manifest.get("count")
+    return out
+
+
+def prepare_compact(folder: Path, index: Path, kind: str, remove: int, timeout: float) -> dict[str, Any]:
+    """The index compact works on: a streaming build of the folder, then every `remove`-th row id removed."""
+    built = run_build("stream", folder, index, kind, timeout)
+    if "skipped" in built:
+        return built
+    removed = run_build("remove", folder, index, str(remove), timeout)
+    if "skipped" in removed:
+        return removed
+    manifest = json.loads((index / "manifest.json").read_text())
+    return {"build": built, "remove_peak_mb": removed["peak_mb"], "removed": len(manifest["removed"])}
 
 
 def add_overheads(rows: list[dict[str, Any]]) -> None:
@@ -150,7 +220,7 @@ def add_overheads(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if "peak_mb" in r:
             r["overhead_mb"] = r["peak_mb"] - r["index_mb"]
-    base: dict[tuple[str, str], dict[str, Any]] = {}
+    base: dict[tuple[str, str, int], dict[str, Any]] = {}
     for r in sorted((r for r in rows if "overhead_mb" in r), key=lambda r: (r["n"], r["d"])):
         key = (r["method"], r["kind"], r["d"])
         if key not in base:
@@ -192,11 +262,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds for one build process")
     ap.add_argument("--work", type=Path, default=None, help="folder for the vectors and indexes (a temporary one)")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "build.json")
+    ap.add_argument("--base", type=Path, default=None, help="checkout whose code `compact-base` runs")
+    ap.add_argument("--remove", type=int, default=10, help="compact: every REMOVE-th row id is removed first")
+    ap.add_argument("--max-rss-mb", type=float, default=6144.0, help="kill a child past this resident memory")
     args = ap.parse_args(argv)
     cells = parse_cells(args.cells, [m for m in args.methods.split(",") if m])
     bad = sorted({m for cell in cells for m in cell[3] if m not in METHODS})
     if bad:
         raise SystemExit(f"--methods: unknown {bad}; choose from {', '.join(METHODS)}")
+    if any("compact-base" in cell[3] for cell in cells) and not (args.base and (args.base / "indexer").is_dir()):
+        raise SystemExit("--methods compact-base: give --base DIR, a checkout with indexer/ (e.g. a git worktree)")
     t_start = time.time()
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bench-build-", dir=args.work) as tmp:
@@ -213,11 +288,22 @@ def main(argv: list[str] | None = None) -> None:
                     f"cell {n}x{d}: {shards_bytes / MB:.0f} MB of shards in {gen_s:.0f} s", file=sys.stderr, flush=True
                 )
             for kind in kinds:
+                prepared, ready = work / f"index-{n}x{d}-{kind}-removed", None
                 for method in methods:
                     index = work / f"index-{n}x{d}-{kind}-{method}"
                     r = {"n": n, "d": d, "kind": kind, "method": method, "vectors_mb": n * d * 4 / MB}
                     r["shards_mb"] = shards_bytes / MB
-                    r.update(run_build(method, folder, index, kind, args.timeout))
+                    if method in COMPACTS:
+                        if ready is None:
+                            ready = prepare_compact(folder, prepared, kind, args.remove, args.timeout)
+                        if "skipped" in ready:
+                            r["skipped"] = f"preparing the index: {ready['skipped']}"
+                        else:
+                            r.update(removed=ready["removed"], remove_peak_mb=ready["remove_peak_mb"])
+                            shutil.copytree(prepared, index)  # every compact on a fresh copy
+                            r.update(run_build(method, folder, index, kind, args.timeout, args.base, args.max_rss_mb))
+                    else:
+                        r.update(run_build(method, folder, index, kind, args.timeout, None, args.max_rss_mb))
                     rows.append(r)
                     shutil.rmtree(index, ignore_errors=True)
                     brief = (
@@ -225,6 +311,7 @@ def main(argv: list[str] | None = None) -> None:
                         or f"peak {r['peak_mb']:.0f} MB, file {r['index_mb']:.0f} MB, {r['wall_s']:.0f} s"
                     )
                     print(f"  {n}x{d} {kind} {method}: {brief}", file=sys.stderr, flush=True)
+                shutil.rmtree(prepared, ignore_errors=True)
     add_overheads(rows)
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -41,16 +41,27 @@ from typing import Any
 import faiss
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 from filelock import FileLock, Timeout
 
 from indexer.atomic import atomic_path, fsync_dir
 from indexer.config import IndexConfig
 from indexer.errors import EncoderMismatchError, IndexBusyError, RetrieveError
-from indexer.faiss_index import build_index, has_ids, load_index, save_index, search_device
+from indexer.faiss_index import (
+    build_index,
+    fill_index,
+    has_ids,
+    inner,
+    load_index,
+    new_index,
+    save_index,
+    search_device,
+)
 from indexer.fingerprint import fingerprint_difference
 from indexer.ondisk import ON_DISK, add_vectors, lists_on_disk, to_disk
-from indexer.shards import ROW_ID, Shard, ShardReader, write_shard
-from indexer.store import VectorSet
+from indexer.shards import ROW_GROUP, ROW_ID, Shard, ShardReader, write_shard
+from indexer.store import VECTOR_COLUMN, VectorSet, vectors_from_table
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +76,8 @@ VERSIONED = re.compile(
 STALE_TMP = re.compile(r"^\.(shard-|index-|part-|vectors|manifest\.json|build\.json|\.retrieve-index).*\.tmp$")
 PART = re.compile(r"^part-[0-9a-f]{8}-\d{5}\.parquet$")  # shards of a streaming build (indexer/streaming.py)
 SHARD_ROWS = 100_000  # rows per shard when a build writes many
+TRAIN_SAMPLE = 100_000  # vectors that train an IVF quantiser (streaming build, compact)
+CHUNK_BYTES = 64 * 2**20  # vectors of one part shard of a streaming build or compact (65,536 rows at 256-d)
 METRIC = "cosine (inner product on L2-normalised vectors)"
 LOCK_TIMEOUT_ENV = "RETRIEVE_LOCK_TIMEOUT"
 DEFAULT_LOCK_TIMEOUT = 600.0
@@ -744,34 +757,152 @@ def remove_from_index_dir(index_dir: str | Path, select: Callable[[IndexDir], np
 
 
 def compact_index_dir(index_dir: str | Path) -> tuple[IndexManifest, int]:
-    """Rewrite the live rows into fresh shards (same ids) and rebuild FAISS without removed rows."""
+    """Rewrite the live rows into fresh shards (same ids) and rebuild FAISS without removed rows.
+
+    Streamed (`_rewrite_live`): the store is never read whole, and the old FAISS index is
+    only memory-mapped; the new index is what a streaming build of the live rows gives. Everything new is
+    written under a new tag and committed by the manifest rename; a failure before that removes it again.
+    """
     index_dir = Path(index_dir)
     read_manifest(index_dir)
     with write_lock(index_dir):
-        idx = open_index_dir(index_dir, use_gpu=False, writable=True)
+        idx = open_index_dir(index_dir, use_gpu=False)  # the old FAISS index is not changed, only replaced
         m = idx.manifest
         dropped = len(m.removed) if not m.legacy else 0
-        vs = idx.vectors
-        ids = idx.live_ids.copy()
+        ids = idx.live_ids
         m.generation += 1
         tag = _tag(m)
         cfg = IndexConfig(kind=m.kind, gpu=False, **_config_params(m.params))
         try:
-            index, _, params = build_index(vs.vectors, m.kind, cfg, use_gpu=False, ids=ids)
-        except RetrieveError as exc:
-            if len(ids):
-                raise
-            raise RetrieveError(
-                f"{index_dir}: every row is removed and a {m.kind} index cannot be trained on none; "
-                "add rows first, or build the index again with --overwrite"
-            ) from exc
-        m.params = {**m.params, **params}
-        path = index_dir / f"shard-{tag}.parquet"
-        m.shards = [{**write_shard(path, vs, ids), **_describe(path)}] if len(vs) else []
-        m.removed, m.updated, m.format = [], _now(), FORMAT
-        m.next_id = max(m.next_id, int(ids[-1]) + 1 if len(ids) else 0)
-        _commit(index_dir, m, index, tag)
+            try:
+                index, params, shards = _rewrite_live(idx, tag, cfg)
+            except RetrieveError as exc:
+                if len(ids):
+                    raise
+                raise RetrieveError(
+                    f"{index_dir}: every row is removed and a {m.kind} index cannot be trained on none; "
+                    "add rows first, or build the index again with --overwrite"
+                ) from exc
+            m.params = {**m.params, **params}
+            m.shards = shards
+            m.removed, m.updated, m.format = [], _now(), FORMAT
+            m.next_id = max(m.next_id, int(ids[-1]) + 1 if len(ids) else 0)
+            _commit(index_dir, m, index, tag)
+        except BaseException:
+            _drop_uncommitted(index_dir)
+            raise
     return m, dropped
+
+
+def _drop_uncommitted(index_dir: Path) -> None:
+    """After a failed write: remove the files it left that the committed manifest does not name."""
+    try:
+        _collect_garbage(index_dir, _parse_manifest(index_dir / MANIFEST))
+    except Exception as exc:  # the failure itself is what the caller reports; the next write cleans up
+        log.debug("--index %s: leftovers of a failed write not removed (%s)", index_dir, exc)
+
+
+def _sample_step(n: int, sample: int) -> int:
+    """A training sample takes every step-th vector of each part: up to `sample` of n, drawn evenly."""
+    return max(1, int(round(1 / min(1.0, sample / max(n, 1)))))
+
+
+def _presize(index: Any, n: int) -> None:
+    """Room for n vectors in a flat store (Flat, HNSW's vectors) before adding: FAISS grows it by resizing
+    a std::vector, which copies the whole store at each doubling (up to twice the index at the peak)."""
+    store = inner(index)
+    if isinstance(store, faiss.IndexHNSW):
+        store = faiss.downcast_index(store.storage)
+    if isinstance(store, faiss.IndexFlatCodes) and store.ntotal == 0:
+        store.codes.resize(n * store.code_size)  # capacity for n: the memory the index will hold anyway
+        store.codes.resize(0)  # size 0 again; the capacity stays
+
+
+def _rewrite_live(
+    idx: IndexDir, tag: str, cfg: IndexConfig
+) -> tuple[faiss.Index, dict[str, Any], list[dict[str, Any]]]:
+    """`index compact` without reading the store whole: (new FAISS index, its parameters, the new shards).
+
+    The live rows of `idx` (removed ids skipped), read a row group at a time through a file of their own, go
+    into new shards `shard-TAG[-NNNN].parquet` with their ids, CHUNK_BYTES of vectors each (the part size of
+    `build_from_vectors`); then, as `StreamingBuild.finish` does with its parts, FAISS (kind and parameters
+    from `cfg`) is trained on a sample drawn evenly from every new shard and filled shard by shard, an on-disk
+    IVF through part files merged into a new lists file. So the result is what a streaming build of the live
+    rows gives, under the old ids. Peak memory: the FAISS index, about two chunks, the sample.
+    Nothing is committed here: the caller holds the write lock, commits, and removes what a failure leaves.
+    """
+    folder, dim = idx.path, idx.manifest.dim
+    n = len(idx.live_ids)
+    chunk = max(1, CHUNK_BYTES // (4 * dim), -(-n // 9999))  # at most 9,999 shards (the names' 4 digits)
+    shards: list[dict[str, Any]] = []
+
+    def write(rows: pd.DataFrame, vecs: np.ndarray, ids: np.ndarray) -> None:
+        suffix = f"-{len(shards):04d}" if n > chunk else ""
+        path = folder / f"shard-{tag}{suffix}.parquet"
+        vs = VectorSet(rows, vecs, idx.manifest.fingerprint, idx.manifest.encoder_spec)
+        shards.append({**write_shard(path, vs, ids), **_describe(path)})
+
+    buffered: list[tuple[pd.DataFrame, np.ndarray, np.ndarray]] = []
+    have = 0
+    for piece in _live_pieces(idx):
+        buffered.append(piece)
+        have += len(piece[2])
+        while have >= chunk:
+            rows = pd.concat([b[0] for b in buffered], ignore_index=True) if len(buffered) > 1 else buffered[0][0]
+            vecs = np.concatenate([b[1] for b in buffered]) if len(buffered) > 1 else buffered[0][1]
+            ids = np.concatenate([b[2] for b in buffered]) if len(buffered) > 1 else buffered[0][2]
+            write(rows.iloc[:chunk].reset_index(drop=True), vecs[:chunk], ids[:chunk])
+            have -= chunk
+            rest = (rows.iloc[chunk:].reset_index(drop=True), vecs[chunk:].copy(), ids[chunk:].copy())
+            buffered = [rest] if have else []
+    if have:
+        rows = pd.concat([b[0] for b in buffered], ignore_index=True)
+        write(rows, np.concatenate([b[1] for b in buffered]), np.concatenate([b[2] for b in buffered]))
+    del buffered
+
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for sh in shards:
+            path = folder / sh["name"]
+            with pa.OSFile(str(path)) as f:
+                table = pq.ParquetFile(f, pre_buffer=False).read(columns=[ROW_ID, VECTOR_COLUMN])
+            yield vectors_from_table(table, path), table.column(ROW_ID).to_numpy()
+
+    def train_sample() -> np.ndarray:  # as StreamingBuild._train_sample: every step-th vector of every shard
+        step = _sample_step(n, TRAIN_SAMPLE)
+        out = [vecs[::step].copy() for vecs, _ in batches()]  # copies: not views keeping a shard alive
+        return np.vstack(out) if out else np.zeros((0, dim), dtype=np.float32)
+
+    # made only now and filled at once: fill_index takes it out of faiss_index's tables of new indexes
+    index, _, params = new_index(dim, n, idx.manifest.kind, cfg, use_gpu=False)
+    _presize(index, n)
+    fill_index(index, batches, sample=train_sample, folder=folder)
+    return index, params, shards
+
+
+def _live_pieces(idx: IndexDir) -> Iterator[tuple[pd.DataFrame, np.ndarray, np.ndarray]]:
+    """(rows, vectors, ids) of the live rows, one row group of one shard at a time, in id order."""
+    removed = idx.removed
+    for shard in idx.reader.shards:
+        offset = 0  # a format 1 store has no row_id column: its ids are the row positions
+        with pa.OSFile(str(shard.path)) as f:
+            for batch in pq.ParquetFile(f, pre_buffer=False).iter_batches(batch_size=ROW_GROUP):
+                table = pa.Table.from_batches([batch])
+                if ROW_ID in table.column_names:
+                    ids = table.column(ROW_ID).to_numpy().astype(np.int64, copy=False)
+                else:
+                    ids = np.arange(offset, offset + len(table), dtype=np.int64)
+                offset += len(table)
+                if len(removed):
+                    keep = ~np.isin(ids, removed)
+                    if not keep.all():
+                        table, ids = table.filter(pa.array(keep)), ids[keep]
+                if not len(ids):
+                    continue
+                vecs = vectors_from_table(table, shard.path)
+                rows = table.drop_columns([c for c in (VECTOR_COLUMN, ROW_ID) if c in table.column_names]).to_pandas()
+                if "frame_index" in rows.columns:
+                    rows["frame_index"] = rows["frame_index"].astype("Int64")
+                yield rows, vecs, ids
 
 
 def _config_params(params: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,9 @@ build resumes where it stopped (`--resume`), and the FAISS index is filled shard
 
 While it runs the build holds the folder's write lock. Until `finish` commits, the parts are not
 part of any version: readers keep seeing the previous index (or none, for a first build).
+
+`index compact` goes the same way (indexer.index_dir._rewrite_live): the live rows are read a row group at
+a time into new shards of this build's part size, FAISS is trained on the same sample and filled shard by shard.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import faiss
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -29,15 +31,19 @@ import pyarrow.parquet as pq
 from indexer.atomic import atomic_path
 from indexer.config import IndexConfig
 from indexer.errors import RetrieveError
-from indexer.faiss_index import fill_index, inner, new_index
+from indexer.faiss_index import fill_index, new_index
 from indexer.fingerprint import fingerprint_difference
 from indexer.index_dir import (
+    CHUNK_BYTES,
     MANIFEST,
+    TRAIN_SAMPLE,
     IndexManifest,
     _commit,
     _describe,
     _now,
     _parse_manifest,
+    _presize,
+    _sample_step,
     _tag,
     check_can_build,
     mark_as_index,
@@ -50,8 +56,8 @@ from indexer.store import VECTOR_COLUMN, VectorSet, vector_file_meta, vectors_fr
 log = logging.getLogger(__name__)
 
 STATE = "build.json"
-TRAIN_SAMPLE = 100_000  # vectors that train an IVF quantiser
-CHUNK_BYTES = 64 * 2**20  # vectors read at once by build_from_vectors (16,384 rows at 1280-d)
+# TRAIN_SAMPLE (vectors that train an IVF quantiser) and CHUNK_BYTES (vectors of one part): indexer.index_dir,
+# shared with `index compact`; this module reads its own names
 
 
 class StreamingBuild:
@@ -211,10 +217,9 @@ class StreamingBuild:
 
     def _train_sample(self, reader: ShardReader, n: int) -> np.ndarray:
         """Up to TRAIN_SAMPLE vectors drawn evenly from every part."""
-        take = min(1.0, TRAIN_SAMPLE / n)
+        step = _sample_step(n, TRAIN_SAMPLE)
         out = []
         for s in range(len(self.parts)):
-            step = max(1, int(round(1 / take)))
             out.append(self._part_vectors(s)[::step].copy())  # a copy: not a view keeping the part alive
         return np.vstack(out)
 
@@ -227,17 +232,6 @@ class StreamingBuild:
 
     def _part_vectors(self, s: int) -> np.ndarray:
         return vectors_from_table(self._read_part(s, [VECTOR_COLUMN]), self.dir / self.parts[s]["name"])
-
-
-def _presize(index: Any, n: int) -> None:
-    """Room for n vectors in a flat store (Flat, HNSW's vectors) before adding: FAISS grows it by resizing
-    a std::vector, which copies the whole store at each doubling (up to twice the index at the peak)."""
-    store = inner(index)
-    if isinstance(store, faiss.IndexHNSW):
-        store = faiss.downcast_index(store.storage)
-    if isinstance(store, faiss.IndexFlatCodes) and store.ntotal == 0:
-        store.codes.resize(n * store.code_size)  # capacity for n: the memory the index will hold anyway
-        store.codes.resize(0)  # size 0 again; the capacity stays
 
 
 def _vector_file_meta(path: Path) -> tuple[dict[str, Any], dict[str, Any], int]:

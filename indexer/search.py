@@ -13,6 +13,10 @@ labels), nothing else about labels; every other column (a manifest's free text s
 keeps the exact-text match whatever its values hold. COLUMN==VALUE asks for the exact form: on `label` the
 rows whose set equals VALUE's (`label==liver`: labelled exactly {liver}, not `kidney|liver`; order and spaces
 normalised), on any other column the exact text, as `=`. An empty VALUE matches the rows with no value.
+
+A column that names people (indexer.privacy.is_person_name_column: PatientName, surname, physician, ...) is no
+filter: a condition on it is refused with an error that names the column and no value, so a filter cannot tell
+whether a name is in the index, and no error lists such a column's values.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import pandas as pd
 from indexer.errors import RetrieveError
 from indexer.faiss_index import cpu_twin, search_device, search_parameters
 from indexer.index_dir import IndexDir
+from indexer.privacy import is_person_name_column
 
 
 @dataclass(frozen=True)
@@ -117,24 +122,41 @@ def _set_hit(text: pd.Series, col: str, value: str, exact: bool = False) -> np.n
     return hit
 
 
+def refuse_person_names(where: Sequence[tuple[str, str]]) -> None:
+    """A one-line error for a `where` condition on a person-name column; it names the column, never a value
+    (neither the caller's nor the index's)."""
+    for col, _ in where:
+        if is_person_name_column(col):
+            raise RetrieveError(f"--where {col}: {col} holds person names, which cannot be used as a filter")
+
+
+def _filter_columns(columns: Sequence[str]) -> str:
+    """The columns a `where` may name, for an error message (no vector, no person-name columns)."""
+    return ", ".join(c for c in columns if c != "vector" and not is_person_name_column(c))
+
+
 def candidate_mask(
     rows: pd.DataFrame, exclude_patients: Sequence[str] = (), where: Sequence[tuple[str, str]] = ()
 ) -> np.ndarray | None:
     """Boolean mask of rows a query may return, or None when every row may (conditions: module docstring;
     a value starting with EXACT is the COLUMN==VALUE form)."""
+    refuse_person_names(where)
     mask = np.ones(len(rows), dtype=bool)
     if exclude_patients:
         mask &= ~_as_text(rows["patient_id"]).isin(list(exclude_patients)).to_numpy()
     for col, value in where:
         if col not in rows.columns or col == "vector":
-            cols = [c for c in rows.columns if c != "vector"]
-            raise RetrieveError(f"--where {col}={value}: unknown column '{col}' (columns: {', '.join(cols)})")
+            raise RetrieveError(
+                f"--where {col}={value}: unknown column '{col}' (columns: {_filter_columns(list(rows.columns))})"
+            )
         mask &= condition_mask(rows[col], col, value)
     return None if mask.all() else mask
 
 
 def condition_mask(values: pd.Series, col: str, value: str) -> np.ndarray:
-    """The rows of one column that one `where` condition (col, value) keeps; an error when none does."""
+    """The rows of one column that one `where` condition (col, value) keeps; an error when none does (listing
+    the column's values; a person-name column is refused first, so its values are never listed)."""
+    refuse_person_names([(col, value)])
     text = _as_text(values)
     exact = value.startswith(EXACT)
     if exact:
@@ -157,9 +179,12 @@ def filter_mask(
     """candidate_mask over the index's live rows, reading only the columns the filters name."""
     if not exclude_patients and not where:
         return None
+    refuse_person_names(where)
     for col, value in where:
         if col not in idx.columns:
-            raise RetrieveError(f"--where {col}={value}: unknown column '{col}' (columns: {', '.join(idx.columns)})")
+            raise RetrieveError(
+                f"--where {col}={value}: unknown column '{col}' (columns: {_filter_columns(list(idx.columns))})"
+            )
     needed = (["patient_id"] if exclude_patients else []) + [c for c, _ in where]
     return candidate_mask(idx.read_columns(list(dict.fromkeys(needed))), list(exclude_patients), list(where))
 

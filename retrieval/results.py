@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
+from indexer.privacy import is_person_name_column
 from retrieval.pipeline import QueryResult, _jsonable
 
-# Person-name columns a metadata CSV could carry: never shown (the engine itself never stores PatientName).
-_NAME_KEYS = {
-    "patientname",
-    "patientsname",
-    "otherpatientnames",
-    "patientbirthname",
-    "patientmothersbirthname",
-    "referringphysicianname",
-    "performingphysicianname",
-    "operatorsname",
-}
-
-
-def is_person_name_column(column: str) -> bool:
-    """True for a column that names a person (PatientName, patient_name, "Patient's Name", ...)."""
-    return re.sub(r"[^a-z]", "", column.lower()) in _NAME_KEYS
+__all__ = ["is_person_name_column", "item_json", "query_payload", "result_json"]
 
 
 def _without_names(d: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,144 @@
+"""Patients' names never appear in output: which columns name people (indexer.privacy), and that `where`
+refuses them without naming a value."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from indexer.errors import RetrieveError
+from indexer.privacy import is_person_name_column, person_name_columns
+from indexer.search import candidate_mask, condition_mask
+from retrieval.results import is_person_name_column as results_test
+from retrieval.results import item_json
+
+PERSON_NAME_COLUMNS = [
+    "PatientName",
+    "patient_name",
+    "Patient's Name",
+    "PATIENTS_NAME",
+    "patient_full_name",
+    "OtherPatientNames",
+    "PatientBirthName",
+    "PatientMotherBirthName",
+    "Name of patient",
+    "name",
+    "Name",
+    "surname",
+    "patient_surname",
+    "first_name",
+    "FirstName",
+    "last_name",
+    "given_name",
+    "family_name",
+    "full_name",
+    "middle_name",
+    "maiden_name",
+    "physician",
+    "referring_physician",
+    "ReferringPhysicianName",
+    "PerformingPhysicianName",
+    "NameOfPhysiciansReadingStudy",
+    "OperatorsName",
+    "operator",
+    "radiologist",
+    "reading_radiologist",
+    "sonographer",
+    "doctor",
+    "ResponsiblePerson",
+]
+ORDINARY_COLUMNS = [
+    "file_name",
+    "filename",
+    "series_name",
+    "study_name",
+    "organ_name",
+    "institution_name",
+    "InstitutionName",
+    "StationName",
+    "ProtocolName",
+    "class_name",
+    "label",
+    "patient_id",
+    "PatientID",
+    "accession",
+    "AccessionNumber",
+    "StudyInstanceUID",
+    "SeriesDescription",
+    "modality",
+    "frame_index",
+    "near_dup_group",
+    "content_sha256",
+    "rel_path",
+    "path",
+    "id",
+]
+
+
+@pytest.mark.parametrize("column", PERSON_NAME_COLUMNS)
+def test_person_name_columns_are_recognised(column):
+    assert is_person_name_column(column)
+    assert results_test(column)  # retrieval.results uses the same test
+
+
+@pytest.mark.parametrize("column", ORDINARY_COLUMNS)
+def test_ordinary_columns_are_not_person_names(column):
+    assert not is_person_name_column(column)
+
+
+def test_person_name_columns_keeps_the_order():
+    assert person_name_columns(["id", "surname", "label", "PatientName"]) == ["surname", "PatientName"]
+
+
+def test_item_json_drops_every_person_name_column():
+    row = {"id": "a.png", "path": "a.png", "label": "x", "patient_id": "P1", "surname": "DOE", "physician": "Smith"}
+    out = item_json(row)
+    assert "surname" not in out and "physician" not in out and out["patient_id"] == "P1"
+
+
+ROWS = pd.DataFrame(
+    {
+        "label": ["a", "b", "a"],
+        "patient_id": ["p1", "p2", "p3"],
+        "PatientName": ["DOE^JOHN", "ROE^JANE", "POE^EDGAR"],
+        "surname": ["DOE", "ROE", "POE"],
+        "site": ["x", "y", "x"],
+    }
+)
+NAMES = ("DOE", "ROE", "POE", "JOHN", "JANE", "EDGAR")
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        [("PatientName", "DOE^JOHN")],  # a name in the index
+        [("PatientName", "NOBODY")],  # a name not in it: the same answer, so a filter is no oracle
+        [("PatientName", "=DOE^JOHN")],
+        [("surname", "x")],
+        [("site", "x"), ("surname", "DOE")],
+        [("referring_physician", "x")],  # a column the index lacks: refused the same way
+    ],
+)
+def test_where_on_a_person_name_column_is_refused_without_values(where):
+    with pytest.raises(RetrieveError) as err:
+        candidate_mask(ROWS, [], where)
+    message = str(err.value)
+    col = next(c for c, _ in where if is_person_name_column(c))
+    assert "\n" not in message and col in message and "person names" in message
+    assert not any(name in message for name in (*NAMES, "NOBODY")), message
+
+
+def test_condition_mask_refuses_a_person_name_column():
+    with pytest.raises(RetrieveError, match="person names"):
+        condition_mask(ROWS["surname"], "surname", "x")
+
+
+def test_where_errors_never_list_person_name_columns_or_their_values():
+    with pytest.raises(RetrieveError) as err:
+        candidate_mask(ROWS, [], [("colour", "red")])  # unknown column: the columns a filter may use
+    message = str(err.value)
+    assert "site" in message and "PatientName" not in message and "surname" not in message
+    with pytest.raises(RetrieveError) as err:
+        candidate_mask(ROWS, [], [("site", "zzz")])  # unknown value: the column's own values only
+    assert "values in the index: x, y" in str(err.value)
+    assert not any(name in str(err.value) for name in NAMES)
+    assert np.flatnonzero(candidate_mask(ROWS, [], [("site", "x")])).tolist() == [0, 2]

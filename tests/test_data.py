@@ -138,6 +138,29 @@ def test_manifest_dataset(tmp_path):
     assert len(load_dataset(tmp_path).rows) == 2
 
 
+def test_person_name_columns_are_dropped_at_ingest(tmp_path, caplog):
+    write_png(tmp_path / "img" / "1.png", np.zeros((8, 8), np.uint8))
+    write_png(tmp_path / "img" / "2.png", np.full((8, 8), 9, np.uint8))
+    pd.DataFrame(
+        {
+            "path": ["img/1.png", "img/2.png"],
+            "label": ["x", "y"],
+            "PatientName": ["DOE^JOHN", "ROE^JANE"],
+            "surname": ["DOE", "ROE"],
+            "referring_physician": ["Smith^Anna", "Smith^Anna"],
+            "series_name": ["s1", "s2"],
+            "file_name": ["1.png", "2.png"],
+        }
+    ).to_csv(tmp_path / "labels.csv", index=False)
+    with caplog.at_level("WARNING", logger="retrieval.data.dataset"):
+        t = load_dataset(tmp_path)
+    assert list(t.rows.columns) == ["id", "path", "label", "patient_id", "frame_index", "series_name", "file_name"]
+    assert not any(n in str(v) for v in t.rows.to_numpy().ravel() for n in ("DOE", "ROE", "Smith"))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "PatientName, surname, referring_physician" in warnings[0]
+    assert not any(n in caplog.text for n in ("DOE", "ROE", "Smith"))  # the columns are named, never their values
+
+
 def test_dataset_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RetrieveError, match="empty folder"):

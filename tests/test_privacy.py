@@ -142,3 +142,81 @@ def test_where_errors_never_list_person_name_columns_or_their_values():
     assert "values in the index: x, y" in str(err.value)
     assert not any(name in str(err.value) for name in NAMES)
     assert np.flatnonzero(candidate_mask(ROWS, [], [("site", "x")])).tolist() == [0, 2]
+
+
+# --- end to end: a manifest with names, indexed, queried by the CLI and the HTTP server -------------------
+
+
+@pytest.fixture(scope="module")
+def named_index(tmp_path_factory):
+    """5 PNGs and a manifest with PatientName, surname and physician columns, indexed with cnn5."""
+    from conftest import write_png
+
+    from retrieval.cli.main import main
+
+    root = tmp_path_factory.mktemp("named")
+    data = root / "data"
+    rng = np.random.default_rng(0)
+    names = ["DOE^JOHN", "ROE^JANE", "POE^EDGAR", "X^Y", "DOE^JOHN"]
+    for j in range(5):
+        write_png(data / f"img{j}.png", rng.integers(0, 255, (32, 32), dtype=np.uint8))
+    pd.DataFrame(
+        {
+            "path": [f"img{j}.png" for j in range(5)],
+            "label": ["a", "b", "a", "b", "a"],
+            "patient_id": [f"P{j}" for j in range(5)],
+            "PatientName": names,
+            "surname": [n.split("^")[0] for n in names],
+            "physician": ["Smith^Anna"] * 5,
+            "site": ["x", "y", "x", "y", "x"],
+        }
+    ).to_csv(data / "labels.csv", index=False)
+    index = root / "index"
+    build = ["index", "build", str(data), "--index", str(index), "--encoder", "cnn5", "--image-size", "64", "--quiet"]
+    assert main(build) == 0
+    return data, index
+
+
+SECRETS = ("DOE", "ROE", "POE", "X^Y", "Smith", "PatientName", "surname", "physician")
+
+
+def test_an_index_from_a_named_manifest_holds_no_name(named_index, capsys):
+    from conftest import run_cli
+
+    from indexer.index_dir import open_index_dir
+
+    data, index = named_index
+    idx = open_index_dir(index, use_gpu=False)
+    assert not person_name_columns(idx.columns) and "site" in idx.columns
+    code, out, _ = run_cli(capsys, "query", data / "img0.png", "--index", index, "--k", "3", "--json")
+    assert code == 0 and not any(s in out for s in SECRETS), out
+    code, _, err = run_cli(
+        capsys, "query", data / "img0.png", "--index", index, "--k", "2", "--where", "PatientName=DOE^JOHN"
+    )
+    assert code != 0 and "PatientName" in err and "DOE" not in err
+
+
+def test_the_server_answers_without_names(named_index):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from retrieval.server.app import create_app
+    from retrieval.server.config import ServeConfig
+    from retrieval.server.engine import load_engine
+
+    data, index = named_index
+    client = TestClient(create_app(load_engine(index, data, use_gpu=False), ServeConfig(index, data_root=data)))
+    png = (data / "img1.png").read_bytes()
+    answers = [
+        client.post("/query", files={"file": ("q.png", png)}, data={"k": "4"}),
+        client.get("/items/img0.png"),
+    ]
+    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
+    for where in ("PatientName=DOE^JOHN", "PatientName=NOBODY", "surname=x", "site=zzz"):
+        r = client.post("/query", files={"file": ("q.png", png)}, data={"k": "2", "where": where})
+        assert r.status_code == 400, r.text
+        answers.append(r)
+    for r in answers:
+        assert not any(s in r.text for s in SECRETS if not s.startswith(("Patient", "surname"))), r.text
+    assert "PatientName" not in answers[0].text and "surname" not in answers[1].text

@@ -15,6 +15,7 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from indexer.privacy import person_name_columns
 from retrieval.config import PreprocessConfig
 from retrieval.data.imageio import is_dicom, is_image_file, read_frame
 from retrieval.data.preprocess import preprocess_frame, to_tensor
@@ -83,6 +84,10 @@ def _read_manifest(path: Path) -> pd.DataFrame:
         )
     if df.empty:
         raise RetrieveError(f"{path}: manifest has no rows")
+    names = person_name_columns(df.columns)
+    if names:  # patients' and staff names never reach an index (indexer.privacy); their values are never logged
+        log.warning("%s: dropped the person-name column(s) %s: names are never indexed", path, ", ".join(names))
+        df = df.drop(columns=names)
     return df
 
 

@@ -161,6 +161,33 @@ def test_person_name_columns_are_dropped_at_ingest(tmp_path, caplog):
     assert not any(n in caplog.text for n in ("DOE", "ROE", "Smith"))  # the columns are named, never their values
 
 
+def test_a_link_out_of_the_data_root_is_stored_as_placed(tmp_path, caplog):
+    """A symlink in the data folder to a file outside it keeps its own path (relative to the data root) as id
+    and path, never the target's absolute path; a path named outside the root keeps its absolute path."""
+    from retrieval.relocate import with_rel_paths
+
+    data = tmp_path / "data"
+    write_png(data / "a" / "img0.png", np.zeros((8, 8), np.uint8))
+    secret = write_png(tmp_path / "outside" / "secret_DOE_JOHN.png", np.full((8, 8), 7, np.uint8))
+    (data / "a" / "link.png").symlink_to(secret)
+    (data / "b").mkdir()
+    (data / "b" / "inside.png").symlink_to(data / "a" / "img0.png")  # a link inside the root: its target, as before
+    t = load_dataset(data)
+    rows = t.rows.set_index("id")
+    assert sorted(rows.index) == ["a/img0.png", "a/link.png"]
+    assert rows.loc["a/link.png", "path"] == str(data.resolve() / "a" / "link.png")
+    assert rows.loc["a/link.png", "label"] == "a"
+    assert "secret" not in " ".join(t.rows["id"]) + " ".join(t.rows["path"])
+    assert with_rel_paths(t.rows, t.root).set_index("id").loc["a/link.png", "rel_path"] == "a/link.png"
+    # a manifest naming a file outside its folder: today's absolute id and path, with one warning
+    pd.DataFrame({"path": ["a/img0.png", "../outside/secret_DOE_JOHN.png"]}).to_csv(data / "m.csv", index=False)
+    with caplog.at_level("WARNING", logger="retrieval.data.dataset"):
+        t = load_dataset(data / "m.csv")
+    assert t.rows["id"].tolist() == ["a/img0.png", str(secret.resolve())]
+    assert with_rel_paths(t.rows, t.root)["rel_path"].isna().tolist() == [False, True]
+    assert "1 image(s) lie outside the data root" in caplog.text and "secret" not in caplog.text
+
+
 def test_dataset_errors(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(RetrieveError, match="empty folder"):

@@ -149,7 +149,8 @@ def test_where_errors_never_list_person_name_columns_or_their_values():
 
 @pytest.fixture(scope="module")
 def named_index(tmp_path_factory):
-    """5 PNGs and a manifest with PatientName, surname and physician columns, indexed with cnn5."""
+    """5 PNGs, a link to a file outside the data folder, and a manifest with PatientName, surname and physician
+    columns, indexed with cnn5."""
     from conftest import write_png
 
     from retrieval.cli.main import main
@@ -157,18 +158,20 @@ def named_index(tmp_path_factory):
     root = tmp_path_factory.mktemp("named")
     data = root / "data"
     rng = np.random.default_rng(0)
-    names = ["DOE^JOHN", "ROE^JANE", "POE^EDGAR", "X^Y", "DOE^JOHN"]
+    names = ["DOE^JOHN", "ROE^JANE", "POE^EDGAR", "X^Y", "DOE^JOHN", "X^Y"]
     for j in range(5):
         write_png(data / f"img{j}.png", rng.integers(0, 255, (32, 32), dtype=np.uint8))
+    secret = write_png(root / "outside" / "secret_DOE.png", rng.integers(0, 255, (32, 32), dtype=np.uint8))
+    (data / "link.png").symlink_to(secret)
     pd.DataFrame(
         {
-            "path": [f"img{j}.png" for j in range(5)],
-            "label": ["a", "b", "a", "b", "a"],
-            "patient_id": [f"P{j}" for j in range(5)],
+            "path": [f"img{j}.png" for j in range(5)] + ["link.png"],
+            "label": ["a", "b", "a", "b", "a", "b"],
+            "patient_id": [f"P{j}" for j in range(6)],
             "PatientName": names,
             "surname": [n.split("^")[0] for n in names],
-            "physician": ["Smith^Anna"] * 5,
-            "site": ["x", "y", "x", "y", "x"],
+            "physician": ["Smith^Anna"] * 6,
+            "site": ["x", "y", "x", "y", "x", "y"],
         }
     ).to_csv(data / "labels.csv", index=False)
     index = root / "index"
@@ -177,7 +180,7 @@ def named_index(tmp_path_factory):
     return data, index
 
 
-SECRETS = ("DOE", "ROE", "POE", "X^Y", "Smith", "PatientName", "surname", "physician")
+SECRETS = ("DOE", "ROE", "POE", "X^Y", "Smith", "outside", "PatientName", "surname", "physician")
 
 
 def test_an_index_from_a_named_manifest_holds_no_name(named_index, capsys):
@@ -188,7 +191,7 @@ def test_an_index_from_a_named_manifest_holds_no_name(named_index, capsys):
     data, index = named_index
     idx = open_index_dir(index, use_gpu=False)
     assert not person_name_columns(idx.columns) and "site" in idx.columns
-    code, out, _ = run_cli(capsys, "query", data / "img0.png", "--index", index, "--k", "3", "--json")
+    code, out, _ = run_cli(capsys, "query", data / "img0.png", "--index", index, "--k", "6", "--json")
     assert code == 0 and not any(s in out for s in SECRETS), out
     code, _, err = run_cli(
         capsys, "query", data / "img0.png", "--index", index, "--k", "2", "--where", "PatientName=DOE^JOHN"
@@ -209,11 +212,14 @@ def test_the_server_answers_without_names(named_index):
     client = TestClient(create_app(load_engine(index, data, use_gpu=False), ServeConfig(index, data_root=data)))
     png = (data / "img1.png").read_bytes()
     answers = [
-        client.post("/query", files={"file": ("q.png", png)}, data={"k": "4"}),
+        client.post("/query", files={"file": ("q.png", png)}, data={"k": "6"}),
         client.get("/items/img0.png"),
+        client.get("/items/link.png"),  # the link's own path, not its target outside the data root
     ]
-    assert [r.status_code for r in answers] == [200, 200], [r.text for r in answers]
-    for where in ("PatientName=DOE^JOHN", "PatientName=NOBODY", "surname=x", "site=zzz"):
+    assert [r.status_code for r in answers] == [200, 200, 200], [r.text for r in answers]
+    assert "link.png" in [x["id"] for x in answers[0].json()["results"]]
+    assert client.get("/items/link.png/thumbnail").status_code == 403  # the target is still refused
+    for where in ("PatientName=DOE^JOHN", "PatientName=NOBODY", "surname=x", "site=zzz", "path=x", "id=x"):
         r = client.post("/query", files={"file": ("q.png", png)}, data={"k": "2", "where": where})
         assert r.status_code == 400, r.text
         answers.append(r)

@@ -7,6 +7,7 @@ row per frame) and the list of files it had to skip, each with the reason.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,6 +157,30 @@ def _frame_number(value: object) -> int | None:
     return int(number)
 
 
+def _stored_path(abs_path: Path, root: Path) -> tuple[str, str, bool]:
+    """A file's id (its path relative to the data root `root`, resolved), its stored absolute path, and whether
+    it lies outside the root.
+
+    A file inside the root is stored by its resolved path, as before. A link inside the root to a file outside
+    it is stored as the user placed it (the link's own path, under the root), never by the target's absolute
+    path; reading it later still checks where it leads (the server refuses a file outside the root). A path
+    that is itself outside the root (a manifest naming ../x.png or an absolute path) keeps its resolved absolute
+    path as id and path, with no path relative to the root (retrieval.relocate: rel_path null, never moved)."""
+    real = abs_path.resolve()
+    try:
+        return real.relative_to(root).as_posix(), str(real), False
+    except ValueError:
+        pass
+    placed = Path(os.path.normpath(abs_path))
+    try:
+        rel = placed.relative_to(root).as_posix()
+    except ValueError:
+        return real.as_posix(), str(real), True
+    if placed.resolve() != real:  # `..` after a linked folder: the text does not name the file that was found
+        return real.as_posix(), str(real), True
+    return rel, str(placed), False
+
+
 def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str, folder_labels: bool = False) -> DatasetTable:
     """Manifest or folder rows -> image rows (a row per frame), DICOM identity columns from the headers.
 
@@ -169,6 +194,7 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str, folder_labels: boo
     out: list[dict] = []
     seen: set[str] = set()
     patient_folders = any_dicom = False
+    n_outside = 0
     has_frame_col = "frame_index" in raw.columns
     for rec in raw.to_dict("records"):
         rel = _clean_str(rec.get("path"))
@@ -193,10 +219,7 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str, folder_labels: boo
             "patient_id": _clean_str(rec.get("patient_id")),
             **{c: rec.get(c) for c in meta_cols},
         }
-        try:
-            rel_id = abs_path.resolve().relative_to(root).as_posix()
-        except ValueError:
-            rel_id = abs_path.resolve().as_posix()
+        rel_id, stored, outside_root = _stored_path(abs_path, root)
         frames: list[int | None] = [None]
         try:
             given_frame = _frame_number(rec.get("frame_index") if has_frame_col else None)
@@ -229,10 +252,19 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str, folder_labels: boo
                 continue
             seen.add(fid)
             frame_value = fr if fr is not None else given_frame
-            out.append({"id": fid, "path": str(abs_path.resolve()), "frame_index": frame_value, **base})
+            out.append({"id": fid, "path": stored, "frame_index": frame_value, **base})
+            n_outside += outside_root
     if not out:
         detail = f"; first problem: {skipped[0]}" if skipped else ""
         raise RetrieveError(f"{origin}: no readable image files found{detail}")
+    if n_outside:
+        log.warning(
+            "%s: %d image(s) lie outside the data root %s: stored by their absolute paths, which results show "
+            "and a relocation cannot move",
+            origin,
+            n_outside,
+            root,
+        )
     df = pd.DataFrame.from_records(out)
     df["frame_index"] = df["frame_index"].astype("Int64")
     identity = [c for c in IDENTITY_COLUMNS if c not in CORE_COLUMNS and c not in meta_cols] if any_dicom else []

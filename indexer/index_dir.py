@@ -825,8 +825,9 @@ def _rewrite_live(
 
     The live rows of `idx` (removed ids skipped), read a row group at a time through a file of their own, go
     into new shards `shard-TAG[-NNNN].parquet` with their ids, CHUNK_BYTES of vectors each (the part size of
-    `build_from_vectors`); then, as `StreamingBuild.finish` does with its parts, FAISS (kind and parameters
-    from `cfg`) is trained on a sample drawn evenly from every new shard and filled shard by shard, an on-disk
+    `build_from_vectors`); as `StreamingBuild.finish` does with its parts, FAISS (kind and parameters from
+    `cfg`) is trained on a sample drawn evenly from every new shard (while they are written; then they are
+    read back) and filled shard by shard (a kind without training: each shard as it is written), an on-disk
     IVF through part files merged into a new lists file. So the result is what a streaming build of the live
     rows gives, under the old ids. Peak memory: the FAISS index, about two chunks, the sample.
     Nothing is committed here: the caller holds the write lock, commits, and removes what a failure leaves.
@@ -836,31 +837,35 @@ def _rewrite_live(
     chunk = max(1, CHUNK_BYTES // (4 * dim), -(-n // 9999))  # at most 9,999 shards (the names' 4 digits)
     shards: list[dict[str, Any]] = []
 
-    def write(rows: pd.DataFrame, vecs: np.ndarray, ids: np.ndarray) -> None:
-        suffix = f"-{len(shards):04d}" if n > chunk else ""
-        path = folder / f"shard-{tag}{suffix}.parquet"
-        vs = VectorSet(rows, vecs, idx.manifest.fingerprint, idx.manifest.encoder_spec)
-        shards.append({**write_shard(path, vs, ids), **_describe(path)})
+    def write_all() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Writes the new shards, yielding each one's (vectors, ids) once it is written."""
 
-    buffered: list[tuple[pd.DataFrame, np.ndarray, np.ndarray]] = []
-    have = 0
-    for piece in _live_pieces(idx):
-        buffered.append(piece)
-        have += len(piece[2])
-        while have >= chunk:
-            rows = pd.concat([b[0] for b in buffered], ignore_index=True) if len(buffered) > 1 else buffered[0][0]
-            vecs = np.concatenate([b[1] for b in buffered]) if len(buffered) > 1 else buffered[0][1]
-            ids = np.concatenate([b[2] for b in buffered]) if len(buffered) > 1 else buffered[0][2]
-            write(rows.iloc[:chunk].reset_index(drop=True), vecs[:chunk], ids[:chunk])
-            have -= chunk
-            rest = (rows.iloc[chunk:].reset_index(drop=True), vecs[chunk:].copy(), ids[chunk:].copy())
-            buffered = [rest] if have else []
-    if have:
-        rows = pd.concat([b[0] for b in buffered], ignore_index=True)
-        write(rows, np.concatenate([b[1] for b in buffered]), np.concatenate([b[2] for b in buffered]))
-    del buffered
+        def write(rows: pd.DataFrame, vecs: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            suffix = f"-{len(shards):04d}" if n > chunk else ""
+            path = folder / f"shard-{tag}{suffix}.parquet"
+            vs = VectorSet(rows, vecs, idx.manifest.fingerprint, idx.manifest.encoder_spec)
+            shards.append({**write_shard(path, vs, ids), **_describe(path)})
+            return vecs, ids
 
-    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        buffered: list[tuple[pd.DataFrame, np.ndarray, np.ndarray]] = []
+        have = 0
+        for piece in _live_pieces(idx):
+            buffered.append(piece)
+            have += len(piece[2])
+            while have >= chunk:
+                one = len(buffered) == 1
+                rows = buffered[0][0] if one else pd.concat([b[0] for b in buffered], ignore_index=True)
+                vecs = buffered[0][1] if one else np.concatenate([b[1] for b in buffered])
+                ids = buffered[0][2] if one else np.concatenate([b[2] for b in buffered])
+                yield write(rows.iloc[:chunk].reset_index(drop=True), vecs[:chunk], ids[:chunk])
+                have -= chunk
+                rest = (rows.iloc[chunk:].reset_index(drop=True), vecs[chunk:].copy(), ids[chunk:].copy())
+                buffered = [rest] if have else []
+        if have:
+            rows = pd.concat([b[0] for b in buffered], ignore_index=True)
+            yield write(rows, np.concatenate([b[1] for b in buffered]), np.concatenate([b[2] for b in buffered]))
+
+    def reread() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for sh in shards:
             path = folder / sh["name"]
             with pa.OSFile(str(path)) as f:
@@ -869,10 +874,14 @@ def _rewrite_live(
 
     def train_sample() -> np.ndarray:  # as StreamingBuild._train_sample: every step-th vector of every shard
         step = _sample_step(n, TRAIN_SAMPLE)
-        out = [vecs[::step].copy() for vecs, _ in batches()]  # copies: not views keeping a shard alive
+        out = [vecs[::step].copy() for vecs, _ in write_all()]  # copies: not views keeping a shard alive
         return np.vstack(out) if out else np.zeros((0, dim), dtype=np.float32)
 
-    # made only now and filled at once: fill_index takes it out of faiss_index's tables of new indexes
+    def batches() -> Iterator[tuple[np.ndarray, np.ndarray]]:  # the shards as they are written, or read back
+        return reread() if shards else write_all()  # (after a training sample drawn while writing them)
+
+    # all the work runs inside fill_index, which takes the new index out of faiss_index's tables of new
+    # indexes first (also when it fails); a kind that needs no training gets each shard as it is written
     index, _, params = new_index(dim, n, idx.manifest.kind, cfg, use_gpu=False)
     _presize(index, n)
     fill_index(index, batches, sample=train_sample, folder=folder)
@@ -892,8 +901,9 @@ def _live_pieces(idx: IndexDir) -> Iterator[tuple[pd.DataFrame, np.ndarray, np.n
                 else:
                     ids = np.arange(offset, offset + len(table), dtype=np.int64)
                 offset += len(table)
-                if len(removed):
-                    keep = ~np.isin(ids, removed)
+                if len(removed):  # both sorted: a binary search each
+                    at = np.minimum(np.searchsorted(removed, ids), len(removed) - 1)
+                    keep = removed[at] != ids
                     if not keep.all():
                         table, ids = table.filter(pa.array(keep)), ids[keep]
                 if not len(ids):

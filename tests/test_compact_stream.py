@@ -226,3 +226,18 @@ def test_compact_of_a_flat_index_with_every_row_removed_empties_it(tmp_path):
     m, dropped = compact_index_dir(folder)
     assert dropped == 50 and m.count == 0 and m.shards == [] and m.next_id == 50
     assert open_index_dir(folder, use_gpu=False).index.ntotal == 0  # (verify fails on an index of no shards)
+
+
+def test_compact_of_a_format_1_index_writes_format_2(tmp_path):
+    from test_index_safety import _legacy_index
+
+    folder = _legacy_index(tmp_path / "idx")
+    before = open_index_dir(folder, use_gpu=False)
+    rows, vectors = before.rows.copy(), before.vectors.vectors.copy()
+    m, dropped = compact_index_dir(folder)
+    assert dropped == 0 and m.format == 2 and m.count == 20 and m.next_id == 20 and verify_index_dir(folder) == []
+    assert not (folder / "vectors.parquet").exists() and not (folder / "index.faiss").exists()
+    after = open_index_dir(folder, use_gpu=False)
+    assert list(after.live_ids) == list(range(20)) and np.array_equal(after.vectors.vectors, vectors)
+    pd.testing.assert_frame_equal(after.rows, rows)
+    assert [h.row_id for h in search(after, vectors[[4]], 3)[0]][0] == 4

@@ -87,7 +87,7 @@ def _base(client) -> str:
 
 def assert_alive(client) -> None:
     r = httpx.get(f"{_base(client)}/health", timeout=10)  # no token needed
-    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    assert r.status_code == 200 and r.json()["status"] == "ok" and "stale" not in r.json()
 
 
 def assert_clean_error(r, status: int, *needles: str) -> None:
@@ -192,6 +192,96 @@ def test_filters(server, served):
     assert all(x["patient_id"] != "PCLIP" for x in r.json()["results"])
     assert_clean_error(_post(server, "d0.png", img, where="nosuch=1"), 400, "nosuch")
     assert_alive(server)
+
+
+# --- the index changing under a running server ----------------------------------------------------------
+
+
+@pytest.fixture
+def copied(served, tmp_path) -> Path:
+    """A copy of the served data, indexed on its own, for tests that change the index."""
+    import shutil
+
+    shutil.copytree(served / "data", tmp_path / "data", symlinks=True)
+    build = ["index", "build", str(tmp_path / "data"), "--index", str(tmp_path / "index"), "--encoder", "cnn5"]
+    assert main([*build, "--image-size", "64", "--quiet"]) == 0
+    return tmp_path
+
+
+@pytest.mark.slow
+def test_a_running_server_follows_index_add_remove_and_compact(copied):
+    """Another process adds, removes and compacts: the next request answers from the new version (a patient
+    removed for privacy is no longer served: metadata, thumbnails, query hits, filters)."""
+    from fastapi.testclient import TestClient
+
+    data, index = copied / "data", copied / "index"
+    engine = load_engine(index, data, use_gpu=False)
+    client = TestClient(create_app(engine, ServeConfig(index, data_root=data)))
+    start = client.get("/health").json()["generation"]
+    count = engine.count
+    clip = [f"dark/clip.dcm#{i}" for i in range(3)]
+    assert all(client.get(f"/items/{c.replace('#', '%23')}").status_code == 200 for c in clip)
+    img = (data / "dark" / "d0.png").read_bytes()
+
+    write_png(data / "bright" / "b9.png", _noise(205, 77))
+    assert main(["index", "add", str(data), "--index", str(index), "--no-gpu", "--quiet"]) == 0
+    assert client.get("/health").json() == {"status": "ok", "generation": start + 1}
+    assert client.get("/items/bright/b9.png").json()["label"] == "bright"
+    assert client.get("/items/bright/b9.png/thumbnail").status_code == 200
+    r = client.post("/query", files={"file": ("d0.png", img)}, data={"k": str(count + 1)})
+    assert r.status_code == 200 and "bright/b9.png" in [x["id"] for x in r.json()["results"]]
+
+    assert main(["index", "remove", "--index", str(index), "--patient", "PCLIP"]) == 0
+    for c in clip:
+        assert_clean_error(client.get(f"/items/{c.replace('#', '%23')}"), 404, "no item")
+        assert_clean_error(client.get(f"/items/{c.replace('#', '%23')}/thumbnail"), 404, "no item")
+    r = client.post("/query", files={"file": ("d0.png", img)}, data={"k": str(count + 1 - 3)})
+    assert r.status_code == 200 and "PCLIP" not in r.text
+    assert_clean_error(client.post("/query", files={"file": ("d0.png", img)}, data={"k": str(count)}), 400, "larger")
+    r = client.post("/query", files={"file": ("d0.png", img)}, data={"k": "1", "where": "patient_id=PCLIP"})
+    assert_clean_error(r, 400, "unknown patient_id 'PCLIP'")  # no longer among the values in the index
+
+    before = {p.name for p in index.iterdir()}
+    assert main(["index", "compact", "--index", str(index)]) == 0
+    assert {p.name for p in index.iterdir()} != before  # the old shards and FAISS file are gone
+    assert client.get("/health").json() == {"status": "ok", "generation": start + 3}
+    assert client.get("/items/bright/b9.png").status_code == 200
+    assert client.get("/items/dark/clip.dcm%230").status_code == 404
+    r = client.post("/query", files={"file": ("d0.png", img)}, data={"k": str(count - 2), "include_self": "true"})
+    assert r.status_code == 200 and len(r.json()["results"]) == count - 2 and "PCLIP" not in r.text
+    if Path("/proc/self/maps").is_file():  # the old version's deleted files are let go (their disk space too)
+        import gc
+
+        gc.collect()
+        held = [os.readlink(f) for f in Path("/proc/self/fd").iterdir() if f.exists()]
+        held += Path("/proc/self/maps").read_text().splitlines()
+        assert not [h for h in held if str(index) in h and "(deleted)" in h]
+
+
+@pytest.mark.slow
+def test_a_new_version_that_cannot_be_opened_keeps_the_old_one_served(copied, caplog):
+    from fastapi.testclient import TestClient
+
+    from indexer.index_dir import MANIFEST
+
+    index = copied / "index"
+    engine = load_engine(index, copied / "data", use_gpu=False)
+    client = TestClient(create_app(engine, ServeConfig(index, data_root=copied / "data")))
+    generation = client.get("/health").json()["generation"]
+    manifest = index / MANIFEST
+    good = manifest.read_text()
+    broken = index / "broken.json"
+    broken.write_text(good.replace('"shards": [', '"shards": [{"name": "shard-000009-abcdef.parquet"}, ', 1))
+    broken.replace(manifest)  # a committed version naming a shard that is not there
+    caplog.set_level(logging.INFO, logger="retrieval.server.engine")
+    for _ in range(3):
+        assert client.get("/items/bright/b0.png").status_code == 200
+    assert client.get("/health").json() == {"status": "ok", "generation": generation, "stale": True}
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 1 and "still serving generation" in errors[0].getMessage()
+    broken.write_text(good)
+    broken.replace(manifest)  # repaired: served again (the same version, so nothing is reopened)
+    assert client.get("/health").json() == {"status": "ok", "generation": generation}
 
 
 # --- bad input ----------------------------------------------------------------------------------------

@@ -171,7 +171,7 @@ def test_pacs_stopped_is_502_and_the_server_keeps_answering(pacs, caplog) -> Non
         assert "cannot reach" in _one_line(r)
         thumb = client.get(f"/items/{dss[1].SOPInstanceUID}/thumbnail", params={"size": 40})  # not cached
         assert thumb.status_code == 502 and _one_line(thumb)
-        assert client.get("/health").json() == {"status": "ok"}
+        assert client.get("/health").json()["status"] == "ok"
         # an indexed instance needs no PACS: its stored vector answers
         assert _by_ref(client, dss[0], k=3).status_code == 200
     finally:

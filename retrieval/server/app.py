@@ -97,9 +97,15 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     app = FastAPI(title="retrieve", version=__version__, description=DESCRIPTION)
     _handlers(app)
 
-    @app.get("/health", summary="Liveness (no token needed; says nothing about the index)")
-    def health() -> dict[str, str]:
-        return {"status": "ok"}
+    @app.get(
+        "/health",
+        summary="Liveness and the index generation served (no token needed)",
+        description="`generation` counts the index's versions (each `index add`, `remove` or `compact` makes "
+        "one; the server serves a new one from the next request on); `stale: true` when the index changed on "
+        "disk but its new version could not be opened, so an older one is still served (see the server's log).",
+    )
+    def health() -> dict[str, Any]:
+        return engine.health()
 
     @app.post("/query", summary="Similar indexed cases for an uploaded image (the JSON of `retrieve query --json`)")
     def query(

@@ -24,7 +24,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-OPEN_PATHS = {"/health"}  # answered without the token (says nothing about the index)
+OPEN_PATHS = {"/health"}  # answered without the token (says only the index generation served)
 SLOTTED_PATHS = {"/query"}  # uploads: bounded in number
 CHUNK = 64 * 1024
 

@@ -144,3 +144,55 @@ def make_pacs_tree(root: Path) -> dict[str, Path]:
     )
     files["report"] = make_dicom(root / "PAT003/STUDY1/SR/SR0001", img("ramp"), "PAT003", pixels=False)
     return files
+
+
+def make_deflated_dicom(
+    path: Path, frame: np.ndarray | None = None, pixel_bytes: int | None = None, preamble: bool = True
+) -> Path:
+    """A Deflated Explicit VR Little Endian file (1.2.840.10008.1.2.1.99) of one 8-bit frame, NumberOfFrames 1.
+
+    `pixel_bytes`: PixelData of that many zero bytes instead of the frame, deflated as it is written (never
+    held whole), so 64 MiB make a file of about 64 KB: a decompression bomb. `preamble=False` leaves out
+    the 128-byte preamble and 'DICM' (the file starts with its file meta group).
+    """
+    import zlib
+
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_dataset, write_file_meta_info
+    from pydicom.uid import DeflatedExplicitVRLittleEndian, generate_uid
+
+    frame = np.zeros((8, 8), np.uint8) if frame is None else np.asarray(frame, np.uint8)
+    ds = Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.6.1", generate_uid()
+    ds.PatientID, ds.PatientName, ds.Modality = "DEFL1", "Doe^Jane", "US"
+    ds.Rows, ds.Columns = frame.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation, ds.NumberOfFrames = 1, "MONOCHROME2", 1
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    n = frame.size if pixel_bytes is None else pixel_bytes
+    n += n % 2
+    pixel_header = b"\xe0\x7f\x10\x00OB\x00\x00" + n.to_bytes(4, "little")
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = ds.SOPClassUID, ds.SOPInstanceUID
+    meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    head = DicomBytesIO()
+    head.is_little_endian, head.is_implicit_VR = True, False
+    write_file_meta_info(head, meta, enforce_standard=True)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "wb") as fh:
+        if preamble:
+            fh.write(b"\0" * 128 + b"DICM")
+        fh.write(head.getvalue())
+        fh.write(deflate.compress(body.getvalue() + pixel_header))
+        if pixel_bytes is None:
+            fh.write(deflate.compress(frame.tobytes() + b"\0" * (n - frame.size)))
+        else:
+            zeros = bytes(1 << 20)
+            for start in range(0, n, len(zeros)):
+                fh.write(deflate.compress(zeros[: min(len(zeros), n - start)]))
+        fh.write(deflate.flush())
+    return path

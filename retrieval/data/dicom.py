@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -25,7 +26,12 @@ from retrieval.errors import UnreadableImageError
 
 log = logging.getLogger(__name__)
 
-NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", "1.2.840.10008.1.2.1.99"}
+DEFLATED_SYNTAX = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole data set is deflated
+NATIVE_SYNTAXES = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1", "1.2.840.10008.1.2.2", DEFLATED_SYNTAX}
+# a deflated data set may inflate to at most this many bytes per pixel of the per-frame pixel limit: 512 MB by
+# default, one frame at the limit as float64 (what decoding makes of it), so a 1 MB file cannot become 1 GB
+INFLATED_BYTES_PER_PIXEL = 8
+_INFLATE_CHUNK = 1 << 20
 # the columns a DICOM file fills, under the names agreed for every index (keyword in the header -> column)
 IDENTITY_TAGS = {
     "PatientID": "patient_id",
@@ -86,11 +92,53 @@ def _quiet_pydicom(path: Path) -> Iterator[None]:
         log.warning("%s: %s%s", path, first, more)
 
 
+def max_inflated_bytes() -> int:
+    """The most bytes a deflated data set may inflate to (INFLATED_BYTES_PER_PIXEL x the pixel limit)."""
+    return INFLATED_BYTES_PER_PIXEL * limits().max_pixels
+
+
+def check_inflated_size(path: Path) -> None:
+    """Refuse a deflated file whose data set inflates past `max_inflated_bytes`, before pydicom inflates it.
+
+    pydicom inflates a Deflated Explicit VR Little Endian data set whole, in one call, before it reads a
+    single element (even for a header-only read), so a 1 MB file can take 1 GB and more. The file meta group
+    is not deflated: it is read here as pydicom reads it, then the rest is inflated in pieces that are
+    counted and dropped (memory stays at a few MB), and pydicom reads the file only once it is known to fit.
+    Any other transfer syntax returns at once.
+    """
+    from pydicom.filereader import _read_command_set_elements, _read_file_meta_info, read_preamble
+
+    with open(path, "rb") as fh:
+        read_preamble(fh, True)  # a file without the preamble is read from its start, as dcmread(force=True)
+        meta = _read_file_meta_info(fh)
+        if str(meta.get("TransferSyntaxUID", "") or "").strip("\0 ") != DEFLATED_SYNTAX:
+            return
+        _read_command_set_elements(fh)  # as pydicom does: what follows is the deflated data set
+        cap = max_inflated_bytes()
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        total = 0
+        while not inflater.eof:
+            data = inflater.unconsumed_tail or fh.read(_INFLATE_CHUNK)
+            if not data:
+                break  # a truncated stream: pydicom's own read reports it
+            total += len(inflater.decompress(data, min(_INFLATE_CHUNK, cap + 1 - total)))
+            if total > cap:
+                raise UnreadableImageError(
+                    path,
+                    f"deflated data set larger than {cap} bytes once inflated, over the limit of {cap} "
+                    f"({INFLATED_BYTES_PER_PIXEL} x {MAX_PIXELS_ENV})",
+                )
+
+
 def _dcmread(path: Path, **kwargs: Any) -> Any:
-    """pydicom's read; a file without the 128-byte preamble and 'DICM' is read again with force=True."""
+    """pydicom's read; a file without the 128-byte preamble and 'DICM' is read again with force=True.
+
+    A deflated data set is checked first (`check_inflated_size`): pydicom would inflate all of it.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    check_inflated_size(path)
     try:
         return pydicom.dcmread(str(path), **kwargs)
     except InvalidDicomError:

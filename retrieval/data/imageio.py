@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from retrieval.data.dicom import read_dicom_frames
+from retrieval.data.dicom import check_inflated_size, read_dicom_frames
 from retrieval.data.limits import MAX_PIXELS_ENV, limits
 from retrieval.data.pixels import to_gray_uint8
 from retrieval.errors import UnreadableImageError
@@ -45,6 +45,12 @@ def _forced_read_is_dicom(path: Path) -> bool:
     """A preamble-less file: DICOM when pydicom's forced header read finds an image's attributes."""
     import pydicom
 
+    try:
+        check_inflated_size(path)  # pydicom would inflate a deflated data set whole, even for the header
+    except UnreadableImageError:
+        return True  # a file meta announcing a deflated data set too large: the reader refuses it in one line
+    except Exception:  # any parse failure: not DICOM
+        return False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli, write_png
+from conftest import assert_one_line_error, run_cli, write_dicom, write_png
 from dicom_factory import make_deflated_dicom
 
 from retrieval.cli.main import main
@@ -160,3 +160,33 @@ def test_the_server_answers_413_to_a_deflated_bomb(client, bomb, low_limit):
     assert r.status_code == 413
     assert _detail(r).startswith("bomb.dcm: deflated data set") and "over the limit" in _detail(r)
     assert client.get("/health").status_code == 200
+
+
+# --- more pixel data than the header says -----------------------------------------------------------------
+
+
+def _frames_claim(path: Path, claim: bytes) -> Path:
+    """Rewrite the NumberOfFrames (0028,0008) IS value in place."""
+    raw = path.read_bytes()
+    i = raw.find(b"\x28\x00\x08\x00IS")
+    assert i > 0
+    length = int.from_bytes(raw[i + 6 : i + 8], "little")
+    value = claim + (b" " if len(claim) % 2 else b"")
+    path.write_bytes(raw[: i + 6] + len(value).to_bytes(2, "little") + value + raw[i + 8 + length :])
+    return path
+
+
+def test_pixel_data_past_the_frames_the_header_claims_is_not_decoded(tmp_path, monkeypatch):
+    """NumberOfFrames is what the file holds (PS3.5 8.1.1); data after those frames is ignored, so what is
+    decoded never exceeds the claim that was checked against the frame limit."""
+    monkeypatch.setenv("RETRIEVE_MAX_FRAMES", "5")
+    clip = np.stack([np.full((16, 16), 100 * (i + 1), np.uint16) for i in range(12)])
+    p = _frames_claim(write_dicom(tmp_path / "liar.dcm", clip), b"2")
+    assert read_dicom_header(p).n_frames == 2
+    frames = read_dicom_frames(p, CT)
+    assert len(frames) == 2  # not 12, over the limit of 5
+    assert np.array_equal(frames[0], read_dicom_frames(p, CT, only=0)[0])
+    with pytest.raises(UnreadableImageError, match="frame 2 requested but the file has 2"):
+        read_dicom_frames(p, CT, only=2)
+    one = _frames_claim(write_dicom(tmp_path / "one.dcm", clip), b"1")
+    assert len(read_frames(one)) == 1

@@ -255,6 +255,8 @@ def read_dicom_frames(path: Path, ct_window: tuple[float, float], only: int | No
             n = _check_geometry(ds, path)
             _check_pixel_data_length(ds, n, path)
             check_decoder(ds, path)
+            if hasattr(ds, "pixel_array_options"):  # pydicom 3: frames past NumberOfFrames are not decoded
+                ds.pixel_array_options(allow_excess_frames=False)
             pixels = ds.pixel_array
     except UnreadableImageError:
         raise
@@ -317,9 +319,21 @@ def _frames_from(
         raise UnreadableImageError(path, f"{photometric} pixels of shape {pixels.shape} are not colour images")
     # one stack of frames, whatever the header claimed: (n, rows, cols) or (n, rows, cols, 3)
     pixels = pixels.reshape(-1, *pixels.shape[-3:]) if is_colour else pixels.reshape(-1, *pixels.shape[-2:])
-    if pixels.shape[0] != n:
+    # NumberOfFrames says how many frames there are (PS3.5 8.1.1: the pixel data holds exactly those, plus
+    # padding); data past them is not frames, and decoding it would escape the frame limit the header was
+    # checked against. So more frames than the header says are dropped; fewer (a short encapsulated file)
+    # are used as they are.
+    if pixels.shape[0] > n:
+        log.warning("%s: header says %d frame(s), the pixel data holds %d; using %d", path, n, len(pixels), n)
+        pixels = pixels[:n]
+    elif pixels.shape[0] < n:
         log.warning("%s: header says %d frame(s), the pixel data holds %d; using %d", path, n, len(pixels), len(pixels))
         n = len(pixels)
+    max_frames = limits().max_frames
+    if n > max_frames:  # what is decoded, checked again: the header's claim was checked before decoding
+        raise UnreadableImageError(
+            path, f"holds {n} frames, over the limit of {max_frames} per file ({MAX_FRAMES_ENV})"
+        )
     if only is not None and not 0 <= only < n:
         raise UnreadableImageError(path, f"frame {only} requested but the file has {n} frame(s)")
     if is_colour:

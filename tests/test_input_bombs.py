@@ -10,7 +10,9 @@ about 64 KB, is over it; the memory used is measured with tracemalloc.
 from __future__ import annotations
 
 import shutil
+import struct
 import tracemalloc
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -160,6 +162,28 @@ def test_the_server_answers_413_to_a_deflated_bomb(client, bomb, low_limit):
     assert r.status_code == 413
     assert _detail(r).startswith("bomb.dcm: deflated data set") and "over the limit" in _detail(r)
     assert client.get("/health").status_code == 200
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A small PNG whose header claims width x height (a decompression bomb, as far as the header goes)."""
+    write_png(path, np.zeros((8, 8), np.uint8))
+    raw = bytearray(path.read_bytes())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_a_png_past_pils_own_bomb_limit_is_413_with_the_pixel_limit(client, tmp_path, capsys):
+    png = _png_claiming(tmp_path / "bomb30k.png", 30000, 30000)  # 900 MP: PIL refuses it in Image.open
+    message = "900000000 pixels, over the limit of 64000000 (RETRIEVE_MAX_PIXELS)"
+    with pytest.raises(UploadError) as caught:
+        check_header(png, "png", "bomb30k.png")
+    assert caught.value.status == 413 and str(caught.value) == f"bomb30k.png: {message}"
+    r = client.post("/query", files={"file": ("bomb30k.png", png.read_bytes())}, data={"k": "1"})
+    assert r.status_code == 413 and _detail(r) == f"bomb30k.png: {message}"
+    with pytest.raises(UnreadableImageError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        read_frames(png)
 
 
 # --- more pixel data than the header says -----------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 
@@ -60,6 +61,16 @@ def _forced_read_is_dicom(path: Path) -> bool:
         return False
 
 
+def pil_bomb_reason(exc: Exception, max_pixels: int) -> str:
+    """PIL's DecompressionBombError (raised by Image.open past about 179 megapixels) as our pixel-limit message.
+
+    PIL refuses before we see the size; its message holds the pixel count, which is named when it is there.
+    """
+    found = re.search(r"\((\d+) pixels\)", str(exc))
+    size = f"{int(found.group(1))} pixels" if found else "more pixels than PIL allows"
+    return f"{size}, over the limit of {max_pixels} ({MAX_PIXELS_ENV})"
+
+
 def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in RASTER_SUFFIXES or is_dicom(path)
 
@@ -90,10 +101,8 @@ def read_raster(path: Path) -> np.ndarray:
         raise UnreadableImageError(path, "file not found") from None
     except UnidentifiedImageError:
         raise UnreadableImageError(path, "not a readable image") from None
-    except Image.DecompressionBombError:
-        raise UnreadableImageError(
-            path, f"more pixels than PIL allows, over the limit of {max_pixels} ({MAX_PIXELS_ENV})"
-        ) from None
+    except Image.DecompressionBombError as exc:
+        raise UnreadableImageError(path, pil_bomb_reason(exc, max_pixels)) from None
     except Exception as exc:  # PIL's decoders parse untrusted bytes: any failure is this file's, in one line
         msg = " ".join(str(exc).split())[:160] or type(exc).__name__
         raise UnreadableImageError(path, f"corrupt or truncated image ({msg})") from None

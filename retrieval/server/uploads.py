@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from retrieval.data.dicom import read_dicom_header
+from retrieval.data.imageio import pil_bomb_reason
 from retrieval.data.limits import MAX_FRAMES_ENV, MAX_PIXELS_ENV, limits
 from retrieval.errors import RetrieveError, UnreadableImageError
 
@@ -59,6 +60,8 @@ def check_header(path: Path, kind: str, name: str) -> None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 width, height = im.size
+    except Image.DecompressionBombError as exc:  # PIL's own limit, past about 179 megapixels: ours is lower
+        raise UploadError(413, f"{name}: {pil_bomb_reason(exc, max_pixels)}") from None
     except Exception as exc:  # PIL parses untrusted bytes: any failure is the upload's
         raise UploadError(422, f"{name}: not a readable {kind.upper()} image ({type(exc).__name__})") from None
     if width * height > max_pixels:

@@ -154,7 +154,7 @@ def test_cases_and_a_moved_data_root_answer_as_the_cli(served, tmp_path, capsys)
     finally:
         (served / "data" / "bright" / "b0.moved").rename(served / "data" / "bright" / "b0.png")
     assert_clean_error(
-        client.post("/query", files={"file": ("d3.png", img.read_bytes())}, data={"group_by": "ward"}), 400, "ward"
+        client.post("/query", files={"file": ("d3.png", img.read_bytes())}, data={"group_by": "ward"}), 422, "group_by"
     )
 
 
@@ -315,7 +315,8 @@ def test_bad_uploads_get_clear_4xx_and_the_server_keeps_serving(server, served, 
         (_post(server, "d1.png", png, k="0"), 422, "k"),
         (_post(server, "d1.png", png, k="1000"), 400, "larger than the"),
         (_post(server, "d1.png", png, k="ten"), 422, "k"),
-        (_post(server, "d1.png", png, vote="loudest"), 400, "vote"),
+        (_post(server, "d1.png", png, vote="loudest"), 422, "vote"),
+        (_post(server, "d1.png", png, agg="median"), 422, "agg"),
         (server.post("/query", data={"k": "3"}), 422, "file"),
         (server.post("/query", content=b"x" * 100, headers={"content-type": "text/plain"}), 422, "file"),
     ]
@@ -444,6 +445,48 @@ def test_item_metadata_and_thumbnail(server, served):
     assert frame.status_code == 200 and frame.content.startswith(b"\x89PNG")
     assert_clean_error(server.get("/items/bright/b0.png/thumbnail", params={"size": 5000}), 422, "size")
     assert_clean_error(server.get("/items/no/such.png"), 404, "no item")
+
+
+def test_openapi_declares_the_answers_it_gives(engine, served):
+    """Every error status a route gives is declared with the body it really has; choices are enums."""
+    from typing import get_args
+
+    from fastapi.testclient import TestClient
+
+    from retrieval.cases import AGGREGATIONS, CASE_COLUMNS
+    from retrieval.server.app import Agg, GroupBy, Vote
+    from retrieval.vote import VOTE_WEIGHTINGS
+
+    assert (get_args(Vote), get_args(GroupBy), get_args(Agg)) == (VOTE_WEIGHTINGS, tuple(CASE_COLUMNS), AGGREGATIONS)
+    client = TestClient(create_app(engine, ServeConfig(served / "index", data_root=served / "data")))
+    schema = client.get("/openapi.json").json()
+    assert "HTTPValidationError" not in json.dumps(schema)  # FastAPI's list of errors, never sent
+    declared = {
+        ("/query", "post"): {"400", "401", "408", "413", "415", "422", "500", "503"},
+        ("/query-by-reference", "post"): {"400", "401", "404", "408", "413", "422", "500", "502"},
+        ("/items/{item_id}/thumbnail", "get"): {"400", "401", "403", "404", "408", "413", "422", "500", "502"},
+        ("/items/{item_id}", "get"): {"400", "401", "404", "408", "413", "500"},
+    }
+    for (path, method), statuses in declared.items():
+        responses = schema["paths"][path][method]["responses"]
+        assert set(responses) == statuses | {"200"}, path
+        for status in statuses:
+            assert responses[status]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/ErrorBody"
+            }
+    assert set(schema["paths"]["/items/{item_id}/thumbnail"]["get"]["responses"]["200"]["content"]) == {"image/png"}
+    form = schema["components"]["schemas"]["Body_query_query_post"]["properties"]
+    assert form["vote"]["enum"] == list(VOTE_WEIGHTINGS) and form["agg"]["enum"] == list(AGGREGATIONS)
+    assert form["group_by"]["anyOf"][0]["enum"] == list(CASE_COLUMNS)
+    assert form["k"]["minimum"] == 1 and form["k"]["maximum"] == 1000
+    png = _png_bytes(_noise(100, 1))
+    for fields in ({"k": "0"}, {"k": "1001"}, {"vote": "loudest"}, {"group_by": "ward"}, {"agg": "median"}):
+        r = client.post("/query", files={"file": ("q.png", png)}, data=fields)
+        assert r.status_code == 422 and set(r.json()) == {"detail"} and isinstance(r.json()["detail"], str), fields
+    r = client.post("/query", files={"file": ("q.png", png)}, data={"k": "1", "group_by": ""})  # empty: not grouped
+    assert r.status_code == 200 and "results" in r.json()
+    r = client.post("/query-by-reference", json={"study": "1.2", "series": "1.2.3", "instance": "x", "group_by": ""})
+    assert_clean_error(r, 422, "instance: not a DICOM UID")
 
 
 def test_item_json_never_shows_person_names():

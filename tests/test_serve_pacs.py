@@ -150,7 +150,7 @@ def test_unknown_instance_is_404_in_one_line(pacs) -> None:
     assert r.status_code == 404
     assert "1.2.3.4.5" in _one_line(r)
     bad = client.post("/query-by-reference", json={"study": "x", "series": "1.2", "instance": "1.2.3"})
-    assert bad.status_code == 400 and "UID" in _one_line(bad)
+    assert bad.status_code == 422 and "study: not a DICOM UID" in _one_line(bad)
 
 
 def test_openapi_lists_the_reference_query(pacs) -> None:

@@ -6,17 +6,17 @@ import logging
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrieval import __version__
-from retrieval.data.dicomweb import InstanceUnavailable, ServerUnreachable
+from retrieval.data.dicomweb import UID, InstanceUnavailable, ServerUnreachable
 from retrieval.errors import RetrieveError
 from retrieval.server.config import MAX_K, THUMBNAIL_MAX_SIDE, ServeConfig
 from retrieval.server.engine import Engine, Forbidden, NotFound
@@ -32,6 +32,43 @@ every endpoint but /health needs
 `Authorization: Bearer <token>`. The suggested label is a vote of similar cases, not a diagnosis."""
 
 
+# the choices of `retrieve query --vote`, `--group-by` and `--agg` (retrieval.vote, retrieval.cases; a test
+# checks they agree), as enums in the OpenAPI description: anything else is refused by validation (422)
+Vote = Literal["majority", "similarity"]
+GroupBy = Literal["study", "series", "patient"]
+Agg = Literal["max", "mean"]
+
+
+class ErrorBody(BaseModel):
+    """Every error answer: one line saying what is wrong, never a traceback."""
+
+    detail: str = Field(description="what is wrong, in one line")
+
+
+ERRORS: dict[int, str] = {
+    400: "a request the index cannot answer: a bad `where` or `exclude_patient`, `k` over the number of images "
+    "in the index, an unknown field or query parameter, more than one file",
+    401: "missing or wrong access token (when the server has one)",
+    403: "the item's file lies outside the data root",
+    404: "no such item, or its file is missing",
+    408: "the request body did not arrive within 60 s",
+    413: "the request body is over the upload limit, or the image over the pixel or frame limits",
+    415: "not a PNG, JPEG or DICOM file (by its content)",
+    422: "a field of the wrong type or outside its range or choices, or an image that cannot be read",
+    500: "an internal error (logged by the server)",
+    502: "the index's PACS cannot be reached",
+    503: "busy: every query slot is taken; try again after Retry-After seconds",
+}
+
+
+def _declared(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, each with the body it really has (ErrorBody)."""
+    out: dict[int | str, dict[str, Any]] = {}
+    for status in statuses:
+        out[status] = {"model": ErrorBody, "description": descriptions.get(f"e{status}", ERRORS[status])}
+    return out
+
+
 def _error(status: int, detail: str) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=status)
 
@@ -40,23 +77,35 @@ def _one_line(exc: RequestValidationError) -> str:
     parts = []
     for e in exc.errors()[:3]:
         where = ".".join(str(x) for x in e.get("loc", ()) if x not in ("body", "query", "path"))
-        parts.append(f"{where}: {e.get('msg', 'invalid')}" if where else str(e.get("msg", "invalid")))
+        msg = str(e.get("msg", "invalid"))
+        if e.get("type") == "string_pattern_mismatch":  # the UIDs of a query by reference
+            msg = "not a DICOM UID (digits and dots)"
+        parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
+
+
+def _uid(what: str) -> Any:
+    return Field(description=f"{what} (digits and dots)", min_length=1, max_length=64, pattern=UID.pattern)
 
 
 class ReferenceQuery(BaseModel):
     """An instance on the PACS the index was synced from, and the options of POST /query."""
 
-    study: str = Field(description="StudyInstanceUID", min_length=1, max_length=64)
-    series: str = Field(description="SeriesInstanceUID", min_length=1, max_length=64)
-    instance: str = Field(description="SOPInstanceUID", min_length=1, max_length=64)
+    study: str = _uid("StudyInstanceUID")
+    series: str = _uid("SeriesInstanceUID")
+    instance: str = _uid("SOPInstanceUID")
     k: int = Field(10, ge=1, le=MAX_K, description="number of similar cases")
     where: list[str] = Field([], description="only candidates with COLUMN=VALUE")
     exclude_patient: list[str] = Field([], description="leave out these patients' images")
     include_self: bool = Field(False, description="keep the instance itself if it is indexed")
-    vote: str = Field("majority", description="majority or similarity")
-    group_by: str | None = Field(None, description="answer with cases: study, series or patient")
-    agg: str = Field("max", description="a case's score from its images': max or mean")
+    vote: Vote = Field("majority", description="how the similar cases vote for a label")
+    group_by: GroupBy | None = Field(None, description="answer with cases (study, series or patient), not images")
+    agg: Agg = Field("max", description="a case's score from its images' scores")
+
+    @field_validator("group_by", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return None if value == "" else value
 
 
 def _handlers(app: FastAPI) -> None:
@@ -92,6 +141,27 @@ def _handlers(app: FastAPI) -> None:
         return _error(500, "internal error (see the server's log)")
 
 
+def _honest_openapi(app: FastAPI) -> None:
+    """The OpenAPI description without FastAPI's default 422 (a list of error objects, which this server
+    never sends: its 422 is an ErrorBody, declared by each route that can answer it)."""
+    plain = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = plain()
+            for item in schema.get("paths", {}).values():
+                for operation in item.values():
+                    answer = operation.get("responses", {}).get("422", {})
+                    if "HTTPValidationError" in str(answer.get("content", "")):
+                        del operation["responses"]["422"]
+            for name in ("HTTPValidationError", "ValidationError"):
+                schema.get("components", {}).get("schemas", {}).pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     """The app over a loaded engine, behind the guard (token, body limit, bounded queries) and optional CORS."""
     app = FastAPI(title="retrieve", version=__version__, description=DESCRIPTION)
@@ -107,16 +177,22 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     def health() -> dict[str, Any]:
         return engine.health()
 
-    @app.post("/query", summary="Similar indexed cases for an uploaded image (the JSON of `retrieve query --json`)")
+    @app.post(
+        "/query",
+        summary="Similar indexed cases for an uploaded image (the JSON of `retrieve query --json`)",
+        responses=_declared(400, 401, 408, 413, 415, 422, 500, 503),
+    )
     def query(
         file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM (recognised by content)")],
         k: Annotated[int, Form(ge=1, le=MAX_K, description="number of similar cases")] = 10,
         where: Annotated[list[str], Form(description="only candidates with COLUMN=VALUE (repeatable)")] = [],  # noqa: B006
         exclude_patient: Annotated[list[str], Form(description="leave out this patient's images")] = [],  # noqa: B006
         include_self: Annotated[bool, Form(description="keep the query image itself if it is indexed")] = False,
-        vote: Annotated[str, Form(description="majority or similarity")] = "majority",
-        group_by: Annotated[str | None, Form(description="answer with cases: study, series or patient")] = None,
-        agg: Annotated[str, Form(description="a case's score from its images': max or mean")] = "max",
+        vote: Annotated[Vote, Form(description="how the similar cases vote for a label")] = "majority",
+        group_by: Annotated[
+            GroupBy | None, Form(description="answer with cases (study, series or patient), not images")
+        ] = None,
+        agg: Annotated[Agg, Form(description="a case's score from its images' scores")] = "max",
     ) -> Any:
         name = clean_name(file.filename)
         kind = sniff_kind(file.file.read(132))
@@ -133,7 +209,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     @app.post(
         "/query-by-reference",
         summary="Similar indexed cases for an instance on the index's PACS, by its UIDs (the JSON of POST /query)",
-        responses={404: {"description": "no such instance on the PACS"}, 502: {"description": "PACS unreachable"}},
+        responses=_declared(400, 401, 404, 408, 413, 422, 500, 502, e404="no such instance on the PACS"),
     )
     def query_by_reference(body: ReferenceQuery) -> Any:
         return engine.query_reference(
@@ -149,15 +225,30 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             body.agg,
         )
 
-    @app.get("/items/{item_id:path}/thumbnail", summary="An indexed image as PNG", response_class=Response)
+    @app.get(
+        "/items/{item_id:path}/thumbnail",
+        summary="An indexed image as PNG",
+        response_class=Response,
+        responses={
+            200: {"description": "the image as PNG", "content": {"image/png": {"schema": {"type": "string"}}}},
+            **_declared(
+                400, 401, 403, 404, 408, 413, 422, 500, 502, e400="the item is on a PACS the index does not record"
+            ),
+        },
+    )
     def thumbnail(item_id: str, size: Annotated[int, Query(ge=16, le=THUMBNAIL_MAX_SIDE)] = 256) -> Response:
         png = engine.thumbnail(item_id, size)
         return Response(png, media_type="image/png", headers={"cache-control": "private, max-age=300"})
 
-    @app.get("/items/{item_id:path}", summary="An indexed image's metadata (no patient names)")
+    @app.get(
+        "/items/{item_id:path}",
+        summary="An indexed image's metadata (no patient names)",
+        responses=_declared(400, 401, 404, 408, 413, 500),
+    )
     def item(item_id: str) -> dict[str, Any]:
         return engine.item(item_id)
 
+    _honest_openapi(app)
     app.add_middleware(Guard, token=cfg.token, max_body=cfg.max_upload_bytes, max_concurrent=cfg.max_concurrent)
     if cfg.cors_origins:  # outside the guard, so a browser's preflight (which carries no token) is answered
         app.add_middleware(

@@ -489,6 +489,13 @@ def test_openapi_declares_the_answers_it_gives(engine, served):
     assert_clean_error(r, 422, "instance: not a DICOM UID")
 
 
+def test_a_wrong_method_gets_405_with_allow(server):
+    for method, path, allowed in (("PUT", "/query", "POST"), ("DELETE", "/items/bright/b0.png", "GET")):
+        r = server.request(method, path)
+        assert_clean_error(r, 405, "Method Not Allowed")
+        assert r.headers["allow"] == allowed
+
+
 def test_item_json_never_shows_person_names():
     row = {
         "id": "a",

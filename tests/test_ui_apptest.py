@@ -237,3 +237,43 @@ def test_multilabel_index_shows_a_set_vote_and_filters_by_class(monkeypatch, dem
     choice.set_value("steatosis").run()
     labels = [c[2] for c in _cards(at)]
     assert len(labels) == 10 and all("steatosis" in lab.split("|") for lab in labels)
+
+
+@pytest.mark.slow
+def test_person_names_of_an_old_index_never_reach_the_page(monkeypatch, demo_data, tmp_path):
+    """An index built before names were dropped at ingest still holds PatientName and surname: the page offers
+    neither as a filter and shows neither on the cards or in the case view."""
+    import shutil
+
+    import pandas as pd
+
+    from retrieval.cli.main import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    files = sorted(demo_data.rglob("*.png"))[:8]
+    for p in files:
+        shutil.copy(p, data / p.name)
+    pd.DataFrame(
+        {
+            "path": [p.name for p in files],
+            "label": ["a", "b"] * 4,
+            "patient_id": [f"P{j}" for j in range(8)],
+            "PatientName": [f"DOE^N{j}" for j in range(8)],
+            "surname": ["DOE"] * 8,
+        }
+    ).to_csv(data / "labels.csv", index=False)
+    index = tmp_path / "idx"
+    with monkeypatch.context() as mp:
+        mp.setattr("retrieval.data.dataset.person_name_columns", lambda columns: [])
+        build = ["index", "build", str(data), "--index", str(index), "--encoder", "intensity-stats", "--quiet"]
+        assert main(build) == 0
+    at = _app(monkeypatch, index)
+    assert at.selectbox(key="filter_col").options == ["(none)", "label"]
+    at.radio(key="mode").set_value("Pick an indexed case").run()
+    next(b for b in at.button if b.label == "Open").click().run()
+    assert any(h.value == "Its own similar cases" for h in at.subheader)
+    fields = at.dataframe[0].value
+    assert "PatientName" not in set(fields["field"]) and "patient_id" in set(fields["field"])
+    shown = [e.value for e in [*at.markdown, *at.caption, *at.subheader]] + [fields.to_string()]
+    assert not any("DOE" in str(v) or "surname" in str(v) for v in shown)

@@ -350,3 +350,65 @@ def test_set_vote_and_class_filter_in_the_browser(multilabel_session, session):
     # the filter the sidebar offers: `label includes steatosis` keeps every fatty image, whatever its grade
     ans = query_indexed(s, 0, k=6, where=[("label", "steatosis")])
     assert ans.result.matched == 18 and all("steatosis" in set_members(lab) for lab in ans.result.rows["label"])
+
+
+# --- person names and odd inputs ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def named_session(tmp_path_factory, demo_data):
+    """An index built before person-name columns were dropped at ingest: its rows hold PatientName and
+    surname (the ingest drop is switched off while it is built). Its data folder also has a link to a file
+    outside it."""
+    import shutil
+
+    import pandas as pd
+    from conftest import write_png
+
+    from retrieval.cli.main import main
+
+    root = tmp_path_factory.mktemp("named_ui")
+    data = root / "data"
+    data.mkdir()
+    files = sorted(demo_data.rglob("*.png"))[:6]
+    for p in files:
+        shutil.copy(p, data / p.name)
+    secret = write_png(root / "outside" / "secret.png", np.full((32, 32), 99, np.uint8))
+    (data / "link.png").symlink_to(secret)
+    paths = [p.name for p in files] + ["link.png"]
+    pd.DataFrame(
+        {
+            "path": paths,
+            "label": ["a", "b"] * 3 + ["a"],
+            "patient_id": [f"P{j}" for j in range(7)],
+            "PatientName": [f"DOE^N{j}" for j in range(7)],
+            "surname": ["DOE"] * 7,
+            "site": ["x", "y"] * 3 + ["x"],
+        }
+    ).to_csv(data / "labels.csv", index=False)
+    index = root / "idx"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("retrieval.data.dataset.person_name_columns", lambda columns: [])
+        build = ["index", "build", str(data), "--index", str(index), "--encoder", "intensity-stats", "--quiet"]
+        assert main(build) == 0
+    return open_session(index)
+
+
+def test_the_browser_never_offers_or_shows_person_names(named_session):
+    from ui.backend import case_fields, filter_choices
+
+    s = named_session
+    assert "PatientName" in s.idx.columns  # the old index holds names ...
+    assert s.metadata_columns() == ["site"]  # ... the browser offers none of them
+    assert "PatientName" not in s.rows and "surname" not in s.rows
+    with pytest.raises(RetrieveError, match="^PatientName holds person names") as err:
+        filter_choices(s.idx.rows, "PatientName")
+    assert "DOE" not in str(err.value)
+    assert filter_choices(s.rows, "site") == ("site =", ["x", "y"])
+    row = s.idx.rows.iloc[0].to_dict()
+    assert not any("DOE" in str(v) or f in ("PatientName", "surname") for f, v in case_fields(row))
+    ans = query_indexed(s, 0, k=3)
+    assert "PatientName" not in ans.result.rows and "DOE" not in json.dumps(ans.result.to_dict(), default=str)
+    with pytest.raises(RetrieveError, match="person names") as err:
+        query_indexed(s, 0, k=3, where=[("PatientName", "DOE^N1")])
+    assert "DOE" not in str(err.value)

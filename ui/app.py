@@ -17,6 +17,7 @@ from retrieval.errors import RetrieveError
 from ui.backend import (
     Answer,
     Session,
+    case_fields,
     decode_upload,
     filter_choices,
     find_cases,
@@ -304,8 +305,9 @@ def case_view(
     with right:
         st.subheader(f"Case {row['id']}")
         show_image(row, None)
+        fields = case_fields(row)  # never a person-name column, even from an old index that holds one
         st.dataframe(
-            pd.DataFrame({"field": list(row), "value": [text(v) for v in row.values()]}),
+            pd.DataFrame({"field": [f for f, _ in fields], "value": [text(v) for _, v in fields]}),
             hide_index=True,
             width="stretch",
         )

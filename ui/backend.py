@@ -7,7 +7,7 @@ import hashlib
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -17,6 +17,7 @@ import pandas as pd
 from PIL import Image
 
 from indexer.index_dir import IndexDir, open_index_dir, read_manifest
+from indexer.privacy import is_person_name_column, person_name_columns
 from indexer.search import holds_sets, set_members
 from retrieval.data.dataset import CORE_COLUMNS
 from retrieval.data.imageio import IMAGE_SUFFIXES, read_frame, read_frames
@@ -47,11 +48,18 @@ class Session:
 
     @cached_property
     def rows(self) -> pd.DataFrame:
-        """The indexed rows, each `path` where the file is now."""
-        return resolve_paths(self.idx.rows, self.root)
+        """The indexed rows, each `path` where the file is now, without person-name columns (an index built
+        before they were dropped at ingest may still hold them: the browser never shows them)."""
+        rows = resolve_paths(self.idx.rows, self.root)
+        return rows.drop(columns=person_name_columns(rows.columns))
 
     def metadata_columns(self) -> list[str]:
-        return [c for c in self.rows.columns if c not in CORE_COLUMNS and c not in (CONTENT_HASH, REL_PATH)]
+        """The columns the browser offers as filters and shows on cards (never a person-name column)."""
+        return [
+            c
+            for c in self.rows.columns
+            if c not in CORE_COLUMNS and c not in (CONTENT_HASH, REL_PATH) and not is_person_name_column(c)
+        ]
 
     @property
     def labelled(self) -> bool:
@@ -170,7 +178,7 @@ def query_frame(
         exclude_positions=own,
         data_root=session.root,
     )[0]
-    return Answer(res, time.perf_counter() - t0)
+    return Answer(_without_names(res), time.perf_counter() - t0)
 
 
 def query_indexed(
@@ -201,7 +209,18 @@ def query_indexed(
         exclude_positions=own,
         data_root=session.root,
     )[0]
-    return Answer(res, time.perf_counter() - t0)
+    return Answer(_without_names(res), time.perf_counter() - t0)
+
+
+def _without_names(result: QueryResult) -> QueryResult:
+    """The result without the person-name columns an old index may hold (the browser never shows them)."""
+    names = person_name_columns(result.rows.columns)
+    return replace(result, rows=result.rows.drop(columns=names)) if names else result
+
+
+def case_fields(row: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The (field, value) pairs the case view lists: every field but the vector and person-name columns."""
+    return [(str(k), v) for k, v in row.items() if k != "vector" and not is_person_name_column(k)]
 
 
 def load_image(path: str, frame_index: Any = None, max_side: int | None = None) -> np.ndarray:
@@ -245,7 +264,9 @@ def summary(session: Session) -> dict:
 def filter_choices(rows: pd.DataFrame, col: str) -> tuple[str, list[str]]:
     """The filter's caption and the values offered for `col`: its distinct values, or, on a column of
     `|`-separated sets (multi-label labels), its classes, since `label=liver` then keeps every image whose
-    set names liver (indexer.search.candidate_mask)."""
+    set names liver (indexer.search.candidate_mask). A person-name column is never offered (a one-line error)."""
+    if is_person_name_column(col):
+        raise RetrieveError(f"{col} holds person names, which the browser never shows or filters by")
     values = rows[col].astype("string").dropna()
     if holds_sets(values):
         return f"{col} includes", sorted(set().union(*(set_members(v) for v in values.unique())))

@@ -412,3 +412,67 @@ def test_the_browser_never_offers_or_shows_person_names(named_session):
     with pytest.raises(RetrieveError, match="person names") as err:
         query_indexed(s, 0, k=3, where=[("PatientName", "DOE^N1")])
     assert "DOE" not in str(err.value)
+
+
+def test_a_linked_file_outside_the_data_root_is_refused(named_session):
+    from ui.backend import load_image
+
+    s = named_session
+    link = s.rows.set_index("id").loc["link.png", "path"]  # stored as placed, not as its target
+    assert "outside" not in link and "secret" not in link
+    assert load_image(link, None, 16).shape == (16, 16)  # without a root, as before
+    with pytest.raises(RetrieveError, match="link.png: the file lies outside the data root"):
+        load_image(link, None, 16, root=s.root)
+    inside = s.rows.set_index("id").loc[s.rows["id"].iloc[0], "path"]
+    assert load_image(inside, None, 16, root=s.root).ndim == 2
+
+
+def test_odd_inputs_are_one_line_errors(named_session, tmp_path):
+    from ui.backend import load_image
+
+    s = named_session
+    frame = np.full((32, 32), 50, np.uint8)
+    for position in (99, 7, -1, 1.5, True):
+        with pytest.raises(RetrieveError, match=r"no indexed case at position .*: the index holds 7"):
+            query_indexed(s, position, k=3)
+    with pytest.raises(RetrieveError, match=r"q: a query frame is one non-empty grayscale image"):
+        query_frame(s, "q", np.zeros((0, 0), np.uint8), 2)
+    with pytest.raises(RetrieveError, match=r"q: a query frame is one non-empty grayscale image"):
+        query_frame(s, "q", np.zeros((8, 8, 3), np.uint8), 2)
+    with pytest.raises(RetrieveError, match=r"max_side -5: must be at least 1"):
+        load_image(s.rows["path"].iloc[0], None, -5)
+    assert len(query_frame(s, "q", frame, 3).result.hits) == 3
+
+
+def test_an_empty_index_says_so(named_session, tmp_path):
+    import shutil
+
+    from retrieval.cli.main import main
+
+    index = tmp_path / "idx"
+    shutil.copytree(named_session.idx.path, index)
+    ids = named_session.idx.rows["id"].tolist()
+    assert main(["index", "remove", "--index", str(index), *[a for i in ids for a in ("--id", i)]]) == 0
+    empty = open_session(index)
+    frame = np.full((32, 32), 50, np.uint8)
+    with pytest.raises(RetrieveError, match="^the index is empty: there is nothing to search$"):
+        query_frame(empty, "q", frame, 5)
+    with pytest.raises(RetrieveError, match="no indexed case at position 0: the index holds 0"):
+        query_indexed(empty, 0, k=5)
+
+
+def test_uploads_are_typed_by_their_bytes(tmp_path):
+    from conftest import write_dicom
+    from PIL import Image
+
+    png = tmp_path / "a.png"
+    Image.fromarray(np.full((20, 30), 80, np.uint8)).save(png)
+    dcm = write_dicom(tmp_path / "b.dcm", np.full((24, 16), 900, np.uint16)).read_bytes()
+    assert decode_upload("x.dcm", png.read_bytes())[0].shape == (20, 30)  # PNG bytes named .dcm
+    assert decode_upload("x.png", dcm)[0].shape == (24, 16)  # DICOM bytes named .png
+    assert decode_upload("", png.read_bytes())[0].shape == (20, 30)  # no name at all
+    bmp = tmp_path / "c.bmp"
+    Image.fromarray(np.full((5, 7), 1, np.uint8)).save(bmp)
+    assert decode_upload("c.jpg", bmp.read_bytes())[0].shape == (5, 7)
+    with pytest.raises(RetrieveError, match=r"^upload: unsupported file type 'none'"):
+        decode_upload("", b"hello")

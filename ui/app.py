@@ -61,8 +61,8 @@ def get_session(index_dir: str, data_root: str | None, manifest_mtime: float) ->
 
 
 @st.cache_data(show_spinner=False, max_entries=4096)
-def thumbnail(path: str, frame: object, side: int | None) -> np.ndarray:
-    return load_image(path, frame, side)
+def thumbnail(path: str, frame: object, side: int | None, root: str | None = None) -> np.ndarray:
+    return load_image(path, frame, side, root)
 
 
 @st.cache_data(show_spinner=False, max_entries=8)
@@ -91,10 +91,16 @@ def text(v: object) -> str:
 
 
 def show_image(
-    row: dict, side: int | None, caption: str | None = None, width: int | Literal["stretch", "content"] = "stretch"
+    row: dict,
+    side: int | None,
+    caption: str | None = None,
+    width: int | Literal["stretch", "content"] = "stretch",
+    root: Path | None = None,
 ) -> None:
+    """A case's image; with the session's data `root`, a file outside it is refused (load_image)."""
     try:
-        st.image(thumbnail(row["path"], row.get("frame_index"), side), caption=caption, width=width)
+        image = thumbnail(row["path"], row.get("frame_index"), side, None if root is None else str(root))
+        st.image(image, caption=caption, width=width)
     except RetrieveError as exc:
         st.warning(f"image unavailable: {exc}")
 
@@ -203,7 +209,7 @@ def result_grid(session: Session, answer: Answer, key: str) -> None:
     with st.container(horizontal=True, gap="small"):
         for rank, (hit, row) in enumerate(zip(hits, rows), start=1):
             with st.container(border=True, width=CARD_WIDTH):
-                show_image(row, THUMB_SIDE)
+                show_image(row, THUMB_SIDE, root=session.root)
                 label = text(row.get("label"))
                 shown = f":color[**{label}**]{{foreground='{colours[label]}'}}" if label in colours else f"**{label}**"
                 card = f"**#{rank}** · similarity **{hit.score:.4f}**  \n"
@@ -301,10 +307,10 @@ def case_view(
         if query_image is not None:
             st.image(query_image, width="stretch")
         elif query_row is not None:
-            show_image(query_row, None)
+            show_image(query_row, None, root=session.root)
     with right:
         st.subheader(f"Case {row['id']}")
-        show_image(row, None)
+        show_image(row, None, root=session.root)
         fields = case_fields(row)  # never a person-name column, even from an old index that holds one
         st.dataframe(
             pd.DataFrame({"field": [f for f, _ in fields], "value": [text(v) for _, v in fields]}),
@@ -410,6 +416,7 @@ def main() -> None:
                 query_row,
                 QUERY_SIDE,
                 caption=f"{query_row['id']}{label} · patient {text(query_row.get('patient_id'))}",
+                root=session.root,
             )
     with v_col:
         vote_panel(session, answer)

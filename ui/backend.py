@@ -20,7 +20,7 @@ from indexer.index_dir import IndexDir, open_index_dir, read_manifest
 from indexer.privacy import is_person_name_column, person_name_columns
 from indexer.search import holds_sets, set_members
 from retrieval.data.dataset import CORE_COLUMNS
-from retrieval.data.imageio import IMAGE_SUFFIXES, read_frame, read_frames
+from retrieval.data.imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_frame, read_frames
 from retrieval.data.limits import MAX_UPLOAD_MB, limits
 from retrieval.errors import RetrieveError, UnreadableImageError
 from retrieval.evaluation.report import UNLABELLED, label_colours
@@ -34,6 +34,7 @@ from retrieval.pipeline import (
     query_vectors,
 )
 from retrieval.relocate import REL_PATH, resolve_data_root, resolve_paths
+from retrieval.server.uploads import sniff_kind
 from retrieval.vote import MULTILABEL_SHARE, Vote
 
 
@@ -106,18 +107,36 @@ def is_dicom_bytes(data: bytes) -> bool:
     return data[128:132] == b"DICM"
 
 
+def upload_suffix(data: bytes) -> str | None:
+    """The file type of an upload from its first bytes, as the server sniffs it (retrieval.server.uploads:
+    PNG, JPEG, DICOM), plus the BMP and TIFF the browser also reads; None for anything else."""
+    kind = sniff_kind(data[:132])
+    if kind is not None:
+        return {"png": ".png", "jpeg": ".jpg", "dicom": ".dcm"}[kind]
+    if data.startswith(b"BM"):
+        return ".bmp"
+    if data.startswith((b"II*\x00", b"MM\x00*")):
+        return ".tif"
+    return None
+
+
 def decode_upload(name: str, data: bytes, max_mb: int = MAX_UPLOAD_MB) -> list[np.ndarray]:
-    """Check type and size, then decode an uploaded file once into its grayscale frames (a DICOM file
-    is recognised by its content, as PACS exports have no suffix)."""
-    suffix = Path(name).suffix.lower()
-    if suffix not in IMAGE_SUFFIXES:
-        if not is_dicom_bytes(data):
-            raise RetrieveError(
-                f"{name}: unsupported file type '{suffix or 'none'}' (upload PNG, JPEG, BMP, TIFF or DICOM)"
-            )
-        suffix = ".dcm"
+    """Check type and size, then decode an uploaded file once into its grayscale frames. The type comes from
+    the bytes, never the name (PACS exports have no suffix; a PNG named x.dcm is a PNG); only a DICOM file
+    written without its preamble, which no magic number marks, is taken at its .dcm/.dicom suffix."""
+    name = name or "upload"
     if len(data) > max_mb * 1024 * 1024:
         raise RetrieveError(f"{name}: {len(data) / 2**20:.0f} MB is over the {max_mb} MB limit")
+    suffix = upload_suffix(data)
+    if suffix is None:
+        given = Path(name).suffix.lower()
+        if given not in IMAGE_SUFFIXES:
+            raise RetrieveError(
+                f"{name}: unsupported file type '{given or 'none'}' (upload PNG, JPEG, BMP, TIFF or DICOM)"
+            )
+        if given not in DICOM_SUFFIXES:
+            raise RetrieveError(f"{name}: not a readable image (its bytes are no PNG, JPEG, BMP, TIFF or DICOM)")
+        suffix = given
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"upload{suffix}"
         path.write_bytes(data)
@@ -164,8 +183,19 @@ def query_frame(
     """One decoded frame as the query: embed, search, vote. Unless `include_self`, the uploaded file
     itself (by its bytes' `digest`) and its near-duplicates are left out of the results and the vote."""
     t0 = time.perf_counter()
-    vector = embed_frames([frame], session.encoder)
+    frame = np.asarray(frame)
+    if frame.ndim != 2 or frame.size == 0:
+        raise RetrieveError(
+            f"{name}: a query frame is one non-empty grayscale image, not an array of shape {frame.shape}"
+        )
+    if len(session.rows) == 0:
+        raise RetrieveError("the index is empty: there is nothing to search")
     own = [] if include_self else own_positions(session, digest)
+    if len(session.rows) - len(own) < 1:
+        raise RetrieveError(
+            f"{name}: every indexed image is this query or its near-duplicate; include the query itself to see them"
+        )
+    vector = embed_frames([frame], session.encoder)
     k = max(1, min(k, len(session.rows) - len(own)))
     res = query_vectors(
         session.idx,
@@ -193,11 +223,18 @@ def query_indexed(
     """An indexed case as the query, from its stored vector; unless `include_self`, itself and its
     near-duplicates (same file, same near_dup_group) left out, and its patient when asked."""
     t0 = time.perf_counter()
+    n = len(session.rows)
+    if isinstance(position, bool) or not isinstance(position, (int, np.integer)) or not 0 <= position < n:
+        raise RetrieveError(f"no indexed case at position {position!r}: the index holds {n} (positions 0 to {n - 1})")
     row = session.rows.iloc[position]
     patient = row.get("patient_id")
     exclude = [str(patient)] if exclude_own_patient and isinstance(patient, str) and patient else []
     own = [] if include_self else own_positions(session, position=position)
-    k = max(1, min(k, len(session.rows) - len(own)))
+    if n - len(own) < 1:
+        raise RetrieveError(
+            f"case {row['id']}: every indexed image is this case or its near-duplicate; include the query itself"
+        )
+    k = max(1, min(k, n - len(own)))
     res = query_vectors(
         session.idx,
         [str(row["id"])],
@@ -223,8 +260,21 @@ def case_fields(row: dict[str, Any]) -> list[tuple[str, Any]]:
     return [(str(k), v) for k, v in row.items() if k != "vector" and not is_person_name_column(k)]
 
 
-def load_image(path: str, frame_index: Any = None, max_side: int | None = None) -> np.ndarray:
-    """A case's image as uint8 grayscale, optionally shrunk so its longest side is max_side."""
+def load_image(
+    path: str, frame_index: Any = None, max_side: int | None = None, root: str | Path | None = None
+) -> np.ndarray:
+    """A case's image as uint8 grayscale, optionally shrunk so its longest side is max_side. With a data
+    `root` (Session.root), a file that lies outside it, links followed, is refused, as the server refuses it."""
+    if max_side is not None and max_side < 1:
+        raise RetrieveError(f"max_side {max_side}: must be at least 1 pixel")
+    if root is not None:
+        base = Path(root).resolve()
+        try:
+            real = Path(path).resolve()
+        except (OSError, RuntimeError, ValueError):
+            real = None
+        if real is None or not real.is_relative_to(base):
+            raise UnreadableImageError(Path(path).name, "the file lies outside the data root")
     f = -1 if frame_index is None or pd.isna(frame_index) else int(frame_index)
     img = read_frame(path, f)
     if max_side and max(img.shape) > max_side:

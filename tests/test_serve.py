@@ -489,6 +489,15 @@ def test_openapi_declares_the_answers_it_gives(engine, served):
     assert_clean_error(r, 422, "instance: not a DICOM UID")
 
 
+def test_one_file_per_request(server):
+    png = _png_bytes(_noise(100, 1))
+    for files in ([("file", ("a.png", png)), ("file", ("b.txt", b"hello"))], [("file", ("a.png", png))] * 2):
+        assert_clean_error(server.post("/query", files=files), 400, "2 files in one request", "one image per request")
+    for text in ({"data": {"file": "a.png"}}, {"files": [("file", ("", png))]}):  # a text field, an empty name
+        assert_clean_error(server.post("/query", **text), 422, "file: a text field, not a file")
+    assert_alive(server)
+
+
 def test_a_wrong_method_gets_405_with_allow(server):
     for method, path, allowed in (("PUT", "/query", "POST"), ("DELETE", "/items/bright/b0.png", "GET")):
         r = server.request(method, path)

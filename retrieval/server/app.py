@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
@@ -83,6 +83,16 @@ def _one_line(exc: RequestValidationError) -> str:
             msg = "not a DICOM UID (digits and dots)"
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
+
+
+async def _one_file(request: Request) -> None:
+    """POST /query takes one image: several `file` parts are refused, not reduced to the last one, and a
+    `file` sent as a text field is named as such (not as a Python class). The form is FastAPI's, parsed once."""
+    files = (await request.form()).getlist("file")
+    if len(files) > 1:
+        raise UploadError(400, f"{len(files)} files in one request: send one image per request (field file)")
+    if files and isinstance(files[0], str):
+        raise UploadError(422, "file: a text field, not a file: send the image as a file part with a filename")
 
 
 def _uid(what: str) -> Any:
@@ -182,6 +192,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         "/query",
         summary="Similar indexed cases for an uploaded image (the JSON of `retrieve query --json`)",
         responses=_declared(400, 401, 408, 413, 415, 422, 500, 503),
+        dependencies=[Depends(_one_file)],
     )
     def query(
         file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM (recognised by content)")],

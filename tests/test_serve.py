@@ -498,6 +498,23 @@ def test_one_file_per_request(server):
     assert_alive(server)
 
 
+def test_unknown_parameters_are_refused_by_name(server):
+    png = _png_bytes(_noise(100, 1))
+    r = server.post("/query?k=5&where=label%3Ddark", files={"file": ("q.png", png)})
+    assert_clean_error(r, 400, "unknown query parameters 'k', 'where'", "as form fields, not in the URL")
+    r = server.post("/query", files={"file": ("q.png", png)}, data={"kk": "3", "k": "2"})
+    assert_clean_error(r, 400, "unknown form field 'kk'", "the form fields are: agg, exclude_patient, file")
+    assert_clean_error(server.get("/items/bright/b0.png?size=3"), 400, "unknown query parameter 'size'", "no query")
+    r = server.get("/items/bright/b0.png/thumbnail", params={"size": 32, "sise": 3})
+    assert_clean_error(r, 400, "unknown query parameter 'sise'", "the query parameters are: size")
+    r = server.post("/query-by-reference", json={"study": "1.2", "series": "1.2.3", "instance": "1.2.3.4", "kk": 1})
+    assert_clean_error(r, 400, "unknown field 'kk'", "study, series, instance")
+    many = {f"x{i}": "1" for i in range(50)}
+    assert_clean_error(server.post("/query", files={"file": ("q.png", png)}, data=many), 400, "and 45 more")
+    assert server.post("/query", files={"file": ("q.png", png)}, data={"k": "2"}).status_code == 200
+    assert_alive(server)
+
+
 def test_a_wrong_method_gets_405_with_allow(server):
     for method, path, allowed in (("PUT", "/query", "POST"), ("DELETE", "/items/bright/b0.png", "GET")):
         r = server.request(method, path)

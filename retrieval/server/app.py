@@ -9,11 +9,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Query, Request, UploadFile, params
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from retrieval import __version__
@@ -85,6 +85,39 @@ def _one_line(exc: RequestValidationError) -> str:
     return "; ".join(parts) or "invalid request"
 
 
+def _names(names: list[str], most: int = 5) -> str:
+    """Client-given names for a message: quoted, printable, each and their number bounded."""
+    shown = [repr("".join(c for c in n if c.isprintable())[:40]) for n in names[:most]]
+    more = f" and {len(names) - most} more" if len(names) > most else ""
+    return ", ".join(shown) + more
+
+
+def _unknown(what: str, names: list[str], known: list[str]) -> RetrieveError:
+    plural = "s" if len(names) > 1 else ""
+    takes = f"the {what}s are: {', '.join(known)}" if known else f"this endpoint takes no {what}s"
+    return RetrieveError(f"unknown {what}{plural} {_names(names)} ({takes})")
+
+
+async def _known_parameters(request: Request) -> None:
+    """Query-string parameters and form fields the route does not take are refused (400, named), not ignored:
+    `POST /query?k=5` would otherwise answer with the default k without a word."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None:
+        return
+    fields = sorted({f.alias for f in dependant.body_params if isinstance(f.field_info, params.Form)})
+    known = sorted({f.alias for f in dependant.query_params})
+    unknown = sorted(set(request.query_params) - set(known))
+    if unknown:
+        error = _unknown("query parameter", unknown, known)
+        if set(unknown) <= set(fields):
+            error = RetrieveError(f"{error}: send {', '.join(unknown)} as form fields, not in the URL")
+        raise error
+    if fields:
+        unknown = sorted(set((await request.form()).keys()) - set(fields))
+        if unknown:
+            raise _unknown("form field", unknown, fields)
+
+
 async def _one_file(request: Request) -> None:
     """POST /query takes one image: several `file` parts are refused, not reduced to the last one, and a
     `file` sent as a text field is named as such (not as a Python class). The form is FastAPI's, parsed once."""
@@ -101,6 +134,8 @@ def _uid(what: str) -> Any:
 
 class ReferenceQuery(BaseModel):
     """An instance on the PACS the index was synced from, and the options of POST /query."""
+
+    model_config = ConfigDict(extra="forbid")  # an unknown field is refused (400), not ignored
 
     study: str = _uid("StudyInstanceUID")
     series: str = _uid("SeriesInstanceUID")
@@ -140,6 +175,9 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        extra = [str(e["loc"][-1]) for e in exc.errors() if e.get("type") == "extra_forbidden" and e.get("loc")]
+        if extra:  # a JSON body's unknown fields: refused like unknown form fields
+            return _error(400, str(_unknown("field", extra, list(ReferenceQuery.model_fields))))
         return _error(422, _one_line(exc))
 
     @app.exception_handler(StarletteHTTPException)
@@ -188,11 +226,13 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     def health() -> dict[str, Any]:
         return engine.health()
 
+    strict = [Depends(_known_parameters)]  # every route but /health
+
     @app.post(
         "/query",
         summary="Similar indexed cases for an uploaded image (the JSON of `retrieve query --json`)",
         responses=_declared(400, 401, 408, 413, 415, 422, 500, 503),
-        dependencies=[Depends(_one_file)],
+        dependencies=[*strict, Depends(_one_file)],
     )
     def query(
         file: Annotated[UploadFile, File(description="PNG, JPEG or DICOM (recognised by content)")],
@@ -222,6 +262,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         "/query-by-reference",
         summary="Similar indexed cases for an instance on the index's PACS, by its UIDs (the JSON of POST /query)",
         responses=_declared(400, 401, 404, 408, 413, 422, 500, 502, e404="no such instance on the PACS"),
+        dependencies=strict,
     )
     def query_by_reference(body: ReferenceQuery) -> Any:
         return engine.query_reference(
@@ -241,6 +282,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         "/items/{item_id:path}/thumbnail",
         summary="An indexed image as PNG",
         response_class=Response,
+        dependencies=strict,
         responses={
             200: {"description": "the image as PNG", "content": {"image/png": {"schema": {"type": "string"}}}},
             **_declared(
@@ -256,6 +298,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         "/items/{item_id:path}",
         summary="An indexed image's metadata (no patient names)",
         responses=_declared(400, 401, 404, 408, 413, 500),
+        dependencies=strict,
     )
     def item(item_id: str) -> dict[str, Any]:
         return engine.item(item_id)

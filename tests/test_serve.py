@@ -194,6 +194,25 @@ def test_filters(server, served):
     assert_alive(server)
 
 
+def test_messages_name_the_http_fields_not_the_cli_options(server, served):
+    """The library's messages say --where, --exclude-patient ...; over HTTP they name the fields."""
+    from retrieval.server.app import http_terms
+
+    img = (served / "data" / "dark" / "d0.png").read_bytes()
+    for fields, needle in (
+        ({"where": "label="}, "where label="),
+        ({"where": "nosuch=1"}, "where nosuch=1"),
+        ({"exclude_patient": "NOBODY"}, "exclude_patient NOBODY"),
+        ({"k": "500"}, "k 500: larger than"),
+    ):
+        r = _post(server, "d0.png", img, **fields)
+        assert_clean_error(r, 400, needle)
+        assert "--" not in r.json()["detail"], r.json()
+    assert http_terms("--group-by ward: choose; --agg x; --vote y; --k 3; --index i") == (
+        "group_by ward: choose; agg x; vote y; k 3; --index i"
+    )
+
+
 # --- the index changing under a running server ----------------------------------------------------------
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -70,8 +71,17 @@ def _declared(*statuses: int, **descriptions: str) -> dict[int | str, dict[str, 
     return out
 
 
+# the library's messages name `retrieve query`'s options; over HTTP they are these form (and JSON) fields
+CLI_OPTION = re.compile(r"--(where|exclude-patient|group-by|agg|vote|k|include-self)\b")
+
+
+def http_terms(detail: str) -> str:
+    """A library message with its command-line options named as the HTTP fields (--group-by -> group_by)."""
+    return CLI_OPTION.sub(lambda m: m.group(1).replace("-", "_"), detail)
+
+
 def _error(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status, headers=headers)
+    return JSONResponse({"detail": http_terms(detail)}, status_code=status, headers=headers)
 
 
 def _one_line(exc: RequestValidationError) -> str:

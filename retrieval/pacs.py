@@ -344,9 +344,8 @@ def _fetch_to(source: DicomWebSource, inst: RemoteInstance, path: Path, transfer
 def _transfer_syntax(path: Path) -> str | None:
     import pydicom
 
-    try:
-        meta = pydicom.dcmread(str(path), stop_before_pixels=True).file_meta
-        return str(meta.TransferSyntaxUID)
+    try:  # the file meta group only: a deflated data set is never inflated here
+        return str(pydicom.filereader.read_file_meta_info(str(path)).TransferSyntaxUID)
     except Exception:  # unreadable headers are reported by the reader itself
         return None
 

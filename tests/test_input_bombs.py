@@ -214,3 +214,26 @@ def test_pixel_data_past_the_frames_the_header_claims_is_not_decoded(tmp_path, m
         read_dicom_frames(p, CT, only=2)
     one = _frames_claim(write_dicom(tmp_path / "one.dcm", clip), b"1")
     assert len(read_frames(one)) == 1
+
+
+def test_pacs_transfer_syntax_reads_the_meta_group_only(tmp_path, monkeypatch):
+    """The PACS path names a fetched file's transfer syntax without inflating a deflated data set."""
+    import zlib
+
+    from dicom_factory import make_deflated_dicom
+
+    from retrieval.pacs import _transfer_syntax
+
+    bomb = make_deflated_dicom(tmp_path / "bomb.dcm", pixel_bytes=64 << 20)
+    inflated = []
+
+    def spy(real):
+        def call(*a, **kw):
+            inflated.append(real.__name__)
+            return real(*a, **kw)
+
+        return call
+
+    monkeypatch.setattr(zlib, "decompress", spy(zlib.decompress))  # what pydicom inflates a data set with
+    monkeypatch.setattr(zlib, "decompressobj", spy(zlib.decompressobj))
+    assert _transfer_syntax(bomb) == "1.2.840.10008.1.2.1.99" and not inflated

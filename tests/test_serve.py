@@ -614,6 +614,18 @@ def test_locate_checks_the_resolved_path(engine, served):
             engine.locate(bad)
 
 
+def test_a_folder_at_an_items_path_is_404_not_403(server, served):
+    victim = served / "data" / "bright" / "b1.png"
+    victim.rename(victim.with_suffix(".moved"))
+    victim.mkdir()
+    try:
+        assert_clean_error(server.get("/items/bright/b1.png/thumbnail"), 404, "is a folder, not an image file")
+    finally:
+        victim.rmdir()
+        victim.with_suffix(".moved").rename(victim)
+    assert server.get("/items/bright/b1.png/thumbnail").status_code == 200
+
+
 def test_a_data_root_without_the_files_is_an_error(served, tmp_path):
     with pytest.raises(RetrieveError, match="does not hold the indexed files"):
         load_engine(served / "index", tmp_path, use_gpu=False)

@@ -329,8 +329,11 @@ class Engine:
             real = target.resolve(strict=True)  # symlinks followed: where the bytes really are
         except (OSError, RuntimeError):
             raise NotFound("the item's file is missing under the data root") from None
-        if not real.is_relative_to(root) or not real.is_file():
+        if not real.is_relative_to(root):
             raise Forbidden("the item's file lies outside the data root")
+        if not real.is_file():
+            what = "a folder" if real.is_dir() else "not a regular file"
+            raise NotFound(f"the item's path under the data root is {what}, not an image file")
         return real
 
     def thumbnail(self, item_id: str, max_side: int) -> bytes:

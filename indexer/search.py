@@ -87,6 +87,9 @@ def holds_sets(values: pd.Series, column: str | None = None) -> bool:
     return bool(_as_text(values).str.contains(SET_SEPARATOR, regex=False).any())
 
 
+FILE_COLUMNS = ("id", "path", "rel_path", "sop_uid")  # columns naming files, whose values a `where` error never lists
+
+
 def _shown(values: list[str]) -> str:
     return ", ".join(values[:12]) + (", ..." if len(values) > 12 else "")
 
@@ -165,11 +168,10 @@ def condition_mask(values: pd.Series, col: str, value: str) -> np.ndarray:
         return _set_hit(text, col, value, exact)
     hit = (text == value).to_numpy()
     if not hit.any():
-        known = sorted(set(text) - {""})
-        raise RetrieveError(
-            f"--where {col}{'==' if exact else '='}{value}: unknown {col} '{value}' (values in the index: "
-            f"{_shown(known)})"
-        )
+        where = f"--where {col}{'==' if exact else '='}{value}: unknown {col} '{value}'"
+        if col in FILE_COLUMNS:  # one value per image, and a path can name a person's folder: never listed
+            raise RetrieveError(f"{where} (no indexed image has it)")
+        raise RetrieveError(f"{where} (values in the index: {_shown(sorted(set(text) - {''}))})")
     return hit
 
 

@@ -17,6 +17,7 @@ import torch
 
 from indexer.config import IndexConfig
 from indexer.index_dir import IndexDir, IndexManifest, check_compatible, read_manifest, set_data_root
+from indexer.privacy import is_person_name_column
 from indexer.search import Hit, filter_mask, search
 from indexer.store import VectorSet
 from indexer.streaming import StreamingBuild
@@ -235,7 +236,11 @@ class QueryResult:
             if self.cases is not None:  # the case, and its best image's row below
                 case = self.cases[rank - 1]
                 core.update({"case": case.case, "images": case.images})
-            extra = {str(k): _jsonable(v) for k, v in row.items() if k not in core and k != "vector"}
+            extra = {
+                str(k): _jsonable(v)
+                for k, v in row.items()
+                if k not in core and k != "vector" and not is_person_name_column(k)  # an older index may hold names
+            }
             results.append({**core, **extra})  # the engine's own fields can never be overwritten
         out: dict[str, Any] = {"query": self.query, "results": results, "vote": self.vote.to_dict()}
         if self.group_by is not None:

@@ -144,6 +144,27 @@ def test_where_errors_never_list_person_name_columns_or_their_values():
     assert np.flatnonzero(candidate_mask(ROWS, [], [("site", "x")])).tolist() == [0, 2]
 
 
+def test_where_errors_never_list_file_paths():
+    """A path can name a person's folder: an unknown id or path is refused without listing the index's."""
+    rows = pd.DataFrame({"id": ["/archive/DOE_JOHN/a.png"], "path": ["/archive/DOE_JOHN/a.png"], "site": ["x"]})
+    for col in ("id", "path"):
+        with pytest.raises(RetrieveError) as err:
+            candidate_mask(rows, [], [(col, "nope.png")])
+        assert "DOE_JOHN" not in str(err.value) and "no indexed image has it" in str(err.value)
+
+
+def test_query_results_drop_person_name_columns_an_older_index_holds():
+    """QueryResult.to_dict (query --json/--out, clusters, the server) drops name columns a row still carries."""
+    from indexer.search import Hit
+    from retrieval.pipeline import QueryResult
+    from retrieval.vote import no_label_vote
+
+    rows = pd.DataFrame({"id": ["a"], "path": ["a.png"], "label": ["x"], "PatientName": ["DOE^JOHN"], "site": ["y"]})
+    result = QueryResult("q.png", [Hit(0, 0.9)], rows, no_label_vote())
+    got = result.to_dict()["results"][0]
+    assert "PatientName" not in got and got["site"] == "y" and "DOE" not in str(result.to_dict())
+
+
 # --- end to end: a manifest with names, indexed, queried by the CLI and the HTTP server -------------------
 
 

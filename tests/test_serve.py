@@ -275,6 +275,10 @@ def test_a_running_server_follows_index_add_remove_and_compact(copied):
         held = [os.readlink(f) for f in Path("/proc/self/fd").iterdir() if f.exists()]
         held += Path("/proc/self/maps").read_text().splitlines()
         assert not [h for h in held if str(index) in h and "(deleted)" in h]
+    for label in ("bright", "dark"):
+        assert main(["index", "remove", "--index", str(index), "--where", f"label={label}"]) == 0
+    r = client.post("/query", files={"file": ("d0.png", img)}, data={"k": "1"})
+    assert_clean_error(r, 400, "the index is empty")
 
 
 @pytest.mark.slow
@@ -531,6 +535,18 @@ def test_unknown_parameters_are_refused_by_name(server):
     many = {f"x{i}": "1" for i in range(50)}
     assert_clean_error(server.post("/query", files={"file": ("q.png", png)}, data=many), 400, "and 45 more")
     assert server.post("/query", files={"file": ("q.png", png)}, data={"k": "2"}).status_code == 200
+    assert_alive(server)
+
+
+def test_odd_requests_get_messages_that_say_why(server):
+    png = _png_bytes(_noise(100, 1))
+    r = server.post("/query", files={"file": ("a" * 8000 + ".png", png)})
+    assert_clean_error(r, 400, "Invalid multipart data: Maximum header size exceeded", "shorter file name")
+    r = server.get("/items/" + "x" * 20000)
+    assert_clean_error(r, 404, "no item 'xxx", "(20000 characters)")
+    assert len(r.content) < 400
+    r = server.post("/query-by-reference", content=b"{not json", headers={"content-type": "application/json"})
+    assert_clean_error(r, 422, "the body is not valid JSON (Expecting property name")
     assert_alive(server)
 
 

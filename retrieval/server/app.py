@@ -91,6 +91,11 @@ def _one_line(exc: RequestValidationError) -> str:
         msg = str(e.get("msg", "invalid"))
         if e.get("type") == "string_pattern_mismatch":  # the UIDs of a query by reference
             msg = "not a DICOM UID (digits and dots)"
+        if e.get("type") == "json_invalid":  # its loc is the character position, not a field
+            reason = str((e.get("ctx") or {}).get("error", "")).strip()
+            pos = e.get("loc", ("", "?"))[-1]
+            parts.append(f"the body is not valid JSON ({reason + ' ' if reason else ''}at character {pos})")
+            continue
         parts.append(f"{where}: {msg}" if where else msg)
     return "; ".join(parts) or "invalid request"
 
@@ -136,6 +141,21 @@ async def _one_file(request: Request) -> None:
         raise UploadError(400, f"{len(files)} files in one request: send one image per request (field file)")
     if files and isinstance(files[0], str):
         raise UploadError(422, "file: a text field, not a file: send the image as a file part with a filename")
+
+
+def _with_reason(exc: StarletteHTTPException) -> str:
+    """The exception's detail, and for a body the multipart parser refused, the parser's reason (Starlette
+    says only "Invalid multipart data.")."""
+    detail = str(exc.detail)
+    cause: BaseException | None = exc
+    for _ in range(4):  # HTTPException <- MultiPartException <- the parser's own error
+        cause = cause.__cause__ or cause.__context__ if cause is not None else None
+        if cause is not None and type(cause).__module__.split(".")[0] in ("python_multipart", "multipart"):
+            reason = " ".join(str(cause).split())[:200] or type(cause).__name__
+            if "header size" in reason:
+                reason += ": a part's header, its file name included, is too long (send a shorter file name)"
+            return f"{detail.rstrip('.')}: {reason}"
+    return detail
 
 
 def _uid(what: str) -> Any:
@@ -192,7 +212,7 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail), exc.headers)  # e.g. a 405's Allow
+        return _error(exc.status_code, _with_reason(exc), exc.headers)  # e.g. a 405's Allow
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:  # logged with its traceback; the client gets one line

@@ -276,6 +276,8 @@ class Engine:
         if group_by is not None:
             case_column(group_by)
         check_aggregation(agg)
+        if snap.idx.count == 0:
+            raise RetrieveError("the index is empty: there is nothing to answer from")
         if k > snap.idx.count:
             raise RetrieveError(f"k {k}: larger than the {snap.idx.count} images in the index")
 
@@ -313,7 +315,7 @@ class Engine:
         snap = snap or self.current()
         row_id = snap.ids.get(item_id)
         if row_id is None:
-            raise NotFound(f"no item {item_id!r} in the index")
+            raise NotFound(f"no item {_shown(item_id)} in the index")
         with self.lock:
             rows = snap.idx.fetch([row_id])
         return resolve_paths(rows, snap.data_root).to_dict("records")[0]
@@ -353,6 +355,13 @@ class Engine:
         out = io.BytesIO()
         img.save(out, format="PNG")
         return out.getvalue()
+
+
+def _shown(item_id: str, most: int = 200) -> str:
+    """A client's item id for a message: quoted, and cut short when long."""
+    if len(item_id) <= most:
+        return repr(item_id)
+    return f"{item_id[:most]!r}... ({len(item_id)} characters)"
 
 
 def _in_frame_order(idx: IndexDir, positions: list[int]) -> list[int]:

@@ -158,6 +158,13 @@ def _with_reason(exc: StarletteHTTPException) -> str:
     return detail
 
 
+def _no_null(schema: dict[str, Any]) -> None:
+    """A form field's schema without `null`, which a form cannot send (an absent or empty field is None)."""
+    choices = [s for s in schema.pop("anyOf", []) if s.get("type") != "null"]
+    if len(choices) == 1:
+        schema.update(choices[0])
+
+
 def _uid(what: str) -> Any:
     return Field(description=f"{what} (digits and dots)", min_length=1, max_length=64, pattern=UID.pattern)
 
@@ -272,7 +279,11 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
         include_self: Annotated[bool, Form(description="keep the query image itself if it is indexed")] = False,
         vote: Annotated[Vote, Form(description="how the similar cases vote for a label")] = "majority",
         group_by: Annotated[
-            GroupBy | None, Form(description="answer with cases (study, series or patient), not images")
+            GroupBy | None,
+            Form(
+                description="answer with cases (study, series or patient), not images; absent or empty: images",
+                json_schema_extra=_no_null,
+            ),
         ] = None,
         agg: Annotated[Agg, Form(description="a case's score from its images' scores")] = "max",
     ) -> Any:

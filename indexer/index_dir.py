@@ -495,7 +495,8 @@ class IndexDir:
         """Every live row with its vector (loads the whole store once)."""
         if self._vectors is None:
             rows, vecs = self.reader.read(vectors=True)
-            assert vecs is not None
+            if vecs is None:  # no shard at all: an index compacted after every row was removed
+                vecs = np.zeros((0, self.manifest.dim), dtype=np.float32)
             keep = self._stored_live()
             if keep is not None:
                 rows, vecs = rows.loc[keep].reset_index(drop=True), vecs[keep]

@@ -175,6 +175,16 @@ def condition_mask(values: pd.Series, col: str, value: str) -> np.ndarray:
     return hit
 
 
+def check_k(k: int, count: int, flag: str = "--k") -> None:
+    """A one-line error for a k below 1 or above the index's image count (an empty index said as such)."""
+    if k < 1:
+        raise RetrieveError(f"{flag} {k}: must be at least 1")
+    if count == 0:
+        raise RetrieveError("the index holds no images (every row was removed, or none was added): add images first")
+    if k > count:
+        raise RetrieveError(f"{flag} {k}: larger than the {count} images in the index")
+
+
 def filter_mask(
     idx: IndexDir, exclude_patients: Sequence[str] = (), where: Sequence[tuple[str, str]] = ()
 ) -> np.ndarray | None:
@@ -194,10 +204,7 @@ def filter_mask(
 def search(idx: IndexDir, queries: np.ndarray, k: int, allowed: np.ndarray | None = None) -> list[list[Hit]]:
     """k nearest allowed rows for each query vector, best first; `allowed` is a mask over live rows."""
     n = idx.count
-    if k < 1:
-        raise RetrieveError(f"--k {k}: must be at least 1")
-    if k > n:
-        raise RetrieveError(f"--k {k}: larger than the {n} images in the index")
+    check_k(k, n)
     params = idx.manifest.params
     tombstones = idx.removed if params.get("removal") == "tombstone" else np.zeros(0, dtype=np.int64)
     selector: Any = None

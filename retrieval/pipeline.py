@@ -18,7 +18,7 @@ import torch
 from indexer.config import IndexConfig
 from indexer.index_dir import IndexDir, IndexManifest, check_compatible, read_manifest, set_data_root
 from indexer.privacy import is_person_name_column
-from indexer.search import Hit, filter_mask, search
+from indexer.search import Hit, check_k, filter_mask, search
 from indexer.store import VectorSet
 from indexer.streaming import StreamingBuild
 from retrieval.cases import CaseHit, aggregate, case_column, case_keys, check_aggregation
@@ -408,10 +408,7 @@ def _answer(
 ) -> list[QueryResult]:
     if allowed is not None and not allowed.any():
         raise RetrieveError("no indexed image is left after --exclude-patient/--where")
-    if k < 1:
-        raise RetrieveError(f"--k {k}: must be at least 1")
-    if k > idx.count:
-        raise RetrieveError(f"--k {k}: larger than the {idx.count} images in the index")
+    check_k(k, idx.count)
     matched = None if allowed is None else int(allowed.sum())
     own = own if own is not None else [np.zeros(0, dtype=np.int64)] * len(names)
     labelled, multilabel = has_labels(idx), is_multilabel(idx.manifest.labels)

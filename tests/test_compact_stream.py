@@ -225,7 +225,9 @@ def test_compact_of_a_flat_index_with_every_row_removed_empties_it(tmp_path):
     remove_from_index_dir(folder, lambda idx: idx.live_ids >= 0)
     m, dropped = compact_index_dir(folder)
     assert dropped == 50 and m.count == 0 and m.shards == [] and m.next_id == 50
-    assert open_index_dir(folder, use_gpu=False).index.ntotal == 0  # (verify fails on an index of no shards)
+    assert open_index_dir(folder, use_gpu=False).index.ntotal == 0 and verify_index_dir(folder) == []
+    with pytest.raises(RetrieveError, match="^the index holds no images"):  # a query says so, not "k > 0 images"
+        search(open_index_dir(folder, use_gpu=False), np.ones((1, DIM), np.float32), 1)
 
 
 def test_compact_of_a_format_1_index_writes_format_2(tmp_path):

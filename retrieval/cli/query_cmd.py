@@ -91,7 +91,7 @@ def query(
 ):
     """Find the indexed images (or cases) most similar to IMAGE(s), with a kNN vote on the label."""
     from indexer.index_dir import open_index_dir, read_manifest
-    from indexer.search import parse_where
+    from indexer.search import check_k, parse_where
     from retrieval.batch import OUT_SUFFIXES, is_query_source, query_source, results_table, write_results
     from retrieval.cases import case_column, check_aggregation
     from retrieval.config import EncoderSpec
@@ -112,8 +112,7 @@ def query(
     if viewer_url is not None:
         check_viewer_template(viewer_url)
     m = read_manifest(index)
-    if k > m.count:
-        raise RetrieveError(f"--k {k}: larger than the {m.count} images in the index")
+    check_k(k, m.count)
     source = images[0] if len(images) == 1 and is_query_source(images[0]) else None
     if source is None and any(is_query_source(p) for p in images):
         raise RetrieveError("give one folder or manifest of query images, or image files, not both")

@@ -38,6 +38,7 @@ from indexer.index_dir import (
     MANIFEST,
     TRAIN_SAMPLE,
     IndexManifest,
+    _collect_garbage,
     _commit,
     _describe,
     _now,
@@ -140,8 +141,18 @@ class StreamingBuild:
             tmp.write_text(json.dumps(state, indent=1), encoding="utf-8")
 
     def _drop_parts(self) -> None:
+        """Remove an interrupted earlier build's parts, never the parts the committed index is made of: an
+        `--overwrite` build that fails leaves the index it would have replaced as it was (its files go only
+        with the new build's commit, `_collect_garbage`)."""
+        keep: set[str] = set()
+        if (self.dir / MANIFEST).is_file():
+            try:
+                keep = set(_parse_manifest(self.dir / MANIFEST).file_names())
+            except RetrieveError:
+                pass  # not a manifest of ours: check_can_build has refused such a folder already
         for p in self.dir.glob("part-*.parquet"):
-            p.unlink(missing_ok=True)
+            if p.name not in keep:
+                p.unlink(missing_ok=True)
         (self.dir / STATE).unlink(missing_ok=True)
 
     # --- embedding side -------------------------------------------------------------------------
@@ -198,6 +209,7 @@ class StreamingBuild:
         manifest.shards = list(self.parts)
         _commit(self.dir, manifest, index, _tag(manifest))
         (self.dir / STATE).unlink(missing_ok=True)
+        _collect_garbage(self.dir, manifest)  # the replaced index's parts, kept while the build was resumable
         return manifest
 
     def _labels(self, reader: ShardReader) -> pd.DataFrame:

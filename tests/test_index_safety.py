@@ -69,6 +69,50 @@ def test_overwrite_replaces_only_our_files_in_an_index(tmp_path):
     assert len(open_index_dir(d, use_gpu=False).rows) == 12
 
 
+def _folder_bytes(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("failure", ["no readable image", "FAISS cannot train"])
+def test_a_failed_overwrite_build_leaves_the_index_it_would_replace(tmp_path, capsys, failure):
+    """`index build --overwrite` that fails (after the folder check) keeps every file of the committed index:
+    a streaming build once deleted the index's part-*.parquet shards at its start (a data loss found in
+    session 9); the old files go only with the new build's commit."""
+    from PIL import Image
+
+    good = tmp_path / "good"
+    good.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8)).save(good / f"im{i}.png")
+    idx = tmp_path / "idx"
+    build = ["index", "build", "--index", idx, "-e", "cnn5", "--image-size", "32", "-q", "--no-gpu"]
+    code, _, err = run_cli(capsys, *build[:2], good, *build[2:])
+    assert code == 0, err
+    assert any(p.name.startswith("part-") for p in idx.iterdir())  # the shards a build from images writes
+    before = _folder_bytes(idx)
+    if failure == "no readable image":
+        bad = tmp_path / "bad" / "a"
+        bad.mkdir(parents=True)
+        (bad / "zero.png").write_bytes(b"")
+        args = [*build[:2], bad.parent, *build[2:], "--overwrite"]
+    else:
+        args = [*build[:2], good, *build[2:], "--overwrite", "--kind", "IVF99999,Flat"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2, err
+    after = _folder_bytes(idx)
+    assert {k: after.get(k) for k in before} == before
+    extra = set(after) - set(before)  # what `--resume` would continue from: its state and its own new parts
+    assert all(k == "build.json" or k.startswith("part-") for k in extra), extra
+    assert verify_index_dir(idx) == []
+    code, out, err = run_cli(capsys, "query", good / "im0.png", "--index", idx, "--k", "2", "--no-gpu")
+    assert code == 0, err
+    # a new build that succeeds replaces them (the old parts go with its commit)
+    code, _, err = run_cli(capsys, *build[:2], good, *build[2:], "--overwrite")
+    assert code == 0, err
+    assert not set(before) & {p.name for p in idx.iterdir() if p.name.startswith("part-")}
+
+
 def test_index_pointing_at_a_file_is_a_clean_error(tmp_path, capsys):
     f = tmp_path / "file.txt"
     f.write_text("x")

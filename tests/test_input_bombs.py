@@ -237,3 +237,31 @@ def test_pacs_transfer_syntax_reads_the_meta_group_only(tmp_path, monkeypatch):
     monkeypatch.setattr(zlib, "decompress", spy(zlib.decompress))  # what pydicom inflates a data set with
     monkeypatch.setattr(zlib, "decompressobj", spy(zlib.decompressobj))
     assert _transfer_syntax(bomb) == "1.2.840.10008.1.2.1.99" and not inflated
+
+
+def test_meta_transfer_syntax_agrees_with_pydicom(tmp_path):
+    """The meta-group reader that guards the inflation names the transfer syntax pydicom names, with and without
+    the preamble, deflated or not, and stops where the data set starts; other bytes give None, never an error."""
+    import pydicom
+    from dicom_factory import make_dicom
+
+    from retrieval.data.dicom import _meta_transfer_syntax
+
+    frame = np.zeros((8, 8), np.uint8)
+    files = [
+        make_dicom(tmp_path / "a.dcm", frame[None]),
+        make_dicom(tmp_path / "b.dcm", frame[None], preamble=False),
+        make_deflated_dicom(tmp_path / "c.dcm", frame),
+        make_deflated_dicom(tmp_path / "d.dcm", frame, preamble=False),
+    ]
+    for path in files:
+        with open(path, "rb") as fh:
+            got = _meta_transfer_syntax(fh)
+            start = fh.tell()
+        want = pydicom.dcmread(str(path), force=True, stop_before_pixels=True).file_meta.get("TransferSyntaxUID")
+        assert got == (str(want) if want is not None else None), path
+        assert struct.unpack("<H", path.read_bytes()[start : start + 2])[0] != 0x0002  # past the meta group
+    for junk in (b"", b"\x89PNG\r\n\x1a\n" + bytes(200), bytes(128) + b"DICM" + b"\x02\x00\x10\x00UI"):
+        (tmp_path / "j.dcm").write_bytes(junk)
+        with open(tmp_path / "j.dcm", "rb") as fh:
+            assert _meta_transfer_syntax(fh) is None

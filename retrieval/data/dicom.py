@@ -10,13 +10,14 @@ error names the package to install.
 from __future__ import annotations
 
 import logging
+import struct
 import warnings
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -106,14 +107,9 @@ def check_inflated_size(path: Path) -> None:
     counted and dropped (memory stays at a few MB), and pydicom reads the file only once it is known to fit.
     Any other transfer syntax returns at once.
     """
-    from pydicom.filereader import _read_command_set_elements, _read_file_meta_info, read_preamble
-
     with open(path, "rb") as fh:
-        read_preamble(fh, True)  # a file without the preamble is read from its start, as dcmread(force=True)
-        meta = _read_file_meta_info(fh)
-        if str(meta.get("TransferSyntaxUID", "") or "").strip("\0 ") != DEFLATED_SYNTAX:
+        if _meta_transfer_syntax(fh) != DEFLATED_SYNTAX:
             return
-        _read_command_set_elements(fh)  # as pydicom does: what follows is the deflated data set
         cap = max_inflated_bytes()
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
         total = 0
@@ -128,6 +124,35 @@ def check_inflated_size(path: Path) -> None:
                     f"deflated data set larger than {cap} bytes once inflated, over the limit of {cap} "
                     f"({INFLATED_BYTES_PER_PIXEL} x {MAX_PIXELS_ENV})",
                 )
+
+
+_LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+
+
+def _meta_transfer_syntax(fh: BinaryIO) -> str | None:
+    """The transfer syntax a file's meta group (0002, explicit VR little endian, never deflated) names, read
+    with `struct` (pydicom's own meta reader is private API); the file is left at the first byte after the
+    meta group and any command group (0000), where a deflated data set starts. None when there is none."""
+    head = fh.read(132)
+    fh.seek(132 if head[128:132] == b"DICM" else 0)  # without the preamble: from the start, as force=True
+    syntax = None
+    while True:
+        at = fh.tell()
+        tag = fh.read(8)
+        if len(tag) < 8:
+            return syntax
+        group, element = struct.unpack("<HH", tag[:4])
+        if group == 0x0002:  # explicit VR: a 2-byte length, or 2 reserved bytes and a 4-byte length
+            long_vr = tag[4:6] in _LONG_VRS
+            length = struct.unpack("<I", fh.read(4))[0] if long_vr else struct.unpack("<H", tag[6:8])[0]
+        elif group == 0x0000:  # a command group (implicit VR: a 4-byte length), skipped as pydicom skips it
+            length = struct.unpack("<I", tag[4:8])[0]
+        else:
+            fh.seek(at)
+            return syntax
+        value = fh.read(length)
+        if (group, element) == (0x0002, 0x0010):
+            syntax = value.decode("ascii", "replace").strip("\0 ")
 
 
 def _dcmread(path: Path, **kwargs: Any) -> Any:

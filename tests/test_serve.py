@@ -179,6 +179,17 @@ def test_multiframe_dicom_query_matches_the_cli(server, served, capsys):
     assert [{**a, "query": None} for a in api] == [{**c, "query": None} for c in cli]
 
 
+def test_a_clip_over_the_frame_budget_is_refused_before_decoding(engine, served):
+    """`--max-query-frames`: every frame of an uploaded clip is a query through the encoder, so a clip longer than
+    the budget gets 413 from its header alone, and the server goes on answering."""
+    cfg = ServeConfig(served / "index", token=TOKEN, data_root=served / "data", max_query_frames=2)
+    clip = (served / "data" / "dark" / "clip.dcm").read_bytes()
+    with running_server(create_app(engine, cfg)) as url, httpx.Client(base_url=url, headers=AUTH, timeout=30) as client:
+        r = _post(client, "clip.dcm", clip, k="2")
+        assert_clean_error(r, 413, "clip.dcm: 3 frames, over the limit of 2", "--max-query-frames")
+        assert_alive(client)
+
+
 def test_filters(server, served):
     img = (served / "data" / "dark" / "d0.png").read_bytes()
     api = _post(server, "d0.png", img, k="3", where="label=bright").json()

@@ -9,7 +9,13 @@ import typer
 
 from retrieval.cli import options as opt
 from retrieval.errors import RetrieveError
-from retrieval.server.config import DEFAULT_MAX_CONCURRENT, DEFAULT_MAX_UPLOAD_MB, PacsSettings, ServeConfig
+from retrieval.server.config import (
+    DEFAULT_MAX_CONCURRENT,
+    DEFAULT_MAX_QUERY_FRAMES,
+    DEFAULT_MAX_UPLOAD_MB,
+    PacsSettings,
+    ServeConfig,
+)
 
 ORIGIN = re.compile(r"^https?://[^/\s?#]+$")
 
@@ -36,6 +42,12 @@ def serve(
     max_upload_mb: int = typer.Option(DEFAULT_MAX_UPLOAD_MB, "--max-upload-mb", min=1, help="largest request body"),
     max_concurrent: int = typer.Option(
         DEFAULT_MAX_CONCURRENT, "--max-concurrent", min=1, help="queries in flight; more are answered 503"
+    ),
+    max_query_frames: int = typer.Option(
+        DEFAULT_MAX_QUERY_FRAMES,
+        "--max-query-frames",
+        min=1,
+        help="frames one uploaded clip may query with (each is a query through the encoder); more: 413",
     ),
     pacs_timeout: float = typer.Option(
         PacsSettings.timeout, "--pacs-timeout", help="seconds per request to the index's PACS (DICOMweb)"
@@ -84,6 +96,7 @@ def serve(
         data_root=data_root,
         max_upload_bytes=max_upload_mb * 1024 * 1024,
         max_concurrent=max_concurrent,
+        max_query_frames=max_query_frames,
         use_gpu=gpu,
         pacs=PacsSettings(
             timeout=pacs_timeout,

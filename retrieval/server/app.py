@@ -296,7 +296,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
             path = Path(tmp) / f"upload{SUFFIX_BY_KIND[kind]}"
             with open(path, "wb") as out:
                 shutil.copyfileobj(file.file, out)
-            check_header(path, kind, name)
+            check_header(path, kind, name, cfg.max_query_frames)
             return engine.query(path, name, k, exclude_patient, where, vote, include_self, group_by or None, agg)
 
     @app.post(

@@ -7,6 +7,9 @@ from pathlib import Path
 
 DEFAULT_MAX_UPLOAD_MB = 50  # the browser's limit too (ui/backend.py MAX_UPLOAD_MB)
 DEFAULT_MAX_CONCURRENT = 64  # queries in flight (reading, waiting or running); more get 503 at once
+# frames one upload may query with: each frame is a query of its own through the encoder (about 0.1-0.3 s a
+# frame on a 2-core CPU), and queries take turns on the index, so a long clip would hold everyone else up
+DEFAULT_MAX_QUERY_FRAMES = 64
 MAX_K = 1000  # the most results one request may ask for
 THUMBNAIL_MAX_SIDE = 1024
 
@@ -33,6 +36,7 @@ class ServeConfig:
     data_root: Path | None = None
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_MB * 1024 * 1024
     max_concurrent: int = DEFAULT_MAX_CONCURRENT
+    max_query_frames: int = DEFAULT_MAX_QUERY_FRAMES
     use_gpu: bool = True
     pacs: PacsSettings = field(default_factory=PacsSettings)
 
@@ -42,5 +46,5 @@ class ServeConfig:
             f"ServeConfig(index={self.index!s}, host={self.host}, port={self.port}, token={shown}, "
             f"insecure_no_auth={self.insecure_no_auth}, cors_origins={self.cors_origins}, "
             f"data_root={self.data_root}, max_upload_bytes={self.max_upload_bytes}, "
-            f"max_concurrent={self.max_concurrent}, pacs={self.pacs})"
+            f"max_concurrent={self.max_concurrent}, max_query_frames={self.max_query_frames}, pacs={self.pacs})"
         )

@@ -46,13 +46,20 @@ def _over_limit(reason: str) -> bool:
     return MAX_PIXELS_ENV in reason or MAX_FRAMES_ENV in reason
 
 
-def check_header(path: Path, kind: str, name: str) -> None:
-    """Refuse an image whose header claims more pixels or frames than the limits, before any decoding."""
+def check_header(path: Path, kind: str, name: str, max_frames: int | None = None) -> None:
+    """Refuse an image whose header claims more pixels or frames than the limits, before any decoding;
+    `max_frames`: the most frames one upload may query with (`retrieve serve --max-query-frames`)."""
     if kind == "dicom":
         try:
-            read_dicom_header(path)
+            frames = read_dicom_header(path).n_frames
         except UnreadableImageError as exc:
             raise UploadError(413 if _over_limit(exc.reason) else 422, f"{name}: {exc.reason}") from None
+        if max_frames is not None and frames > max_frames:
+            raise UploadError(
+                413,
+                f"{name}: {frames} frames, over the limit of {max_frames} a query may use (--max-query-frames); "
+                "query with a shorter clip or a few frames of it",
+            )
         return
     max_pixels = limits().max_pixels
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +83,16 @@ def assert_one_line_error(err: str, *needles: str) -> None:
 def write_png(path: Path, array: np.ndarray) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(array).save(path)
+    return path
+
+
+def png_claiming(path: Path, width: int, height: int) -> Path:
+    """A small PNG whose header claims width x height (a decompression bomb, as far as the header goes)."""
+    write_png(path, np.zeros((8, 8), np.uint8))
+    raw = bytearray(path.read_bytes())
+    raw[16:24] = struct.pack(">II", width, height)
+    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
+    path.write_bytes(bytes(raw))
     return path
 
 

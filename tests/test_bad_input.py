@@ -1,16 +1,14 @@
 """Bad input is refused cheaply with one line and exit 2: never a traceback, exit 1 or an unbounded allocation."""
 
 import json
-import struct
 import tracemalloc
-import zlib
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import FAST, assert_one_line_error, run_cli, write_dicom, write_png
+from conftest import FAST, assert_one_line_error, png_claiming, run_cli, write_dicom, write_png
 from test_index import _vs
 
 from indexer.config import IndexConfig
@@ -69,21 +67,11 @@ def test_dicom_with_an_invalid_header_value_is_skipped_and_the_rest_indexed(tmp_
     assert len(warnings) == 1 and "invalid DICOM NumberOfFrames '1A'" in warnings[0]
 
 
-def _png_claiming(path, width, height):
-    """A small PNG whose header claims width x height (a decompression bomb, as far as the header goes)."""
-    write_png(path, np.zeros((8, 8), np.uint8))
-    raw = bytearray(path.read_bytes())
-    raw[16:24] = struct.pack(">II", width, height)
-    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
-    path.write_bytes(bytes(raw))
-    return path
-
-
 def test_decompression_bomb_png_is_a_one_line_error(tmp_path, capsys, demo_index):
-    bomb = _png_claiming(tmp_path / "bomb.png", 30000, 30000)
+    bomb = png_claiming(tmp_path / "bomb.png", 30000, 30000)
     with pytest.raises(UnreadableImageError, match="over the (pixel )?limit"):
         read_frames(bomb)
-    big = _png_claiming(tmp_path / "big.png", 9000, 9000)  # under PIL's own bomb threshold, over ours
+    big = png_claiming(tmp_path / "big.png", 9000, 9000)  # under PIL's own bomb threshold, over ours
     with pytest.raises(UnreadableImageError, match="9000 x 9000 pixels, over the limit of 64000000"):
         read_frames(big)
     code, _, err = run_cli(capsys, "query", bomb, "--index", demo_index)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import assert_one_line_error, run_cli, write_dicom, write_png
+from conftest import assert_one_line_error, png_claiming, run_cli, write_dicom, write_png
 from dicom_factory import make_deflated_dicom
 
 from retrieval.cli.main import main
@@ -164,18 +164,8 @@ def test_the_server_answers_413_to_a_deflated_bomb(client, bomb, low_limit):
     assert client.get("/health").status_code == 200
 
 
-def _png_claiming(path: Path, width: int, height: int) -> Path:
-    """A small PNG whose header claims width x height (a decompression bomb, as far as the header goes)."""
-    write_png(path, np.zeros((8, 8), np.uint8))
-    raw = bytearray(path.read_bytes())
-    raw[16:24] = struct.pack(">II", width, height)
-    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
-    path.write_bytes(bytes(raw))
-    return path
-
-
 def test_a_png_past_pils_own_bomb_limit_is_413_with_the_pixel_limit(client, tmp_path, capsys):
-    png = _png_claiming(tmp_path / "bomb30k.png", 30000, 30000)  # 900 MP: PIL refuses it in Image.open
+    png = png_claiming(tmp_path / "bomb30k.png", 30000, 30000)  # 900 MP: PIL refuses it in Image.open
     message = "900000000 pixels, over the limit of 64000000 (RETRIEVE_MAX_PIXELS)"
     with pytest.raises(UploadError) as caught:
         check_header(png, "png", "bomb30k.png")
@@ -218,7 +208,6 @@ def test_pixel_data_past_the_frames_the_header_claims_is_not_decoded(tmp_path, m
 
 def test_pacs_transfer_syntax_reads_the_meta_group_only(tmp_path, monkeypatch):
     """The PACS path names a fetched file's transfer syntax without inflating a deflated data set."""
-    import zlib
 
     from dicom_factory import make_deflated_dicom
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from indexer.atomic import atomic_path
 from indexer.config import IndexConfig
-from indexer.errors import RetrieveError
+from indexer.errors import RetrieveError, faiss_write_error
 from indexer.kinds import FLAT_MAX, HNSW_MAX, KINDS, REFINE, choose_kind, is_named, register_kind, resolve
 from indexer.ondisk import ON_DISK, READ_FLAGS, check_on_disk, fill_on_disk, ivf_of, map_lists
 
@@ -352,7 +352,10 @@ def search_device(index_: faiss.Index) -> str:
 
 def save_index(index: faiss.Index, path: Path) -> None:
     with atomic_path(path) as tmp:
-        faiss.write_index(to_cpu(index), str(tmp))
+        try:
+            faiss.write_index(to_cpu(index), str(tmp))
+        except RuntimeError as exc:  # FAISS's word for a full or read-only disk
+            raise faiss_write_error(exc, path) from None
 
 
 def load_index(

@@ -47,7 +47,14 @@ from filelock import FileLock, Timeout
 
 from indexer.atomic import atomic_path, fsync_dir
 from indexer.config import IndexConfig
-from indexer.errors import EncoderMismatchError, IndexBusyError, RetrieveError
+from indexer.errors import (
+    ENVIRONMENT_ERRNOS,
+    EncoderMismatchError,
+    IndexBusyError,
+    RetrieveError,
+    StorageError,
+    errno_reason,
+)
 from indexer.faiss_index import (
     build_index,
     fill_index,
@@ -212,16 +219,22 @@ def write_lock(index_dir: Path, timeout: float | None = None) -> Iterator[None]:
     wait = lock_timeout() if timeout is None else timeout
     lock = FileLock(str(index_dir / LOCK))
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.warning("--index %s: another process is writing to it; waiting up to %.0f s", index_dir, wait)
         try:
-            lock.acquire(timeout=wait)
+            lock.acquire(timeout=0)
         except Timeout:
-            raise IndexBusyError(
-                f"--index {index_dir}: another process has been writing to it for over {wait:.0f} s; "
-                f"try again later (or raise {LOCK_TIMEOUT_ENV})"
-            ) from None
+            log.warning("--index %s: another process is writing to it; waiting up to %.0f s", index_dir, wait)
+            try:
+                lock.acquire(timeout=wait)
+            except Timeout:
+                raise IndexBusyError(
+                    f"--index {index_dir}: another process has been writing to it for over {wait:.0f} s; "
+                    f"try again later (or raise {LOCK_TIMEOUT_ENV})"
+                ) from None
+    except OSError as exc:  # a read-only folder or file system (filelock's Timeout is an OSError too: above)
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        reason = errno_reason(exc.errno)
+        raise StorageError(f"--index {index_dir}: cannot take its write lock {LOCK}: {reason}") from None
     try:
         yield
     finally:

@@ -42,7 +42,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.errors import RetrieveError
+from indexer.errors import RetrieveError, faiss_write_error
 
 log = logging.getLogger(__name__)
 
@@ -178,7 +178,10 @@ def fill_on_disk(
             part.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32), np.asarray(ids, dtype=np.int64))
             path = folder / f".index-part-{run}-{len(parts):05d}.faiss.tmp"  # a crash leaves it to the next write
             parts.append(path)
-            faiss.write_index(part, str(path))
+            try:
+                faiss.write_index(part, str(path))
+            except RuntimeError as exc:  # a full or read-only disk
+                raise faiss_write_error(exc, path) from None
             del part
         mapped = [faiss.read_index(str(p), faiss.IO_FLAG_MMAP) for p in parts]  # the codes stay in the parts
         return _merge(index, [ivf_of(m).invlists for m in mapped], folder)

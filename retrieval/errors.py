@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
-from indexer.errors import EncoderMismatchError, IndexBusyError, RetrieveError
+from indexer.errors import EncoderMismatchError, IndexBusyError, RetrieveError, StorageError, environment_error
 
-__all__ = ["RetrieveError", "UnreadableImageError", "EncoderMismatchError", "IndexBusyError"]
+__all__ = [
+    "RetrieveError",
+    "UnreadableImageError",
+    "EncoderMismatchError",
+    "IndexBusyError",
+    "StorageError",
+    "environment_error",
+]
 
 
 class UnreadableImageError(RetrieveError):

@@ -45,6 +45,7 @@ def embed(
     insecure: bool = pacs.Insecure,
 ):
     """Embed every image of DATA (or of a PACS, with --dicomweb) into a Parquet vectors file."""
+    from indexer.atomic import check_writable
     from indexer.store import write_vectors
     from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
 
@@ -57,8 +58,7 @@ def embed(
     if dicomweb is not None:
         if engine != "local":
             raise RetrieveError(f"--dicomweb with --engine {engine}: a PACS is embedded in this process")
-        if out.is_dir():
-            raise RetrieveError(f"--out {out}: is a folder; give the path of a .parquet file to write")
+        check_writable(out, "--out")
         loaded = load_encoder(
             opt.encoder_spec(encoder, weights, seed),
             opt.preprocess_overrides(image_size, crop_sector, resize, ct_window),
@@ -86,8 +86,7 @@ def embed(
             + (f"; skipped {len(res.skipped)}" if res.skipped else "")
         )
         return
-    if out.is_dir():
-        raise RetrieveError(f"--out {out}: is a folder; give the path of a .parquet file to write")
+    check_writable(out, "--out")
     loaded = load_encoder(
         opt.encoder_spec(encoder, weights, seed), opt.preprocess_overrides(image_size, crop_sector, resize, ct_window)
     )

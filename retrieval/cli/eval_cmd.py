@@ -33,10 +33,15 @@ def evaluate_cmd(
     ),
 ):
     """Leave-one-out retrieval quality of an index: MAP, MRR, P@k, MAP@R, kNN vote accuracy."""
+    from indexer.atomic import atomic_path, check_writable
     from retrieval.evaluation.evaluate import EvalSettings
     from retrieval.evaluation.index_eval import evaluate_index
     from retrieval.evaluation.report import markdown_summary, write_report
 
+    if json_out is not None:  # before the evaluation, not after it
+        check_writable(json_out, "--json")
+    if report is not None:
+        check_writable(report, "--report", folder=True)
     ev = evaluate_index(
         index,
         EvalSettings(k, exclude_same_patient, exclude_near_dup, vote, multilabel),
@@ -53,8 +58,6 @@ def evaluate_cmd(
             "those images, these figures are in-sample and optimistic; `retrieve benchmark` measures held-out folds."
         )
     if json_out is not None:
-        from indexer.atomic import atomic_path
-
         with atomic_path(json_out) as tmp:
             tmp.write_text(json.dumps(result, indent=2))
         print(f"\nresults -> {json_out}")

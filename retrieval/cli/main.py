@@ -28,7 +28,7 @@ from retrieval.cli import (
 )
 from retrieval.cli.logs import setup_logging
 from retrieval.cli.output import echo_err
-from retrieval.errors import RetrieveError
+from retrieval.errors import RetrieveError, environment_error
 
 app = typer.Typer(
     add_completion=False,
@@ -62,6 +62,14 @@ app.command("ui")(ui_cmd.ui_cmd)
 app.command("encoders")(encoders_cmd.list_encoders_cmd)
 
 
+def _internal_error(exc: BaseException) -> int:
+    """A bug: say so in one line; the traceback on request."""
+    if os.environ.get("RETRIEVE_DEBUG"):
+        traceback.print_exc()
+    echo_err(f"internal error: {type(exc).__name__}: {exc} (set RETRIEVE_DEBUG=1 for the traceback)")
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: one-line errors and a non-zero exit instead of tracebacks."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no model hub is contacted unless the user asks for it
@@ -75,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         echo_err("interrupted")
         code = 130
+    except OSError as exc:  # the machine, not the tool: a read-only or full disk, no permission
+        err = environment_error(exc)
+        if err is None:
+            code = _internal_error(exc)
+        else:
+            echo_err(f"error: {err}")
+            code = err.exit_code
     except Exception as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":  # the help text was already printed
             code = 0
@@ -84,11 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         elif type(exc).__name__ == "Abort":
             echo_err("aborted")
             code = 130
-        else:  # a bug: say so in one line; the traceback on request
-            if os.environ.get("RETRIEVE_DEBUG"):
-                traceback.print_exc()
-            echo_err(f"internal error: {type(exc).__name__}: {exc} (set RETRIEVE_DEBUG=1 for the traceback)")
-            code = 1
+        else:
+            code = _internal_error(exc)
     if argv is None:
         sys.exit(code)
     return code

@@ -90,6 +90,7 @@ def query(
     quiet: bool = opt.Quiet,
 ):
     """Find the indexed images (or cases) most similar to IMAGE(s), with a kNN vote on the label."""
+    from indexer.atomic import check_writable
     from indexer.index_dir import open_index_dir, read_manifest
     from indexer.search import check_k, parse_where
     from retrieval.batch import OUT_SUFFIXES, is_query_source, query_source, results_table, write_results
@@ -106,8 +107,12 @@ def query(
     if group_by is not None:
         case_column(group_by)
     check_aggregation(agg)
-    if out is not None and out.suffix.lower() not in OUT_SUFFIXES:
-        raise RetrieveError(f"--out {out}: give a .csv or .parquet file")
+    if out is not None:
+        if out.suffix.lower() not in OUT_SUFFIXES:
+            raise RetrieveError(f"--out {out}: give a .csv or .parquet file")
+        if not out.parent.is_dir():
+            raise RetrieveError(f"--out {out}: no folder {out.parent}")
+        check_writable(out, "--out")
     conditions = parse_where(where)
     if viewer_url is not None:
         check_viewer_template(viewer_url)

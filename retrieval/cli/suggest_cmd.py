@@ -47,11 +47,12 @@ def suggest_labels(
     seed: int = typer.Option(0, "--seed"),
 ):
     """The unlabelled images whose labels would help most, as a CSV a person fills in (paper 002, M9)."""
-    from indexer.atomic import atomic_path
+    from indexer.atomic import atomic_path, check_writable
     from retrieval.training.active import suggest_for_index
 
     if k < 1:
         raise RetrieveError(f"--k {k}: must be at least 1")
+    check_writable(out, "--out")
     table = suggest_for_index(index, budget, strategy, k, seed, spread, head, data_root, progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp:

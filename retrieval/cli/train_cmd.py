@@ -51,6 +51,8 @@ def train(
     quiet: bool = opt.Quiet,
 ):
     """Train an encoder; the checkpoint loads straight into `embed` / `index build --encoder`."""
+    from indexer.atomic import check_writable
+    from retrieval.encoders.checkpoint import checkpoint_paths
     from retrieval.pipeline import report_skipped
     from retrieval.training.config import load_train_config
     from retrieval.training.presets import preset_path
@@ -76,6 +78,7 @@ def train(
     if preset is not None and config is not None:
         raise RetrieveError("--preset and --config: give one of them")
     cfg = load_train_config(preset_path(preset) if preset is not None else config, overrides)
+    check_writable(checkpoint_paths(out)[0], "--out")
     done = train_to_checkpoint(data, cfg, out, pairs, progress=not quiet)
     report_skipped(done.skipped)
     losses = [s["loss"] for s in done.log["steps"]]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from indexer.atomic import atomic_path
 from retrieval.config import PreprocessConfig
 from retrieval.encoders.backbones import build_backbone
 from retrieval.encoders.base import ARCH_EXTRAS, Encoder
@@ -28,14 +27,8 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:  # a full or read-only disk: one line naming `path`
+        tmp.write_bytes(data)
 
 
 def save_checkpoint(

@@ -672,9 +672,12 @@ def _upgrade(index_dir: Path, idx: IndexDir, tag: str) -> IndexManifest:
 def add_to_index_dir(index_dir: str | Path, new: VectorSet, replace: bool = False) -> tuple[IndexManifest, int]:
     """Append vectors as a new shard; existing shards stay as they are, FAISS gets `add_with_ids`.
 
-    Rows whose path and frame are already indexed are left out, or with `replace` the old rows are
-    removed and the new ones added (upsert of re-embedded images). Returns (manifest, rows added).
-    The whole read-merge-write runs under the writer lock, so concurrent adds all land.
+    Rows already indexed are left out, or with `replace` the old rows are removed and the new ones added
+    (upsert of re-embedded images). Returns (manifest, rows added). An image is known by its frame and,
+    where the new rows carry rel_path (paths relative to where the index's data root is now:
+    retrieval.relocate.rows_for_index), by its rel_path, so an index moved with or apart from its data
+    still knows its images; rows without one (files outside the root, indexes that record no root) by
+    their absolute path. The whole read-merge-write runs under the writer lock, so concurrent adds all land.
     """
     index_dir = Path(index_dir)
     read_manifest(index_dir)  # one-line errors for a missing or foreign folder before taking a lock
@@ -683,16 +686,25 @@ def add_to_index_dir(index_dir: str | Path, new: VectorSet, replace: bool = Fals
         check_compatible(idx.manifest.fingerprint, new.fingerprint, f"--index {index_dir}")
         if new.dim != idx.manifest.dim:
             raise EncoderMismatchError(f"--index {index_dir}: holds {idx.manifest.dim}-d vectors, not {new.dim}-d")
-        old = idx.read_columns(["id", "path", "frame_index"])
+        rel_path = "rel_path"  # retrieval.relocate.REL_PATH: relative to the data root, null outside it
+        by_rel = rel_path in new.rows.columns and rel_path in idx.columns
+        old = idx.read_columns(["id", "path", "frame_index"] + ([rel_path] if by_rel else []))
 
-        def key(df: pd.DataFrame) -> pd.Series:
-            return df["path"].astype(str) + "#" + df["frame_index"].astype("string").fillna("")
+        def key(df: pd.DataFrame, rel: bool) -> pd.Series:
+            frame = "#" + df["frame_index"].astype("string").fillna("")
+            by_path = "path:" + df["path"].astype(str) + frame
+            if not rel:
+                return by_path
+            return ("rel:" + df[rel_path].astype("string") + frame).fillna(by_path)  # a moved row's path is stale
 
-        old_keys = key(old)
-        known = key(new.rows).isin(set(old_keys))
+        old_keys = key(old, by_rel)
+        # by path too: an old row stored by its absolute path (outside the root then) that now lies under it
+        new_keys = [key(new.rows, by_rel)] + ([key(new.rows, False)] if by_rel else [])
+        known = pd.concat([k.isin(set(old_keys)) for k in new_keys], axis=1).any(axis=1)
         replaced_ids = np.zeros(0, dtype=np.int64)
         if replace and known.any():
-            replaced_ids = idx.live_ids[old_keys.isin(set(key(new.rows.loc[known]))).to_numpy()]
+            matched = {str(x) for k in new_keys for x in k[known]}
+            replaced_ids = idx.live_ids[old_keys.isin(matched).to_numpy()]
             fresh = pd.Series(True, index=new.rows.index)
         else:
             fresh = ~known

@@ -10,6 +10,7 @@ as they are. `relocate_index` records a new root under the index's write lock, a
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pandas as pd
@@ -91,14 +92,10 @@ def resolve_data_root(idx: IndexDir, override: str | Path | None = None) -> Path
         return root
     if m.data_root is None:
         return None
-    candidates = []
-    if m.data_root_from_index:
-        candidates.append((idx.path / m.data_root_from_index).resolve())
-    candidates.append(Path(m.data_root))
     sample = _sample(idx)
-    for c in candidates:
-        if _holds(c, sample):
-            return c
+    found = _recorded_root(idx, sample)
+    if found is not None:
+        return found
     if sample:
         log.warning(
             "--index %s: the data root %s no longer holds the indexed files; result paths will not open "
@@ -106,7 +103,22 @@ def resolve_data_root(idx: IndexDir, override: str | Path | None = None) -> Path
             idx.path,
             m.data_root,
         )
-    return candidates[-1]
+    return Path(m.data_root)
+
+
+def _beside(idx: IndexDir) -> Path | None:
+    """The recorded root relative to the index folder, where it is now (None if not recorded)."""
+    rel = idx.manifest.data_root_from_index
+    return (idx.path / rel).resolve() if rel else None
+
+
+def _recorded_root(idx: IndexDir, sample: list[str]) -> Path | None:
+    """The recorded root that holds the indexed files: beside the index first (data and index moved
+    together), then the absolute one; None when neither holds a sampled file (or there is no sample)."""
+    for c in (_beside(idx), idx.manifest.data_root):
+        if c is not None and _holds(Path(c), sample):
+            return Path(c)
+    return None
 
 
 def relocate_index(index_dir: str | Path, new_root: str | Path) -> tuple[str | None, Path]:
@@ -127,11 +139,75 @@ def relocate_index(index_dir: str | Path, new_root: str | Path) -> tuple[str | N
 
 
 def rows_for_index(rows: pd.DataFrame, index_dir: str | Path) -> pd.DataFrame:
-    """Rows about to be added to an index, with rel_path against that index's data root (where it records one)."""
+    """Rows about to be added to an index, named as its own rows are (where it records a data root).
+
+    rel_path is each file's path relative to where the index's data root is now (as queries resolve it:
+    beside the index, then the recorded absolute root), so `add_to_index_dir` knows an image it holds
+    wherever index and data were moved, and the id of a row under the root is that rel_path (with its
+    `#frame`), as a build names it, whatever sub-folder was added. A file outside the root is named by its
+    absolute path (id and path; rel_path null), as a build names one. If no recorded root holds the indexed files
+    (the data moved without `index relocate`), the added files' own folder or the nearest folder above it
+    that holds them stands in, with a warning; failing that the recorded root.
+    """
     index_dir = Path(index_dir)
-    m = read_manifest(index_dir)
-    if m.data_root is None:
+    if read_manifest(index_dir).data_root is None:
+        return rows  # absolute paths only (built before relocatable indexes): matched by path
+    idx = open_index_dir(index_dir, use_gpu=False)
+    sample = _sample(idx)
+    root = _recorded_root(idx, sample)
+    if root is None and not sample:  # nothing to check a folder by (no row under the root)
+        beside = _beside(idx)
+        root = beside if beside is not None and beside.is_dir() else Path(str(idx.manifest.data_root))
+    if root is None:
+        root = _holding_folder(rows, sample)
+        if root is not None:
+            log.warning(
+                "--index %s: the data root %s no longer holds the indexed files, %s does: the new images are "
+                "matched against it (record it with `retrieve index relocate --index %s --data-root %s`)",
+                index_dir,
+                idx.manifest.data_root,
+                root,
+                index_dir,
+                root,
+            )
+        else:
+            root = Path(str(idx.manifest.data_root))
+    out = with_rel_paths(rows, root)
+    return _ids_as_built(out)
+
+
+def _holding_folder(rows: pd.DataFrame, sample: list[str]) -> Path | None:
+    """The added files' common folder or the nearest folder above it that holds the sampled indexed files."""
+    paths = [str(p) for p in rows["path"] if Path(str(p)).is_absolute()]
+    if not paths or not sample:
+        return None
+    try:
+        common = Path(os.path.commonpath(paths))
+    except ValueError:
+        return None
+    for folder in (common, *common.parents):
+        if _holds(folder, sample):
+            return folder
+    return None
+
+
+def _ids_as_built(rows: pd.DataFrame) -> pd.DataFrame:
+    """Each row's id as a build names it: its rel_path, or for a file outside the root its absolute path,
+    plus the `#frame` its id carried."""
+    if rows.empty:
         return rows
-    beside = (index_dir / m.data_root_from_index).resolve() if m.data_root_from_index else None
-    root = beside if beside is not None and beside.is_dir() else Path(m.data_root)
-    return with_rel_paths(rows, root)
+    frames = rows["frame_index"] if "frame_index" in rows else pd.Series(pd.NA, index=rows.index)
+    rel = rows[REL_PATH].astype("string") if REL_PATH in rows else pd.Series(pd.NA, index=rows.index, dtype="string")
+
+    def suffix(row_id: object, frame: object) -> str:
+        if frame is None or pd.isna(frame):
+            return ""
+        tail = f"#{int(frame)}"  # type: ignore[call-overload]
+        return tail if str(row_id).endswith(tail) else ""
+
+    out = rows.copy()
+    out["id"] = [
+        f"{p if pd.isna(r) else r}{suffix(i, f)}"
+        for r, p, i, f in zip(rel, rows["path"].astype(str), rows["id"], frames, strict=True)
+    ]
+    return out

@@ -176,3 +176,159 @@ def test_cli_data_root_and_relocate(moved, tmp_path, capsys):
     code, out, err = run_cli(capsys, "query", q, "--index", moved / "idx", "--k", "2", "--json")
     assert code == 0, err
     assert all(os.path.isfile(r["path"]) for r in json.loads(out)["results"])
+
+
+def _rows(index):
+    return open_index_dir(index, use_gpu=False).rows
+
+
+def _add(capsys, data, index, *extra):
+    from conftest import run_cli
+
+    code, out, err = run_cli(capsys, "index", "add", data, "--index", index, "--quiet", *extra)
+    assert code == 0, err
+    return out, err
+
+
+def _assert_clean(rows, ids):
+    """No image twice, and every row named as a build names it: rel_path (+ #frame), or its absolute path."""
+    assert rows["id"].tolist() == ids
+    assert not rows["id"].duplicated().any()
+    assert (
+        not rows.loc[rows["rel_path"].notna(), "rel_path"]
+        .astype(str)
+        .add("#" + rows["frame_index"].astype("string").fillna(""))
+        .duplicated()
+        .any()
+    )
+    inside = rows["rel_path"].notna().to_numpy()
+    assert (rows.loc[inside, "rel_path"] == rows.loc[inside, "id"].str.replace(r"#\d+$", "", regex=True)).all()
+    assert (rows.loc[~inside, "id"].str.replace(r"#\d+$", "", regex=True) == rows.loc[~inside, "path"]).all()
+
+
+def test_add_after_moving_index_and_data_together_knows_every_image(moved, tmp_path, capsys):
+    """The session 9 bug: after `cp -r site site2`, `index add site2/pacs` re-added every image under
+    absolute-path ids (duplicates). Now: nothing added, by the whole root, a sub-folder or --replace."""
+    from dicom_factory import make_dicom
+
+    ids = _rows(moved / "idx")["id"].tolist()
+    site2 = tmp_path / "elsewhere" / "site2"
+    shutil.copytree(moved, site2)
+    out, _ = _add(capsys, site2 / "pacs", site2 / "idx")
+    assert f"added 0 images ({len(ids)} already indexed); index now holds {len(ids)}" in out
+    out, _ = _add(capsys, site2 / "pacs" / "PAT001", site2 / "idx")  # a sub-folder: ids relative to it
+    assert "added 0 images" in out and f"now holds {len(ids)}" in out
+    _assert_clean(_rows(site2 / "idx"), ids)
+    gen = read_manifest(site2 / "idx").generation
+    out, _ = _add(capsys, site2 / "pacs" / "PAT002", site2 / "idx", "--replace")  # re-embedded in their place
+    assert f"now holds {len(ids)}" in out and read_manifest(site2 / "idx").generation == gen + 1
+    rows = _rows(site2 / "idx")
+    assert sorted(rows["id"]) == sorted(ids) and not rows["id"].duplicated().any()
+    pat2 = rows["id"].str.startswith("PAT002/").to_numpy()
+    assert pat2.any() and (rows.loc[pat2, "path"].str.startswith(str(site2.resolve()))).all()
+    # a genuinely new image, in a new sub-folder: added once, named relative to the data root
+    make_dicom(site2 / "pacs" / "PAT009" / "ST" / "SE" / "IM0001", np.full((48, 48), 900, np.uint16), "PAT009")
+    out, _ = _add(capsys, site2 / "pacs" / "PAT009" / "ST", site2 / "idx")
+    assert f"added 1 images (0 already indexed); index now holds {len(ids) + 1}" in out
+    out, _ = _add(capsys, site2 / "pacs", site2 / "idx")
+    assert f"added 0 images ({len(ids) + 1} already indexed)" in out
+    rows = _rows(site2 / "idx")
+    assert rows["id"].iloc[-1] == "PAT009/ST/SE/IM0001" and rows["rel_path"].iloc[-1] == "PAT009/ST/SE/IM0001"
+    _assert_clean(rows.sort_values("id"), sorted(rows["id"]))
+    # the original, where it was, is untouched
+    assert _rows(moved / "idx")["id"].tolist() == ids
+
+
+def test_add_outside_the_data_root_keeps_absolute_paths(moved, tmp_path, capsys):
+    from dicom_factory import make_dicom
+
+    n = read_manifest(moved / "idx").count
+    other = make_dicom(tmp_path / "other" / "PAT001" / "IM0001", np.full((48, 48), 300, np.uint16), "PAT777")
+    out, _ = _add(capsys, tmp_path / "other", moved / "idx")
+    assert f"added 1 images (0 already indexed); index now holds {n + 1}" in out
+    for folder in (tmp_path / "other", tmp_path / "other" / "PAT001"):
+        out, _ = _add(capsys, folder, moved / "idx")
+        assert f"added 0 images (1 already indexed); index now holds {n + 1}" in out
+    rows = _rows(moved / "idx")
+    last = rows.iloc[-1]
+    assert last["id"] == last["path"] == str(other.resolve()) and pd.isna(last["rel_path"])
+    _assert_clean(rows, rows["id"].tolist())
+
+
+@pytest.mark.slow
+def test_add_after_moving_index_or_data_apart_knows_every_image(moved, tmp_path, capsys, caplog):
+    ids = _rows(moved / "idx")["id"].tolist()
+    n = len(ids)
+    # the index moved, the data not: found by the recorded absolute root, relocated or not
+    alone = tmp_path / "alone" / "idx"
+    shutil.copytree(moved / "idx", alone)
+    (alone.parent / "pacs").mkdir()  # a folder where the relative root points, without the files
+    out, _ = _add(capsys, moved / "pacs", alone)
+    assert f"added 0 images ({n} already indexed)" in out
+    relocate_index(alone, moved / "pacs")
+    out, _ = _add(capsys, moved / "pacs" / "PAT003", alone)
+    assert "added 0 images" in out and f"now holds {n}" in out
+    _assert_clean(_rows(alone), ids)
+    # the data moved, `index relocate --data-root` first
+    nas = tmp_path / "nas" / "archive"
+    shutil.copytree(moved / "pacs", nas)
+    shutil.move(str(moved / "pacs"), str(tmp_path / "gone"))
+    relocate_index(moved / "idx", nas)
+    out, _ = _add(capsys, nas, moved / "idx")
+    assert f"added 0 images ({n} already indexed)" in out
+    # the data moved without a relocate: the folder holding the indexed files stands in, with a warning
+    stale = tmp_path / "stale"
+    shutil.copytree(moved / "idx", stale)
+    relocate_index(stale, tmp_path / "gone")
+    shutil.rmtree(tmp_path / "gone")
+    with caplog.at_level("WARNING"):
+        out, err = _add(capsys, nas / "PAT002" / "STUDY1", stale)
+    assert "added 0 images" in out and f"now holds {n}" in out
+    assert "no longer holds the indexed files" in caplog.text and "index relocate" in caplog.text
+    _assert_clean(_rows(stale), ids)
+
+
+def test_add_keys_on_rel_path_not_on_stale_stored_paths(tmp_path):
+    """add_to_index_dir: rows with a rel_path are known by it (their stored absolute path is where they
+    were); rows without one by their absolute path, which also finds an old row stored outside the root."""
+    from indexer.config import IndexConfig
+    from indexer.index_dir import add_to_index_dir, build_index_dir
+    from indexer.store import VectorSet
+
+    fp = {"encoder": "toy", "dim": 4, "preprocess": {}}
+
+    def vs(ids, paths, rels, seed=0):
+        rows = pd.DataFrame(
+            {
+                "id": ids,
+                "path": paths,
+                "rel_path": pd.array(rels, dtype="string"),
+                "label": ["a"] * len(ids),
+                "frame_index": pd.array([None] * len(ids), dtype="Int64"),
+            }
+        )
+        v = np.random.default_rng(seed).normal(size=(len(ids), 4)).astype(np.float32)
+        return VectorSet(rows, v / np.linalg.norm(v, axis=1, keepdims=True), fp, {"name": "toy"})
+
+    d = tmp_path / "idx"
+    build_index_dir(
+        d, vs(["x/a.png", "/out/o.png"], ["/old/x/a.png", "/out/o.png"], ["x/a.png", None]), IndexConfig(gpu=False)
+    )
+    new = vs(
+        ["x/a.png", "o.png", "/old/x/a.png", "x/b.png"],
+        ["/new/x/a.png", "/out/o.png", "/old/x/a.png", "/new/x/b.png"],
+        ["x/a.png", "o.png", None, "x/b.png"],  # moved; the old outside row now under the root; a copy left behind
+        seed=1,
+    )
+    m, added = add_to_index_dir(d, new)
+    assert added == 2 and m.count == 4
+    rows = _rows(d)
+    assert rows["path"].tolist()[2:] == ["/old/x/a.png", "/new/x/b.png"]
+    m, added = add_to_index_dir(d, vs(["x/a.png", "o.png"], ["/new/x/a.png", "/out/o.png"], ["x/a.png", "o.png"]), True)
+    assert added == 2 and m.count == 4  # replaced, not duplicated
+    rows = _rows(d)
+    assert sorted(rows["path"]) == ["/new/x/a.png", "/new/x/b.png", "/old/x/a.png", "/out/o.png"]
+    # rows without a rel_path column (callers that know no root): by the stored path, as before
+    plain = vs(["q"], ["/new/x/b.png"], [None])
+    plain.rows = plain.rows.drop(columns=["rel_path"])
+    assert add_to_index_dir(d, plain)[1] == 0

@@ -180,7 +180,9 @@ def index_add(
     m = read_manifest(index)
     loaded = encoder_for_index(m.fingerprint, m.encoder_spec, f"--index {index}")
     vs, skipped = embed_dataset(data, loaded, batch_size, workers, gpu, not quiet)
-    vs.rows = rows_for_index(vs.rows, index)  # paths relative to the index's data root, so it stays relocatable
+    # rel_paths and ids relative to where the index's data root is now: it stays relocatable, and knows the
+    # images it holds wherever index and data were moved
+    vs.rows = rows_for_index(vs.rows, index)
     manifest, added = add_to_index_dir(index, vs, replace=replace)
     report_skipped(skipped)
     print(

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import types
+import typing
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
@@ -76,15 +79,86 @@ class RecipeConfig:
 def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
     """A YAML file whose top level is a mapping; one-line errors naming the file otherwise."""
     p = Path(path)
+    if p.is_dir():
+        raise RetrieveError(f"--config {p}: is a folder; give a YAML file")
     if not p.is_file():
         raise RetrieveError(f"--config {p}: file not found")
     try:
-        raw = yaml.safe_load(p.read_text()) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise RetrieveError(
+            f"--config {p}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start})"
+        ) from None
     except yaml.YAMLError as exc:
         raise RetrieveError(f"--config {p}: not valid YAML ({str(exc).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise RetrieveError(f"--config {p}: expected a mapping at the top level")
     return raw
+
+
+_TYPE_WORDS = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}
+
+
+def _typed(value: Any, hint: Any, key: str, where: str) -> Any:
+    """`value` from a YAML file as the type `hint` of the field `key` asks for, or a one-line error."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        hint, origin, args = inner[0], typing.get_origin(inner[0]), typing.get_args(inner[0])
+    if hint is Any:
+        return value
+    if origin is list or origin is tuple:
+        n = len(args) if origin is tuple and Ellipsis not in args else None
+        if not isinstance(value, (list, tuple)) or (n is not None and len(value) != n):
+            what = f"a list of {n}" if n else "a list"
+            raise RetrieveError(f"{where}: {key}: expected {what} ({_TYPE_WORDS.get(args[0], args[0])}), got {value!r}")
+        kinds = [args[0] if origin is list or n is None else args[j] for j in range(len(value))]
+        items = [_typed(v, t, key, where) for v, t in zip(value, kinds)]
+        return items if origin is list else tuple(items)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise RetrieveError(f"{where}: {key}: expected a mapping, got {value!r}")
+        return value
+    want = _TYPE_WORDS.get(hint)
+    if want is None:
+        return value
+    ok = False
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    if not ok:
+        raise RetrieveError(f"{where}: {key}: expected {want}, got {value!r}")
+    return value
+
+
+def typed_fields(cls: type, raw: dict[str, Any], where: str, section: str = "") -> dict[str, Any]:
+    """The values of `raw` (a YAML mapping for the dataclass `cls`) checked and converted to its fields'
+    types: `epochs: many` is "WHERE: epochs: expected a whole number, got 'many'", not a TypeError later.
+    Unknown keys are left for the caller to report."""
+    hints = typing.get_type_hints(cls)
+    return {k: _typed(v, hints[k], f"{section}{k}", where) if k in hints else v for k, v in raw.items()}
+
+
+def _section(raw: dict[str, Any], name: str, p: Path) -> dict[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, dict):
+        raise RetrieveError(f"--config {p}: {name}: expected a mapping of options, got {value!r}")
+    return value
 
 
 def load_recipe(path: str | Path) -> RecipeConfig:
@@ -94,15 +168,23 @@ def load_recipe(path: str | Path) -> RecipeConfig:
     unknown = set(raw) - {"encoder", "preprocess", "index", "batch_size"}
     if unknown:
         raise RetrieveError(f"--config {p}: unknown section(s) {', '.join(sorted(unknown))}")
-    try:
-        return RecipeConfig(
-            encoder=EncoderSpec(**(raw.get("encoder") or {})),
-            preprocess=PreprocessConfig.from_dict(raw.get("preprocess") or {}),
-            index=IndexConfig(**(raw.get("index") or {})),
-            batch_size=int(raw.get("batch_size", 32)),
-        )
-    except TypeError as exc:
-        raise RetrieveError(f"--config {p}: {exc}") from None
+    where = f"--config {p}"
+    sections = {}
+    for name, cls in (("encoder", EncoderSpec), ("preprocess", PreprocessConfig), ("index", IndexConfig)):
+        values = _section(raw, name, p)
+        unknown = set(values) - {f.name for f in fields(cls)}
+        if unknown:
+            raise RetrieveError(f"{where}: {name}: unknown option(s) {', '.join(sorted(unknown))}")
+        sections[name] = typed_fields(cls, values, where, f"{name}.")
+    batch_size = _typed(raw.get("batch_size", 32), int, "batch_size", where)
+    if batch_size < 1:
+        raise RetrieveError(f"{where}: batch_size {batch_size}: must be at least 1")
+    return RecipeConfig(
+        encoder=EncoderSpec(**sections["encoder"]),
+        preprocess=PreprocessConfig.from_dict(sections["preprocess"]),
+        index=IndexConfig(**sections["index"]),
+        batch_size=batch_size,
+    )
 
 
 @dataclass(frozen=True)

@@ -281,3 +281,77 @@ def _app_calling(fn):
         fn()
 
     return app
+
+
+# --- F4: wrongly typed or non-UTF-8 YAML -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (b"epochs: many\n", "epochs: expected a whole number, got 'many'"),
+        (b"epochs: 1.5\n", "epochs: expected a whole number, got 1.5"),
+        (b"image_size: [32]\n", "image_size: expected a whole number, got [32]"),
+        (b"lr: fast\n", "lr: expected a number, got 'fast'"),
+        (b"balanced: 3\n", "balanced: expected true or false, got 3"),
+        (b"head_dims: 128\n", "head_dims: expected a list (a whole number), got 128"),
+        (b"method: supervised\n\xff\xfe: x\n", "not UTF-8 text (byte 0xff at offset 19)"),
+    ],
+)
+def test_train_config_with_a_wrong_type_names_file_key_and_type(tmp_path, capsys, tiny, text, needle):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_bytes(text)
+    out = tmp_path / "t.safetensors"
+    code, _, err = run_cli(capsys, "train", tiny[0], "-m", "supervised", "-o", out, "--config", cfg)
+    assert code == 2
+    assert_one_line_error(err, f"--config {cfg}: {needle}")
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+@pytest.mark.parametrize("args", [["--lr", "-1"], ["--config", "{cfg}"]])
+def test_a_negative_learning_rate_is_refused_before_training(tmp_path, capsys, tiny, args):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("lr: -1\n")
+    argv = [a.format(cfg=cfg) for a in args]
+    code, _, err = run_cli(capsys, "train", tiny[0], "-m", "supervised", "-o", tmp_path / "t.safetensors", *argv)
+    assert code == 2
+    assert_one_line_error(err, "--lr -1.0: the learning rate must be a positive number")
+
+
+def test_shipped_configs_still_load():
+    from retrieval.config import load_recipe
+    from retrieval.training.config import load_train_config
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for f in sorted((root / "train").glob("*.yaml")):
+        load_train_config(f)
+    for f in sorted((root / "index").glob("*.yaml")):
+        load_recipe(f)
+
+
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        (b"index:\n  kind: 5\n", "index.kind: expected text, got 5"),
+        (b"batch_size: many\n", "batch_size: expected a whole number, got 'many'"),
+        (b"batch_size: 0\n", "batch_size 0: must be at least 1"),
+        (b"preprocess:\n  image_size: big\n", "preprocess.image_size: expected a whole number, got 'big'"),
+        (b"preprocess:\n  ct_window: [1]\n", "preprocess.ct_window: expected a list of 2 (a number), got [1]"),
+        (b"encoder: [1, 2]\n", "encoder: expected a mapping of options, got [1, 2]"),
+        (b"encoder:\n  nme: cnn5\n", "encoder: unknown option(s) nme"),
+        (b"index:\n  kind: flat\n\xff: 1\n", "not UTF-8 text (byte 0xff at offset 20)"),
+    ],
+)
+def test_index_build_recipe_with_a_wrong_type(tmp_path, capsys, tiny, text, needle):
+    cfg = tmp_path / "r.yaml"
+    cfg.write_bytes(text)
+    code, _, err = run_cli(capsys, "index", "build", tiny[0], "-i", tmp_path / "idx", "--config", cfg, "-q")
+    assert code == 2
+    assert_one_line_error(err, f"--config {cfg}: {needle}")
+    assert not (tmp_path / "idx").exists()
+
+
+def test_a_folder_as_config_says_so(tmp_path, capsys, tiny):
+    code, _, err = run_cli(capsys, "train", tiny[0], "-o", tmp_path / "t.safetensors", "--config", tmp_path)
+    assert code == 2
+    assert_one_line_error(err, f"--config {tmp_path}: is a folder")

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from retrieval.config import read_yaml_mapping
+from retrieval.config import read_yaml_mapping, typed_fields
 from retrieval.errors import RetrieveError
 from retrieval.training.augment import AugmentConfig
 from retrieval.training.losses import LOSSES
@@ -74,6 +74,10 @@ class TrainConfig:
             raise RetrieveError(f"--beta {self.beta}: must lie in [0, 1]")
         if self.epochs < 1 or self.batch_size < 2:
             raise RetrieveError("epochs must be >= 1 and batch_size >= 2")
+        if not self.lr > 0:  # also NaN; torch's own ValueError came only once training started
+            raise RetrieveError(f"--lr {self.lr}: the learning rate must be a positive number")
+        if not self.weight_decay >= 0:
+            raise RetrieveError(f"weight_decay {self.weight_decay}: must be 0 or more")
         if self.is_clustering and self.vectors_from != "head":
             raise RetrieveError(f"--method {self.method}: vectors_from must be head (the cluster head sits on it)")
         if self.fixmatch_thresholds not in ("fixed", "flex"):
@@ -145,6 +149,7 @@ class TrainConfig:
 def load_train_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """YAML keys are TrainConfig fields; overrides (from the command line) win."""
     raw: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
+    raw = typed_fields(TrainConfig, raw, f"--config {path}")  # `epochs: many` names file, key and type
     raw.update({k: v for k, v in (overrides or {}).items() if v is not None})
     known = {f.name for f in fields(TrainConfig)}
     unknown = set(raw) - known

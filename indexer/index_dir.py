@@ -669,6 +669,24 @@ def _upgrade(index_dir: Path, idx: IndexDir, tag: str) -> IndexManifest:
     return m
 
 
+def _keep_old_labels(
+    rows: pd.DataFrame, row_keys: list[pd.Series], old: pd.DataFrame, old_keys: pd.Series
+) -> pd.DataFrame:
+    """Re-embedded rows that come without a label keep the label of the row they replace: a sub-folder of a
+    class-folder dataset (`index add DATA/severe --replace`) carries no class of its own, and an upsert of
+    vectors must not erase what a person labelled."""
+    labelled = old["label"].notna().to_numpy()
+    by_key = dict(zip(old_keys[labelled], old["label"][labelled]))
+    have = rows["label"] if "label" in rows.columns else pd.Series(pd.NA, index=rows.index, dtype=object)
+    carried = have.copy()
+    for keys in row_keys:  # by rel_path first, then by path
+        carried = carried.where(carried.notna(), keys.map(by_key))
+    kept = int(carried.notna().sum() - have.notna().sum())
+    if kept:
+        log.info("%d replaced row(s) without a label keep their old label", kept)
+    return rows.assign(label=carried)
+
+
 def add_to_index_dir(index_dir: str | Path, new: VectorSet, replace: bool = False) -> tuple[IndexManifest, int]:
     """Append vectors as a new shard; existing shards stay as they are, FAISS gets `add_with_ids`.
 
@@ -688,7 +706,10 @@ def add_to_index_dir(index_dir: str | Path, new: VectorSet, replace: bool = Fals
             raise EncoderMismatchError(f"--index {index_dir}: holds {idx.manifest.dim}-d vectors, not {new.dim}-d")
         rel_path = "rel_path"  # retrieval.relocate.REL_PATH: relative to the data root, null outside it
         by_rel = rel_path in new.rows.columns and rel_path in idx.columns
-        old = idx.read_columns(["id", "path", "frame_index"] + ([rel_path] if by_rel else []))
+        keep_labels = replace and "label" in idx.columns
+        old = idx.read_columns(
+            ["id", "path", "frame_index"] + ([rel_path] if by_rel else []) + (["label"] if keep_labels else [])
+        )
 
         def key(df: pd.DataFrame, rel: bool) -> pd.Series:
             frame = "#" + df["frame_index"].astype("string").fillna("")
@@ -710,6 +731,8 @@ def add_to_index_dir(index_dir: str | Path, new: VectorSet, replace: bool = Fals
             fresh = ~known
         rows = new.rows.loc[fresh].reset_index(drop=True)
         vectors = new.vectors[fresh.to_numpy()]
+        if keep_labels and len(replaced_ids):
+            rows = _keep_old_labels(rows, [k.loc[fresh].reset_index(drop=True) for k in new_keys], old, old_keys)
         if len(rows) == 0:
             return idx.manifest, 0
         taken = set(old["id"]) - set(old.loc[np.isin(idx.live_ids, replaced_ids), "id"])

@@ -332,3 +332,25 @@ def test_add_keys_on_rel_path_not_on_stale_stored_paths(tmp_path):
     plain = vs(["q"], ["/new/x/b.png"], [None])
     plain.rows = plain.rows.drop(columns=["rel_path"])
     assert add_to_index_dir(d, plain)[1] == 0
+
+
+def test_replace_from_a_class_sub_folder_keeps_the_labels(tmp_path, capsys):
+    """`index add DATA/severe --replace` re-embeds those images from a folder that names no class: the replaced
+    rows keep their labels (an upsert of vectors must not erase what a person labelled); new images stay
+    unlabelled, and a source that does carry labels still sets them."""
+    from conftest import run_cli, write_png
+
+    rng = np.random.default_rng(0)
+    for label in ("mild", "severe"):
+        for i in range(3):
+            write_png(tmp_path / "data" / label / f"{label}{i}.png", rng.integers(0, 255, (40, 40), dtype=np.uint8))
+    code, _, err = run_cli(capsys, "index", "build", tmp_path / "data", "--index", tmp_path / "idx", *ENC)
+    assert code == 0, err
+    before = _rows(tmp_path / "idx").set_index("id")["label"].to_dict()
+    write_png(tmp_path / "data" / "severe" / "severe9.png", rng.integers(0, 255, (40, 40), dtype=np.uint8))
+    _add(capsys, tmp_path / "data" / "severe", tmp_path / "idx", "--replace")
+    after = _rows(tmp_path / "idx").set_index("id")["label"]
+    assert {k: after[k] for k in before} == before  # severe0-2 re-embedded, still 'severe'
+    assert pd.isna(after["severe/severe9.png"])  # new, from a folder without classes: no label
+    _add(capsys, tmp_path / "data", tmp_path / "idx", "--replace")  # from the root: the class folders label it
+    assert _rows(tmp_path / "idx").set_index("id")["label"]["severe/severe9.png"] == "severe"

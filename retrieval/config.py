@@ -16,6 +16,18 @@ from retrieval.errors import RetrieveError
 
 RESIZE_MODES = ("pad", "squash")
 DEFAULT_ENCODER = "imagenet-effnet-lite0"  # named here, not in the registry, so the CLI can start without torch
+# The largest square input: encoders here are trained at 224 to 512 px; 4096 px is already 200 MB of tensor per
+# image, and a size of 100000 ran for minutes before failing as if the images were at fault.
+MAX_IMAGE_SIZE = 4096
+
+
+def check_image_size(size: int) -> None:
+    if size < 8:
+        raise RetrieveError(f"--image-size {size}: must be at least 8 pixels")
+    if size > MAX_IMAGE_SIZE:
+        raise RetrieveError(
+            f"--image-size {size}: at most {MAX_IMAGE_SIZE} pixels (the encoders are trained at 224 to 512)"
+        )
 
 
 @dataclass(frozen=True)
@@ -28,8 +40,7 @@ class PreprocessConfig:
     ct_window: tuple[float, float] = (-100.0, 400.0)  # HU window for CT DICOM (paper 001)
 
     def __post_init__(self) -> None:
-        if self.image_size < 8:
-            raise RetrieveError(f"--image-size {self.image_size}: must be at least 8 pixels")
+        check_image_size(self.image_size)
         if self.resize not in RESIZE_MODES:
             raise RetrieveError(f"resize mode '{self.resize}': choose one of {', '.join(RESIZE_MODES)}")
         lo, hi = self.ct_window

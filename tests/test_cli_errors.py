@@ -355,3 +355,24 @@ def test_a_folder_as_config_says_so(tmp_path, capsys, tiny):
     code, _, err = run_cli(capsys, "train", tiny[0], "-o", tmp_path / "t.safetensors", "--config", tmp_path)
     assert code == 2
     assert_one_line_error(err, f"--config {tmp_path}: is a folder")
+
+
+# --- F5: --image-size has an upper bound -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["embed", "index build", "train"])
+def test_an_absurd_image_size_is_refused_at_once(tmp_path, capsys, tiny, command):
+    from retrieval.config import MAX_IMAGE_SIZE
+
+    big = str(MAX_IMAGE_SIZE + 1)
+    args = {
+        "embed": ["embed", tiny[0], "-o", tmp_path / "v.parquet", "-e", "cnn5", "-q"],
+        "index build": ["index", "build", tiny[0], "-i", tmp_path / "idx", "-e", "cnn5", "-q"],
+        "train": ["train", tiny[0], "-m", "supervised", "-o", tmp_path / "t.safetensors", "-q"],
+    }[command]
+    code, _, err = run_cli(capsys, *args, "--image-size", "100000")
+    assert code == 2
+    assert_one_line_error(err, "--image-size 100000: at most 4096 pixels")
+    code, _, err = run_cli(capsys, *args, "--image-size", big)
+    assert code == 2
+    assert list(tmp_path.iterdir()) == []

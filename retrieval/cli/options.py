@@ -20,7 +20,9 @@ Weights = typer.Option(
     help="local weights file (timm/torchvision state_dict, .pth or .safetensors) or hub snapshot folder",
 )
 Seed = typer.Option(0, "--seed", help="seed for random-init encoders")
-ImageSize = typer.Option(None, "--image-size", help="square input size in pixels (default: the encoder's, 224)")
+ImageSize = typer.Option(
+    None, "--image-size", help="square input size in pixels, 8 to 4096 (default: the encoder's, 224)"
+)
 CropSector = typer.Option(
     None, "--crop-sector/--no-crop-sector", help="crop to the ultrasound sector, dropping margins and annotation bands"
 )

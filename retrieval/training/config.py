@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from retrieval.config import read_yaml_mapping, typed_fields
+from retrieval.config import check_image_size, read_yaml_mapping, typed_fields
 from retrieval.errors import RetrieveError
 from retrieval.training.augment import AugmentConfig
 from retrieval.training.losses import LOSSES
@@ -74,6 +74,7 @@ class TrainConfig:
             raise RetrieveError(f"--beta {self.beta}: must lie in [0, 1]")
         if self.epochs < 1 or self.batch_size < 2:
             raise RetrieveError("epochs must be >= 1 and batch_size >= 2")
+        check_image_size(self.image_size)  # before the data are read, not when training starts
         if not self.lr > 0:  # also NaN; torch's own ValueError came only once training started
             raise RetrieveError(f"--lr {self.lr}: the learning rate must be a positive number")
         if not self.weight_decay >= 0:

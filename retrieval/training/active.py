@@ -290,7 +290,9 @@ def vote_entropy(
         own = slot[block] >= 0
         sims[np.flatnonzero(own), slot[block][own]] = -np.inf
         votes = _top_k_mask(sims, k) & (sims > -np.inf)  # with k = every labelled row, still not itself
-        counts = votes.astype(np.float32) @ onehot
+        counts = (votes.astype(np.float32) @ onehot).astype(np.float64)  # exact small integers
+        # in float64 from the counts, as the earlier whole-matrix code did: the vote's entropies tie often, and
+        # the order of tied rows (which the budget cuts) must not move with rounding
         out[start : start + step] = entropy_nats(counts / np.maximum(counts.sum(1, keepdims=True), 1))
     return out
 

@@ -58,14 +58,16 @@ def _faiss_message(exc: BaseException) -> str:
     return text.rsplit(": ", 1)[-1].strip()[:160]
 
 
-def _factory(dim: int, factory: str, kind: str) -> faiss.Index:
-    """index_factory with the inner-product metric; a string FAISS rejects is a one-line error."""
+def _factory(dim: int, factory: str, kind: str, dim_known: bool = True) -> faiss.Index:
+    """index_factory with the inner-product metric; a string FAISS rejects is a one-line error (naming the
+    vectors' dimension where it is theirs, not `check_kind`'s stand-in)."""
     if REFINE.search(factory):
         raise RetrieveError(f"--kind {kind!r}: refinement stages (RFlat, Refine(...)) are not supported here")
     try:
         index = faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
     except (RuntimeError, TypeError, ValueError) as exc:
-        raise RetrieveError(f"--kind {kind!r}: FAISS rejects it for {dim}-d vectors ({_faiss_message(exc)})") from None
+        for_dim = f" for {dim}-d vectors" if dim_known else ""
+        raise RetrieveError(f"--kind {kind!r}: FAISS rejects it{for_dim} ({_faiss_message(exc)})") from None
     if index.metric_type != faiss.METRIC_INNER_PRODUCT:
         raise RetrieveError(f"--kind {kind!r}: this index ignores the inner-product metric (cosine); choose another")
     if isinstance(index, faiss.IndexBinary):
@@ -80,7 +82,7 @@ def check_kind(kind: str, dim: int | None = None) -> str:
         raise RetrieveError(f"--kind: empty; choose auto, {', '.join(KINDS)} or a faiss.index_factory string")
     if not is_named(kind):
         try:
-            _factory(dim or CHECK_DIM, kind, kind)
+            _factory(dim or CHECK_DIM, kind, kind, dim_known=dim is not None)
         except RetrieveError as exc:
             # without the vectors' dimension only a string FAISS cannot parse is certainly wrong
             if dim is not None or "could not parse" in str(exc) or "refinement" in str(exc):

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from indexer.search import SET_SEPARATOR, set_parts
+from retrieval.csvrows import read_user_csv
 from retrieval.errors import RetrieveError
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ def read_label_csv(csv: str | Path) -> tuple[str, pd.DataFrame]:
     if not path.is_file():
         raise RetrieveError(f"--labels {csv}: no such file")
     try:
-        df = pd.read_csv(path, dtype=str, keep_default_na=False)
+        df = read_user_csv(path, f"--labels {csv}", dtype=str, keep_default_na=False)
     except UnicodeDecodeError:
         raise RetrieveError(f"--labels {csv}: not UTF-8 text (save it as UTF-8 CSV)") from None
     except (pd.errors.ParserError, pd.errors.EmptyDataError, OSError, ValueError) as exc:

@@ -376,3 +376,109 @@ def test_an_absurd_image_size_is_refused_at_once(tmp_path, capsys, tiny, command
     code, _, err = run_cli(capsys, *args, "--image-size", big)
     assert code == 2
     assert list(tmp_path.iterdir()) == []
+
+
+# --- F6: messages that name what the user gave, options refused where they were ignored ---------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    from retrieval.encoders import create_encoder, save_checkpoint
+
+    return save_checkpoint(create_encoder("cnn5"), tmp_path_factory.mktemp("ck") / "enc.safetensors")
+
+
+def test_a_bad_checkpoint_is_named_as_given(tmp_path, capsys, tiny, checkpoint):
+    png = tiny[0] / "a" / "a0.png"
+    code, _, err = run_cli(capsys, "classify", png, "--checkpoint", png, "--anchors", tiny[0])
+    assert code == 2
+    assert_one_line_error(err, f"checkpoint {png}: not a retrieve checkpoint")
+    code, _, err = run_cli(capsys, "classify", png, "--checkpoint", tiny[1], "--anchors", tiny[0])
+    assert code == 2
+    assert_one_line_error(err, f"checkpoint {tiny[1]}: a folder without encoder.safetensors")
+    lone = tmp_path / "lone.safetensors"
+    lone.write_bytes(checkpoint.read_bytes())
+    code, _, err = run_cli(capsys, "embed", tiny[0], "-o", tmp_path / "v.parquet", "-e", lone, "-q")
+    assert code == 2
+    assert_one_line_error(err, f"checkpoint {lone}: lone.json is missing beside it")
+
+
+@pytest.mark.parametrize("shots", ["0", "-1"])
+def test_classify_refuses_shots_below_one(capsys, tiny, checkpoint, shots):
+    code, _, err = run_cli(
+        capsys, "classify", tiny[0] / "a" / "a0.png", "--checkpoint", checkpoint, "--anchors", tiny[0], "--shots", shots
+    )
+    assert code == 2
+    assert_one_line_error(err, f"--shots {shots}: must be at least 1")
+
+
+def test_classify_says_when_the_anchors_could_not_be_read(tmp_path, capsys, tiny, checkpoint):
+    for name in ("zero.png", "text.png"):
+        (tmp_path / "anchors" / "a").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "anchors" / "a" / name).write_bytes(b"" if name == "zero.png" else b"not an image")
+    (tmp_path / "anchors" / "b").mkdir()
+    (tmp_path / "anchors" / "b" / "bad.png").write_bytes(b"garbage")
+    code, _, err = run_cli(
+        capsys, "classify", tiny[0] / "a" / "a0.png", "--checkpoint", checkpoint, "--anchors", tmp_path / "anchors"
+    )
+    assert code == 2
+    assert_one_line_error(err, "anchors of at least two classes are needed; 3 anchor image(s) could not be read")
+
+
+def test_query_refuses_negative_workers(capsys, tiny):
+    code, _, err = run_cli(capsys, "query", tiny[0] / "a" / "a0.png", "-i", tiny[1], "--workers", "-2", "-q")
+    assert code == 2
+    assert_one_line_error(err, "--workers -2: must be 0")
+
+
+def test_eval_checks_its_data_root(tmp_path, capsys, tiny):
+    code, _, err = run_cli(capsys, "eval", "-i", tiny[1], "--data-root", tmp_path / "nonexist", "-q")
+    assert code == 2
+    assert_one_line_error(err, "--data-root", "no such folder")
+
+
+@pytest.mark.parametrize("where", ["manifest", "labels"])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ("", "line 2 has 4 fields, the header 2 (path, label); quote a value"),  # pandas would shift the columns
+        ("a/a1.png,a\n", "line 3, saw 4"),  # pandas's own ParserError, one line too
+    ],
+)
+def test_a_csv_row_with_more_fields_than_its_header_is_refused(tmp_path, capsys, tiny, where, extra, needle):
+    csv = tmp_path / "m.csv"
+    csv.write_text("path,label\n" + extra + "a/a0.png,a,extra,cols\n")
+    (tmp_path / "a").symlink_to(tiny[0] / "a")
+    args = [csv] if where == "manifest" else [tiny[0], "--labels", csv]
+    code, _, err = run_cli(capsys, "index", "build", *args, "-i", tmp_path / "idx", *SMALL)
+    assert code == 2
+    assert_one_line_error(err, needle)
+    assert not (tmp_path / "idx").exists()
+
+
+def test_a_trailing_comma_does_not_shift_a_manifest(tmp_path):
+    from retrieval.data.dataset import load_dataset
+
+    write_png(tmp_path / "x.png", np.zeros((16, 16), np.uint8))
+    (tmp_path / "m.csv").write_text("path,label\nx.png,normal,\n")
+    rows = load_dataset(tmp_path / "m.csv").rows
+    assert rows["label"].tolist() == ["normal"]
+
+
+def test_a_manifest_giving_one_image_two_labels_is_refused(tmp_path, capsys, tiny):
+    (tmp_path / "a").symlink_to(tiny[0] / "a")
+    (tmp_path / "m.csv").write_text("path,label\na/a0.png,a\na/a1.png,a\na/a0.png,b\n")
+    code, _, err = run_cli(capsys, "index", "build", tmp_path / "m.csv", "-i", tmp_path / "idx", *SMALL)
+    assert code == 2
+    assert_one_line_error(err, "a/a0.png is listed twice with two different labels ('a', 'b')")
+    (tmp_path / "m.csv").write_text("path,label\na/a0.png,a\na/a1.png,a\na/a0.png,a\n")  # the same twice: a warning
+    code, _, err = run_cli(capsys, "index", "build", tmp_path / "m.csv", "-i", tmp_path / "idx", *SMALL)
+    assert code == 0, err
+    assert "listed twice" in err
+
+
+def test_a_kind_faiss_cannot_parse_names_no_dimension(tmp_path, capsys, tiny):
+    code, _, err = run_cli(capsys, "index", "build", tiny[0], "-i", tmp_path / "idx", "--kind", "bogus", *SMALL)
+    assert code == 2
+    assert_one_line_error(err, "--kind 'bogus': FAISS rejects it (could not parse")
+    assert "-d vectors" not in err

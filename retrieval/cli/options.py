@@ -34,6 +34,11 @@ Gpu = typer.Option(True, "--gpu/--no-gpu", help="use CUDA for the encoder and FA
 Quiet = typer.Option(False, "--quiet", "-q", help="no progress bars")
 
 
+def check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 0:
+        raise RetrieveError(f"--workers {workers}: must be 0 (decode in this process) or more")
+
+
 def encoder_spec(encoder: str, weights: str | None, seed: int) -> EncoderSpec:
     return EncoderSpec(name=encoder, weights=weights, seed=seed)
 

@@ -102,6 +102,7 @@ def query(
     from retrieval.results import result_json
     from retrieval.vote import VOTE_WEIGHTINGS
 
+    opt.check_workers(workers)
     if vote not in VOTE_WEIGHTINGS:
         raise RetrieveError(f"--vote {vote}: choose one of {', '.join(VOTE_WEIGHTINGS)}")
     if group_by is not None:

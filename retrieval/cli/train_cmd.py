@@ -111,6 +111,8 @@ def classify(
     from retrieval.pipeline import LoadedEncoder, embed_query_image
     from retrieval.training.classify import AnchorClassifier
 
+    if shots is not None and shots < 1:
+        raise RetrieveError(f"--shots {shots}: must be at least 1 (leave it out to use every anchor)")
     clf = AnchorClassifier(str(checkpoint), str(anchors), shots)
     loaded = LoadedEncoder(EncoderSpec(str(checkpoint)), clf.encoder, clf.encoder.default_preprocess, {})
     out: list[dict[str, Any]] = []

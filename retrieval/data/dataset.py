@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from indexer.privacy import person_name_columns
 from retrieval.config import PreprocessConfig
+from retrieval.csvrows import read_user_csv
 from retrieval.data.imageio import is_dicom, is_image_file, read_frame
 from retrieval.data.preprocess import preprocess_frame, to_tensor
 from retrieval.errors import RetrieveError, UnreadableImageError
@@ -61,7 +62,7 @@ def _read_manifest(path: Path) -> pd.DataFrame:
         if path.suffix.lower() == ".parquet":
             df = pd.read_parquet(path)
         elif path.suffix.lower() in (".csv", ".txt"):
-            df = pd.read_csv(path, dtype={"label": str, "patient_id": str, "path": str})
+            df = read_user_csv(path, str(path), dtype={"label": str, "patient_id": str, "path": str})
         else:
             raise RetrieveError(f"{path}: a manifest must be .csv or .parquet")
     except UnicodeDecodeError:
@@ -192,7 +193,7 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str, folder_labels: boo
     skipped: list[Skipped] = []
     meta_cols = [c for c in raw.columns if c not in CORE_COLUMNS]
     out: list[dict] = []
-    seen: set[str] = set()
+    seen: dict[str, str | None] = {}  # id -> its label
     patient_folders = any_dicom = False
     n_outside = 0
     has_frame_col = "frame_index" in raw.columns
@@ -248,9 +249,14 @@ def _resolve_rows(raw: pd.DataFrame, root: Path, origin: str, folder_labels: boo
         for fr in frames:
             fid = rel_id if fr is None else f"{rel_id}#{fr}"
             if fid in seen:
+                if seen[fid] != base["label"] and not folder_labels:  # as --labels: which one is meant?
+                    raise RetrieveError(
+                        f"{origin}: {fid} is listed twice with two different labels ({seen[fid]!r}, "
+                        f"{base['label']!r}); keep one row"
+                    )
                 skipped.append(Skipped(str(abs_path), "listed twice"))
                 continue
-            seen.add(fid)
+            seen[fid] = base["label"]
             frame_value = fr if fr is not None else given_frame
             out.append({"id": fid, "path": stored, "frame_index": frame_value, **base})
             n_outside += outside_root

@@ -26,6 +26,31 @@ def checkpoint_paths(path: str | Path) -> tuple[Path, Path]:
     return p.with_suffix(".safetensors"), p.with_suffix(".json")
 
 
+def existing_checkpoint(path: str | Path) -> tuple[Path, Path]:
+    """checkpoint_paths of a checkpoint to read, or a one-line error about the path the user gave (not a
+    name derived from it): missing, a folder without encoder.safetensors, not a .safetensors, no .json."""
+    given = Path(path).expanduser()
+    weights_path, meta_path = checkpoint_paths(given)
+    if not given.exists():
+        raise RetrieveError(f"checkpoint {given}: file not found")
+    if given.is_dir() and not weights_path.is_file():
+        raise RetrieveError(
+            f"checkpoint {given}: a folder without encoder.safetensors; give a checkpoint .safetensors from "
+            "`retrieve train`"
+        )
+    if given.is_file() and given.suffix not in (".safetensors", ".json"):
+        raise RetrieveError(
+            f"checkpoint {given}: not a retrieve checkpoint (a .safetensors from `retrieve train`, with its .json)"
+        )
+    for p in (weights_path, meta_path):
+        if not p.is_file():
+            raise RetrieveError(
+                f"checkpoint {given}: {p.name} is missing beside it (a checkpoint from `retrieve train` is a "
+                ".safetensors file and a .json file of the same name)"
+            )
+    return weights_path, meta_path
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp:  # a full or read-only disk: one line naming `path`
         tmp.write_bytes(data)
@@ -66,10 +91,7 @@ def load_checkpoint(path: str | Path) -> Encoder:
     """Rebuild an Encoder from a checkpoint written by `save_checkpoint`."""
     from safetensors.torch import load_file
 
-    weights_path, meta_path = checkpoint_paths(path)
-    for p in (weights_path, meta_path):
-        if not p.is_file():
-            raise RetrieveError(f"checkpoint {p}: file not found")
+    weights_path, meta_path = existing_checkpoint(path)
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
@@ -110,9 +132,7 @@ def load_checkpoint_extras(path: str | Path) -> tuple[dict[str, Any], dict[str, 
     """(metadata JSON, extra tensors without their prefix) of a checkpoint."""
     from safetensors.torch import load_file
 
-    weights_path, meta_path = checkpoint_paths(path)
-    if not weights_path.is_file() or not meta_path.is_file():
-        raise RetrieveError(f"checkpoint {weights_path}: file not found")
+    weights_path, meta_path = existing_checkpoint(path)
     meta = json.loads(meta_path.read_text())
     extras = {k[len(EXTRA_PREFIX) :]: v for k, v in load_file(str(weights_path)).items() if k.startswith(EXTRA_PREFIX)}
     return meta, extras

@@ -49,8 +49,8 @@ def evaluate_index(
     idx = open_index_dir(index, use_gpu=False)
     vs = idx.vectors
     rows = vs.rows
+    root = resolve_data_root(idx, data_root) if labels is not None or data_root is not None else None  # checks it
     if labels is not None:  # labels joined from a CSV (by path under the data root, sop_uid or accession)
-        root = resolve_data_root(idx, data_root)
         rows, _ = join_labels(resolve_paths(rows, root), labels, root)
     t0 = time.perf_counter()
     result = evaluate(rows, vs.vectors, settings, progress=progress)

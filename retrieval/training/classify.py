@@ -41,7 +41,10 @@ class AnchorClassifier:
         self.anchor_vectors = torch.as_tensor(emb.vectors)
         self.anchor_labels = emb.rows["label"].astype(str).to_numpy()
         if len(set(self.anchor_labels)) < 2:
-            raise RetrieveError(f"--anchors {anchors}: anchors of at least two classes are needed")
+            skipped = [*table.skipped, *emb.skipped]
+            first = str(skipped[0]).removeprefix("skipped ") if skipped else ""
+            unread = f"; {len(skipped)} anchor image(s) could not be read (first: {first})" if skipped else ""
+            raise RetrieveError(f"--anchors {anchors}: anchors of at least two classes are needed{unread}")
         self.scorer = "siamese-l1 similarity head" if self.head is not None else "cosine similarity"
 
     @torch.no_grad()

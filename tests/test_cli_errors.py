@@ -482,3 +482,21 @@ def test_a_kind_faiss_cannot_parse_names_no_dimension(tmp_path, capsys, tiny):
     assert code == 2
     assert_one_line_error(err, "--kind 'bogus': FAISS rejects it (could not parse")
     assert "-d vectors" not in err
+
+
+def test_relocate_checks_every_indexed_file_and_says_it_once(tmp_path, capsys, tiny, index_copy):
+    """b) A new root holding the sampled files but not all of them was accepted; e) the result printed twice."""
+    import shutil
+
+    partial = tmp_path / "partial"
+    shutil.copytree(tiny[0], partial)
+    (partial / "c" / "c2.png").unlink()
+    before = _hashes(index_copy)
+    code, out, err = run_cli(capsys, "index", "relocate", "-i", index_copy, "--data-root", partial)
+    assert code == 2
+    assert_one_line_error(err, f"--data-root {partial}: 1 of the 9 indexed files are not in it (first: c/c2.png)")
+    assert _hashes(index_copy) == before
+    shutil.copy(tiny[0] / "c" / "c2.png", partial / "c" / "c2.png")
+    code, out, err = run_cli(capsys, "index", "relocate", "-i", index_copy, "--data-root", partial)
+    assert code == 0, err
+    assert str(partial.resolve()) in out and "data root" not in err

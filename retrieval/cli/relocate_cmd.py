@@ -11,7 +11,7 @@ def index_relocate(
     index: Path = typer.Option(..., "--index", "-i"),
     data_root: Path = typer.Option(..., "--data-root", help="the folder the index was built from, where it is now"),
 ):
-    """Point an index at its data's new place (checked to hold the indexed files; written atomically)."""
+    """Point an index at its data's new place (checked to hold every indexed file; written atomically)."""
     from retrieval.relocate import relocate_index
 
     old, new = relocate_index(index, data_root)

@@ -33,7 +33,7 @@ import secrets
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -165,6 +165,11 @@ def _parse_manifest(path: Path) -> IndexManifest:
     known = {f.name for f in fields(IndexManifest)}
     if not isinstance(raw, dict):
         raise RetrieveError(f"{path}: damaged manifest (not a JSON object)")
+    required = [f.name for f in fields(IndexManifest) if f.default is MISSING and f.default_factory is MISSING]
+    absent = [k for k in required if k not in raw]
+    if absent:  # someone else's manifest.json: say which of our fields it lacks, not Python's TypeError text
+        shown = ", ".join(absent[:4]) + (f" and {len(absent) - 4} more" if len(absent) > 4 else "")
+        raise RetrieveError(f"{path}: not a retrieve index manifest (it has no {shown})")
     try:
         m = IndexManifest(**{k: v for k, v in raw.items() if k in known})
     except TypeError as exc:

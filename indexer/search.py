@@ -171,7 +171,11 @@ def condition_mask(values: pd.Series, col: str, value: str) -> np.ndarray:
         where = f"--where {col}{'==' if exact else '='}{value}: unknown {col} '{value}'"
         if col in FILE_COLUMNS:  # one value per image, and a path can name a person's folder: never listed
             raise RetrieveError(f"{where} (no indexed image has it)")
-        raise RetrieveError(f"{where} (values in the index: {_shown(sorted(set(text) - {''}))})")
+        present = sorted(set(text) - {""})
+        raise RetrieveError(
+            f"{where} "
+            + (f"(values in the index: {_shown(present)})" if present else "(no indexed image has a value in it)")
+        )
     return hit
 
 

@@ -93,6 +93,8 @@ class LabelJoin:
 def read_label_csv(csv: str | Path) -> tuple[str, pd.DataFrame]:
     """The key column's name and a (key, label) table, one label per key (a key listed twice must agree)."""
     path = Path(csv).expanduser()
+    if path.is_dir():
+        raise RetrieveError(f"--labels {csv}: is a folder; give a CSV file")
     if not path.is_file():
         raise RetrieveError(f"--labels {csv}: no such file")
     try:

@@ -500,3 +500,30 @@ def test_relocate_checks_every_indexed_file_and_says_it_once(tmp_path, capsys, t
     code, out, err = run_cli(capsys, "index", "relocate", "-i", index_copy, "--data-root", partial)
     assert code == 0, err
     assert str(partial.resolve()) in out and "data root" not in err
+
+
+# --- F7: cosmetics -----------------------------------------------------------------------------------------
+
+
+def test_a_foreign_manifest_is_described_without_python_text(tmp_path, capsys):
+    (tmp_path / "manifest.json").write_text('{"name": "npm-ish", "version": "1"}')
+    before = _hashes(tmp_path)
+    code, _, err = run_cli(capsys, "index", "compact", "-i", tmp_path)
+    assert code == 2
+    assert_one_line_error(err, "not a retrieve index manifest (it has no count, dim")
+    assert "__init__" not in err and "positional" not in err
+    assert _hashes(tmp_path) == before
+
+
+def test_a_where_on_a_column_without_values_says_so(capsys, tiny):
+    code, _, err = run_cli(
+        capsys, "query", tiny[0] / "a" / "a0.png", "-i", tiny[1], "--where", "patient_id=nope", "-k", "3", "-q"
+    )
+    assert code == 2
+    assert_one_line_error(err, "unknown patient_id 'nope' (no indexed image has a value in it)")
+
+
+def test_a_folder_as_labels_says_so(tmp_path, capsys, tiny):
+    code, _, err = run_cli(capsys, "eval", "-i", tiny[1], "--labels", tmp_path, "-q")
+    assert code == 2
+    assert_one_line_error(err, f"--labels {tmp_path}: is a folder")

@@ -527,3 +527,20 @@ def test_a_folder_as_labels_says_so(tmp_path, capsys, tiny):
     code, _, err = run_cli(capsys, "eval", "-i", tiny[1], "--labels", tmp_path, "-q")
     assert code == 2
     assert_one_line_error(err, f"--labels {tmp_path}: is a folder")
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["embed", "{data}", "-e", "cnn5", "-q", "-o", "{tmp}/v.txt"], "give a .parquet file"),
+        (["suggest-labels", "-i", "{index}", "--budget", "2", "-o", "{tmp}/s.parquet"], "give a .csv file"),
+    ],
+    ids=["embed", "suggest-labels"],
+)
+def test_an_output_suffix_that_does_not_match_what_is_written_is_refused(tmp_path, capsys, tiny, args, needle):
+    """c) embed -o v.txt wrote Parquet into v.txt; suggest-labels -o s.parquet wrote CSV."""
+    argv = [a.format(data=tiny[0], index=tiny[1], tmp=tmp_path) for a in args]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert_one_line_error(err, "--out", needle)
+    assert list(tmp_path.iterdir()) == []

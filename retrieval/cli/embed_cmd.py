@@ -45,7 +45,6 @@ def embed(
     insecure: bool = pacs.Insecure,
 ):
     """Embed every image of DATA (or of a PACS, with --dicomweb) into a Parquet vectors file."""
-    from indexer.atomic import check_writable
     from indexer.store import write_vectors
     from retrieval.pipeline import embed_dataset, load_encoder, report_skipped
 
@@ -58,7 +57,7 @@ def embed(
     if dicomweb is not None:
         if engine != "local":
             raise RetrieveError(f"--dicomweb with --engine {engine}: a PACS is embedded in this process")
-        check_writable(out, "--out")
+        _check_out(out)
         loaded = load_encoder(
             opt.encoder_spec(encoder, weights, seed),
             opt.preprocess_overrides(image_size, crop_sector, resize, ct_window),
@@ -86,7 +85,7 @@ def embed(
             + (f"; skipped {len(res.skipped)}" if res.skipped else "")
         )
         return
-    check_writable(out, "--out")
+    _check_out(out)
     loaded = load_encoder(
         opt.encoder_spec(encoder, weights, seed), opt.preprocess_overrides(image_size, crop_sector, resize, ct_window)
     )
@@ -98,6 +97,15 @@ def embed(
         f"embedded {len(vs)} images ({vs.dim}-d, {encoder}) in {time.perf_counter() - t0:.1f} s -> {out}"
         + (f"; skipped {len(skipped)}" if skipped else "")
     )
+
+
+def _check_out(out: Path) -> None:
+    """The vectors file, before any embedding: a .parquet path that can be written."""
+    from indexer.atomic import check_writable
+
+    if not out.is_dir() and out.suffix.lower() != ".parquet":
+        raise RetrieveError(f"--out {out}: give a .parquet file (the vectors are written as Parquet)")
+    check_writable(out, "--out")
 
 
 def _embed_pacs(

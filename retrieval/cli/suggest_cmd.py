@@ -52,6 +52,8 @@ def suggest_labels(
 
     if k < 1:
         raise RetrieveError(f"--k {k}: must be at least 1")
+    if not out.is_dir() and out.suffix.lower() != ".csv":
+        raise RetrieveError(f"--out {out}: give a .csv file (a table a person fills in)")
     check_writable(out, "--out")
     table = suggest_for_index(index, budget, strategy, k, seed, spread, head, data_root, progress=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -315,7 +315,7 @@ def test_a_negative_learning_rate_is_refused_before_training(tmp_path, capsys, t
     argv = [a.format(cfg=cfg) for a in args]
     code, _, err = run_cli(capsys, "train", tiny[0], "-m", "supervised", "-o", tmp_path / "t.safetensors", *argv)
     assert code == 2
-    assert_one_line_error(err, "--lr -1.0: the learning rate must be a positive number")
+    assert_one_line_error(err, "--lr -1.0: the learning rate must be a number, 0 or more")
 
 
 def test_shipped_configs_still_load():

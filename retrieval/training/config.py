@@ -75,8 +75,8 @@ class TrainConfig:
         if self.epochs < 1 or self.batch_size < 2:
             raise RetrieveError("epochs must be >= 1 and batch_size >= 2")
         check_image_size(self.image_size)  # before the data are read, not when training starts
-        if not self.lr > 0:  # also NaN; torch's own ValueError came only once training started
-            raise RetrieveError(f"--lr {self.lr}: the learning rate must be a positive number")
+        if not self.lr >= 0:  # also NaN; torch's own ValueError came only once training started (0: no step)
+            raise RetrieveError(f"--lr {self.lr}: the learning rate must be a number, 0 or more")
         if not self.weight_decay >= 0:
             raise RetrieveError(f"weight_decay {self.weight_decay}: must be 0 or more")
         if self.is_clustering and self.vectors_from != "head":

@@ -254,3 +254,42 @@ def test_meta_transfer_syntax_agrees_with_pydicom(tmp_path):
         (tmp_path / "j.dcm").write_bytes(junk)
         with open(tmp_path / "j.dcm", "rb") as fh:
             assert _meta_transfer_syntax(fh) is None
+
+
+def _odd_meta_bomb(path: Path, meta: bytes, preamble: bool = True) -> Path:
+    """A deflated data set of 64 MiB of zeros (one private OB element) behind a hand-made file meta group."""
+    body = struct.pack("<HH", 0x0011, 0x1010) + b"OB\0\0" + struct.pack("<I", BOMB_BYTES)
+    deflate = zlib.compressobj(9, zlib.DEFLATED, -15)
+    parts = [deflate.compress(body)] + [deflate.compress(bytes(1 << 20)) for _ in range(BOMB_BYTES >> 20)]
+    path.write_bytes((bytes(128) + b"DICM" if preamble else b"") + meta + b"".join(parts) + deflate.flush())
+    return path
+
+
+DEFLATED_UID = b"1.2.840.10008.1.2.1.99"
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["implicit VR meta", "implicit VR meta, no preamble", "undefined-length element first", "meta cut short"],
+)
+def test_an_odd_file_meta_group_does_not_let_a_bomb_through(tmp_path, low_limit, layout):
+    """The guard fails closed (session 9 review): a meta group in implicit VR (pydicom accepts it) is followed,
+    one with an element of undefined length or cut short is refused; pydicom never inflates the bomb."""
+    implicit = struct.pack("<HHI", 2, 0x10, len(DEFLATED_UID)) + DEFLATED_UID
+    meta = {
+        "implicit VR meta": implicit,
+        "implicit VR meta, no preamble": implicit,
+        "undefined-length element first": struct.pack("<HH", 2, 0x99)
+        + b"SQ\0\0"
+        + struct.pack("<I", 0xFFFFFFFF)
+        + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
+        + implicit,
+        "meta cut short": struct.pack("<HH", 2, 0x10) + b"UI" + struct.pack("<H", 200) + DEFLATED_UID,
+    }[layout]
+    path = _odd_meta_bomb(tmp_path / "odd.dcm", meta, preamble="no preamble" not in layout)
+    if layout == "meta cut short":
+        path.write_bytes(path.read_bytes()[: 132 + 8 + 30])  # the syntax's value runs past the end
+    peak = _peak(lambda: pytest.raises(UnreadableImageError, read_dicom_header, path))
+    assert peak < 20_000_000, peak
+    with pytest.raises(UnreadableImageError, match=r"over the limit of 8000000|file meta group"):
+        read_dicom_frames(path, CT)

@@ -103,12 +103,20 @@ def check_inflated_size(path: Path) -> None:
 
     pydicom inflates a Deflated Explicit VR Little Endian data set whole, in one call, before it reads a
     single element (even for a header-only read), so a 1 MB file can take 1 GB and more. The file meta group
-    is not deflated: it is read here as pydicom reads it, then the rest is inflated in pieces that are
-    counted and dropped (memory stays at a few MB), and pydicom reads the file only once it is known to fit.
+    is not deflated: it is read here (`_meta_transfer_syntax`, explicit or implicit VR as pydicom accepts
+    it), then the rest is inflated in pieces that are counted and dropped (memory stays at a few MB), and
+    pydicom reads the file only once it is known to fit. It fails closed: a meta group this reader cannot
+    follow to its end, or one pydicom's own meta reader calls deflated where this one does not, is refused.
     Any other transfer syntax returns at once.
     """
     with open(path, "rb") as fh:
-        if _meta_transfer_syntax(fh) != DEFLATED_SYNTAX:
+        try:
+            syntax = _meta_transfer_syntax(fh)
+        except _UnfollowableMeta as exc:
+            raise UnreadableImageError(path, f"DICOM file meta group {exc}: refused") from None
+        if syntax != DEFLATED_SYNTAX:
+            if _pydicom_meta_syntax(path) == DEFLATED_SYNTAX:
+                raise UnreadableImageError(path, "deflated data set behind a file meta group of an odd layout: refused")
             return
         cap = max_inflated_bytes()
         inflater = zlib.decompressobj(-zlib.MAX_WBITS)
@@ -126,13 +134,35 @@ def check_inflated_size(path: Path) -> None:
                 )
 
 
+def _pydicom_meta_syntax(path: Path) -> str | None:
+    """The transfer syntax pydicom's public meta reader finds (it never inflates; it needs the preamble)."""
+    import pydicom
+
+    try:
+        found = pydicom.filereader.read_file_meta_info(str(path)).get("TransferSyntaxUID")
+    except Exception:  # no preamble, or a meta group pydicom cannot read either
+        return None
+    return None if found is None else str(found).strip("\0 ")
+
+
+class _UnfollowableMeta(Exception):
+    """A file meta group whose elements cannot be walked to its end (the reason is the message)."""
+
+
 _LONG_VRS = {b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"}
+_SHORT_VRS = {
+    b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN", b"SH", b"SL", b"SS",
+    b"ST", b"TM", b"UI", b"UL", b"US",
+}  # fmt: skip
+_UNDEFINED = 0xFFFFFFFF
 
 
 def _meta_transfer_syntax(fh: BinaryIO) -> str | None:
-    """The transfer syntax a file's meta group (0002, explicit VR little endian, never deflated) names, read
-    with `struct` (pydicom's own meta reader is private API); the file is left at the first byte after the
-    meta group and any command group (0000), where a deflated data set starts. None when there is none."""
+    """The transfer syntax a file's meta group (0002, never deflated) names, read with `struct` (pydicom's own
+    reader that leaves the file at the data set is private API). Each element is read as explicit VR when it
+    carries a VR, else as implicit VR (pydicom accepts both); the file is left at the first byte after the
+    meta group and any command group (0000), where a deflated data set starts. None when the file has no
+    meta group; _UnfollowableMeta for an element of undefined length or one cut short."""
     head = fh.read(132)
     fh.seek(132 if head[128:132] == b"DICM" else 0)  # without the preamble: from the start, as force=True
     syntax = None
@@ -140,17 +170,27 @@ def _meta_transfer_syntax(fh: BinaryIO) -> str | None:
         at = fh.tell()
         tag = fh.read(8)
         if len(tag) < 8:
+            if tag and syntax is not None:
+                raise _UnfollowableMeta("cut short")
             return syntax
         group, element = struct.unpack("<HH", tag[:4])
-        if group == 0x0002:  # explicit VR: a 2-byte length, or 2 reserved bytes and a 4-byte length
-            long_vr = tag[4:6] in _LONG_VRS
-            length = struct.unpack("<I", fh.read(4))[0] if long_vr else struct.unpack("<H", tag[6:8])[0]
-        elif group == 0x0000:  # a command group (implicit VR: a 4-byte length), skipped as pydicom skips it
+        if group == 0x0002 and tag[4:6] in _LONG_VRS:  # explicit VR, 2 reserved bytes and a 4-byte length
+            extra = fh.read(4)
+            if len(extra) < 4:
+                raise _UnfollowableMeta("cut short")
+            length = struct.unpack("<I", extra)[0]
+        elif group == 0x0002 and tag[4:6] in _SHORT_VRS:  # explicit VR, a 2-byte length
+            length = struct.unpack("<H", tag[6:8])[0]
+        elif group in (0x0000, 0x0002):  # implicit VR (a command group always is): a 4-byte length
             length = struct.unpack("<I", tag[4:8])[0]
         else:
             fh.seek(at)
             return syntax
+        if length == _UNDEFINED:
+            raise _UnfollowableMeta(f"element ({group:04X},{element:04X}) of undefined length")
         value = fh.read(length)
+        if len(value) < length:
+            raise _UnfollowableMeta("cut short")
         if (group, element) == (0x0002, 0x0010):
             syntax = value.decode("ascii", "replace").strip("\0 ")
 

@@ -302,17 +302,24 @@ def _commit(index_dir: Path, manifest: IndexManifest, index: faiss.Index | None,
     _collect_garbage(index_dir, manifest)
 
 
+def _resumable_parts(index_dir: Path) -> set[str]:
+    """The parts an interrupted streaming build (`build.json`, streaming.STATE) can resume from; when its state
+    cannot be read, every part (nothing a resume might need is ever removed)."""
+    state = index_dir / "build.json"
+    if not state.exists():
+        return set()
+    try:
+        return {str(p["name"]) for p in json.loads(state.read_text(encoding="utf-8"))["parts"]}
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        return {p.name for p in index_dir.glob("part-*.parquet")}
+
+
 def _collect_garbage(index_dir: Path, manifest: IndexManifest) -> None:
     """Remove our files that the current manifest does not name (old versions, temporaries of a crash)."""
-    keep = set(manifest.file_names())
+    keep = set(manifest.file_names()) | _resumable_parts(index_dir)
     for entry in index_dir.iterdir():
         name = entry.name
-        ours = bool(
-            VERSIONED.match(name)
-            or STALE_TMP.match(name)
-            or name in LEGACY_FILES.values()
-            or (PART.match(name) and not (index_dir / "build.json").exists())  # keep a resumable build's parts
-        )
+        ours = bool(VERSIONED.match(name) or STALE_TMP.match(name) or name in LEGACY_FILES.values() or PART.match(name))
         if ours and name not in keep and entry.is_file():
             entry.unlink(missing_ok=True)
     fsync_dir(index_dir)

@@ -325,6 +325,7 @@ def test_top_per_cluster_fitted_on_a_sample():
     s = rng.random(60)
     want = sorted((np.flatnonzero(which == c)[np.argmax(s[which == c])] for c in range(3)), key=lambda i: -s[i])
     assert top_per_cluster(s, v, 3, sample=15).tolist() == want
+    assert len(top_per_cluster(s, v, 20, sample=15)) == 20  # more clusters than the sample: the sample grows
     assert top_per_cluster(s, v, 3).tolist() == want
 
 

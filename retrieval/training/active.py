@@ -339,6 +339,7 @@ def top_per_cluster(
     from sklearn.cluster import KMeans
 
     v = _unit(np.asarray(vectors, dtype=np.float32))
+    sample = max(sample, n)  # k-means needs at least as many rows as clusters
     fit_on = v if len(v) <= sample else v[np.sort(np.random.default_rng(seed).choice(len(v), sample, replace=False))]
     with warnings.catch_warnings():  # duplicate points: fewer distinct clusters than asked is handled below
         warnings.simplefilter("ignore")

@@ -45,6 +45,19 @@ PERSON_NAME_COLUMNS = [
     "sonographer",
     "doctor",
     "ResponsiblePerson",
+    # ending in name(s) without being a thing's name, or a role at the end (session 9 review)
+    "pt_name",
+    "PatName",
+    "subject_name",
+    "reviewer_name",
+    "annotator_name",
+    "reader_name",
+    "owner_name",
+    "mother_name",
+    "patient",
+    "VerifyingObserverName",
+    "ContentCreatorName",
+    "operators",
 ]
 ORDINARY_COLUMNS = [
     "file_name",
@@ -71,6 +84,20 @@ ORDINARY_COLUMNS = [
     "rel_path",
     "path",
     "id",
+    # a column about a role's work, not the person (session 9 review)
+    "radiologist_birads",
+    "radiologist_assessment",
+    "physician_diagnosis",
+    "doctor_label",
+    "technologist_notes",
+    "operator_id",
+    "sonographer_id",
+    "probe_operator_mode",
+    "file_names",
+    "lesion_names",
+    "view_name",
+    "PatientAge",
+    "BodyPartExamined",
 ]
 
 

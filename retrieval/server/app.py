@@ -302,7 +302,7 @@ def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     @app.post(
         "/query-by-reference",
         summary="Similar indexed cases for an instance on the index's PACS, by its UIDs (the JSON of POST /query)",
-        responses=_declared(400, 401, 404, 408, 413, 422, 500, 502, e404="no such instance on the PACS"),
+        responses=_declared(400, 401, 404, 408, 413, 422, 500, 502, 503, e404="no such instance on the PACS"),
         dependencies=strict,
     )
     def query_by_reference(body: ReferenceQuery) -> Any:

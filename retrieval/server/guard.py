@@ -25,7 +25,7 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 OPEN_PATHS = {"/health"}  # answered without the token (says only the index generation served)
-SLOTTED_PATHS = {"/query"}  # uploads: bounded in number
+SLOTTED_PATHS = {"/query", "/query-by-reference"}  # each runs the encoder: bounded in number, together
 CHUNK = 64 * 1024
 
 

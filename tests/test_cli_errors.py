@@ -544,3 +544,24 @@ def test_an_output_suffix_that_does_not_match_what_is_written_is_refused(tmp_pat
     assert code == 2
     assert_one_line_error(err, "--out", needle)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_embed_never_replaces_a_file_that_is_not_its_own(tmp_path, capsys, tiny):
+    """`embed -o` replaces an earlier run's vectors file, but a Parquet file of the user's (or any other file
+    with that suffix) is refused before any work and left byte for byte."""
+    import pandas as pd
+
+    theirs = tmp_path / "theirs.parquet"
+    pd.DataFrame({"a": [1, 2]}).to_parquet(theirs)
+    junk = tmp_path / "junk.parquet"
+    junk.write_bytes(b"not parquet at all")
+    for target in (theirs, junk):
+        before = target.read_bytes()
+        code, _, err = run_cli(capsys, "embed", tiny[0], "-o", target, "-e", "cnn5", "--image-size", "32", "-q")
+        assert code == 2
+        assert_one_line_error(err, f"--out {target}: exists and is not a vectors file written by `retrieve embed`")
+        assert target.read_bytes() == before
+    ours = tmp_path / "v.parquet"
+    for _ in range(2):  # the second run replaces the first's vectors
+        code, _, err = run_cli(capsys, "embed", tiny[0], "-o", ours, "-e", "cnn5", "--image-size", "32", "-q")
+        assert code == 0, err

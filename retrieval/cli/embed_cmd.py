@@ -105,6 +105,19 @@ def _check_out(out: Path) -> None:
 
     if not out.is_dir() and out.suffix.lower() != ".parquet":
         raise RetrieveError(f"--out {out}: give a .parquet file (the vectors are written as Parquet)")
+    if out.is_file():  # an earlier run's vectors are replaced; any other file is the user's, never ours to overwrite
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from indexer.store import vector_file_meta
+
+        try:
+            vector_file_meta(pq.read_schema(out), out)
+        except (RetrieveError, pa.ArrowInvalid, OSError):
+            raise RetrieveError(
+                f"--out {out}: exists and is not a vectors file written by `retrieve embed`; it is left as it is "
+                "(remove it, or give another path)"
+            ) from None
     check_writable(out, "--out")
 
 

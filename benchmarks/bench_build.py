@@ -199,6 +199,7 @@ def run_build(
     used = [ln.split("=", 1)[1] for ln in stderr.splitlines() if ln.startswith("code=")]
     if used:
         out["code"] = str(Path(used[-1]).parents[1])  # the checkout whose indexer ran
+        out.update(checkout_state(Path(out["code"])))
         out["count"] = manifest.get("count")
     return out
 
@@ -249,6 +250,18 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['overhead_mb']:.0f} | {growth} |"
         )
     return "\n".join(lines)
+
+
+def checkout_state(folder: Path) -> dict[str, object]:
+    """The commit a checkout is at and whether it held uncommitted changes (`git`; empty where it is no checkout)."""
+    try:
+        head = subprocess.run(["git", "-C", str(folder), "rev-parse", "HEAD"], capture_output=True, text=True)
+        status = subprocess.run(["git", "-C", str(folder), "status", "--porcelain"], capture_output=True, text=True)
+    except OSError:
+        return {}
+    if head.returncode != 0:
+        return {}
+    return {"commit": head.stdout.strip(), "uncommitted_changes": bool(status.stdout.strip())}
 
 
 def main(argv: list[str] | None = None) -> None:

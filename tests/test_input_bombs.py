@@ -197,8 +197,14 @@ def test_pixel_data_past_the_frames_the_header_claims_is_not_decoded(tmp_path, m
     clip = np.stack([np.full((16, 16), 100 * (i + 1), np.uint16) for i in range(12)])
     p = _frames_claim(write_dicom(tmp_path / "liar.dcm", clip), b"2")
     assert read_dicom_header(p).n_frames == 2
+    import retrieval.data.dicom as dicom_module
+
+    decoded = []  # the shape pydicom decoded, before our own trim
+    real = dicom_module._frames_from
+    monkeypatch.setattr(dicom_module, "_frames_from", lambda ds, px, *a: decoded.append(px.shape) or real(ds, px, *a))
     frames = read_dicom_frames(p, CT)
     assert len(frames) == 2  # not 12, over the limit of 5
+    assert decoded[0][0] == 2, decoded  # the excess frames were never decoded (pydicom 3: allow_excess_frames)
     assert np.array_equal(frames[0], read_dicom_frames(p, CT, only=0)[0])
     with pytest.raises(UnreadableImageError, match="frame 2 requested but the file has 2"):
         read_dicom_frames(p, CT, only=2)

@@ -7,7 +7,7 @@ BENCH_ARGS ?=
 
 help:
 	@echo "make test       full test suite (the README's command)"
-	@echo "make test-fast  tests not marked slow (under a minute: 35 s on a quiet 2-core machine)"
+	@echo "make test-fast  tests not marked slow (79 s on a quiet 2-core machine)"
 	@echo "make lint       ruff check, ruff format --check, mypy, lint-imports"
 	@echo "make bench      retrieval quality and speed on ../shared/data (BENCH_ARGS=... passes options)"
 	@echo "make bench-embed  embedding throughput on generated images; make bench-ui: browser speed on retrieve-demo/index"

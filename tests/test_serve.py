@@ -811,3 +811,24 @@ def test_retrieve_serve_runs_as_a_process(served, tmp_path):
     text = out.decode(errors="replace")
     assert "Traceback" not in text and TOKEN not in text
     assert "POST /query" in text  # the access log names requests, never their headers
+
+
+def test_errors_never_show_where_the_index_and_data_lie(engine, served, monkeypatch):
+    """A library message naming the server's index or data folder reaches the client with those folders named
+    as words, not as the server's absolute paths."""
+    from fastapi.testclient import TestClient
+
+    from retrieval.errors import RetrieveError
+
+    index, data = (served / "index").resolve(), engine.data_root
+
+    def broken(*a, **kw):
+        raise RetrieveError(f"--index {index}: shard {index}/shard-1.parquet unreadable; {data}/x.png missing")
+
+    monkeypatch.setattr(engine, "query", broken)
+    client = TestClient(create_app(engine, ServeConfig(served / "index", data_root=served / "data")))
+    r = client.post("/query", files={"file": ("d0.png", (served / "data" / "dark" / "d0.png").read_bytes())})
+    assert r.status_code == 400
+    detail = r.json()["detail"]
+    assert str(index) not in detail and str(data) not in detail and str(served) not in detail
+    assert detail == "the index: shard the index/shard-1.parquet unreadable; the data root/x.png missing"

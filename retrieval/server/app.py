@@ -6,7 +6,7 @@ import logging
 import re
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -80,7 +80,13 @@ def http_terms(detail: str) -> str:
     return CLI_OPTION.sub(lambda m: m.group(1).replace("-", "_"), detail)
 
 
-def _error(status: int, detail: str, headers: Mapping[str, str] | None = None) -> JSONResponse:
+def _error(
+    status: int, detail: str, headers: Mapping[str, str] | None = None, hidden: Mapping[str, str] | None = None
+) -> JSONResponse:
+    """A one-line JSON error; `hidden` maps the server's own folders (as absolute paths) to the words a client
+    reads instead, so a library message never shows where the index and the data lie on the server."""
+    for path, name in sorted((hidden or {}).items(), key=lambda item: -len(item[0])):
+        detail = detail.replace(path, name)
     return JSONResponse({"detail": http_terms(detail)}, status_code=status, headers=headers)
 
 
@@ -191,10 +197,10 @@ class ReferenceQuery(BaseModel):
         return None if value == "" else value
 
 
-def _handlers(app: FastAPI) -> None:
+def _handlers(app: FastAPI, hidden: Callable[[], Mapping[str, str]]) -> None:
     @app.exception_handler(UploadError)
     async def _upload(_: Request, exc: UploadError) -> JSONResponse:
-        return _error(exc.status, str(exc))
+        return _error(exc.status, str(exc), hidden=hidden())
 
     statuses: list[tuple[type[Exception], int, str]] = [  # the library's errors as HTTP answers
         (NotFound, 404, ""),
@@ -206,7 +212,7 @@ def _handlers(app: FastAPI) -> None:
     for kind, status, prefix in statuses:
 
         async def _answer(_: Request, exc: Exception, status: int = status, prefix: str = prefix) -> JSONResponse:
-            return _error(status, f"{prefix}{exc}")
+            return _error(status, f"{prefix}{exc}", hidden=hidden())
 
         app.add_exception_handler(kind, _answer)
 
@@ -219,7 +225,7 @@ def _handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, _with_reason(exc), exc.headers)  # e.g. a 405's Allow
+        return _error(exc.status_code, _with_reason(exc), exc.headers, hidden())  # e.g. a 405's Allow
 
     @app.exception_handler(Exception)
     async def _bug(_: Request, exc: Exception) -> JSONResponse:  # logged with its traceback; the client gets one line
@@ -251,7 +257,14 @@ def _honest_openapi(app: FastAPI) -> None:
 def create_app(engine: Engine, cfg: ServeConfig) -> FastAPI:
     """The app over a loaded engine, behind the guard (token, body limit, bounded queries) and optional CORS."""
     app = FastAPI(title="retrieve", version=__version__, description=DESCRIPTION)
-    _handlers(app)
+
+    def hidden() -> dict[str, str]:  # the data root can change with a relocated index: read at each error
+        out = {str(engine.data_root): "the data root"}
+        for index in {str(cfg.index.resolve()), *([str(cfg.index)] if cfg.index.is_absolute() else [])}:
+            out.update({f"--index {index}": "the index", index: "the index"})
+        return out
+
+    _handlers(app, hidden)
 
     @app.get(
         "/health",

@@ -179,12 +179,15 @@ def condition_mask(values: pd.Series, col: str, value: str) -> np.ndarray:
     return hit
 
 
+EMPTY_INDEX = "the index is empty (every row was removed, or none was added): add images first"
+
+
 def check_k(k: int, count: int, flag: str = "--k") -> None:
     """A one-line error for a k below 1 or above the index's image count (an empty index said as such)."""
     if k < 1:
         raise RetrieveError(f"{flag} {k}: must be at least 1")
     if count == 0:
-        raise RetrieveError("the index holds no images (every row was removed, or none was added): add images first")
+        raise RetrieveError(EMPTY_INDEX)
     if k > count:
         raise RetrieveError(f"{flag} {k}: larger than the {count} images in the index")
 

@@ -226,7 +226,7 @@ def test_compact_of_a_flat_index_with_every_row_removed_empties_it(tmp_path):
     m, dropped = compact_index_dir(folder)
     assert dropped == 50 and m.count == 0 and m.shards == [] and m.next_id == 50
     assert open_index_dir(folder, use_gpu=False).index.ntotal == 0 and verify_index_dir(folder) == []
-    with pytest.raises(RetrieveError, match="^the index holds no images"):  # a query says so, not "k > 0 images"
+    with pytest.raises(RetrieveError, match="^the index is empty"):  # a query says so, not "k > 0 images"
         search(open_index_dir(folder, use_gpu=False), np.ones((1, DIM), np.float32), 1)
 
 

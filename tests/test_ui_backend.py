@@ -455,7 +455,8 @@ def test_an_empty_index_says_so(named_session, tmp_path):
     assert main(["index", "remove", "--index", str(index), *[a for i in ids for a in ("--id", i)]]) == 0
     empty = open_session(index)
     frame = np.full((32, 32), 50, np.uint8)
-    with pytest.raises(RetrieveError, match="^the index is empty: there is nothing to search$"):
+    empty_index = r"^the index is empty \(every row was removed, or none was added\): add images first$"
+    with pytest.raises(RetrieveError, match=empty_index):
         query_frame(empty, "q", frame, 5)
     with pytest.raises(RetrieveError, match="no indexed case at position 0: the index holds 0"):
         query_indexed(empty, 0, k=5)

@@ -18,7 +18,7 @@ from PIL import Image
 
 from indexer.index_dir import IndexDir, open_index_dir, read_manifest
 from indexer.privacy import is_person_name_column, person_name_columns
-from indexer.search import holds_sets, set_members
+from indexer.search import EMPTY_INDEX, holds_sets, set_members
 from retrieval.data.dataset import CORE_COLUMNS
 from retrieval.data.imageio import DICOM_SUFFIXES, IMAGE_SUFFIXES, read_frame, read_frames
 from retrieval.data.limits import MAX_UPLOAD_MB, limits
@@ -189,7 +189,7 @@ def query_frame(
             f"{name}: a query frame is one non-empty grayscale image, not an array of shape {frame.shape}"
         )
     if len(session.rows) == 0:
-        raise RetrieveError("the index is empty: there is nothing to search")
+        raise RetrieveError(EMPTY_INDEX)
     own = [] if include_self else own_positions(session, digest)
     if len(session.rows) - len(own) < 1:
         raise RetrieveError(

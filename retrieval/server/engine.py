@@ -26,7 +26,7 @@ import pandas as pd
 from PIL import Image
 
 from indexer.index_dir import MANIFEST, IndexDir, open_index_dir, read_manifest
-from indexer.search import parse_where
+from indexer.search import check_k, parse_where
 from retrieval.cases import case_column, check_aggregation
 from retrieval.data.dicomweb import DicomWebSource, ThumbnailCache, instance_ref, parse_ref, server_config
 from retrieval.data.imageio import read_frame
@@ -276,10 +276,7 @@ class Engine:
         if group_by is not None:
             case_column(group_by)
         check_aggregation(agg)
-        if snap.idx.count == 0:
-            raise RetrieveError("the index is empty: there is nothing to answer from")
-        if k > snap.idx.count:
-            raise RetrieveError(f"k {k}: larger than the {snap.idx.count} images in the index")
+        check_k(k, snap.idx.count)  # its "--k" reads "k" in the answer (app.http_terms)
 
     def _source(self, url: str) -> DicomWebSource:
         source = self._sources.get(url)

@@ -57,6 +57,22 @@ def demo_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def multilabel_demo_index(tmp_path_factory, demo_data) -> Path:
+    """demo_data labelled as sets (every fatty grade also names `steatosis`), indexed once with intensity-stats
+    vectors (read-only for tests that use it)."""
+    import pandas as pd
+
+    root = tmp_path_factory.mktemp("ml_idx")
+    table = pd.read_csv(demo_data / "labels.csv")
+    table["label"] = [lab if lab == "normal" else f"{lab}|steatosis" for lab in table["label"]]
+    table[["path", "label"]].to_csv(root / "labels.csv", index=False)
+    index = root / "idx"
+    args = ["index", "build", str(demo_data), "--index", str(index), "--labels", str(root / "labels.csv")]
+    assert main([*args, "--encoder", "intensity-stats", "--quiet"]) == 0
+    return index
+
+
+@pytest.fixture(scope="session")
 def demo_index(tmp_path_factory, demo_data) -> Path:
     """An index over demo_data, built once through the CLI (read-only for tests that use it)."""
     index = tmp_path_factory.mktemp("idx") / "demo"

@@ -196,3 +196,14 @@ def make_deflated_dicom(
                 fh.write(deflate.compress(zeros[: min(len(zeros), n - start)]))
         fh.write(deflate.flush())
     return path
+
+
+def set_frames_claim(path: Path, claim: bytes) -> Path:
+    """Rewrite the NumberOfFrames (0028,0008) IS value in place, as a damaged or hostile file would hold it."""
+    raw = path.read_bytes()
+    i = raw.find(b"\x28\x00\x08\x00IS")
+    assert i > 0
+    length = int.from_bytes(raw[i + 6 : i + 8], "little")
+    value = claim + (b" " if len(claim) % 2 else b"")
+    path.write_bytes(raw[: i + 6] + len(value).to_bytes(2, "little") + value + raw[i + 8 + length :])
+    return path

@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import FAST, assert_one_line_error, png_claiming, run_cli, write_dicom, write_png
+from dicom_factory import set_frames_claim
 from test_index import _vs
 
 from indexer.config import IndexConfig
@@ -22,19 +23,8 @@ from retrieval.pipeline import QueryResult
 from retrieval.vote import knn_vote
 
 
-def _patch_frames_claim(path, claim: bytes):
-    """Rewrite the NumberOfFrames (0028,0008) IS value in place, as a damaged or hostile file would hold it."""
-    raw = path.read_bytes()
-    i = raw.find(b"\x28\x00\x08\x00IS")
-    assert i > 0
-    length = int.from_bytes(raw[i + 6 : i + 8], "little")
-    value = claim + (b" " if len(claim) % 2 else b"")
-    path.write_bytes(raw[: i + 6] + len(value).to_bytes(2, "little") + value + raw[i + 8 + length :])
-    return path
-
-
 def test_dicom_claiming_billions_of_frames_is_refused_before_decoding(tmp_path):
-    p = _patch_frames_claim(write_dicom(tmp_path / "bomb.dcm", np.zeros((2, 16, 16), np.uint16)), b"2147483647")
+    p = set_frames_claim(write_dicom(tmp_path / "bomb.dcm", np.zeros((2, 16, 16), np.uint16)), b"2147483647")
     tracemalloc.start()
     with pytest.raises(UnreadableImageError, match="claims 2147483647 frames, over the limit"):
         read_frames(p)
@@ -44,7 +34,7 @@ def test_dicom_claiming_billions_of_frames_is_refused_before_decoding(tmp_path):
 
 
 def test_dicom_frame_claim_is_checked_against_the_pixel_data(tmp_path, monkeypatch):
-    p = _patch_frames_claim(write_dicom(tmp_path / "liar.dcm", np.zeros((2, 16, 16), np.uint16)), b"1000")
+    p = set_frames_claim(write_dicom(tmp_path / "liar.dcm", np.zeros((2, 16, 16), np.uint16)), b"1000")
     with pytest.raises(UnreadableImageError, match="claims 1000 frame.*holds 1024 bytes"):
         read_frames(p)
     monkeypatch.setenv("RETRIEVE_MAX_FRAMES", "1")
@@ -59,7 +49,7 @@ def test_dicom_with_an_invalid_header_value_is_skipped_and_the_rest_indexed(tmp_
     rng = np.random.default_rng(0)
     for j in range(3):
         write_png(data / "a" / f"img{j}.png", rng.integers(0, 255, (48, 48), dtype=np.uint8))
-    _patch_frames_claim(write_dicom(data / "a" / "bad.dcm", np.zeros((2, 16, 16), np.uint16)), b"1A")
+    set_frames_claim(write_dicom(data / "a" / "bad.dcm", np.zeros((2, 16, 16), np.uint16)), b"1A")
     code, out, err = run_cli(capsys, "index", "build", data, "--index", tmp_path / "idx", *FAST)
     assert code == 0, err
     assert "indexed 3 images" in out and "skipped 1" in out

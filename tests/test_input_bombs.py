@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import assert_one_line_error, png_claiming, run_cli, write_dicom, write_png
-from dicom_factory import make_deflated_dicom
+from dicom_factory import make_deflated_dicom, set_frames_claim
 
 from retrieval.cli.main import main
 from retrieval.data.dicom import max_inflated_bytes, read_dicom_frames, read_dicom_header
@@ -179,23 +179,12 @@ def test_a_png_past_pils_own_bomb_limit_is_413_with_the_pixel_limit(client, tmp_
 # --- more pixel data than the header says -----------------------------------------------------------------
 
 
-def _frames_claim(path: Path, claim: bytes) -> Path:
-    """Rewrite the NumberOfFrames (0028,0008) IS value in place."""
-    raw = path.read_bytes()
-    i = raw.find(b"\x28\x00\x08\x00IS")
-    assert i > 0
-    length = int.from_bytes(raw[i + 6 : i + 8], "little")
-    value = claim + (b" " if len(claim) % 2 else b"")
-    path.write_bytes(raw[: i + 6] + len(value).to_bytes(2, "little") + value + raw[i + 8 + length :])
-    return path
-
-
 def test_pixel_data_past_the_frames_the_header_claims_is_not_decoded(tmp_path, monkeypatch):
     """NumberOfFrames is what the file holds (PS3.5 8.1.1); data after those frames is ignored, so what is
     decoded never exceeds the claim that was checked against the frame limit."""
     monkeypatch.setenv("RETRIEVE_MAX_FRAMES", "5")
     clip = np.stack([np.full((16, 16), 100 * (i + 1), np.uint16) for i in range(12)])
-    p = _frames_claim(write_dicom(tmp_path / "liar.dcm", clip), b"2")
+    p = set_frames_claim(write_dicom(tmp_path / "liar.dcm", clip), b"2")
     assert read_dicom_header(p).n_frames == 2
     import retrieval.data.dicom as dicom_module
 
@@ -208,7 +197,7 @@ def test_pixel_data_past_the_frames_the_header_claims_is_not_decoded(tmp_path, m
     assert np.array_equal(frames[0], read_dicom_frames(p, CT, only=0)[0])
     with pytest.raises(UnreadableImageError, match="frame 2 requested but the file has 2"):
         read_dicom_frames(p, CT, only=2)
-    one = _frames_claim(write_dicom(tmp_path / "one.dcm", clip), b"1")
+    one = set_frames_claim(write_dicom(tmp_path / "one.dcm", clip), b"1")
     assert len(read_frames(one)) == 1
 
 

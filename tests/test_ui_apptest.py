@@ -211,18 +211,8 @@ def test_data_root_that_does_not_hold_the_files_is_a_message(monkeypatch, tmp_pa
 
 
 @pytest.mark.slow
-def test_multilabel_index_shows_a_set_vote_and_filters_by_class(monkeypatch, demo_data, tmp_path):
-    import pandas as pd
-
-    from retrieval.cli.main import main
-
-    table = pd.read_csv(demo_data / "labels.csv")
-    table["label"] = [lab if lab == "normal" else f"{lab}|steatosis" for lab in table["label"]]
-    table[["path", "label"]].to_csv(tmp_path / "labels.csv", index=False)
-    index = tmp_path / "idx"
-    args = ["index", "build", str(demo_data), "--index", str(index), "--labels", str(tmp_path / "labels.csv")]
-    assert main([*args, "--encoder", "intensity-stats", "--quiet"]) == 0
-    at = _app(monkeypatch, index)
+def test_multilabel_index_shows_a_set_vote_and_filters_by_class(monkeypatch, multilabel_demo_index):
+    at = _app(monkeypatch, multilabel_demo_index)
     at.radio(key="mode").set_value("Pick an indexed case").run()
     at.text_input(key="case_search").set_value("SYN300").run()
     at.selectbox(key="case_choice").set_value("severe/SYN300_f0.png").run()

@@ -273,20 +273,9 @@ def test_streamlit_is_told_our_upload_limit_and_the_data_root(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def multilabel_session(tmp_path_factory, demo_data):
+def multilabel_session(multilabel_demo_index):
     """The demo images labelled as sets (every fatty grade also names `steatosis`), intensity-stats vectors."""
-    import pandas as pd
-
-    from retrieval.cli.main import main
-
-    root = tmp_path_factory.mktemp("ml_ui")
-    table = pd.read_csv(demo_data / "labels.csv")
-    table["label"] = [lab if lab == "normal" else f"{lab}|steatosis" for lab in table["label"]]
-    table[["path", "label"]].to_csv(root / "labels.csv", index=False)
-    index = root / "idx"
-    args = ["index", "build", str(demo_data), "--index", str(index), "--labels", str(root / "labels.csv")]
-    assert main([*args, "--encoder", "intensity-stats", "--quiet"]) == 0
-    return open_session(index)
+    return open_session(multilabel_demo_index)
 
 
 def test_vote_panel_of_one_label_is_unchanged():

@@ -15,6 +15,7 @@ dropped by mistake can be renamed.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -53,6 +54,7 @@ def _normalised(column: object) -> str:
     return re.sub(r"[^a-z]", "", str(column).lower())
 
 
+@functools.lru_cache(maxsize=4096)  # called per column of every answered row: a column name is parsed once
 def is_person_name_column(column: object) -> bool:
     """True for a column that names a person (PatientName, surname, referring_physician, reviewer_name, ...);
     False for file_name, series_name, label, patient_id, radiologist_birads and the like."""

@@ -17,8 +17,7 @@ def _without_names(d: dict[str, Any]) -> dict[str, Any]:
 def result_json(result: QueryResult, search_device: str | None = None) -> dict[str, Any]:
     """One query's answer: {"query", "results": [{rank, id, path, label, patient_id, score, ...}], "vote",
     and "search_device" (cpu, gpu:N) where given}."""
-    out = result.to_dict()
-    out["results"] = [_without_names(r) for r in out["results"]]
+    out = result.to_dict()  # person-name columns are already left out there
     if search_device is not None:
         out["search_device"] = search_device
     return out
